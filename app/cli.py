@@ -1,0 +1,247 @@
+"""Command line: ``python -m app {predict,infer,phantoms,train,evaluate}``.
+
+Exit status of predict/infer: 0 every case written, 1 some case failed (the others are written),
+2 usage error (no case found, unusable weights or output folder, bad flags).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_CASE_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None:
+    if mlcube:
+        p.add_argument("--data_path", type=Path, required=True, help="folder of input cases (MLCube form)")
+        p.add_argument("--output_path", type=Path, required=True, help="folder for the label maps (MLCube form)")
+        p.add_argument("--parameters_file", type=Path, default=None,
+                       help="optional YAML with predict settings: folds, device, tiling, labels, postprocess")
+        p.add_argument("--weights", type=Path, default=None, help=argparse.SUPPRESS)
+        return
+    p.add_argument("--input", type=Path, required=True, help="folder holding one folder (or four files) per case")
+    p.add_argument("--output", type=Path, required=True, help="folder that receives <ID>.nii.gz label maps only")
+    p.add_argument("--weights", type=Path, default=None,
+                   help="weights folder with manifest.json (default: the shipped ensemble in weights/)")
+    p.add_argument("--folds", default=None, help="comma-separated fold numbers to ensemble (default: all in the manifest)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto uses CUDA with bf16 mixed precision when present, else the CPU")
+    p.add_argument("--tiling", default="fast", choices=["fast", "paper"],
+                   help="fast: large tiles over the brain's bounding box; paper: 16x32x32 tiles at stride 5x20x20")
+    p.add_argument("--labels", default="auto", choices=["auto", "2018", "2023"],
+                   help="label encoding: auto follows the case layout (2023 files -> ET=3, others -> ET=4)")
+    p.add_argument("--no-postprocess", action="store_true", help="skip both post-processing steps")
+    p.add_argument("--no-small-component-removal", action="store_true", help="skip post-processing step 1")
+    p.add_argument("--no-edema-relabel", action="store_true", help="skip post-processing step 2 (K-means)")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="skip cases whose complete label map is already in the output folder")
+    p.add_argument("--save-probabilities", type=Path, default=None,
+                   help="also write fold-averaged task probabilities (7-component NIfTI) to this folder")
+    p.add_argument("--shard", default="0/1", help="I/N: process every N-th case starting at the I-th (0-based)")
+    p.add_argument("--report", type=Path, default=None, help="write the per-case summary as JSON to this file")
+    p.add_argument("--qc", type=Path, default=None, help="write one QC picture (PNG) per case to this folder")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: the CPU quota)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (summary lines still printed)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m app", description="OM-Net + CGA brain tumour segmentation (BraTS).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_predict_flags(sub.add_parser("predict", help="segment every case under --input into --output"))
+    _add_predict_flags(sub.add_parser("infer", help="MLCube form of predict, as BraTS orchestrators call it"), mlcube=True)
+
+    ph = sub.add_parser("phantoms", help="generate BraTS-like phantom cases with ground truth")
+    ph.add_argument("--out", type=Path, required=True, help="folder to write the cases into")
+    ph.add_argument("--n", type=int, required=True, help="number of cases")
+    ph.add_argument("--seed", type=int, default=0, help="series seed; case i is deterministic for (seed, i)")
+    ph.add_argument("--start", type=int, default=0, help="index of the first case in the series")
+    ph.add_argument("--convention", default="2023", choices=["2023", "2018", "toolkit"], help="file naming layout")
+    ph.add_argument("--size", default="240,240,155", help="X,Y,Z voxels (1 mm); anatomy scales with it")
+
+    tr = sub.add_parser("train", help="train a k-fold ensemble into a weights folder")
+    tr.add_argument("--data", type=Path, required=True, help="training folder (BraTS layout, with *seg files)")
+    tr.add_argument("--out", type=Path, required=True, help="weights folder to (re)write; resumes if it has runs/")
+    tr.add_argument("--variant", default="omnet_cga", choices=["omnet", "omnet_cga", "omnet_se", "cascade"],
+                    help="network (cascade = the three-model MC3 baseline)")
+    tr.add_argument("--width", type=int, default=32, help="base channel count w (the paper uses 32)")
+    tr.add_argument("--folds", type=int, default=10, help="number of folds in the ensemble")
+    tr.add_argument("--fold", type=int, default=None, help="train only this fold (for separate cluster jobs)")
+    tr.add_argument("--stage-steps", default="1000,1000,18000",
+                    help="curriculum steps: task 1 alone, +task 2, +task 3 (comma-separated)")
+    tr.add_argument("--no-curriculum", action="store_true", help="all tasks from the first step (OM-Net0)")
+    tr.add_argument("--no-transfer", action="store_true", help="disable online data transfer (OM-Net0)")
+    tr.add_argument("--batch", type=int, default=20, help="patches per task per step")
+    tr.add_argument("--lr", type=float, default=1e-3, help="base learning rate (SGD)")
+    tr.add_argument("--momentum", type=float, default=0.99, help="SGD momentum")
+    tr.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay on weights (not biases)")
+    tr.add_argument("--lr-halve-every", type=int, default=4000, help="halve the learning rate every N steps")
+    tr.add_argument("--validate-every", type=int, default=500, help="validate on the held-out fold every N steps")
+    tr.add_argument("--val-cases", type=int, default=0, help="held-out cases used for validation (0 = all)")
+    tr.add_argument("--seed", type=int, default=0, help="seed of the fold split and of sampling")
+    tr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="training device")
+    tr.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: the CPU quota)")
+    tr.add_argument("--data-note", default=None, help="free text recorded in the manifest about the data")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    ev = sub.add_parser("evaluate", help="BraTS metrics of predictions against ground truth")
+    ev.add_argument("--pred", type=Path, required=True, help="folder of <ID>.nii.gz predictions")
+    ev.add_argument("--gt", type=Path, required=True, help="folder of cases with ground truth (any BraTS layout)")
+    ev.add_argument("--csv", type=Path, default=None, help="write per-case and mean metrics to this CSV")
+    ev.add_argument("--labels", default="auto", choices=["auto", "2018", "2023"], help="label encoding of the files")
+    ev.add_argument("--qc", type=Path, default=None, help="write one QC picture per case (prediction vs truth)")
+    return parser
+
+
+def cpu_quota() -> int:
+    """CPUs this process may use: the cgroup quota (containers) and the affinity mask, whichever is less."""
+    count = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, count)
+
+
+def _set_threads(requested: int) -> None:
+    import torch
+
+    torch.set_num_threads(requested if requested > 0 else cpu_quota())
+
+
+def _parse_folds(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        folds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--folds must be comma-separated integers, got {text!r}") from None
+    if not folds or len(set(folds)) != len(folds):
+        raise ValueError(f"--folds needs distinct fold numbers, got {text!r}")
+    return folds
+
+
+def _mlcube_to_predict(args: argparse.Namespace) -> argparse.Namespace:
+    """Map the MLCube form onto predict's flags, reading the optional parameters file."""
+    settings: dict = {}
+    if args.parameters_file is not None:
+        import yaml
+
+        try:
+            settings = yaml.safe_load(args.parameters_file.read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ValueError(f"cannot read --parameters_file {args.parameters_file}: {err}") from None
+        if not isinstance(settings, dict):
+            raise ValueError(f"--parameters_file {args.parameters_file} must hold a mapping")
+    allowed = {"folds", "device", "tiling", "labels", "postprocess"}
+    unknown = set(settings) - allowed
+    if unknown:
+        raise ValueError(f"--parameters_file: unknown keys {sorted(unknown)} (allowed: {sorted(allowed)})")
+    folds = settings.get("folds")
+    return argparse.Namespace(
+        input=args.data_path, output=args.output_path, weights=args.weights,
+        folds=",".join(map(str, folds)) if isinstance(folds, list) else (str(folds) if folds is not None else None),
+        device=str(settings.get("device", "auto")), tiling=str(settings.get("tiling", "fast")),
+        labels=str(settings.get("labels", "auto")), no_postprocess=not settings.get("postprocess", True),
+        no_small_component_removal=False, no_edema_relabel=False, skip_existing=False,
+        save_probabilities=None, shard="0/1", report=None, qc=None, threads=0, quiet=True,
+    )
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
+    # Unwind through the finally blocks so temporary files are removed; exit 143 like a killed process.
+    raise SystemExit(128 + signum)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .inference import EnsemblePredictor
+    from .pipeline import PredictOptions, UsageError, parse_shard, run_predict
+    from .postprocess import PostprocessConfig
+    from .weights import DEFAULT_WEIGHTS_DIR, WeightsError, load_ensemble
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        folds = _parse_folds(args.folds)
+        shard = parse_shard(args.shard)
+        _set_threads(args.threads)
+        # Weights are checked (manifest, sha256, shapes) before any case is read.
+        _, models = load_ensemble(args.weights or DEFAULT_WEIGHTS_DIR, folds)
+        predictor = EnsemblePredictor(device=args.device, tiling=args.tiling).load_models(models)
+        options = PredictOptions(
+            input_dir=args.input, output_dir=args.output, labels=args.labels,
+            postprocess=PostprocessConfig(
+                remove_small_components=not (args.no_postprocess or args.no_small_component_removal),
+                relabel_dark_edema=not (args.no_postprocess or args.no_edema_relabel),
+            ),
+            skip_existing=args.skip_existing, save_probabilities=args.save_probabilities, shard=shard,
+            report=args.report, qc_dir=args.qc, progress=not args.quiet and sys.stderr.isatty(),
+        )
+        results = run_predict(predictor, options)
+    except (UsageError, WeightsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    failed = [r for r in results if r.status == "failed"]
+    done = len(results) - len(failed)
+    print(f"{done} of {len(results)} case(s) written to {args.output}", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} case(s) failed:", file=sys.stderr)
+        for r in failed:
+            print(f"  {r.error}", file=sys.stderr)
+        return EXIT_CASE_FAILED
+    return EXIT_OK
+
+
+def cmd_phantoms(args: argparse.Namespace) -> int:
+    from .conventions import Layout
+    from .phantoms import generate
+
+    size = tuple(int(v) for v in args.size.split(","))
+    folders = generate(args.out, args.n, args.seed, Layout(args.convention), size, args.start)  # type: ignore[arg-type]
+    print(f"wrote {len(folders)} phantom case(s) to {args.out}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .phantoms import GENERATOR_VERSION
+    from .train import TrainConfig, train_ensemble
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    _set_threads(args.threads)
+    steps = tuple(int(s) for s in args.stage_steps.split(","))
+    if len(steps) != 3:
+        raise SystemExit("error: --stage-steps needs three comma-separated numbers")
+    cfg = TrainConfig(
+        variant=args.variant, width=args.width, folds=args.folds, stage_steps=steps,  # type: ignore[arg-type]
+        curriculum=not args.no_curriculum, transfer=not args.no_transfer, batch=args.batch, lr=args.lr,
+        momentum=args.momentum, weight_decay=args.weight_decay, lr_halve_every=args.lr_halve_every,
+        validate_every=args.validate_every, val_cases=args.val_cases, seed=args.seed, device=args.device,
+    )
+    data = {"path": str(args.data), "note": args.data_note, "phantom_generator_version": GENERATOR_VERSION}
+    manifest = train_ensemble(cfg, args.data, args.out, args.fold, data, progress=not args.quiet)
+    print(f"weights folder {args.out}: {len(manifest['folds'])} fold(s)", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate_folder
+
+    return evaluate_folder(args.pred, args.gt, args.csv, args.labels, args.qc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "infer":
+        try:
+            args = _mlcube_to_predict(args)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_USAGE
+        return cmd_predict(args)
+    handlers = {"predict": cmd_predict, "phantoms": cmd_phantoms, "train": cmd_train, "evaluate": cmd_evaluate}
+    return handlers[args.command](args)

@@ -1,0 +1,87 @@
+"""BraTS conventions: modalities, file layouts and label encodings."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import numpy as np
+
+
+class Modality(str, Enum):
+    """The four MRI sequences, in the network's channel order (SPEC "Input")."""
+
+    FLAIR = "flair"
+    T1 = "t1"
+    T1C = "t1c"
+    T2 = "t2"
+
+
+MODALITY_ORDER = (Modality.FLAIR, Modality.T1, Modality.T1C, Modality.T2)
+
+
+class Layout(str, Enum):
+    """How a case's files are named."""
+
+    BRATS2023 = "2023"  # <ID>/<ID>-{t1n,t1c,t2w,t2f}.nii.gz
+    BRATS2018 = "2018"  # <ID>/<ID>_{t1,t1ce,t2,flair}.nii.gz (and FeTS <ID>_brain_*)
+    TOOLKIT = "toolkit"  # <ID>/{t1,t1c|t1ce,t2,flair|fla}.nii.gz
+
+
+class LabelConvention(str, Enum):
+    """File label encodings: 2018-2021 data mark ET with 4, 2023+ data with 3."""
+
+    BRATS2018 = "2018"
+    BRATS2023 = "2023"
+
+    @property
+    def enhancing_label(self) -> int:
+        return 4 if self is LabelConvention.BRATS2018 else 3
+
+    @property
+    def labels(self) -> tuple[int, ...]:
+        return (0, 1, 2, self.enhancing_label)
+
+    @classmethod
+    def for_layout(cls, layout: Layout) -> "LabelConvention":
+        return cls.BRATS2023 if layout is Layout.BRATS2023 else cls.BRATS2018
+
+
+# Suffix tokens of each layout; the key is the token after the case prefix (lower case).
+LAYOUT_TOKENS: dict[Layout, dict[str, Modality]] = {
+    Layout.BRATS2023: {"t2f": Modality.FLAIR, "t1n": Modality.T1, "t1c": Modality.T1C, "t2w": Modality.T2},
+    Layout.BRATS2018: {
+        "flair": Modality.FLAIR, "t1": Modality.T1, "t1ce": Modality.T1C, "t2": Modality.T2,
+        "brain_flair": Modality.FLAIR, "brain_t1": Modality.T1, "brain_t1ce": Modality.T1C,
+        "brain_t2": Modality.T2,
+    },
+    Layout.TOOLKIT: {
+        "flair": Modality.FLAIR, "fla": Modality.FLAIR, "t1": Modality.T1, "t1c": Modality.T1C,
+        "t1ce": Modality.T1C, "t2": Modality.T2,
+    },
+}
+# Separator between the case prefix and the modality token.
+LAYOUT_SEPARATOR = {Layout.BRATS2023: "-", Layout.BRATS2018: "_"}
+# Ground-truth file tokens, recognised so training folders read as they are and prediction ignores them.
+SEGMENTATION_TOKENS = ("seg", "brain_seg")
+
+# Internal classes (SPEC "Classes") and the fused label map's internal codes.
+BACKGROUND, NECROSIS, EDEMA, ENHANCING, NORMAL_BRAIN = 0, 1, 2, 3, 4
+
+
+def to_file_labels(internal: np.ndarray, convention: LabelConvention) -> np.ndarray:
+    """Map a fused internal label map (0 background, 1 NCR/NET, 2 ED, 3 ET) to the file encoding."""
+    out = internal.astype(np.uint8, copy=True)
+    out[internal == ENHANCING] = convention.enhancing_label
+    return out
+
+
+def from_file_labels(labels: np.ndarray) -> np.ndarray:
+    """Map a ground-truth label map of either convention to internal codes 0/1/2/3."""
+    values = set(np.unique(labels).tolist())
+    if not values <= {0, 1, 2, 3, 4}:
+        raise ValueError(f"unexpected labels {sorted(values - {0, 1, 2, 3, 4})}")
+    if 3 in values and 4 in values:
+        raise ValueError("labels mix 3 and 4: neither BraTS 2018 nor 2023 convention")
+    out = labels.astype(np.uint8, copy=True)
+    out[labels == 4] = ENHANCING
+    return out

@@ -1,0 +1,278 @@
+"""One-pass ensemble inference: preprocessing, tiling, fold averaging and the fusion of the three tasks.
+
+Each tile goes through every fold model once; each model's single forward pass yields all three tasks'
+probabilities. Probabilities are averaged per task over the folds, then fused once (SPEC "Inference").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from dataclasses import dataclass
+from enum import Enum
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+
+from .conventions import EDEMA, ENHANCING, NECROSIS
+from .model import CORE_CLASSES, TUMOUR_CLASSES, task_outputs
+
+# Every spatial size must be divisible by 8 (three 2x poolings).
+DIVISOR = 8
+PAPER_TILE = (16, 32, 32)
+PAPER_KEEP = (5, 20, 20)
+# Fusion step 2 (SPEC): the coarse whole tumour is dilated by this many voxels.
+FUSION_DILATION = 5
+
+
+class Tiling(str, Enum):
+    FAST = "fast"
+    PAPER = "paper"
+
+
+@dataclass
+class TaskProbabilities:
+    """Fold-averaged probabilities over a crop: task 1 tumour, task 2 five classes, task 3 ET."""
+
+    tumour: np.ndarray  # (D, H, W): task 1's P1+P2+P3
+    classes: np.ndarray  # (5, D, H, W): task 2
+    enhancing: np.ndarray  # (D, H, W): task 3's P(ET)
+
+
+def brain_mask(image: np.ndarray) -> np.ndarray:
+    """Voxels inside the skull-stripped brain: nonzero in any modality."""
+    return np.any(image != 0, axis=0)
+
+
+def normalise(image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Z-score each modality inside the brain; outside-brain voxels stay 0 (SPEC "Input")."""
+    if image.ndim != 4:
+        raise ValueError(f"expected (C, D, H, W) image, got shape {image.shape}")
+    mask = brain_mask(image) if mask is None else mask
+    out = np.zeros(image.shape, np.float32)
+    if not mask.any():
+        return out
+    for c in range(image.shape[0]):
+        values = image[c][mask].astype(np.float64)
+        std = values.std()
+        out[c][mask] = ((values - values.mean()) / (std if std > 0 else 1.0)).astype(np.float32)
+    return out
+
+
+def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
+    """Tight box around ``mask`` grown by ``margin`` voxels (clipped to the volume)."""
+    if not mask.any():
+        raise ValueError("cannot take the bounding box of an empty mask")
+    coords = [np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != ax))) for ax in range(mask.ndim)]
+    return tuple(slice(max(int(c[0]) - margin, 0), min(int(c[-1]) + 1 + margin, n)) for c, n in zip(coords, mask.shape))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in {"cpu", "cuda"}:
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda requested but CUDA is not available")
+    return torch.device(device)
+
+
+# ----------------------------------------------------------------------------------------------- tiling
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A network input window and the part of its output that is kept (both in padded-crop coords)."""
+
+    source: tuple[slice, ...]
+    keep: tuple[slice, ...]  # slice of the output array
+    keep_in_tile: tuple[slice, ...]  # the same voxels, relative to the tile
+
+
+def _axis_windows(length: int, tile: int, keep: int) -> list[tuple[int, int, int]]:
+    """(tile_start, keep_start, keep_stop) along one axis, with the kept windows covering [0, length)."""
+    margin = (tile - keep) // 2
+    windows = []
+    start = 0
+    while True:
+        keep_stop = min(start + keep, length)
+        windows.append((start - margin, start, keep_stop))
+        if keep_stop >= length:
+            return windows
+        start = keep_stop
+
+
+def plan_tiles(shape: Sequence[int], tile: Sequence[int], keep: Sequence[int]) -> list[Tile]:
+    """Tiles of size ``tile`` whose centred ``keep`` windows partition a volume of ``shape``.
+
+    An odd margin (the paper's 16 -> 5) puts the extra voxel after the kept window.
+
+    Tile starts may lie outside the volume; the caller pads the input by the margin so every tile reads
+    real or zero voxels (zero is the background value after normalisation).
+    """
+    for t, k in zip(tile, keep):
+        if t % DIVISOR or k < 1 or k > t:
+            raise ValueError(f"tile {tuple(tile)} / keep {tuple(keep)}: tiles must be multiples of {DIVISOR} "
+                             "and hold their kept centre")
+    per_axis = [_axis_windows(n, t, k) for n, t, k in zip(shape, tile, keep)]
+    margins = [(t - k) // 2 for t, k in zip(tile, keep)]
+    tiles = []
+    for combo in itertools.product(*per_axis):
+        source = tuple(slice(s + m, s + m + t) for (s, _, _), m, t in zip(combo, margins, tile))
+        keep_out = tuple(slice(a, b) for _, a, b in combo)
+        keep_in = tuple(slice(a - s, b - s) for s, a, b in combo)
+        tiles.append(Tile(source, keep_out, keep_in))
+    return tiles
+
+
+def fast_tiles(shape: Sequence[int], max_tile: Sequence[int], margin: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Tile and keep sizes for the fast tiling: as few large tiles as cover the crop, with a discarded
+    ``margin`` on each side so every kept voxel sees at least that much real context."""
+    tile, keep = [], []
+    for n, t_max in zip(shape, max_tile):
+        need = _round_up(n + 2 * margin, DIVISOR)
+        if need <= t_max:
+            tile.append(need)
+            keep.append(need - 2 * margin)
+        else:
+            count = -(-(n) // (t_max - 2 * margin))
+            k = -(-n // count)
+            t = _round_up(k + 2 * margin, DIVISOR)
+            tile.append(t)
+            keep.append(t - 2 * margin)
+    return tuple(tile), tuple(keep)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+# -------------------------------------------------------------------------------------------- predictor
+
+
+class EnsemblePredictor:
+    """Runs K fold models on a case: one pass per tile per model, probabilities averaged per task.
+
+    The constructor takes the knobs; `load_models` (or the CLI's weight loader) supplies the networks;
+    `predict_probabilities` and `predict_labels` do the work.
+    """
+
+    def __init__(self, device: str = "auto", tiling: str = "fast", max_tile: Sequence[int] = (128, 160, 160),
+                 margin: int = 8, amp: bool = True, crop_margin: int = 4):
+        self.device = resolve_device(device)
+        try:
+            self.tiling = Tiling(tiling)
+        except ValueError:
+            raise ValueError(f"tiling must be fast or paper, got {tiling!r}") from None
+        if any(t % DIVISOR or t < DIVISOR for t in max_tile):
+            raise ValueError(f"max_tile {tuple(max_tile)} must be positive multiples of {DIVISOR}")
+        if margin < 0 or any(t <= 2 * margin for t in max_tile):
+            raise ValueError(f"margin {margin} must be >= 0 and leave part of each tile")
+        self.max_tile, self.margin, self.crop_margin = tuple(max_tile), margin, crop_margin
+        self.amp = amp and self.device.type == "cuda"
+        self.models: list[nn.Module] = []
+
+    def load_models(self, models: Sequence[nn.Module]) -> "EnsemblePredictor":
+        if not models:
+            raise ValueError("at least one model is needed")
+        self.models = [m.to(self.device).eval() for m in models]
+        if self.device.type == "cuda":
+            self.models = [m.to(memory_format=torch.channels_last_3d) for m in self.models]
+        return self
+
+    def _tiles_for(self, shape: Sequence[int]) -> tuple[list[Tile], tuple[int, ...]]:
+        if self.tiling is Tiling.PAPER:
+            tile, keep = PAPER_TILE, PAPER_KEEP
+        else:
+            tile, keep = fast_tiles(shape, self.max_tile, self.margin)
+        return plan_tiles(shape, tile, keep), tuple((t - k) // 2 for t, k in zip(tile, keep))
+
+    def _autocast(self):
+        if self.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.inference_mode()
+    def predict_probabilities(self, image: np.ndarray, progress: Callable[[int, int], None] | None = None) -> TaskProbabilities:
+        """Fold-averaged task probabilities for a normalised (4, D, H, W) crop."""
+        if not self.models:
+            raise RuntimeError("no models loaded: call load_models first")
+        shape = image.shape[1:]
+        tiles, margins = self._tiles_for(shape)
+        tile_extent = [max(t.source[a].stop for t in tiles) for a in range(3)]
+        pad = [(0, 0)] + [(m, max(e - n - m, 0)) for m, e, n in zip(margins, tile_extent, shape)]
+        padded = torch.from_numpy(np.pad(image, pad))
+        tumour = np.zeros(shape, np.float32)
+        classes = np.zeros((5, *shape), np.float32)
+        enhancing = np.zeros(shape, np.float32)
+        batch = 1 if self.tiling is Tiling.FAST else 64
+        for start in range(0, len(tiles), batch):
+            group = tiles[start:start + batch]
+            x = torch.stack([padded[(slice(None), *t.source)] for t in group]).to(self.device)
+            if self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last_3d)
+            sums = self._forward_all_folds(x)
+            for i, t in enumerate(group):
+                tumour[t.keep] = sums[0][i][t.keep_in_tile]
+                classes[(slice(None), *t.keep)] = sums[1][i][(slice(None), *t.keep_in_tile)]
+                enhancing[t.keep] = sums[2][i][t.keep_in_tile]
+            if progress is not None:
+                progress(min(start + batch, len(tiles)), len(tiles))
+        k = len(self.models)
+        return TaskProbabilities(tumour / k, classes / k, enhancing / k)
+
+    def _forward_all_folds(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Sum over folds of (task-1 tumour prob, task-2 class probs, task-3 ET prob) for a batch."""
+        total = None
+        for model in self.models:
+            with self._autocast():
+                logits = task_outputs(model, x)
+            p1 = torch.softmax(logits[0].float(), dim=1)[:, list(TUMOUR_CLASSES)].sum(dim=1)
+            p2 = torch.softmax(logits[1].float(), dim=1)
+            p3 = torch.softmax(logits[2].float(), dim=1)[:, 1]
+            total = (p1, p2, p3) if total is None else (total[0] + p1, total[1] + p2, total[2] + p3)
+        return tuple(t.cpu().numpy() for t in total)  # type: ignore[return-value]
+
+    def predict_labels(self, image: np.ndarray, progress: Callable[[int, int], None] | None = None,
+                       return_probabilities: bool = False):
+        """Internal label map (0/1/2/3) for a raw (4, D, H, W) case: normalise, crop to the brain, run the
+        ensemble, fuse. With ``return_probabilities`` also returns (crop box, TaskProbabilities)."""
+        mask = brain_mask(image)
+        labels = np.zeros(image.shape[1:], np.uint8)
+        if not mask.any():
+            return (labels, None, None) if return_probabilities else labels
+        box = bounding_box(mask, self.crop_margin)
+        normalised = normalise(image[(slice(None), *box)], mask[box])
+        probabilities = self.predict_probabilities(normalised, progress)
+        labels[box] = fuse(probabilities) * mask[box]
+        return (labels, box, probabilities) if return_probabilities else labels
+
+
+# --------------------------------------------------------------------------------------------------- fusion
+
+
+def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Dilate by a Euclidean ball of ``radius`` voxels, computed only around the mask for speed."""
+    if radius <= 0 or not mask.any():
+        return mask.copy()
+    box = bounding_box(mask, radius)
+    out = np.zeros_like(mask)
+    out[box] = ndimage.distance_transform_edt(~mask[box]) <= radius
+    return out
+
+
+def fuse(p: TaskProbabilities) -> np.ndarray:
+    """SPEC fusion: task 1 finds the coarse whole tumour, task 2 labels inside its 5-voxel dilation,
+    task 3 splits the predicted core into ET and NCR/NET. Returns internal labels 0/1/2/3."""
+    coarse = p.tumour > 0.5  # tumour probability wins over non-tumour (they sum to 1)
+    region = dilate(coarse, FUSION_DILATION)
+    task2 = np.argmax(p.classes, axis=0)
+    labels = np.zeros(coarse.shape, np.uint8)
+    labels[region & (task2 == EDEMA)] = EDEMA
+    core = region & np.isin(task2, CORE_CLASSES)
+    labels[core] = np.where(p.enhancing[core] > 0.5, ENHANCING, NECROSIS)
+    return labels
+

@@ -1,0 +1,423 @@
+"""BraTS case discovery, validated NIfTI reading and atomic label-map writing."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import struct
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .conventions import (
+    LAYOUT_SEPARATOR,
+    LAYOUT_TOKENS,
+    MODALITY_ORDER,
+    SEGMENTATION_TOKENS,
+    LabelConvention,
+    Layout,
+    Modality,
+)
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# Geometry may differ by float rounding between modalities written by different tools.
+GEOMETRY_TOLERANCE = 1e-4
+# Temporary files we may leave in an output folder if killed mid-rename; removed at the next start.
+PARTIAL_MARKER = ".omnet-partial-"
+
+
+class CaseError(Exception):
+    """A problem with one case: names the case and the file so the message stands on its own."""
+
+    def __init__(self, case_id: str, path: Path | str | None, reason: str):
+        self.case_id, self.path, self.reason = case_id, path, reason
+        where = f" [{path}]" if path is not None else ""
+        super().__init__(f"case {case_id}{where}: {reason}")
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    """One case found on disk: its four modality files and, in training folders, its ground truth."""
+
+    case_id: str
+    layout: Layout
+    modalities: dict[Modality, Path]
+    segmentation: Path | None = None
+
+    @property
+    def reference(self) -> Path:
+        """The file whose geometry the output copies (FLAIR, the first channel)."""
+        return self.modalities[Modality.FLAIR]
+
+
+@dataclass
+class Discovery:
+    """What `find_cases` found: readable case specs and per-case errors that must not stop the others."""
+
+    cases: list[CaseFiles] = field(default_factory=list)
+    errors: list[CaseError] = field(default_factory=list)
+
+
+@dataclass
+class LoadedCase:
+    """A case's image data, channel order FLAIR, T1, T1c, T2 (array order z, y, x)."""
+
+    files: CaseFiles
+    image: np.ndarray  # (4, D, H, W) float32
+    reference: sitk.Image  # geometry carrier (pixel data of the FLAIR image)
+    warnings: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------- discovery
+
+
+def _strip_nifti(name: str) -> str | None:
+    lower = name.lower()
+    for suffix in NIFTI_SUFFIXES:
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def _classify(stem: str) -> list[tuple[Layout, Modality | None, str]]:
+    """Possible (layout, modality, prefix) readings of a file stem; modality None marks ground truth."""
+    lower = stem.lower()
+    readings: list[tuple[Layout, Modality | None, str]] = []
+    for layout, separator in LAYOUT_SEPARATOR.items():
+        tokens = {**LAYOUT_TOKENS[layout], **{t: None for t in SEGMENTATION_TOKENS}}
+        for token, modality in tokens.items():
+            tail = separator + token
+            if lower.endswith(tail) and len(stem) > len(tail):
+                readings.append((layout, modality, stem[: -len(tail)]))
+    toolkit = {**LAYOUT_TOKENS[Layout.TOOLKIT], "seg": None}
+    if lower in toolkit:
+        readings.append((Layout.TOOLKIT, toolkit[lower], ""))
+    # Prefer the longest token: "_brain_t1" over "_t1" (FeTS), keeping one reading per layout.
+    readings.sort(key=lambda r: len(r[2]))
+    best: dict[Layout, tuple[Layout, Modality | None, str]] = {}
+    for reading in readings:
+        best.setdefault(reading[0], reading)
+    return list(best.values())
+
+
+def _nifti_files(folder: Path) -> list[tuple[Path, str]]:
+    entries = []
+    for path in sorted(folder.iterdir()):
+        stem = _strip_nifti(path.name)
+        if stem is not None and path.is_file():
+            entries.append((path, stem))
+    return entries
+
+
+def validate_case_id(case_id: str) -> str:
+    """Refuse IDs that could name a file outside the output folder or a hidden/odd file."""
+    bad = (
+        not case_id
+        or case_id in {".", ".."}
+        or case_id.startswith(".")
+        or any(ch in case_id for ch in ("/", "\\", "\x00"))
+        or ".." in case_id.split(os.sep)
+    )
+    if bad:
+        raise CaseError(case_id or "<empty>", None, f"case ID {case_id!r} would escape or hide in the output folder")
+    return case_id
+
+
+def _assemble(case_id: str, files: list[tuple[Path, Layout, Modality | None]]) -> CaseFiles:
+    """Build a case from classified files, refusing mixed layouts, duplicates and gaps."""
+    validate_case_id(case_id)
+    layouts = {layout for _, layout, _ in files}
+    if len(layouts) > 1:
+        names = ", ".join(sorted(p.name for p, _, _ in files))
+        raise CaseError(case_id, files[0][0].parent, f"naming conventions mixed in one case ({names})")
+    layout = layouts.pop()
+    modalities: dict[Modality, Path] = {}
+    segmentation: Path | None = None
+    for path, _, modality in files:
+        if modality is None:
+            segmentation = path
+            continue
+        if modality in modalities:
+            raise CaseError(case_id, path, f"two files for {modality.value}: {modalities[modality].name} and {path.name}")
+        modalities[modality] = path
+    missing = [m.value for m in MODALITY_ORDER if m not in modalities]
+    if missing:
+        folder = files[0][0].parent
+        raise CaseError(case_id, folder, f"missing modality {', '.join(missing)}")
+    ordered = {m: modalities[m] for m in MODALITY_ORDER}
+    return CaseFiles(case_id, layout, ordered, segmentation)
+
+
+def _case_from_folder(folder: Path) -> CaseFiles | None:
+    """The case in a case folder, or None if the folder holds no BraTS-named NIfTI file at all."""
+    case_id = folder.name
+    classified: list[tuple[Path, Layout, Modality | None]] = []
+    for path, stem in _nifti_files(folder):
+        readings = _classify(stem)
+        if not readings:
+            continue  # unknown extra file: ignored
+        # A bare "t1.nii.gz" is toolkit; "<ID>_t1" is 2018; prefer a reading with a prefix.
+        layout, modality, _ = readings[-1] if len(readings) > 1 else readings[0]
+        classified.append((path, layout, modality))
+    if not any(m is not None for _, _, m in classified):
+        return None
+    return _assemble(case_id, classified)
+
+
+def _flat_cases(folder: Path) -> tuple[list[CaseFiles], list[CaseError]]:
+    """Cases whose files lie directly in the input folder, grouped by their ID prefix."""
+    groups: dict[str, list[tuple[Path, Layout, Modality | None]]] = {}
+    for path, stem in _nifti_files(folder):
+        for layout, modality, prefix in _classify(stem):
+            if layout is not Layout.TOOLKIT:
+                groups.setdefault(prefix, []).append((path, layout, modality))
+                break
+    cases, errors = [], []
+    for prefix, files in groups.items():
+        if not any(m is not None for _, _, m in files):
+            continue
+        try:
+            cases.append(_assemble(prefix, files))
+        except CaseError as err:
+            errors.append(err)
+    return cases, errors
+
+
+def find_cases(input_dir: Path | str) -> Discovery:
+    """Find every case under ``input_dir``: case folders (any layout) and flat files in the folder itself.
+
+    Raises ``FileNotFoundError``/``NotADirectoryError`` for a missing input folder; per-case problems are
+    returned in ``Discovery.errors`` so the other cases still run.
+    """
+    root = Path(input_dir)
+    if not root.exists():
+        raise FileNotFoundError(f"input folder {root} does not exist")
+    if not root.is_dir():
+        raise NotADirectoryError(f"input {root} is not a folder")
+    found = Discovery()
+    for entry in sorted(root.iterdir()):
+        if entry.is_dir():  # follows symlinked case folders
+            try:
+                case = _case_from_folder(entry)
+            except CaseError as err:
+                found.errors.append(err)
+                continue
+            if case is not None:
+                found.cases.append(case)
+    flat_cases, flat_errors = _flat_cases(root)
+    found.errors.extend(flat_errors)
+    found.cases.extend(flat_cases)
+    _reject_duplicate_ids(found)
+    return found
+
+
+def _reject_duplicate_ids(found: Discovery) -> None:
+    # Output files are named by ID; IDs that differ only in case collide on case-insensitive disks.
+    by_key: dict[str, list[CaseFiles]] = {}
+    for case in found.cases:
+        by_key.setdefault(case.case_id.lower(), []).append(case)
+    kept = []
+    for case in found.cases:
+        twins = by_key[case.case_id.lower()]
+        if len(twins) > 1:
+            others = ", ".join(str(t.reference.parent) for t in twins if t is not case)
+            found.errors.append(CaseError(case.case_id, case.reference.parent, f"duplicate case ID (also in {others})"))
+        else:
+            kept.append(case)
+    found.cases = kept
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def _nifti_header(raw: bytes) -> tuple[int, int]:
+    """(vox_offset, data bytes) from a NIfTI-1 or NIfTI-2 header."""
+    for endian in ("<", ">"):
+        (size,) = struct.unpack(endian + "i", raw[:4])
+        if size == 348:
+            dims = struct.unpack(endian + "8h", raw[40:56])
+            bitpix = struct.unpack(endian + "h", raw[72:74])[0]
+            offset = int(struct.unpack(endian + "f", raw[108:112])[0])
+            break
+        if size == 540:
+            bitpix = struct.unpack(endian + "h", raw[14:16])[0]
+            dims = struct.unpack(endian + "8q", raw[16:80])
+            offset = struct.unpack(endian + "q", raw[168:176])[0]
+            break
+    else:
+        raise ValueError("not a NIfTI file (bad header size)")
+    ndim = dims[0]
+    if not 1 <= ndim <= 7:
+        raise ValueError(f"bad NIfTI dimension count {ndim}")
+    voxels = int(np.prod([max(int(d), 1) for d in dims[1 : ndim + 1]]))
+    return max(offset, 352 if size == 348 else 544), voxels * bitpix // 8
+
+
+def check_nifti_integrity(path: Path) -> None:
+    """Raise ValueError if the file is truncated or its gzip stream is corrupt.
+
+    SimpleITK returns a partly zero image from a truncated .nii.gz without any error, so we read the whole
+    stream once (gzip checks its CRC and length) and compare its size with what the header promises.
+    """
+    if path.name.lower().endswith(".gz"):
+        total, head = 0, b""
+        try:
+            with gzip.open(path, "rb") as stream:
+                while chunk := stream.read(1 << 22):
+                    if len(head) < 544:
+                        head += chunk[: 544 - len(head)]
+                    total += len(chunk)
+        except (EOFError, OSError, zlib.error) as err:
+            raise ValueError(f"corrupt or truncated gzip stream ({err})") from None
+    else:
+        total = path.stat().st_size
+        with open(path, "rb") as stream:
+            head = stream.read(544)
+    if len(head) < 348:
+        raise ValueError("file too short to be NIfTI")
+    offset, data_bytes = _nifti_header(head)
+    if total < offset + data_bytes:
+        raise ValueError(f"truncated: {total} bytes, header promises {offset + data_bytes}")
+
+
+def read_image(path: Path, case_id: str) -> sitk.Image:
+    """Read one modality, checking integrity first; errors name the case and file."""
+    try:
+        check_nifti_integrity(path)
+        image = sitk.ReadImage(str(path))
+    except (ValueError, RuntimeError, OSError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CaseError(case_id, path, f"unreadable NIfTI: {reason}") from None
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise CaseError(
+            case_id, path,
+            f"expected a 3D scalar image, got {image.GetDimension()}D with "
+            f"{image.GetNumberOfComponentsPerPixel()} component(s)",
+        )
+    return image
+
+
+def same_geometry(a: sitk.Image, b: sitk.Image, tolerance: float = GEOMETRY_TOLERANCE) -> bool:
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tolerance, rtol=tolerance)
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tolerance * 100, rtol=tolerance)
+        and np.allclose(a.GetDirection(), b.GetDirection(), atol=tolerance)
+    )
+
+
+def describe_geometry(image: sitk.Image) -> str:
+    return f"size {image.GetSize()}, spacing {tuple(round(s, 4) for s in image.GetSpacing())}"
+
+
+def load_case(case: CaseFiles) -> LoadedCase:
+    """Read and validate a case's four modalities into one float32 array (4, D, H, W).
+
+    NaN/Inf voxels become 0 (background) with a warning; an all-zero modality or disagreeing geometry
+    is an error for this case.
+    """
+    warnings: list[str] = []
+    reference: sitk.Image | None = None
+    channels = []
+    for modality, path in case.modalities.items():
+        image = read_image(path, case.case_id)
+        if reference is None:
+            reference = image
+        elif not same_geometry(reference, image):
+            raise CaseError(
+                case.case_id, path,
+                f"geometry differs from {case.reference.name}: {describe_geometry(image)} vs "
+                f"{describe_geometry(reference)}",
+            )
+        array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+        bad = ~np.isfinite(array)
+        if bad.any():
+            warnings.append(f"{path.name}: {int(bad.sum())} NaN/Inf voxels treated as background")
+            array = np.where(bad, np.float32(0), array)
+        if not np.any(array):
+            raise CaseError(case.case_id, path, f"{modality.value} image is all zero")
+        channels.append(array)
+    assert reference is not None
+    return LoadedCase(case, np.stack(channels), reference, warnings)
+
+
+def load_segmentation(case: CaseFiles, reference: sitk.Image | None = None) -> np.ndarray:
+    """Read a case's ground truth as stored (file labels), checking its geometry against the images."""
+    if case.segmentation is None:
+        raise CaseError(case.case_id, case.reference.parent, "no ground-truth segmentation file")
+    image = read_image(case.segmentation, case.case_id)
+    if reference is not None and not same_geometry(reference, image):
+        raise CaseError(case.case_id, case.segmentation, "segmentation geometry differs from the images")
+    return sitk.GetArrayFromImage(image)
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+def label_image(labels: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    """A uint8 image with exactly the reference's size, spacing, origin and direction."""
+    if labels.shape != reference.GetSize()[::-1]:
+        raise ValueError(f"label map shape {labels.shape} does not match image size {reference.GetSize()[::-1]}")
+    image = sitk.GetImageFromArray(labels.astype(np.uint8, copy=False))
+    image.CopyInformation(reference)
+    return image
+
+
+def write_image_atomic(image: sitk.Image, destination: Path) -> None:
+    """Write ``image`` so that ``destination`` is either absent or complete, never partial.
+
+    The file is encoded in a private temporary folder (outside the output folder); if that is on the same
+    filesystem it is renamed into place, otherwise copied to a hidden temporary name beside the destination,
+    flushed to disk, and renamed. Any leftover hidden name is removed by `remove_partial_files`.
+    """
+    destination = Path(destination)
+    with tempfile.TemporaryDirectory(prefix="omnet-write-") as staging:
+        staged = Path(staging) / destination.name
+        sitk.WriteImage(image, str(staged), True)
+        try:
+            os.replace(staged, destination)
+            return
+        except OSError:
+            pass  # different filesystem: copy next to the destination, then rename atomically
+        partial = destination.with_name(f"{PARTIAL_MARKER}{os.getpid()}-{destination.name}")
+        try:
+            with open(staged, "rb") as src, open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(partial, destination)
+        finally:
+            partial.unlink(missing_ok=True)
+
+
+def remove_partial_files(output_dir: Path) -> list[Path]:
+    """Delete temporary files a killed run may have left in ``output_dir``; returns what was removed."""
+    removed = []
+    for path in Path(output_dir).glob(f"{PARTIAL_MARKER}*"):
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def output_path(output_dir: Path, case_id: str) -> Path:
+    """``<output>/<ID>.nii.gz``, refusing any ID that would land elsewhere."""
+    validate_case_id(case_id)
+    path = Path(output_dir) / f"{case_id}.nii.gz"
+    if path.resolve().parent != Path(output_dir).resolve():
+        raise CaseError(case_id, None, "case ID would write outside the output folder")
+    return path
+
+
+def resolve_convention(requested: str, layout: Layout) -> LabelConvention:
+    """``auto`` follows the case's layout (2023 files -> 0/1/2/3, otherwise 0/1/2/4)."""
+    if requested == "auto":
+        return LabelConvention.for_layout(layout)
+    try:
+        return LabelConvention(requested)
+    except ValueError:
+        raise ValueError(f"labels must be auto, 2018 or 2023, got {requested!r}") from None

@@ -1,0 +1,80 @@
+"""The paper's two-step post-processing (SPEC "Post-processing"), on internal label maps 0/1/2/3.
+
+1. Remove connected tumour components smaller than min(2000, 0.1 x Vmax) voxels.
+2. When the case has little ET (vol_e / vol_t < 0.1), split the edema of ET-poor components into two
+   K-means clusters; the cluster darker on T1c becomes NCR/NET. WT and ET never change in this step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cc3d
+import numpy as np
+from sklearn.cluster import KMeans
+
+from .conventions import EDEMA, ENHANCING, NECROSIS
+
+# 26-connectivity: components touching at a corner are one tumour.
+CONNECTIVITY = 26
+MIN_COMPONENT_CAP = 2000
+MIN_COMPONENT_FRACTION = 0.1
+CASE_ET_RATIO = 0.1
+COMPONENT_ET_RATIO = 0.05
+COMPONENT_ET_MAX = 1000
+
+
+@dataclass(frozen=True)
+class PostprocessConfig:
+    remove_small_components: bool = True
+    relabel_dark_edema: bool = True
+
+
+def remove_small_components(labels: np.ndarray) -> np.ndarray:
+    """Step 1: drop tumour components under min(2000, 0.1 x largest component) voxels."""
+    components = cc3d.connected_components(labels > 0, connectivity=CONNECTIVITY)
+    sizes = np.bincount(components.ravel())[1:]
+    if sizes.size == 0:
+        return labels.copy()
+    threshold = min(MIN_COMPONENT_CAP, MIN_COMPONENT_FRACTION * sizes.max())
+    small = np.flatnonzero(sizes < threshold) + 1
+    out = labels.copy()
+    out[np.isin(components, small)] = 0
+    return out
+
+
+def relabel_dark_edema(labels: np.ndarray, t1c: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Step 2: in cases with little ET, edema of ET-poor components that clusters dark on T1c -> NCR/NET."""
+    tumour = labels > 0
+    vol_t, vol_e = int(tumour.sum()), int((labels == ENHANCING).sum())
+    out = labels.copy()
+    if vol_t == 0 or vol_e / vol_t >= CASE_ET_RATIO:
+        return out
+    components = cc3d.connected_components(tumour, connectivity=CONNECTIVITY)
+    for n in range(1, int(components.max()) + 1):
+        member = components == n
+        comp_t = int(member.sum())
+        comp_e = int((member & (labels == ENHANCING)).sum())
+        if not (comp_e / comp_t < COMPONENT_ET_RATIO and comp_e < COMPONENT_ET_MAX):
+            continue
+        edema = member & (labels == EDEMA)
+        values = t1c[edema].astype(np.float64).reshape(-1, 1)
+        if len(values) < 2 or np.ptp(values) == 0:
+            continue
+        clusters = KMeans(n_clusters=2, n_init=10, random_state=seed).fit(values)
+        darker = int(np.argmin(clusters.cluster_centers_.ravel()))
+        coords = np.flatnonzero(edema.ravel())
+        out.ravel()[coords[clusters.labels_ == darker]] = NECROSIS
+    return out
+
+
+def postprocess(labels: np.ndarray, t1c: np.ndarray, config: PostprocessConfig = PostprocessConfig()) -> np.ndarray:
+    """Apply the enabled steps in order; ``t1c`` is the case's T1c intensities (same shape)."""
+    if labels.shape != t1c.shape:
+        raise ValueError(f"labels {labels.shape} and T1c {t1c.shape} differ in shape")
+    out = labels
+    if config.remove_small_components:
+        out = remove_small_components(out)
+    if config.relabel_dark_edema:
+        out = relabel_dark_edema(out, t1c)
+    return out
