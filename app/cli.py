@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0, help="seed of the fold split and of sampling")
     tr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="training device")
     tr.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: the CPU quota)")
+    tr.add_argument("--cache", type=Path, default=None,
+                    help="folder for prepared training arrays (.npy, memory-mapped; shared by concurrent fold jobs)")
+    tr.add_argument("--time-limit", type=float, default=None,
+                    help="seconds per fold after which training stops at the next step (validated and saved)")
+    tr.add_argument("--manifest-only", action="store_true",
+                    help="only rewrite manifest.json from the folds already finished in --out (after separate fold jobs)")
     tr.add_argument("--data-note", default=None, help="free text recorded in the manifest about the data")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -209,7 +215,7 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .phantoms import GENERATOR_VERSION
-    from .train import TrainConfig, train_ensemble
+    from .train import TrainConfig, train_ensemble, write_manifest
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     _set_threads(args.threads)
@@ -223,7 +229,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         validate_every=args.validate_every, val_cases=args.val_cases, seed=args.seed, device=args.device,
     )
     data = {"path": str(args.data), "note": args.data_note, "phantom_generator_version": GENERATOR_VERSION}
-    manifest = train_ensemble(cfg, args.data, args.out, args.fold, data, progress=not args.quiet)
+    if args.manifest_only:
+        manifest = write_manifest(args.out, cfg, data)
+        print(f"weights folder {args.out}: {len(manifest['folds'])} fold(s)", file=sys.stderr)
+        return EXIT_OK
+    manifest = train_ensemble(cfg, args.data, args.out, args.fold, data, progress=not args.quiet,
+                              cache_dir=args.cache, time_limit=args.time_limit)
     print(f"weights folder {args.out}: {len(manifest['folds'])} fold(s)", file=sys.stderr)
     return EXIT_OK
 

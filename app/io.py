@@ -235,17 +235,28 @@ def _reject_duplicate_ids(found: Discovery) -> None:
 # --------------------------------------------------------------------------------------------- reading
 
 
-def _nifti_header(raw: bytes) -> tuple[int, int]:
-    """(vox_offset, data bytes) from a NIfTI-1 or NIfTI-2 header."""
+@dataclass(frozen=True)
+class _NiftiLayout:
+    vox_offset: int
+    data_bytes: int
+    float_dtype: str | None  # numpy dtype string when the voxels are floating point
+
+
+# NIfTI datatype codes of floating-point voxels (float32, float64).
+_FLOAT_CODES = {16: "f4", 64: "f8"}
+
+
+def _nifti_header(raw: bytes) -> _NiftiLayout:
+    """Voxel offset, payload size and float dtype from a NIfTI-1 or NIfTI-2 header."""
     for endian in ("<", ">"):
         (size,) = struct.unpack(endian + "i", raw[:4])
         if size == 348:
             dims = struct.unpack(endian + "8h", raw[40:56])
-            bitpix = struct.unpack(endian + "h", raw[72:74])[0]
+            datatype, bitpix = struct.unpack(endian + "2h", raw[70:74])
             offset = int(struct.unpack(endian + "f", raw[108:112])[0])
             break
         if size == 540:
-            bitpix = struct.unpack(endian + "h", raw[14:16])[0]
+            datatype, bitpix = struct.unpack(endian + "2h", raw[12:16])
             dims = struct.unpack(endian + "8q", raw[16:80])
             offset = struct.unpack(endian + "q", raw[168:176])[0]
             break
@@ -255,40 +266,47 @@ def _nifti_header(raw: bytes) -> tuple[int, int]:
     if not 1 <= ndim <= 7:
         raise ValueError(f"bad NIfTI dimension count {ndim}")
     voxels = int(np.prod([max(int(d), 1) for d in dims[1 : ndim + 1]]))
-    return max(offset, 352 if size == 348 else 544), voxels * bitpix // 8
+    float_dtype = endian + _FLOAT_CODES[datatype] if datatype in _FLOAT_CODES else None
+    return _NiftiLayout(max(offset, 352 if size == 348 else 544), voxels * bitpix // 8, float_dtype)
 
 
-def check_nifti_integrity(path: Path) -> None:
-    """Raise ValueError if the file is truncated or its gzip stream is corrupt.
-
-    SimpleITK returns a partly zero image from a truncated .nii.gz without any error, so we read the whole
-    stream once (gzip checks its CRC and length) and compare its size with what the header promises.
-    """
-    if path.name.lower().endswith(".gz"):
-        total, head = 0, b""
-        try:
-            with gzip.open(path, "rb") as stream:
-                while chunk := stream.read(1 << 22):
-                    if len(head) < 544:
-                        head += chunk[: 544 - len(head)]
-                    total += len(chunk)
-        except (EOFError, OSError, zlib.error) as err:
-            raise ValueError(f"corrupt or truncated gzip stream ({err})") from None
-    else:
-        total = path.stat().st_size
-        with open(path, "rb") as stream:
-            head = stream.read(544)
-    if len(head) < 348:
-        raise ValueError("file too short to be NIfTI")
-    offset, data_bytes = _nifti_header(head)
-    if total < offset + data_bytes:
-        raise ValueError(f"truncated: {total} bytes, header promises {offset + data_bytes}")
-
-
-def read_image(path: Path, case_id: str) -> sitk.Image:
-    """Read one modality, checking integrity first; errors name the case and file."""
+def _read_payload(path: Path) -> bytes:
+    if not path.name.lower().endswith(".gz"):
+        return path.read_bytes()
     try:
-        check_nifti_integrity(path)
+        with gzip.open(path, "rb") as stream:
+            return stream.read()
+    except (EOFError, OSError, zlib.error) as err:
+        raise ValueError(f"corrupt or truncated gzip stream ({err})") from None
+
+
+def check_nifti_integrity(path: Path) -> int:
+    """Raise ValueError if the file is truncated or its gzip stream is corrupt; return the number of
+    NaN/Inf voxels.
+
+    SimpleITK returns a partly zero image from a truncated .nii.gz without any error, and reads NaN/Inf
+    as 0 without saying so, so we read the whole stream once (gzip checks its CRC and length), compare its
+    size with what the header promises, and count non-finite floats in the raw payload.
+    """
+    raw = _read_payload(path)
+    if len(raw) < 348:
+        raise ValueError("file too short to be NIfTI")
+    layout = _nifti_header(raw[:544])
+    if len(raw) < layout.vox_offset + layout.data_bytes:
+        raise ValueError(f"truncated: {len(raw)} bytes, header promises {layout.vox_offset + layout.data_bytes}")
+    if layout.float_dtype is None:
+        return 0
+    voxels = np.frombuffer(raw, layout.float_dtype, layout.data_bytes // int(layout.float_dtype[-1]), layout.vox_offset)
+    return int(voxels.size - np.count_nonzero(np.isfinite(voxels)))
+
+
+def read_image(path: Path, case_id: str, warnings: list[str] | None = None) -> sitk.Image:
+    """Read one modality, checking integrity first; errors name the case and file.
+
+    NaN/Inf voxels are read as 0 (background); a note is appended to ``warnings`` when given.
+    """
+    try:
+        nonfinite = check_nifti_integrity(path)
         image = sitk.ReadImage(str(path))
     except (ValueError, RuntimeError, OSError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -299,6 +317,8 @@ def read_image(path: Path, case_id: str) -> sitk.Image:
             f"expected a 3D scalar image, got {image.GetDimension()}D with "
             f"{image.GetNumberOfComponentsPerPixel()} component(s)",
         )
+    if nonfinite and warnings is not None:
+        warnings.append(f"{path.name}: {nonfinite} NaN/Inf voxels treated as background")
     return image
 
 
@@ -325,7 +345,7 @@ def load_case(case: CaseFiles) -> LoadedCase:
     reference: sitk.Image | None = None
     channels = []
     for modality, path in case.modalities.items():
-        image = read_image(path, case.case_id)
+        image = read_image(path, case.case_id, warnings)
         if reference is None:
             reference = image
         elif not same_geometry(reference, image):
@@ -335,10 +355,8 @@ def load_case(case: CaseFiles) -> LoadedCase:
                 f"{describe_geometry(reference)}",
             )
         array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
-        bad = ~np.isfinite(array)
-        if bad.any():
-            warnings.append(f"{path.name}: {int(bad.sum())} NaN/Inf voxels treated as background")
-            array = np.where(bad, np.float32(0), array)
+        if not np.isfinite(array).all():  # other readers may pass NaN/Inf through: same rule
+            array = np.where(np.isfinite(array), array, np.float32(0))
         if not np.any(array):
             raise CaseError(case.case_id, path, f"{modality.value} image is all zero")
         channels.append(array)

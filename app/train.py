@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -56,7 +58,7 @@ class TrainConfig:
     val_cases: int = 0  # 0 = the whole held-out fold
     seed: int = 0
     device: str = "auto"
-    max_tile: tuple[int, int, int] = (128, 160, 160)
+    max_tile: tuple[int, int, int] = (160, 192, 192)
 
     @property
     def total_steps(self) -> int:
@@ -87,7 +89,40 @@ class TrainingCase:
     centres: list[np.ndarray]  # per task: flat indices of allowed patch centres
 
 
-def prepare_case(case: CaseFiles) -> TrainingCase:
+def prepare_case(case: CaseFiles, cache_dir: Path | None = None) -> TrainingCase:
+    """Normalise, crop and pad a case and index its sampling regions; with ``cache_dir`` the arrays are
+    stored as .npy once and memory-mapped afterwards, so concurrent fold jobs share one copy."""
+    if cache_dir is not None:
+        cached = _load_cached(case.case_id, cache_dir)
+        if cached is not None:
+            return cached
+    prepared = _prepare(case)
+    if cache_dir is not None:
+        _store_cached(prepared, cache_dir)
+    return prepared
+
+
+def _cache_paths(case_id: str, cache_dir: Path) -> list[Path]:
+    return [cache_dir / f"{case_id}.{part}.npy" for part in ("image", "target", "c0", "c1", "c2")]
+
+
+def _load_cached(case_id: str, cache_dir: Path) -> TrainingCase | None:
+    paths = _cache_paths(case_id, cache_dir)
+    if not all(p.is_file() for p in paths):
+        return None
+    image, target, *centres = (np.load(p, mmap_mode="r") for p in paths)
+    return TrainingCase(case_id, image, target, list(centres))
+
+
+def _store_cached(case: TrainingCase, cache_dir: Path) -> None:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for path, array in zip(_cache_paths(case.case_id, cache_dir), [case.image, case.target, *case.centres]):
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.npy")
+        np.save(tmp, array)
+        os.replace(tmp, path)
+
+
+def _prepare(case: CaseFiles) -> TrainingCase:
     loaded = load_case(case)
     labels = from_file_labels(load_segmentation(case, loaded.reference))
     mask = brain_mask(loaded.image)
@@ -218,22 +253,40 @@ def split_folds(case_ids: Sequence[str], folds: int, seed: int) -> list[list[str
     return [sorted(order[k::folds].tolist()) for k in range(folds)]
 
 
-def evaluate_cases(model: nn.Module, cases: Sequence[CaseFiles], cfg: TrainConfig, device: torch.device) -> dict[str, float]:
-    """Mean WT/TC/ET Dice of the fused (not post-processed) prediction on full cases."""
-    predictor = EnsemblePredictor(device=device.type, tiling="fast", max_tile=cfg.max_tile)
-    predictor.load_models([model])
-    scores = []
+@dataclass
+class ValidationCase:
+    case_id: str
+    image: np.ndarray  # raw (4, D, H, W)
+    truth: np.ndarray  # internal labels
+
+
+def load_validation(cases: Sequence[CaseFiles]) -> list[ValidationCase]:
+    out = []
     for case in cases:
         loaded = load_case(case)
         truth = from_file_labels(load_segmentation(case, loaded.reference))
-        scores.append(region_dice(predictor.predict_labels(loaded.image), truth))
+        out.append(ValidationCase(case.case_id, loaded.image, truth))
+    return out
+
+
+def evaluate_cases(model: nn.Module, cases: Sequence[ValidationCase], cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+    """Mean WT/TC/ET Dice of the fused (not post-processed) prediction on full held-out cases."""
+    predictor = EnsemblePredictor(device=device.type, tiling="fast", max_tile=cfg.max_tile)
+    predictor.load_models([model])
+    scores = [region_dice(predictor.predict_labels(c.image), c.truth) for c in cases]
     model.train()
     return {k: float(np.mean([s[k] for s in scores])) for k in ("WT", "TC", "ET")}
 
 
 def train_fold(cfg: TrainConfig, train_cases: Sequence[CaseFiles], val_cases: Sequence[CaseFiles],
-               fold_dir: Path, fold: int, progress: bool = True) -> FoldResult:
-    """Train one fold with resumable checkpoints in ``fold_dir``; keeps the best-validating snapshot."""
+               fold_dir: Path, fold: int, progress: bool = True, cache_dir: Path | None = None,
+               time_limit: float | None = None) -> FoldResult:
+    """Train one fold with resumable checkpoints in ``fold_dir``; keeps the best-validating snapshot.
+
+    ``time_limit`` (seconds) ends training early at a validation point once exceeded (a cluster job's
+    wall time); the steps actually done are recorded.
+    """
+    started = time.monotonic()
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
     fold_dir.mkdir(parents=True, exist_ok=True)
@@ -250,8 +303,11 @@ def train_fold(cfg: TrainConfig, train_cases: Sequence[CaseFiles], val_cases: Se
         rng.bit_generator.state = meta["rng"]
         torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
         log.info("fold %d: resumed at step %d", fold, meta["step"])
+    if meta["step"] >= cfg.total_steps:
+        return _fold_result(fold, meta, val_cases)
     log.info("fold %d: preparing %d training cases", fold, len(train_cases))
-    data = [prepare_case(c) for c in train_cases]
+    data = [prepare_case(c, cache_dir) for c in train_cases]
+    validation = load_validation(val_cases)
     use_amp = device.type == "cuda"
     bar = _progress_bar(cfg.total_steps, meta["step"], f"fold {fold}", progress)
     running = None
@@ -263,8 +319,9 @@ def train_fold(cfg: TrainConfig, train_cases: Sequence[CaseFiles], val_cases: Se
         bar.update(1)
         bar.set_postfix(loss=f"{running:.3f}", lr=f"{lr:.1e}", tasks=len(cfg.active_tasks(step)))
         done = step + 1
-        if done % cfg.validate_every == 0 or done == cfg.total_steps:
-            dice = evaluate_cases(model, val_cases, cfg, device)
+        out_of_time = time_limit is not None and time.monotonic() - started > time_limit
+        if done % cfg.validate_every == 0 or done == cfg.total_steps or out_of_time:
+            dice = evaluate_cases(model, validation, cfg, device)
             score = float(np.mean(list(dice.values())))
             entry = {"step": done, "loss": round(running, 5), **{k: round(v, 4) for k, v in losses.items()},
                      **{f"dice_{k}": round(v, 4) for k, v in dice.items()}}
@@ -277,9 +334,17 @@ def train_fold(cfg: TrainConfig, train_cases: Sequence[CaseFiles], val_cases: Se
             meta["step"] = done
             meta["rng"] = rng.bit_generator.state
             meta["torch_rng"] = torch.get_rng_state().tolist()
+            meta["stopped_early"] = out_of_time and done < cfg.total_steps
             save_state(_checkpoint_state(model, optimizer), state_path)
             write_json_atomic(meta, meta_path)
+            if out_of_time:
+                log.info("fold %d: time limit reached at step %d", fold, done)
+                break
     bar.close()
+    return _fold_result(fold, meta, val_cases)
+
+
+def _fold_result(fold: int, meta: dict[str, Any], val_cases: Sequence[CaseFiles]) -> FoldResult:
     return FoldResult(fold, meta["best_score"], meta["best_step"], meta["best_dice"], meta["step"],
                       [c.case_id for c in val_cases], meta["history"])
 
@@ -323,7 +388,8 @@ def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
 
 
 def train_ensemble(cfg: TrainConfig, data_dir: Path, out_dir: Path, only_fold: int | None = None,
-                   data_description: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+                   data_description: dict[str, Any] | None = None, progress: bool = True,
+                   cache_dir: Path | None = None, time_limit: float | None = None) -> dict[str, Any]:
     """Train every fold (or ``only_fold``) and (re)write ``out_dir`` as a weights folder for `predict`."""
     found = find_cases(data_dir)
     if found.errors:
@@ -343,7 +409,7 @@ def train_ensemble(cfg: TrainConfig, data_dir: Path, out_dir: Path, only_fold: i
         val_ids = held_out[: cfg.val_cases] if cfg.val_cases else held_out
         train_ids = [i for k, s in enumerate(splits) if k != fold for i in s]
         result = train_fold(cfg, [by_id[i] for i in train_ids], [by_id[i] for i in val_ids],
-                            out_dir / "runs" / f"fold_{fold}", fold, progress)
+                            out_dir / "runs" / f"fold_{fold}", fold, progress, cache_dir, time_limit)
         _publish_fold(out_dir, fold, result)
     return write_manifest(out_dir, cfg, data_description or {"path": str(data_dir), "cases": len(cases)})
 

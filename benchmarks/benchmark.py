@@ -1,0 +1,196 @@
+"""Per-stage timing of the predict path on one 240x240x155 phantom case; prints a Markdown table.
+
+Each configuration runs in its own subprocess so peak RAM (ru_maxrss) and GPU memory belong to it alone.
+Configurations: paper vs fast tiling with the same weights, one fold vs the whole ensemble, the shipped
+width and width 32 (random weights of the same architecture: speed does not depend on the values).
+
+    python benchmarks/benchmark.py [--device cpu|cuda] [--configs shipped-fast-all,shipped-paper-1,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+DEFAULT_CONFIGS = "shipped-fast-1,shipped-fast-all,shipped-paper-1,w32-fast-1"
+
+
+SHIPPED = Path(os.environ.get("OMNET_BENCH_WEIGHTS", ROOT / "weights"))
+
+
+def _weights_for(spec: str, folds: int, workdir: Path) -> Path:
+    """The shipped weights, or random weights of width N written to ``workdir`` (spec ``wN``)."""
+    from app.weights import read_manifest
+
+    if spec == "shipped":
+        return SHIPPED
+    import torch
+
+    from app.weights import build_for_manifest, save_state, write_manifest
+
+    width = int(spec[1:])
+    variant = read_manifest(SHIPPED).variant if (SHIPPED / "manifest.json").exists() else "omnet_cga"
+    folder = workdir / f"random_w{width}"
+    if not (folder / "manifest.json").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        entries = []
+        for fold in range(folds):
+            torch.manual_seed(fold)
+            save_state(build_for_manifest(variant, width).state_dict(), folder / f"fold_{fold}.safetensors")
+            entries.append({"fold": fold, "file": f"fold_{fold}.safetensors"})
+        write_manifest(folder, variant, width, entries, {"note": "random weights for benchmarking only"})
+    return folder
+
+
+def run_one(config: str, case_dir: Path, device: str, workdir: Path, label_out: Path) -> dict:
+    """Time one configuration in this process: read, preprocess, network, fusion, postprocess, write."""
+    import numpy as np
+    import torch
+
+    from app.cli import cpu_quota
+    from app.conventions import LabelConvention, Modality, to_file_labels
+    from app.inference import EnsemblePredictor
+    from app.io import find_cases, label_image, load_case, write_image_atomic
+    from app.postprocess import postprocess
+    from app.weights import load_ensemble, read_manifest
+
+    torch.set_num_threads(cpu_quota())
+    spec, tiling, fold_spec = config.split("-")
+    all_folds = read_manifest(_weights_for("shipped", 0, workdir)).fold_numbers() if spec == "shipped" else list(range(10))
+    folds = all_folds if fold_spec == "all" else all_folds[: int(fold_spec)]
+    weights = _weights_for(spec, len(all_folds), workdir)
+    manifest, models = load_ensemble(weights, folds)
+    predictor = EnsemblePredictor(device=device, tiling=tiling).load_models(models)
+    [case] = find_cases(case_dir).cases
+    if predictor.device.type == "cuda":  # warm-up: cuDNN autotuning and lazy CUDA init are one-off costs
+        warm = load_case(case)
+        predictor.predict_labels(warm.image)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times: dict[str, float] = {}
+    start = clock = time.perf_counter()
+    loaded = load_case(case)
+    times["read"] = time.perf_counter() - clock
+    internal = predictor.predict_labels(loaded.image)
+    if predictor.device.type == "cuda":
+        torch.cuda.synchronize()
+    times.update(predictor.timings)
+    clock = time.perf_counter()
+    t1c = loaded.image[list(case.modalities).index(Modality.T1C)]
+    internal = postprocess(internal, t1c)
+    times["postprocess"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    labels = to_file_labels(internal, LabelConvention.BRATS2023)
+    write_image_atomic(label_image(labels, loaded.reference), workdir / f"{config}.nii.gz")
+    times["write"] = time.perf_counter() - clock
+    times["total"] = time.perf_counter() - start
+    np.save(label_out, internal)
+    gpu = torch.cuda.max_memory_allocated() / 2**30 if predictor.device.type == "cuda" else None
+    return {
+        "config": config, "width": manifest.width, "folds": len(folds), "tiling": tiling,
+        "device": predictor.device.type, **{k: round(v, 2) for k, v in times.items()},
+        "peak_ram_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "gpu_mem_gb": None if gpu is None else round(gpu, 2),
+    }
+
+
+def _agreement(a_path: Path, b_path: Path) -> dict[str, float]:
+    import numpy as np
+
+    from app.metrics import region_dice
+
+    return region_dice(np.load(a_path), np.load(b_path))
+
+
+def machine_description(device: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    from app.cli import cpu_quota
+
+    text = f"{cpu}, {cpu_quota()} CPU thread(s) used, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM"
+    if device == "cuda":
+        import torch
+
+        text += f", GPU {torch.cuda.get_device_name(0)}"
+    return text
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device to benchmark")
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS,
+                        help="comma-separated WEIGHTS-TILING-FOLDS, WEIGHTS = shipped or wN (random width N), "
+                             "TILING = fast or paper, FOLDS = a count or all")
+    parser.add_argument("--case", type=Path, default=None, help="case folder to use (default: a generated phantom)")
+    parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="weights folder benchmarked as 'shipped' (default: the repository's weights/)")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--json", action="store_true", help="also print the raw rows as JSON")
+    args = parser.parse_args()
+    if args.weights is not None:  # children inherit it through the environment
+        os.environ["OMNET_BENCH_WEIGHTS"] = str(args.weights.resolve())
+        global SHIPPED
+        SHIPPED = args.weights.resolve()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="omnet-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    if args.one:  # child process: one configuration
+        row = run_one(args.one, args.case, args.device, workdir, workdir / f"{args.one}.npy")
+        print("ROW " + json.dumps(row))
+        return 0
+    case_root = args.case
+    if case_root is None:
+        from app.phantoms import generate
+
+        case_root = workdir / "case"
+        if not case_root.exists():
+            generate(case_root, 1, seed=999)
+    rows = []
+    for config in args.configs.split(","):
+        child = subprocess.run([sys.executable, __file__, "--one", config, "--case", str(case_root), "--device",
+                                args.device, "--workdir", str(workdir)], capture_output=True, text=True)
+        line = [l for l in child.stdout.splitlines() if l.startswith("ROW ")]
+        if child.returncode != 0 or not line:
+            print(f"{config}: failed\n{child.stderr[-2000:]}", file=sys.stderr)
+            continue
+        rows.append(json.loads(line[0][4:]))
+    columns = ["config", "device", "width", "folds", "tiling", "read", "preprocess", "network", "fusion",
+               "postprocess", "write", "total", "peak_ram_gb", "gpu_mem_gb"]
+    print(f"Machine: {machine_description(args.device)}\n")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join("" if row.get(c) is None else str(row.get(c)) for c in columns) + " |")
+    by_config = {r["config"]: r for r in rows}
+    for fast in [c for c in by_config if "-fast-" in c]:
+        paper = fast.replace("-fast-", "-paper-")
+        if paper in by_config:
+            dice = _agreement(workdir / f"{fast}.npy", workdir / f"{paper}.npy")
+            speedup = by_config[paper]["network"] / max(by_config[fast]["network"], 1e-9)
+            print(f"\n{fast} vs {paper}: network {speedup:.1f}x faster, end-to-end "
+                  f"{by_config[paper]['total'] / by_config[fast]['total']:.1f}x; mask agreement Dice "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in dice.items()))
+    if args.json:
+        print(json.dumps(rows))
+    return 0 if len(rows) == len(args.configs.split(",")) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""The main job through ./run.sh as a subprocess, on real NIfTI cases in every layout."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from app.conventions import Layout
+from app.io import find_cases
+
+from .helpers import random_weights, run_cli, small_cases
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    return random_weights(tmp_path_factory.mktemp("weights"), folds=2)
+
+
+def _check_outputs(input_dir: Path, output_dir: Path, expected_labels: set[int]):
+    cases = find_cases(input_dir).cases
+    assert sorted(p.name for p in output_dir.iterdir()) == sorted(f"{c.case_id}.nii.gz" for c in cases)
+    for case in cases:
+        out = sitk.ReadImage(str(output_dir / f"{case.case_id}.nii.gz"))
+        ref = sitk.ReadImage(str(case.reference))
+        assert out.GetPixelID() == sitk.sitkUInt8
+        assert out.GetSize() == ref.GetSize()
+        assert out.GetSpacing() == ref.GetSpacing()
+        assert out.GetOrigin() == ref.GetOrigin()
+        assert out.GetDirection() == ref.GetDirection()
+        assert set(np.unique(sitk.GetArrayFromImage(out)).tolist()) <= expected_labels
+
+
+@pytest.mark.parametrize(
+    "layout, labels",
+    [(Layout.BRATS2023, {0, 1, 2, 3}), (Layout.BRATS2018, {0, 1, 2, 4}), (Layout.TOOLKIT, {0, 1, 2, 4})],
+)
+def test_run_sh_segments_each_layout(tmp_path, weights, layout, labels):
+    small_cases(tmp_path / "in", 2, layout=layout)
+    result = run_cli("--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--weights", str(weights))
+    assert result.returncode == 0, result.stderr
+    _check_outputs(tmp_path / "in", tmp_path / "out", labels)
+    assert result.stderr.count(": ok ") == 2
+
+
+def test_labels_flag_overrides_convention_and_report_is_written(tmp_path, weights):
+    small_cases(tmp_path / "in", 1, layout=Layout.BRATS2023)
+    report = tmp_path / "report.json"
+    result = run_cli("--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--weights", str(weights),
+                     "--labels", "2018", "--report", str(report), "--tiling", "paper", "--no-postprocess")
+    assert result.returncode == 0, result.stderr
+    _check_outputs(tmp_path / "in", tmp_path / "out", {0, 1, 2, 4})
+    data = json.loads(report.read_text())
+    assert data["succeeded"] == 1 and data["failed"] == 0
+    assert data["cases"][0]["status"] == "ok" and data["cases"][0]["seconds"] > 0
+
+
+def test_mlcube_form_and_parameters_file(tmp_path, weights):
+    small_cases(tmp_path / "data", 1)
+    params = tmp_path / "parameters.yaml"
+    params.write_text("folds: [1]\ntiling: fast\nlabels: '2018'\n")
+    result = run_cli("infer", f"--data_path={tmp_path / 'data'}", f"--output_path={tmp_path / 'preds'}",
+                     f"--parameters_file={params}", "--weights", str(weights))
+    assert result.returncode == 0, result.stderr
+    _check_outputs(tmp_path / "data", tmp_path / "preds", {0, 1, 2, 4})
+    params.write_text("bogus: 1\n")
+    bad = run_cli("infer", f"--data_path={tmp_path / 'data'}", f"--output_path={tmp_path / 'p2'}",
+                  f"--parameters_file={params}", "--weights", str(weights))
+    assert bad.returncode == 2 and "unknown keys" in bad.stderr
+
+
+def test_shards_split_the_cohort_without_overlap(tmp_path, weights):
+    small_cases(tmp_path / "in", 3)
+    outputs = []
+    for shard in ("0/2", "1/2"):
+        out = tmp_path / f"out{shard[0]}"
+        result = run_cli("--input", str(tmp_path / "in"), "--output", str(out), "--weights", str(weights),
+                         "--shard", shard, "--folds", "0")
+        assert result.returncode == 0, result.stderr
+        outputs.append({p.name for p in out.iterdir()})
+    assert len(outputs[0]) == 2 and len(outputs[1]) == 1 and not outputs[0] & outputs[1]
+
+
+def test_save_probabilities_writes_seven_components(tmp_path, weights):
+    small_cases(tmp_path / "in", 1)
+    result = run_cli("--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--weights", str(weights),
+                     "--save-probabilities", str(tmp_path / "probs"))
+    assert result.returncode == 0, result.stderr
+    [prob] = list((tmp_path / "probs").iterdir())
+    image = sitk.ReadImage(str(prob))
+    assert image.GetNumberOfComponentsPerPixel() == 7
+    array = sitk.GetArrayFromImage(image)
+    assert array.min() >= 0 and array.max() <= 1.0001
+    # Task 2's five class probabilities sum to one inside the processed crop.
+    sums = array[..., 1:6].sum(-1)
+    assert np.allclose(sums[sums > 0], 1, atol=1e-3)
+
+
+def test_usage_errors_exit_2(tmp_path, weights):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args, message in [
+        (["--input", str(empty)], "no BraTS case found"),
+        (["--input", str(tmp_path / "missing")], "does not exist"),
+        (["--input", str(empty), "--folds", "7"], "fold 7 is not in"),
+        (["--input", str(empty), "--shard", "3/2"], "--shard"),
+    ]:
+        result = run_cli(*args, "--output", str(tmp_path / "out"), "--weights", str(weights))
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr
+    bad_flag = run_cli("--input", str(empty), "--output", str(tmp_path / "o"), "--tiling", "slow")
+    assert bad_flag.returncode == 2 and "invalid choice" in bad_flag.stderr
+
+
+def test_side_outputs_inside_the_output_folder_are_refused(tmp_path, weights):
+    small_cases(tmp_path / "in", 1)
+    out = tmp_path / "out"
+    result = run_cli("--input", str(tmp_path / "in"), "--output", str(out), "--weights", str(weights),
+                     "--report", str(out / "report.json"))
+    assert result.returncode == 2 and "inside the output folder" in result.stderr

@@ -1,0 +1,106 @@
+import numpy as np
+import pytest
+
+from app.inference import TaskProbabilities, dilate, fast_tiles, fuse, plan_tiles
+from app.postprocess import PostprocessConfig, postprocess, relabel_dark_edema, remove_small_components
+
+SHAPE = (20, 30, 30)
+
+
+def _probabilities(tumour, task2_class, enhancing):
+    classes = np.zeros((5, *SHAPE), np.float32)
+    for k in range(5):
+        classes[k][task2_class == k] = 0.9
+    classes += 0.02
+    return TaskProbabilities(tumour.astype(np.float32), classes, enhancing.astype(np.float32))
+
+
+def test_fusion_follows_the_cascade_rules():
+    tumour = np.zeros(SHAPE)
+    tumour[5:10, 10:20, 10:20] = 0.9  # coarse whole tumour from task 1
+    task2 = np.full(SHAPE, 4)
+    task2[5:10, 10:20, 10:20] = 2  # edema
+    task2[6:9, 12:18, 12:18] = 1  # core
+    task2[7:9, 20:22, 10:12] = 2  # edema 1-2 voxels outside task 1's mask: inside the 5-voxel dilation
+    task2[0:2, 0:2, 0:2] = 2  # far away: outside the dilation, must be dropped
+    enhancing = np.zeros(SHAPE)
+    enhancing[6:9, 12:15, 12:18] = 0.8  # half the core is ET
+    labels = fuse(_probabilities(tumour, task2, enhancing))
+    assert labels[7, 13, 13] == 3 and labels[7, 16, 16] == 1
+    assert labels[5, 10, 10] == 2
+    assert labels[8, 21, 11] == 2
+    assert labels[0:2, 0:2, 0:2].sum() == 0
+    # ET only where task 2 said core: task 3's ET outside the core is ignored.
+    enhancing[5, 10, 10] = 0.99
+    assert fuse(_probabilities(tumour, task2, enhancing))[5, 10, 10] == 2
+
+
+def test_fusion_without_coarse_tumour_gives_empty_map():
+    task2 = np.full(SHAPE, 2)
+    labels = fuse(_probabilities(np.zeros(SHAPE), task2, np.ones(SHAPE)))
+    assert not labels.any()
+
+
+def test_dilation_is_a_ball_of_radius_five():
+    mask = np.zeros((21, 21, 21), bool)
+    mask[10, 10, 10] = True
+    grown = dilate(mask, 5)
+    assert grown[10, 10, 15] and not grown[10, 10, 16]
+    assert grown[13, 14, 10] and not grown[14, 14, 10]  # sqrt(9+16)=5 in, sqrt(16+16)>5 out
+
+
+def test_small_spurious_component_removed_large_kept():
+    labels = np.zeros((40, 60, 60), np.uint8)
+    labels[5:25, 5:30, 5:30] = 2  # 12,500 voxels: Vmax, threshold min(2000, 1250) = 1250
+    labels[10:15, 10:20, 10:20] = 3
+    labels[30:38, 40:50, 40:50] = 1  # 800 voxels: removed
+    labels[28:40, 35:60, 5:10] = 2  # 1,500 voxels: kept
+    out = remove_small_components(labels)
+    assert not out[30:38, 40:50, 40:50].any()
+    assert (out[28:40, 35:60, 5:10] == 2).all()
+    assert (out[5:25, 5:30, 5:30] == labels[5:25, 5:30, 5:30]).all()
+
+
+def _edema_case(et_voxels: int):
+    labels = np.zeros((30, 40, 40), np.uint8)
+    labels[5:25, 5:35, 5:35] = 2  # 18,000 voxels of edema
+    t1c = np.full(labels.shape, 500.0)
+    t1c[5:25, 5:20, 5:35] = 100.0  # the darker half of the edema on T1c
+    labels[12:12 + et_voxels, 20, 20] = 3
+    return labels, t1c
+
+
+def test_dark_edema_becomes_necrosis_when_et_is_scarce():
+    labels, t1c = _edema_case(et_voxels=3)
+    out = relabel_dark_edema(labels, t1c)
+    dark = (labels == 2) & (t1c == 100.0)
+    assert (out[dark] == 1).all()
+    assert (out[(labels == 2) & (t1c == 500.0)] == 2).all()
+    # WT and ET never change in step 2.
+    assert ((out > 0) == (labels > 0)).all() and ((out == 3) == (labels == 3)).all()
+
+
+def test_dark_edema_untouched_when_case_has_enough_et():
+    labels, t1c = _edema_case(et_voxels=0)
+    labels[5:25, 5:35, 30:35] = 3  # 3,000 of 18,000 voxels: ratio 0.17 >= 0.1
+    out = relabel_dark_edema(labels, t1c)
+    np.testing.assert_array_equal(out, labels)
+
+
+def test_postprocess_steps_can_be_switched_off():
+    labels, t1c = _edema_case(et_voxels=3)
+    labels[0:2, 0:2, 0:2] = 2
+    untouched = postprocess(labels, t1c, PostprocessConfig(False, False))
+    np.testing.assert_array_equal(untouched, labels)
+    only_step1 = postprocess(labels, t1c, PostprocessConfig(True, False))
+    assert not only_step1[0:2, 0:2, 0:2].any() and not (only_step1 == 1).any()
+
+
+@pytest.mark.parametrize("shape", [(37, 53, 41), (150, 170, 140)])
+def test_tiles_partition_the_volume(shape):
+    for tile, keep in [((16, 32, 32), (5, 20, 20)), fast_tiles(shape, (64, 96, 96), 8)]:
+        cover = np.zeros(shape, np.int32)
+        for t in plan_tiles(shape, tile, keep):
+            cover[t.keep] += 1
+            assert [s.stop - s.start for s in t.source] == list(tile)
+        assert (cover == 1).all()

@@ -1,0 +1,161 @@
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from app.conventions import LabelConvention, Layout, Modality, from_file_labels, to_file_labels
+from app.io import (
+    CaseError,
+    check_nifti_integrity,
+    find_cases,
+    label_image,
+    load_case,
+    output_path,
+    remove_partial_files,
+    write_image_atomic,
+)
+
+
+def _write(path: Path, array=None, spacing=(1.0, 1.0, 1.0)):
+    array = np.ones((6, 7, 8), np.int16) if array is None else array
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path), path.name.endswith(".gz"))
+    return path
+
+
+LAYOUT_FILES = {
+    "2023": ["{id}-t1n.nii.gz", "{id}-t1c.nii.gz", "{id}-t2w.nii.gz", "{id}-t2f.nii.gz"],
+    "2018": ["{id}_t1.nii.gz", "{id}_t1ce.nii.gz", "{id}_t2.nii.gz", "{id}_flair.nii.gz"],
+    "fets": ["{id}_brain_t1.nii.gz", "{id}_brain_t1ce.nii.gz", "{id}_brain_t2.nii.gz", "{id}_brain_flair.nii.gz"],
+    "toolkit": ["t1.nii.gz", "t1c.nii.gz", "t2.nii.gz", "fla.nii.gz"],
+    "toolkit_ce": ["t1.nii", "t1ce.nii", "t2.nii", "flair.nii"],
+}
+EXPECTED_LAYOUT = {"2023": Layout.BRATS2023, "2018": Layout.BRATS2018, "fets": Layout.BRATS2018,
+                   "toolkit": Layout.TOOLKIT, "toolkit_ce": Layout.TOOLKIT}
+
+
+@pytest.mark.parametrize("style", list(LAYOUT_FILES))
+def test_every_layout_is_found_in_channel_order(tmp_path, style):
+    for name in LAYOUT_FILES[style]:
+        _write(tmp_path / "CASE_A" / name.format(id="CASE_A"))
+    found = find_cases(tmp_path)
+    assert not found.errors
+    [case] = found.cases
+    assert case.case_id == "CASE_A" and case.layout is EXPECTED_LAYOUT[style]
+    assert list(case.modalities) == [Modality.FLAIR, Modality.T1, Modality.T1C, Modality.T2]
+    assert case.modalities[Modality.FLAIR].name.lower().startswith(("case_a", "fla", "flair"))
+
+
+def test_flat_files_in_the_input_folder_form_cases(tmp_path):
+    for case_id in ("BraTS2021_00001", "BraTS2021_00002"):
+        for name in LAYOUT_FILES["2018"]:
+            _write(tmp_path / name.format(id=case_id))
+    found = find_cases(tmp_path)
+    assert sorted(c.case_id for c in found.cases) == ["BraTS2021_00001", "BraTS2021_00002"]
+
+
+def test_ground_truth_is_recognised_and_extras_ignored(tmp_path):
+    for name in LAYOUT_FILES["2023"] + ["{id}-seg.nii.gz", "notes.nii.gz"]:
+        _write(tmp_path / "X" / name.format(id="X"))
+    (tmp_path / "X" / "readme.txt").write_text("hello")
+    [case] = find_cases(tmp_path).cases
+    assert case.segmentation is not None and case.segmentation.name == "X-seg.nii.gz"
+
+
+def test_missing_modality_and_mixed_conventions_fail_alone(tmp_path):
+    for name in LAYOUT_FILES["2023"][:3]:
+        _write(tmp_path / "missing" / name.format(id="missing"))
+    for name in LAYOUT_FILES["2023"][:2] + LAYOUT_FILES["2018"][2:]:
+        _write(tmp_path / "mixed" / name.format(id="mixed"))
+    for name in LAYOUT_FILES["2023"]:
+        _write(tmp_path / "good" / name.format(id="good"))
+    found = find_cases(tmp_path)
+    assert [c.case_id for c in found.cases] == ["good"]
+    messages = {e.case_id: str(e) for e in found.errors}
+    assert "missing modality flair" in messages["missing"]
+    assert "naming conventions mixed" in messages["mixed"]
+
+
+def test_duplicate_ids_fail_both(tmp_path):
+    for name in LAYOUT_FILES["2018"]:
+        _write(tmp_path / "dup" / name.format(id="dup"))
+        _write(tmp_path / name.format(id="dup"))
+    found = find_cases(tmp_path)
+    assert not found.cases and len(found.errors) == 2
+    assert all("duplicate case ID" in str(e) for e in found.errors)
+
+
+def test_case_ids_that_escape_are_refused(tmp_path):
+    for bad in ("..", ".hidden", "a/b", "a\\b"):
+        with pytest.raises(CaseError):
+            output_path(tmp_path, bad)
+    assert output_path(tmp_path, "ok case ü") == tmp_path / "ok case ü.nii.gz"
+
+
+def test_truncated_gzip_is_detected_although_simpleitk_reads_it(tmp_path):
+    path = _write(tmp_path / "a.nii.gz", (np.random.default_rng(0).random((40, 40, 40)) * 1000).astype(np.int16))
+    check_nifti_integrity(path)
+    data = path.read_bytes()
+    truncated = tmp_path / "b.nii.gz"
+    truncated.write_bytes(data[: len(data) // 2])
+    sitk.ReadImage(str(truncated))  # the reader itself raises nothing: that is why we check
+    with pytest.raises(ValueError, match="truncated|corrupt"):
+        check_nifti_integrity(truncated)
+    # An intact gzip stream holding a short NIfTI payload is caught by the header size check.
+    short = tmp_path / "c.nii.gz"
+    short.write_bytes(gzip.compress(gzip.decompress(data)[:5000]))
+    with pytest.raises(ValueError, match="truncated"):
+        check_nifti_integrity(short)
+
+
+def test_label_image_copies_geometry_and_is_uint8(tmp_path):
+    reference = sitk.GetImageFromArray(np.zeros((5, 6, 7), np.float32))
+    reference.SetSpacing((0.9, 1.1, 2.5))
+    reference.SetOrigin((10.0, -20.0, 30.0))
+    reference.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    labels = np.zeros((5, 6, 7), np.uint8)
+    labels[2, 3, 4] = 4
+    write_image_atomic(label_image(labels, reference), tmp_path / "x.nii.gz")
+    back = sitk.ReadImage(str(tmp_path / "x.nii.gz"))
+    assert back.GetPixelID() == sitk.sitkUInt8
+    assert np.allclose(back.GetSpacing(), reference.GetSpacing())
+    assert np.allclose(back.GetOrigin(), reference.GetOrigin())
+    assert np.allclose(back.GetDirection(), reference.GetDirection())
+    assert sitk.GetArrayFromImage(back)[2, 3, 4] == 4
+    assert [p.name for p in tmp_path.iterdir()] == ["x.nii.gz"]
+
+
+def test_label_conventions_round_trip():
+    internal = np.array([0, 1, 2, 3], np.uint8)
+    assert to_file_labels(internal, LabelConvention.BRATS2018).tolist() == [0, 1, 2, 4]
+    assert to_file_labels(internal, LabelConvention.BRATS2023).tolist() == [0, 1, 2, 3]
+    assert from_file_labels(np.array([0, 1, 2, 4])).tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError):
+        from_file_labels(np.array([3, 4]))
+
+
+def test_load_case_zeroes_nan_with_warning_and_rejects_zero_modality(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in LAYOUT_FILES["2023"]:
+        _write(tmp_path / "c" / name.format(id="c"), rng.random((6, 7, 8)).astype(np.float32) + 1)
+    flair = tmp_path / "c" / "c-t2f.nii.gz"
+    array = rng.random((6, 7, 8)).astype(np.float32) + 1
+    array[0, 0, 0] = np.nan
+    _write(flair, array)
+    [case] = find_cases(tmp_path).cases
+    loaded = load_case(case)
+    assert loaded.image[0, 0, 0, 0] == 0 and "NaN/Inf" in loaded.warnings[0]
+    _write(flair, np.zeros((6, 7, 8), np.float32))
+    with pytest.raises(CaseError, match="all zero"):
+        load_case(case)
+
+
+def test_partial_files_are_cleaned(tmp_path):
+    (tmp_path / ".omnet-partial-123-a.nii.gz").write_bytes(b"x")
+    (tmp_path / "a.nii.gz").write_bytes(b"y")
+    remove_partial_files(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.nii.gz"]
