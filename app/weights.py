@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -132,7 +133,7 @@ def load_fold(manifest: Manifest, entry: FoldWeights) -> nn.Module:
     try:
         state = load_file(str(entry.path))
         model.load_state_dict(state, strict=True)
-    except (RuntimeError, OSError, ValueError) as err:
+    except (SafetensorError, RuntimeError, OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0]
         raise WeightsError(f"{entry.path}: cannot load fold {entry.fold}: {first}") from None
     return model.eval()

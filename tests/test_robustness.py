@@ -1,0 +1,362 @@
+"""The bad-input and fault matrix, each row through the real CLI in a subprocess."""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from app.conventions import Layout
+
+from .helpers import ROOT, random_weights, run_cli, small_cases
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    return random_weights(tmp_path_factory.mktemp("weights"), folds=1)
+
+
+@pytest.fixture()
+def cohort(tmp_path) -> Path:
+    """Two good cases; each test breaks one more case beside them."""
+    small_cases(tmp_path / "in", 2, seed=21)
+    return tmp_path / "in"
+
+
+def _bad_case(cohort: Path, name: str = "BAD") -> Path:
+    [source] = small_cases(cohort.parent / "spare", 1, seed=22)
+    target = cohort / name
+    shutil.copytree(source, target)
+    for path in target.iterdir():
+        path.rename(target / path.name.replace(source.name, name))
+    return target
+
+
+def _predict(cohort: Path, weights: Path, *extra: str):
+    out = cohort.parent / "out"
+    return run_cli("--input", str(cohort), "--output", str(out), "--weights", str(weights), *extra), out
+
+
+def _assert_fails_alone(result, out: Path, case_id: str, fragment: str, file_hint: str | None = None):
+    assert result.returncode == 1, result.stderr
+    failed = [l for l in result.stderr.splitlines() if l.startswith("FAILED")]
+    assert len(failed) == 1, result.stderr
+    assert case_id in failed[0] and fragment in failed[0], failed[0]
+    if file_hint:
+        assert file_hint in failed[0]
+    written = sorted(p.name for p in out.iterdir())
+    assert len(written) == 2 and f"{case_id}.nii.gz" not in written, written
+
+
+# ------------------------------------------------------------------------------- must fail alone
+
+
+def test_missing_modality(cohort, weights):
+    bad = _bad_case(cohort)
+    (bad / "BAD-t1c.nii.gz").unlink()
+    _assert_fails_alone(*_predict(cohort, weights), "BAD", "missing modality t1c")
+
+
+def test_mixed_conventions(cohort, weights):
+    bad = _bad_case(cohort)
+    (bad / "BAD-t2w.nii.gz").rename(bad / "BAD_t2.nii.gz")
+    _assert_fails_alone(*_predict(cohort, weights), "BAD", "naming conventions mixed")
+
+
+def test_duplicate_ids(cohort, weights):
+    bad = _bad_case(cohort, "Dup")
+    for path in bad.iterdir():  # the same case ID once more as flat files in the input folder
+        shutil.copy(path, cohort / path.name)
+    result, out = _predict(cohort, weights)
+    assert result.returncode == 1
+    failed = [l for l in result.stderr.splitlines() if l.startswith("FAILED")]
+    assert len(failed) == 2 and all("duplicate case ID" in l for l in failed)
+    assert len(list(out.iterdir())) == 2
+
+
+def _rewrite(path: Path, array: np.ndarray, spacing=None, origin=None):
+    image = sitk.ReadImage(str(path))
+    new = sitk.GetImageFromArray(array)
+    new.SetSpacing(spacing or image.GetSpacing())
+    new.SetOrigin(origin or image.GetOrigin())
+    if array.ndim == 3:
+        new.SetDirection(image.GetDirection())
+    sitk.WriteImage(new, str(path), True)
+
+
+def test_size_disagreement(cohort, weights):
+    bad = _bad_case(cohort)
+    _rewrite(bad / "BAD-t2w.nii.gz", np.ones((40, 64, 64), np.int16))
+    _assert_fails_alone(*_predict(cohort, weights), "BAD", "geometry differs", "BAD-t2w.nii.gz")
+
+
+def test_spacing_disagreement_beyond_rounding(cohort, weights):
+    bad = _bad_case(cohort)
+    path = bad / "BAD-t1n.nii.gz"
+    _rewrite(path, sitk.GetArrayFromImage(sitk.ReadImage(str(path))), spacing=(1.0, 1.0, 1.2))
+    _assert_fails_alone(*_predict(cohort, weights), "BAD", "geometry differs", "BAD-t1n.nii.gz")
+
+
+def test_spacing_rounding_is_tolerated(cohort, weights):
+    bad = _bad_case(cohort)
+    path = bad / "BAD-t1n.nii.gz"
+    _rewrite(path, sitk.GetArrayFromImage(sitk.ReadImage(str(path))), spacing=(1.0, 1.0, 1.0 + 1e-7))
+    result, out = _predict(cohort, weights)
+    assert result.returncode == 0, result.stderr
+    assert len(list(out.iterdir())) == 3
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (2, 48, 64, 64)])
+def test_2d_and_4d_images(cohort, weights, shape):
+    bad = _bad_case(cohort)
+    image = sitk.GetImageFromArray(np.ones(shape, np.int16))
+    sitk.WriteImage(image, str(bad / "BAD-t2f.nii.gz"), True)
+    _assert_fails_alone(*_predict(cohort, weights), "BAD", "expected a 3D scalar image", "BAD-t2f.nii.gz")
+
+
+def test_all_zero_modality(cohort, weights):
+    bad = _bad_case(cohort)
+    _rewrite(bad / "BAD-t1c.nii.gz", np.zeros((48, 64, 64), np.int16))
+    _assert_fails_alone(*_predict(cohort, weights), "BAD", "all zero", "BAD-t1c.nii.gz")
+
+
+def test_truncated_gzip(cohort, weights):
+    bad = _bad_case(cohort)
+    path = bad / "BAD-t2w.nii.gz"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    _assert_fails_alone(*_predict(cohort, weights), "BAD", "unreadable NIfTI", "BAD-t2w.nii.gz")
+
+
+def test_corrupt_gzip(cohort, weights):
+    bad = _bad_case(cohort)
+    path = bad / "BAD-t2w.nii.gz"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+    _assert_fails_alone(*_predict(cohort, weights), "BAD", "unreadable NIfTI", "BAD-t2w.nii.gz")
+
+
+def test_case_id_escaping_the_output_folder(cohort, weights):
+    [source] = small_cases(cohort.parent / "spare", 1, seed=22, layout=Layout.BRATS2018)
+    for path in source.iterdir():  # flat files whose ID prefix is ".."
+        shutil.copy(path, cohort / path.name.replace(source.name, ".."))
+    result, out = _predict(cohort, weights)
+    _assert_fails_alone(result, out, "..", "escape")
+    assert not (cohort.parent / ".nii.gz").exists() and not (out.parent / "..nii.gz").exists()
+
+
+# ------------------------------------------------------------------------------------ must work
+
+
+def test_unknown_extra_file_is_ignored(cohort, weights):
+    (cohort / next(iter(os.listdir(cohort))) / "notes.nii.gz").write_bytes(b"not a nifti at all")
+    (cohort / "README.txt").write_text("hello")
+    result, out = _predict(cohort, weights)
+    assert result.returncode == 0, result.stderr
+    assert len(list(out.iterdir())) == 2
+
+
+def test_odd_size_and_anisotropic_spacing(tmp_path, weights):
+    [case] = small_cases(tmp_path / "in", 1, size=(57, 61, 29))
+    for path in case.iterdir():
+        image = sitk.ReadImage(str(path))
+        image.SetSpacing((0.9, 1.1, 2.5))
+        sitk.WriteImage(image, str(path), True)
+    result, out = _predict(tmp_path / "in", weights)
+    assert result.returncode == 0, result.stderr
+    [written] = list(out.iterdir())
+    image = sitk.ReadImage(str(written))
+    assert image.GetSize() == (57, 61, 29) and np.allclose(image.GetSpacing(), (0.9, 1.1, 2.5))
+
+
+def test_nan_and_inf_voxels_warn_and_work(cohort, weights):
+    case = sorted(cohort.iterdir())[0]
+    path = next(case.glob("*-t2f.nii.gz"))
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.float32)
+    array[20, 30, 30], array[21, 30, 30] = np.nan, np.inf
+    _rewrite(path, array)
+    result, out = _predict(cohort, weights)
+    assert result.returncode == 0, result.stderr
+    assert "2 NaN/Inf voxels treated as background" in result.stderr
+    assert len(list(out.iterdir())) == 2
+
+
+def test_spaces_non_ascii_and_symlinked_case_folders(tmp_path, weights):
+    [a, b] = small_cases(tmp_path / "store", 2, seed=23, layout=Layout.TOOLKIT)
+    cohort = tmp_path / "in"
+    cohort.mkdir()
+    shutil.copytree(a, cohort / "Fall mit Lücke ü")
+    (cohort / "linked case").symlink_to(b, target_is_directory=True)
+    result, out = _predict(cohort, weights)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["Fall mit Lücke ü.nii.gz", "linked case.nii.gz"]
+
+
+def _as_nobody() -> list[str] | None:
+    """Command prefix to drop root (permissions do not bind root), or None where that is impossible:
+    no setpriv, or an interpreter the unprivileged user cannot run (e.g. one installed under /root).
+    The Docker test runs the image as uid 1000 with a read-only /input regardless."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if not setpriv:
+        return None
+    prefix = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+    probe = subprocess.run([*prefix, sys.executable, "-c", "import numpy, torch, SimpleITK"], capture_output=True)
+    return prefix if probe.returncode == 0 else None
+
+
+def test_read_only_input_folder(tmp_path, weights):
+    prefix = _as_nobody()
+    if prefix is None:
+        pytest.skip("cannot run the CLI as an unprivileged user here (no setpriv or interpreter unreadable)")
+    cohort = tmp_path / "in"
+    small_cases(cohort, 1, seed=24)
+    out = tmp_path / "out"
+    out.mkdir()
+    for path in [tmp_path, weights, *weights.iterdir()]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    for path in [cohort, *cohort.rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    out.chmod(0o777)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HOME": "/nonexistent"}
+    result = subprocess.run([*prefix, str(ROOT / "run.sh"), "--input", str(cohort), "--output", str(out),
+                             "--weights", str(weights)], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert len(list(out.iterdir())) == 1
+
+
+# --------------------------------------------------------------------------------- must stop with 2
+
+
+def test_output_folder_not_writable(tmp_path, weights):
+    prefix = _as_nobody()
+    if prefix is None:
+        pytest.skip("cannot run the CLI as an unprivileged user here (no setpriv or interpreter unreadable)")
+    small_cases(tmp_path / "in", 1, seed=24)
+    out = tmp_path / "out"
+    out.mkdir()
+    for path in [tmp_path, weights, *weights.iterdir(), *(tmp_path / "in").rglob("*"), tmp_path / "in"]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    out.chmod(0o555)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([*prefix, str(ROOT / "run.sh"), "--input", str(tmp_path / "in"), "--output", str(out),
+                             "--weights", str(weights)], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2 and "not writable" in result.stderr, result.stderr
+
+
+def test_output_path_is_a_file(cohort, weights):
+    target = cohort.parent / "out"
+    target.write_text("I am a file")
+    result = run_cli("--input", str(cohort), "--output", str(target), "--weights", str(weights))
+    assert result.returncode == 2 and "not writable" in result.stderr
+
+
+def test_tampered_weights_refused_before_reading_cases(cohort, tmp_path):
+    folder = random_weights(tmp_path / "w", folds=2)
+    data = bytearray((folder / "fold_1.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (folder / "fold_1.safetensors").write_bytes(bytes(data))
+    result, out = _predict(cohort, folder)
+    assert result.returncode == 2 and "differs from the manifest" in result.stderr
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_manifest_naming_a_missing_fold_is_refused(cohort, tmp_path):
+    folder = random_weights(tmp_path / "w", folds=2)
+    (folder / "fold_1.safetensors").unlink()
+    result, _ = _predict(cohort, folder)
+    assert result.returncode == 2 and "missing" in result.stderr
+
+
+def test_pickle_weights_are_never_loaded(cohort, tmp_path):
+    folder = random_weights(tmp_path / "w", folds=1)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    # A pickle in place of the safetensors file (sha256 updated so only the format can stop it).
+    evil = folder / "fold_0.safetensors"
+    import pickle
+
+    evil.write_bytes(pickle.dumps({"x": 1}))
+    manifest["folds"][0]["sha256"] = hashlib.sha256(evil.read_bytes()).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    result, _ = _predict(cohort, folder)
+    assert result.returncode == 2 and "cannot load fold 0" in result.stderr
+
+
+# ------------------------------------------------------------------------ never a partial file
+
+
+def test_failed_write_leaves_no_partial_file(cohort, weights, tmp_path):
+    # Simulate a full disk: the staged file cannot be copied into the output folder.
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import shutil\n"
+        "_orig = shutil.copyfileobj\n"
+        "def _full(src, dst, length=0):\n"
+        "    dst.write(src.read(100))\n"
+        "    raise OSError(28, 'No space left on device')\n"
+        "shutil.copyfileobj = _full\n"
+        "import os\n"
+        "_replace = os.replace\n"
+        "def _cross_device(a, b):\n"
+        "    if 'omnet-write-' in str(a):\n"
+        "        raise OSError(18, 'Invalid cross-device link')\n"
+        "    return _replace(a, b)\n"
+        "os.replace = _cross_device\n"
+    )
+    out = tmp_path / "out"
+    result = run_cli("--input", str(cohort), "--output", str(out), "--weights", str(weights),
+                     env={"PYTHONPATH": f"{hook}{os.pathsep}{ROOT}"})
+    assert result.returncode == 1
+    assert "No space left on device" in result.stderr
+    assert list(out.iterdir()) == []
+
+
+def _start(cohort: Path, out: Path, weights: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([str(ROOT / "run.sh"), "--input", str(cohort), "--output", str(out), "--weights",
+                             str(weights), "--quiet"], env=env, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_killed_run_then_skip_existing_finishes_cleanly(tmp_path, weights, sig):
+    small_cases(tmp_path / "in", 4, seed=25)
+    out = tmp_path / "out"
+    process = _start(tmp_path / "in", out, weights)
+    # Kill once the first case is written, while the next ones are in flight.
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out.exists() and any(p.suffix == ".gz" for p in out.iterdir())):
+        time.sleep(0.05)
+    process.send_signal(sig)
+    process.wait(timeout=60)
+    assert process.returncode != 0
+    finished = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if not p.name.startswith(".")}
+    assert finished and len(finished) < 4
+    for name in finished:  # whatever is there is complete
+        sitk.ReadImage(str(out / name))
+    rerun = run_cli("--input", str(tmp_path / "in"), "--output", str(out), "--weights", str(weights),
+                    "--skip-existing")
+    assert rerun.returncode == 0, rerun.stderr
+    assert rerun.stderr.count("skipped (already in output)") == len(finished)
+    after = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert len(after) == 4 and all(after[n] == t for n, t in finished.items())
+
+
+def test_same_input_twice_gives_identical_bytes(cohort, weights, tmp_path):
+    digests = []
+    for run in range(2):
+        out = tmp_path / f"out{run}"
+        result = run_cli("--input", str(cohort), "--output", str(out), "--weights", str(weights))
+        assert result.returncode == 0, result.stderr
+        digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()})
+    assert digests[0] == digests[1]
