@@ -29,6 +29,7 @@ BRATS_ORIGIN = (-0.0, -239.0, 0.0)
 
 # Tissue codes used only inside the generator.
 _BG, _WM, _GM, _CSF, _NCR, _ED, _ET = range(7)
+WHITE_MATTER, GREY_MATTER, CSF = _WM, _GM, _CSF
 _TISSUES = (_WM, _GM, _CSF, _NCR, _ED, _ET)
 
 # Mean intensity ranges per modality and tissue (fractions of the brain's white matter-to-max range).
@@ -54,6 +55,7 @@ class Phantom:
     case_id: str
     images: dict[Modality, np.ndarray]
     labels: np.ndarray
+    tissue: np.ndarray  # generator tissue codes (0 background, 1 WM, 2 GM, 3 CSF); not written to disk
 
 
 def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], cells: int) -> np.ndarray:
@@ -181,7 +183,7 @@ def make_phantom(seed: int, index: int, size: tuple[int, int, int] = DEFAULT_SIZ
     tissue = _anatomy(rng, shape, scale)
     labels = _tumour_labels(rng, tissue, scale)
     images = {m: _store(rng, _contrast(rng, tissue, labels, m)) for m in _CONTRAST}
-    return Phantom(case_id or f"PHANTOM-{seed:04d}-{index:05d}", images, labels)
+    return Phantom(case_id or f"PHANTOM-{seed:04d}-{index:05d}", images, labels, tissue)
 
 
 def _write(array: np.ndarray, path: Path) -> None:

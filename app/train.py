@@ -284,9 +284,8 @@ def train_fold(cfg: TrainConfig, train_cases: Sequence[CaseFiles], val_cases: Se
     """Train one fold with resumable checkpoints in ``fold_dir``; keeps the best-validating snapshot.
 
     ``time_limit`` (seconds) ends training early at a validation point once exceeded (a cluster job's
-    wall time); the steps actually done are recorded.
+    wall time); it counts from the end of data preparation. The steps actually done are recorded.
     """
-    started = time.monotonic()
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
     fold_dir.mkdir(parents=True, exist_ok=True)
@@ -308,6 +307,7 @@ def train_fold(cfg: TrainConfig, train_cases: Sequence[CaseFiles], val_cases: Se
     log.info("fold %d: preparing %d training cases", fold, len(train_cases))
     data = [prepare_case(c, cache_dir) for c in train_cases]
     validation = load_validation(val_cases)
+    started = time.monotonic()
     use_amp = device.type == "cuda"
     bar = _progress_bar(cfg.total_steps, meta["step"], f"fold {fold}", progress)
     running = None
@@ -315,7 +315,7 @@ def train_fold(cfg: TrainConfig, train_cases: Sequence[CaseFiles], val_cases: Se
         lr = set_learning_rate(optimizer, cfg, step)
         losses = _train_step(model, optimizer, data, cfg, step, rng, device, use_amp)
         total = sum(losses.values())
-        running = total if running is None else 0.98 * running + 0.02 * total
+        running = total if running is None else 0.9 * running + 0.1 * total
         bar.update(1)
         bar.set_postfix(loss=f"{running:.3f}", lr=f"{lr:.1e}", tasks=len(cfg.active_tasks(step)))
         done = step + 1
@@ -417,7 +417,17 @@ def train_ensemble(cfg: TrainConfig, data_dir: Path, out_dir: Path, only_fold: i
 def _publish_fold(out_dir: Path, fold: int, result: FoldResult) -> None:
     best = out_dir / "runs" / f"fold_{fold}" / "best.safetensors"
     target = out_dir / f"fold_{fold}.safetensors"
-    save_state(load_file(str(best)), target, metadata={"fold": str(fold)})
+    save_state(compact_state(load_file(str(best))), target, metadata={"fold": str(fold)})
+
+
+# Largest magnitude float16 holds with margin; tensors beyond it stay float32.
+_FP16_LIMIT = 6.0e4
+
+
+def compact_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Float tensors as float16 for the published weights (half the size; loading casts back to the
+    model's float32, and the ensemble's masks are unaffected beyond rounding)."""
+    return {k: v.half() if v.is_floating_point() and v.abs().max() < _FP16_LIMIT else v for k, v in state.items()}
     write_json_atomic(asdict(result), out_dir / "runs" / f"fold_{fold}" / "result.json")
 
 

@@ -1,0 +1,80 @@
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from app.conventions import Layout, Modality
+from app.io import find_cases, load_segmentation
+from app.phantoms import CSF, WHITE_MATTER, generate, make_phantom
+
+SIZE = (96, 96, 64)
+
+
+@pytest.fixture(scope="module")
+def phantoms():
+    return [make_phantom(5, i, SIZE) for i in range(6)]
+
+
+def test_deterministic_for_a_seed():
+    a, b, c = make_phantom(3, 1, SIZE), make_phantom(3, 1, SIZE), make_phantom(3, 2, SIZE)
+    assert np.array_equal(a.labels, b.labels)
+    assert all(np.array_equal(a.images[m], b.images[m]) for m in a.images)
+    assert not np.array_equal(a.labels, c.labels)
+
+
+def test_labels_are_nested_and_inside_the_brain(phantoms):
+    for p in phantoms:
+        assert set(np.unique(p.labels).tolist()) <= {0, 1, 2, 3}
+        brain = p.tissue > 0
+        assert not (p.labels[~brain] > 0).any()
+        core = np.isin(p.labels, (1, 3))
+        assert core.any()
+        # The core sits inside the whole tumour: edema (or brain cut-off) wraps it, never bare background.
+        shell = ndimage.binary_dilation(core, iterations=2) & ~core
+        assert (p.labels[shell & brain] == 2).mean() > 0.5
+        # ET lies in the core's rim: every ET voxel belongs to a core component.
+        components, _ = ndimage.label(core)
+        assert (components[p.labels == 3] > 0).all()
+
+
+def test_some_cases_lack_et_or_are_multifocal():
+    many = [make_phantom(9, i, (64, 64, 48)) for i in range(24)]
+    without_et = sum(not (p.labels == 3).any() for p in many)
+    multifocal = sum(ndimage.label(p.labels > 0)[1] > 1 for p in many)
+    assert 0 < without_et < len(many)
+    assert multifocal > 0
+
+
+def _mean(p, modality, mask):
+    return float(p.images[modality].astype(np.float64)[mask].mean())
+
+
+def test_contrasts_have_the_signs_of_real_mri(phantoms):
+    for p in phantoms:
+        normal = (p.tissue == WHITE_MATTER) & (p.labels == 0)
+        csf = (p.tissue == CSF) & (p.labels == 0)
+        edema, ncr, et = p.labels == 2, p.labels == 1, p.labels == 3
+        assert _mean(p, Modality.FLAIR, edema) > _mean(p, Modality.FLAIR, normal)
+        assert _mean(p, Modality.T2, edema) > _mean(p, Modality.T2, normal)
+        assert _mean(p, Modality.T1C, ncr) < _mean(p, Modality.T1C, normal)
+        if et.sum() > 20:
+            assert _mean(p, Modality.T1C, et) > _mean(p, Modality.T1C, normal)
+        assert _mean(p, Modality.T2, csf) > _mean(p, Modality.T2, normal)
+        assert _mean(p, Modality.FLAIR, csf) < _mean(p, Modality.FLAIR, normal)
+
+
+def test_intensities_and_dtypes_are_randomised(phantoms):
+    dtypes = {p.images[m].dtype for p in phantoms for m in p.images}
+    scales = [float(p.images[Modality.T1].max()) for p in phantoms]
+    assert len(dtypes) > 1 and max(scales) > 1.5 * min(scales)
+
+
+@pytest.mark.parametrize("layout, et_label", [(Layout.BRATS2023, 3), (Layout.BRATS2018, 4), (Layout.TOOLKIT, 4)])
+def test_written_cases_are_found_with_their_ground_truth(tmp_path, layout, et_label):
+    generate(tmp_path, 1, seed=5, layout=layout, size=SIZE)
+    [case] = find_cases(tmp_path).cases
+    assert case.layout is layout and case.segmentation is not None
+    seg = load_segmentation(case)
+    assert et_label in np.unique(seg) or not (make_phantom(5, 0, SIZE).labels == 3).any()
+    image = sitk.ReadImage(str(case.reference))
+    assert image.GetSize() == SIZE and image.GetSpacing() == (1.0, 1.0, 1.0)

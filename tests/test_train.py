@@ -1,0 +1,129 @@
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from scipy import ndimage
+
+from app.io import find_cases
+from app.model import build_model
+from app.phantoms import generate
+from app.train import (
+    PATCH,
+    TrainConfig,
+    evaluate_cases,
+    load_validation,
+    prepare_case,
+    sample_patches,
+    split_folds,
+    train_fold,
+    transfer_masks,
+)
+from app.weights import load_ensemble
+
+from .helpers import python_cli
+
+TINY = TrainConfig(variant="omnet_cga", width=4, folds=2, stage_steps=(15, 15, 50), batch=4, lr=1e-3,
+                   validate_every=40, lr_halve_every=1000, device="cpu", max_tile=(64, 64, 64))
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("train_cases")
+    generate(folder, 4, seed=41, size=(64, 64, 48))
+    return find_cases(folder).cases
+
+
+def test_tiny_training_lowers_loss_and_beats_untrained_dice(cases, tmp_path):
+    torch.set_num_threads(2)
+    result = train_fold(TINY, cases[:3], cases[3:], tmp_path / "fold", fold=0, progress=False)
+    losses = [h["loss"] for h in result.history]
+    assert losses[-1] < losses[0] * 0.8, losses
+    torch.manual_seed(0)
+    untrained = evaluate_cases(build_model("omnet_cga", 4), load_validation(cases[3:]), TINY, torch.device("cpu"))
+    assert result.best_dice["WT"] > untrained["WT"] + 0.2, (result.best_dice, untrained)
+
+
+def test_samplers_put_centres_inside_their_regions(cases):
+    case = prepare_case(cases[0])
+    rng = np.random.default_rng(0)
+    centre = tuple(p // 2 for p in PATCH)
+    _, brain = sample_patches([case], 0, 30, rng)
+    assert (brain[(slice(None), *centre)] > 0).all()
+    _, near = sample_patches([case], 1, 30, rng)
+    ball = np.zeros(PATCH, bool)
+    ball[centre] = True
+    ball = ndimage.distance_transform_edt(~ball) <= 5
+    assert all(np.isin(t[ball], (1, 2, 3)).any() for t in near)
+    _, core = sample_patches([case], 2, 30, rng)
+    assert np.isin(core[(slice(None), *centre)], (1, 3)).all()
+
+
+def _patches_with_fraction(label: int, fraction: float, n_voxels: int = int(np.prod(PATCH))):
+    target = np.full(n_voxels, 4, np.int64)
+    target[: int(round(fraction * n_voxels))] = label
+    return torch.from_numpy(target.reshape(PATCH))
+
+
+def test_transfer_includes_exactly_forty_and_fifty_percent_and_excludes_just_under():
+    voxels = int(np.prod(PATCH))
+    at_40 = _patches_with_fraction(2, 0.4)
+    under_40 = _patches_with_fraction(2, (0.4 * voxels - 1) / voxels)
+    at_50 = _patches_with_fraction(1, 0.5)
+    under_50 = _patches_with_fraction(3, (0.5 * voxels - 1) / voxels)
+    target = torch.stack([at_40, under_40, at_50, under_50, at_50])
+    origin = torch.tensor([0, 0, 0, 0, 1])
+    to_task1, to_task2, to_task3 = transfer_masks(target, origin, enabled=True)
+    assert to_task1.tolist() == [True, True, True, True, False]
+    # at_50 holds 50% core = 50% tumour too, so it also enters task 2.
+    assert to_task2.tolist() == [True, False, True, True, True]
+    assert to_task3.tolist() == [False, False, True, False, True]
+    off = transfer_masks(target, origin, enabled=False)
+    assert off[1].tolist() == [False, False, False, False, True] and not off[2].any()
+
+
+def test_curriculum_switches_stages_as_configured():
+    cfg = replace(TINY, stage_steps=(3, 2, 5))
+    assert [cfg.active_tasks(s) for s in (0, 2, 3, 4, 5, 9)] == [(0,), (0,), (0, 1), (0, 1), (0, 1, 2), (0, 1, 2)]
+    assert replace(cfg, curriculum=False).active_tasks(0) == (0, 1, 2)
+
+
+def test_resumed_run_continues_from_the_saved_step_and_matches_a_straight_run(cases, tmp_path):
+    torch.set_num_threads(1)
+    cfg = replace(TINY, stage_steps=(4, 4, 12), validate_every=10)
+    straight = train_fold(cfg, cases[:2], cases[3:], tmp_path / "straight", fold=0, progress=False)
+    first = train_fold(replace(cfg, stage_steps=(4, 4, 2)), cases[:2], cases[3:], tmp_path / "resumed", 0, False)
+    assert first.steps == 10
+    resumed = train_fold(cfg, cases[:2], cases[3:], tmp_path / "resumed", fold=0, progress=False)
+    assert [h["step"] for h in resumed.history] == [10, 20] and resumed.steps == 20
+    a = load_file(str(tmp_path / "straight" / "last.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "last.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    assert straight.history[-1]["loss"] == pytest.approx(resumed.history[-1]["loss"], rel=1e-3)
+
+
+def test_folds_are_disjoint_and_cover_every_case():
+    ids = [f"c{i}" for i in range(23)]
+    folds = split_folds(ids, 10, seed=0)
+    assert sorted(sum(folds, [])) == sorted(ids) and all(folds)
+    with pytest.raises(ValueError):
+        split_folds(ids[:5], 10, seed=0)
+
+
+def test_train_cli_writes_a_weights_folder_predict_can_load(cases, tmp_path):
+    data = cases[0].reference.parent.parent
+    out = tmp_path / "weights"
+    args = ["train", "--data", str(data), "--out", str(out), "--width", "4", "--folds", "2", "--stage-steps", "2,2,2",
+            "--batch", "2", "--validate-every", "3", "--quiet", "--device", "cpu", "--variant", "omnet"]
+    for fold in ("0", "1"):  # as two separate cluster jobs
+        result = python_cli(*args, "--fold", fold)
+        assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [f["fold"] for f in manifest["folds"]] == [0, 1]
+    assert manifest["training"]["config"]["variant"] == "omnet"
+    loaded, models = load_ensemble(out)
+    assert loaded.variant == "omnet" and len(models) == 2
