@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="folder for prepared training arrays (.npy, memory-mapped; shared by concurrent fold jobs)")
     tr.add_argument("--time-limit", type=float, default=None,
                     help="seconds per fold after which training stops at the next step (validated and saved)")
+    tr.add_argument("--init-from", type=Path, default=None,
+                    help="start from these model weights (safetensors, same variant and width), e.g. to fine-tune")
     tr.add_argument("--manifest-only", action="store_true",
                     help="only rewrite manifest.json from the folds already finished in --out (after separate fold jobs)")
     tr.add_argument("--data-note", default=None, help="free text recorded in the manifest about the data")
@@ -227,6 +229,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         curriculum=not args.no_curriculum, transfer=not args.no_transfer, batch=args.batch, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, lr_halve_every=args.lr_halve_every,
         validate_every=args.validate_every, val_cases=args.val_cases, seed=args.seed, device=args.device,
+        init_from=str(args.init_from) if args.init_from else None,
     )
     data = {"path": str(args.data), "note": args.data_note, "phantom_generator_version": GENERATOR_VERSION}
     if args.manifest_only:

@@ -59,6 +59,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     max_tile: tuple[int, int, int] = (160, 192, 192)
+    init_from: str | None = None  # safetensors model weights to start from (fine-tuning, warm starts)
 
     @property
     def total_steps(self) -> int:
@@ -296,6 +297,9 @@ def train_fold(cfg: TrainConfig, train_cases: Sequence[CaseFiles], val_cases: Se
     state_path, meta_path = fold_dir / "last.safetensors", fold_dir / "last.json"
     best_path = fold_dir / "best.safetensors"
     meta: dict[str, Any] = {"step": 0, "best_score": -1.0, "best_step": -1, "best_dice": {}, "history": []}
+    if cfg.init_from and not meta_path.is_file():
+        model.load_state_dict(load_file(cfg.init_from, device=str(device)), strict=True)
+        log.info("fold %d: initialised from %s", fold, cfg.init_from)
     if meta_path.is_file() and state_path.is_file():
         meta = json.loads(meta_path.read_text())
         _restore_checkpoint(model, optimizer, state_path, device)
