@@ -314,7 +314,7 @@ def train_fold(cfg: TrainConfig, train_cases: Sequence[CaseFiles], val_cases: Se
     started = time.monotonic()
     use_amp = device.type == "cuda"
     bar = _progress_bar(cfg.total_steps, meta["step"], f"fold {fold}", progress)
-    running = None
+    running = meta.get("running")
     for step in range(meta["step"], cfg.total_steps):
         lr = set_learning_rate(optimizer, cfg, step)
         losses = _train_step(model, optimizer, data, cfg, step, rng, device, use_amp)
@@ -336,6 +336,7 @@ def train_fold(cfg: TrainConfig, train_cases: Sequence[CaseFiles], val_cases: Se
                 meta.update(best_score=score, best_step=done, best_dice=dice)
                 save_state(model.state_dict(), best_path)
             meta["step"] = done
+            meta["running"] = running
             meta["rng"] = rng.bit_generator.state
             meta["torch_rng"] = torch.get_rng_state().tolist()
             meta["stopped_early"] = out_of_time and done < cfg.total_steps
@@ -422,6 +423,7 @@ def _publish_fold(out_dir: Path, fold: int, result: FoldResult) -> None:
     best = out_dir / "runs" / f"fold_{fold}" / "best.safetensors"
     target = out_dir / f"fold_{fold}.safetensors"
     save_state(compact_state(load_file(str(best))), target, metadata={"fold": str(fold)})
+    write_json_atomic(asdict(result), out_dir / "runs" / f"fold_{fold}" / "result.json")
 
 
 # Largest magnitude float16 holds with margin; tensors beyond it stay float32.
