@@ -4,6 +4,9 @@
 # reports that it was skipped and why).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-python3 -m pip install -q -r requirements.txt -r requirements-dev.txt
+# A local CPU torch wheel (as on this project's build machines) is preferred over PyPI's CUDA build.
+find_links=()
+if ls /opt/wheels/torch-*.whl >/dev/null 2>&1; then find_links=(--find-links /opt/wheels); fi
+python3 -m pip install -q "${find_links[@]}" -r requirements.txt -r requirements-dev.txt
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python3 -m pytest -q -p no:cacheprovider tests "$@"
