@@ -33,6 +33,11 @@ def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None
                    help="auto uses CUDA with bf16 mixed precision when present, else the CPU")
     p.add_argument("--tiling", default="fast", choices=["fast", "paper"],
                    help="fast: large tiles over the brain's bounding box; paper: 16x32x32 tiles at stride 5x20x20")
+    p.add_argument("--tile", default=None,
+                   help="fast tiling's largest tile D,H,W, multiples of 8 (default 16,32,32: the training patch; "
+                        "160,192,192 covers a brain in one tile)")
+    p.add_argument("--tile-margin", type=int, default=None,
+                   help="voxels each fast tile discards at its sides where tiles meet (default 2)")
     p.add_argument("--labels", default="auto", choices=["auto", "2018", "2023"],
                    help="label encoding: auto follows the case layout (2023 files -> ET=3, others -> ET=4)")
     p.add_argument("--no-postprocess", action="store_true", help="skip both post-processing steps")
@@ -158,7 +163,8 @@ def _mlcube_to_predict(args: argparse.Namespace) -> argparse.Namespace:
         device=str(settings.get("device", "auto")), tiling=str(settings.get("tiling", "fast")),
         labels=str(settings.get("labels", "auto")), no_postprocess=not settings.get("postprocess", True),
         no_small_component_removal=False, no_edema_relabel=False, skip_existing=False,
-        save_probabilities=None, shard="0/1", report=None, qc=None, threads=0, quiet=True,
+        save_probabilities=None, shard="0/1", report=None, qc=None, threads=0, quiet=True, tile=None,
+        tile_margin=None,
     )
 
 
@@ -180,7 +186,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
         _set_threads(args.threads)
         # Weights are checked (manifest, sha256, shapes) before any case is read.
         _, models = load_ensemble(args.weights or DEFAULT_WEIGHTS_DIR, folds)
-        predictor = EnsemblePredictor(device=args.device, tiling=args.tiling).load_models(models)
+        tiles = {}
+        if args.tile is not None:
+            try:
+                tiles["max_tile"] = tuple(int(v) for v in args.tile.split(","))
+            except ValueError:
+                raise ValueError(f"--tile must be three comma-separated integers, got {args.tile!r}") from None
+        if args.tile_margin is not None:
+            tiles["margin"] = args.tile_margin
+        predictor = EnsemblePredictor(device=args.device, tiling=args.tiling, **tiles).load_models(models)
         options = PredictOptions(
             input_dir=args.input, output_dir=args.output, labels=args.labels,
             postprocess=PostprocessConfig(

@@ -58,7 +58,7 @@ class TrainConfig:
     val_cases: int = 0  # 0 = the whole held-out fold
     seed: int = 0
     device: str = "auto"
-    max_tile: tuple[int, int, int] = (160, 192, 192)
+    max_tile: tuple[int, int, int] = (16, 32, 32)  # validation uses predict's default fast tiling
     init_from: str | None = None  # safetensors model weights to start from (fine-tuning, warm starts)
 
     @property
