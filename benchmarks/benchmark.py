@@ -71,7 +71,10 @@ def run_one(config: str, case_dir: Path, device: str, workdir: Path, label_out: 
     folds = all_folds if fold_spec == "all" else all_folds[: int(fold_spec)]
     weights = _weights_for(spec, len(all_folds), workdir)
     manifest, models = load_ensemble(weights, folds)
-    predictor = EnsemblePredictor(device=device, tiling=tiling).load_models(models)
+    # "whole": the fast tiling with whole-brain tiles instead of its training-size default.
+    tiles = {"max_tile": (160, 192, 192), "margin": 8} if tiling == "whole" else {}
+    predictor = EnsemblePredictor(device=device, tiling="paper" if tiling == "paper" else "fast", **tiles)
+    predictor.load_models(models)
     [case] = find_cases(case_dir).cases
     if predictor.device.type == "cuda":  # warm-up: cuDNN autotuning and lazy CUDA init are one-off costs
         warm = load_case(case)
@@ -137,7 +140,7 @@ def main() -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device to benchmark")
     parser.add_argument("--configs", default=DEFAULT_CONFIGS,
                         help="comma-separated WEIGHTS-TILING-FOLDS, WEIGHTS = shipped or wN (random width N), "
-                             "TILING = fast or paper, FOLDS = a count or all")
+                             "TILING = fast, whole (fast with whole-brain tiles) or paper, FOLDS = a count or all")
     parser.add_argument("--case", type=Path, default=None, help="case folder to use (default: a generated phantom)")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--weights", type=Path, default=None,
@@ -179,8 +182,8 @@ def main() -> int:
     for row in rows:
         print("| " + " | ".join("" if row.get(c) is None else str(row.get(c)) for c in columns) + " |")
     by_config = {r["config"]: r for r in rows}
-    for fast in [c for c in by_config if "-fast-" in c]:
-        paper = fast.replace("-fast-", "-paper-")
+    for fast in [c for c in by_config if "-fast-" in c or "-whole-" in c]:
+        paper = fast.replace("-fast-", "-paper-").replace("-whole-", "-paper-")
         if paper in by_config:
             dice = _agreement(workdir / f"{fast}.npy", workdir / f"{paper}.npy")
             speedup = by_config[paper]["network"] / max(by_config[fast]["network"], 1e-9)
