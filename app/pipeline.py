@@ -143,8 +143,6 @@ class CaseRunner:
 
     def run(self, loaded: LoadedCase, progress: Callable[[int, int], None] | None = None) -> CaseResult:
         case = loaded.files
-        start = time.perf_counter()
-        want_probs = self.options.save_probabilities is not None
         internal, box, probabilities = self.predictor.predict_labels(loaded.image, progress, return_probabilities=True)
         t1c = loaded.image[list(case.modalities).index(Modality.T1C)]
         internal = postprocess(internal, t1c, self.options.postprocess)
@@ -152,16 +150,14 @@ class CaseRunner:
         file_labels = to_file_labels(internal, convention)
         destination = output_path(self.options.output_dir, case.case_id)
         write_image_atomic(label_image(file_labels, loaded.reference), destination)
-        if want_probs:
+        if self.options.save_probabilities is not None:
             _save_probabilities(self.options.save_probabilities, loaded, box, probabilities)
         if self.options.qc_dir is not None:
             from .qc import save_case_picture
 
             save_case_picture(loaded, file_labels, convention, self.options.qc_dir)
-        result = CaseResult(case.case_id, "ok", output=str(destination), voxels=_voxel_counts(file_labels),
-                            warnings=list(loaded.warnings))
-        result.seconds = round(time.perf_counter() - start, 2)
-        return result
+        return CaseResult(case.case_id, "ok", output=str(destination), voxels=_voxel_counts(file_labels),
+                          warnings=list(loaded.warnings))
 
 
 def run_predict(predictor: EnsemblePredictor, options: PredictOptions, stream: TextIO = sys.stderr) -> list[CaseResult]:
