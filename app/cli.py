@@ -156,16 +156,19 @@ def _mlcube_to_predict(args: argparse.Namespace) -> argparse.Namespace:
     unknown = set(settings) - allowed
     if unknown:
         raise ValueError(f"--parameters_file: unknown keys {sorted(unknown)} (allowed: {sorted(allowed)})")
+    argv = ["predict", "--input", str(args.data_path), "--output", str(args.output_path), "--quiet"]
+    if args.weights is not None:
+        argv += ["--weights", str(args.weights)]
     folds = settings.get("folds")
-    return argparse.Namespace(
-        input=args.data_path, output=args.output_path, weights=args.weights,
-        folds=",".join(map(str, folds)) if isinstance(folds, list) else (str(folds) if folds is not None else None),
-        device=str(settings.get("device", "auto")), tiling=str(settings.get("tiling", "fast")),
-        labels=str(settings.get("labels", "auto")), no_postprocess=not settings.get("postprocess", True),
-        no_small_component_removal=False, no_edema_relabel=False, skip_existing=False,
-        save_probabilities=None, shard="0/1", report=None, qc=None, threads=0, quiet=True, tile=None,
-        tile_margin=None,
-    )
+    if folds is not None:
+        argv += ["--folds", ",".join(map(str, folds)) if isinstance(folds, list) else str(folds)]
+    for key in ("device", "tiling", "labels"):
+        if key in settings:
+            argv += [f"--{key}", str(settings[key])]
+    if not settings.get("postprocess", True):
+        argv.append("--no-postprocess")
+    # The predict parser supplies every other default, so the two forms cannot drift apart.
+    return build_parser().parse_args(argv)
 
 
 def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
