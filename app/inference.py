@@ -33,6 +33,7 @@ PAPER_KEEP = (5, 20, 20)
 # (measured in the README); `--tile` and `--tile-margin` choose.
 FAST_TILE = (16, 32, 32)
 FAST_MARGIN = 2
+CROP_MARGIN = 4  # voxels of background kept around the brain's bounding box
 # Fusion step 2 (SPEC): the coarse whole tumour is dilated by this many voxels.
 FUSION_DILATION = 5
 
@@ -190,7 +191,7 @@ class EnsemblePredictor:
     """
 
     def __init__(self, device: str = "auto", tiling: str = "fast", max_tile: Sequence[int] = FAST_TILE,
-                 margin: int = FAST_MARGIN, amp: bool = True, crop_margin: int = 4):
+                 margin: int = FAST_MARGIN, amp: bool = True, crop_margin: int = CROP_MARGIN):
         self.device = resolve_device(device)
         try:
             self.tiling = Tiling(tiling)

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -53,6 +54,26 @@ def _weights_for(spec: str, folds: int, workdir: Path) -> Path:
     return folder
 
 
+def predictor_options(tiling: str) -> dict:
+    """EnsemblePredictor knobs for a TILING token: fast (the default), whole (whole-brain tiles), paper,
+    tDxHxWmM (fast tiling with tiles up to DxHxW and margin M, e.g. t16x48x48m2), or papershiftN (the paper
+    tiling with its grid moved N voxels along every axis: how much the paper tiling disagrees with itself)."""
+    from app.inference import CROP_MARGIN
+
+    if tiling in ("fast", "paper"):
+        return {"tiling": tiling}
+    if tiling == "whole":
+        return {"tiling": "fast", "max_tile": (160, 192, 192), "margin": 8}
+    shift = re.fullmatch(r"papershift(\d+)", tiling)
+    if shift is not None:
+        return {"tiling": "paper", "crop_margin": CROP_MARGIN + int(shift.group(1))}
+    match = re.fullmatch(r"t(\d+)x(\d+)x(\d+)m(\d+)", tiling)
+    if match is None:
+        raise ValueError(f"tiling must be fast, whole, paper, papershiftN or tDxHxWmM, got {tiling!r}")
+    *tile, margin = (int(g) for g in match.groups())
+    return {"tiling": "fast", "max_tile": tuple(tile), "margin": margin}
+
+
 def run_one(config: str, case_dir: Path, device: str, workdir: Path, label_out: Path) -> dict:
     """Time one configuration in this process: read, preprocess, network, fusion, postprocess, write."""
     import numpy as np
@@ -71,9 +92,7 @@ def run_one(config: str, case_dir: Path, device: str, workdir: Path, label_out: 
     folds = all_folds if fold_spec == "all" else all_folds[: int(fold_spec)]
     weights = _weights_for(spec, len(all_folds), workdir)
     manifest, models = load_ensemble(weights, folds)
-    # "whole": the fast tiling with whole-brain tiles instead of its training-size default.
-    tiles = {"max_tile": (160, 192, 192), "margin": 8} if tiling == "whole" else {}
-    predictor = EnsemblePredictor(device=device, tiling="paper" if tiling == "paper" else "fast", **tiles)
+    predictor = EnsemblePredictor(device=device, **predictor_options(tiling))
     predictor.load_models(models)
     [case] = find_cases(case_dir).cases
     if predictor.device.type == "cuda":  # warm-up: cuDNN autotuning and lazy CUDA init are one-off costs
@@ -140,7 +159,8 @@ def main() -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device to benchmark")
     parser.add_argument("--configs", default=DEFAULT_CONFIGS,
                         help="comma-separated WEIGHTS-TILING-FOLDS, WEIGHTS = shipped or wN (random width N), "
-                             "TILING = fast, whole (fast with whole-brain tiles) or paper, FOLDS = a count or all")
+                             "TILING = fast, whole (fast with whole-brain tiles), paper, papershiftN (paper grid moved N "
+                             "voxels) or tDxHxWmM (fast with tiles up to DxHxW and margin M), FOLDS = a count or all")
     parser.add_argument("--case", type=Path, default=None, help="case folder to use (default: a generated phantom)")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--weights", type=Path, default=None,
@@ -182,8 +202,9 @@ def main() -> int:
     for row in rows:
         print("| " + " | ".join("" if row.get(c) is None else str(row.get(c)) for c in columns) + " |")
     by_config = {r["config"]: r for r in rows}
-    for fast in [c for c in by_config if "-fast-" in c or "-whole-" in c]:
-        paper = fast.replace("-fast-", "-paper-").replace("-whole-", "-paper-")
+    for fast in [c for c in by_config if by_config[c]["tiling"] != "paper"]:
+        spec, _, fold_spec = fast.split("-")
+        paper = f"{spec}-paper-{fold_spec}"
         if paper in by_config:
             dice = _agreement(workdir / f"{fast}.npy", workdir / f"{paper}.npy")
             speedup = by_config[paper]["network"] / max(by_config[fast]["network"], 1e-9)
