@@ -317,7 +317,7 @@ def train_fold(cfg: TrainConfig, train_cases: Sequence[CaseFiles], val_cases: Se
     running = meta.get("running")
     for step in range(meta["step"], cfg.total_steps):
         lr = set_learning_rate(optimizer, cfg, step)
-        losses = _train_step(model, optimizer, data, cfg, step, rng, device, use_amp)
+        losses = train_step(model, optimizer, data, cfg, step, rng, device, use_amp)
         total = sum(losses.values())
         running = total if running is None else 0.9 * running + 0.1 * total
         bar.update(1)
@@ -354,7 +354,7 @@ def _fold_result(fold: int, meta: dict[str, Any], val_cases: Sequence[CaseFiles]
                       [c.case_id for c in val_cases], meta["history"])
 
 
-def _train_step(model, optimizer, data, cfg: TrainConfig, step: int, rng, device, use_amp: bool) -> dict[str, float]:
+def train_step(model, optimizer, data, cfg: TrainConfig, step: int, rng, device, use_amp: bool) -> dict[str, float]:
     tasks = cfg.active_tasks(step)
     images, targets, origins = [], [], []
     for task in tasks:
@@ -365,16 +365,21 @@ def _train_step(model, optimizer, data, cfg: TrainConfig, step: int, rng, device
     x = torch.from_numpy(np.concatenate(images)).to(device)
     y = torch.from_numpy(np.concatenate(targets).astype(np.int64)).to(device)
     origin = torch.from_numpy(np.concatenate(origins)).to(device)
-    # OM-Net's batches of the active tasks go through the backbone together and split at the heads.
+    cascade = cfg.variant == "cascade"
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-        outputs = model(x)
-    selected = transfer_masks(y, origin, cfg.transfer and cfg.variant != "cascade")
+        if cascade:  # MC3's networks are independent: each sees only its own task's patches (and BN stats)
+            outputs = {task: model.nets[task](x[origin == task]) for task in tasks}
+        else:  # OM-Net's batches of the active tasks go through the backbone together and split at the heads
+            outputs = model(x)
+    selected = transfer_masks(y, origin, cfg.transfer and not cascade)
     per_task_targets = task_targets(y)
     loss = torch.zeros((), device=device)
     losses = {}
     for task in tasks:
-        chosen = selected[task]
-        task_loss = F.cross_entropy(outputs[task][chosen].float(), per_task_targets[task][chosen])
+        chosen, target = selected[task], per_task_targets[task]
+        if cascade:
+            chosen, target = chosen[origin == task], target[origin == task]
+        task_loss = F.cross_entropy(outputs[task][chosen].float(), target[chosen])
         loss = loss + task_loss
         losses[f"loss_task{task + 1}"] = float(task_loss.detach())
     optimizer.zero_grad(set_to_none=True)

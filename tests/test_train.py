@@ -13,12 +13,15 @@ from app.phantoms import generate
 from app.train import (
     PATCH,
     TrainConfig,
+    build_network,
+    make_optimizer,
     evaluate_cases,
     load_validation,
     prepare_case,
     sample_patches,
     split_folds,
     train_fold,
+    train_step,
     transfer_masks,
 )
 from app.weights import load_ensemble
@@ -129,3 +132,22 @@ def test_train_cli_writes_a_weights_folder_predict_can_load(cases, tmp_path):
     assert manifest["training"]["config"]["variant"] == "omnet"
     loaded, models = load_ensemble(out)
     assert loaded.variant == "omnet" and len(models) == 2
+
+
+def test_cascade_networks_train_only_on_their_own_tasks_patches(cases):
+    """MC3's three networks are independent: a step touches only the active tasks' networks, each seeing
+    only its own stream's patches (so neither the weights nor the BatchNorm statistics of the others move)."""
+    torch.set_num_threads(1)
+    cfg = replace(TINY, variant="cascade", stage_steps=(2, 2, 2), batch=2)
+    model = build_network(cfg)
+    optimizer = make_optimizer(model, cfg)
+    data = [prepare_case(c) for c in cases[:2]]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    losses = train_step(model, optimizer, data, cfg, 0, np.random.default_rng(0), torch.device("cpu"), False)
+    assert set(losses) == {"loss_task1"}
+    after = model.state_dict()
+    changed = {int(k.split(".")[1]) for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {0}
+    losses = train_step(model, optimizer, data, cfg, 4, np.random.default_rng(1), torch.device("cpu"), False)
+    assert set(losses) == {"loss_task1", "loss_task2", "loss_task3"}
+    assert all(np.isfinite(v) for v in losses.values())
