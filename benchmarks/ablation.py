@@ -7,7 +7,10 @@ for each seed, with the same steps; prints parameter counts (conv/deconv weights
     python -m app phantoms --out data/abl_train --n 50 --seed 11 --size 128,128,80
     python -m app phantoms --out data/abl_heldout --n 20 --seed 12 --size 128,128,80
     python benchmarks/ablation.py --data data/abl_train --heldout data/abl_heldout --out runs/ablation \
-        --width 8 --stage-steps 50,50,1400 --seeds 0,1 --second-seed-rows "OM-Net,OM-Net + CGA" --jobs 2
+        --width 8 --stage-steps 50,50,1400 --seeds 0,1 --jobs 2 \
+        --second-seed-rows "OM-Net + CGA,OM-Net + CGA + post" \
+        --train-args "--batch 6 --lr 1e-2 --momentum 0.9 --lr-halve-every 500 --validate-every 250 \
+                      --val-cases 4 --cache data/abl_cache"
 
 Training runs go ``--jobs`` at a time, each with an equal share of the CPU threads; rerunning the command
 reuses finished runs and predictions.
