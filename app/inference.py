@@ -240,8 +240,8 @@ class EnsemblePredictor:
         classes = np.zeros((5, *shape), np.float32)
         enhancing = np.zeros(shape, np.float32)
         # Equal tiles go through together, up to ~2M input voxels per forward pass.
-        batch = max(1, min(64, (1 << 21) // int(np.prod([t.source[a].stop - t.source[a].start for a in range(3)
-                                                          for t in tiles[:1]]))))
+        tile_voxels = int(np.prod([s.stop - s.start for s in tiles[0].source]))
+        batch = max(1, min(64, (1 << 21) // tile_voxels))
         for start in range(0, len(tiles), batch):
             group = tiles[start:start + batch]
             x = torch.stack([padded[(slice(None), *t.source)] for t in group]).to(self.device)
