@@ -366,20 +366,20 @@ def train_step(model, optimizer, data, cfg: TrainConfig, step: int, rng, device,
     y = torch.from_numpy(np.concatenate(targets).astype(np.int64)).to(device)
     origin = torch.from_numpy(np.concatenate(origins)).to(device)
     cascade = cfg.variant == "cascade"
+    # Without transfer (the cascade never has it) each task's patches are exactly its own stream's.
+    selected = transfer_masks(y, origin, cfg.transfer and not cascade)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
         if cascade:  # MC3's networks are independent: each sees only its own task's patches (and BN stats)
-            outputs = {task: model.nets[task](x[origin == task]) for task in tasks}
+            outputs = {task: model.nets[task](x[selected[task]]) for task in tasks}
         else:  # OM-Net's batches of the active tasks go through the backbone together and split at the heads
             outputs = model(x)
-    selected = transfer_masks(y, origin, cfg.transfer and not cascade)
     per_task_targets = task_targets(y)
     loss = torch.zeros((), device=device)
     losses = {}
     for task in tasks:
-        chosen, target = selected[task], per_task_targets[task]
-        if cascade:
-            chosen, target = chosen[origin == task], target[origin == task]
-        task_loss = F.cross_entropy(outputs[task][chosen].float(), target[chosen])
+        chosen = selected[task]
+        logits = outputs[task] if cascade else outputs[task][chosen]
+        task_loss = F.cross_entropy(logits.float(), per_task_targets[task][chosen])
         loss = loss + task_loss
         losses[f"loss_task{task + 1}"] = float(task_loss.detach())
     optimizer.zero_grad(set_to_none=True)
