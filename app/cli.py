@@ -12,8 +12,28 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Callable
 
 EXIT_OK, EXIT_CASE_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def int_list(count: int | None = None, *, distinct: bool = False) -> Callable[[str], tuple[int, ...]]:
+    """An argparse ``type`` for comma-separated integers: exactly ``count`` of them when given, none repeated
+    when ``distinct``. A bad value is then a usage error (exit 2) that names the flag, like any other."""
+    what = f"{count} comma-separated integers" if count else "comma-separated integers"
+
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(part) for part in text.split(",") if part.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"needs {what}, got {text!r}") from None
+        if not values or (count is not None and len(values) != count):
+            raise argparse.ArgumentTypeError(f"needs {what}, got {text!r}")
+        if distinct and len(set(values)) != len(values):
+            raise argparse.ArgumentTypeError(f"needs distinct numbers, got {text!r}")
+        return values
+
+    return parse
 
 
 def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None:
@@ -28,12 +48,12 @@ def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None
     p.add_argument("--output", type=Path, required=True, help="folder that receives <ID>.nii.gz label maps only")
     p.add_argument("--weights", type=Path, default=None,
                    help="weights folder with manifest.json (default: the shipped ensemble in weights/)")
-    p.add_argument("--folds", default=None, help="comma-separated fold numbers to ensemble (default: all in the manifest)")
+    p.add_argument("--folds", type=int_list(distinct=True), default=None, help="comma-separated fold numbers to ensemble (default: all in the manifest)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto uses CUDA with bf16 mixed precision when present, else the CPU")
     p.add_argument("--tiling", default="fast", choices=["fast", "paper"],
                    help="fast: large tiles over the brain's bounding box; paper: 16x32x32 tiles at stride 5x20x20")
-    p.add_argument("--tile", default=None,
+    p.add_argument("--tile", type=int_list(3), default=None,
                    help="fast tiling's largest tile D,H,W, multiples of 8 (default 16,32,32: the training patch; "
                         "160,192,192 covers a brain in one tile)")
     p.add_argument("--tile-margin", type=int, default=None,
@@ -66,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--seed", type=int, default=0, help="series seed; case i is deterministic for (seed, i)")
     ph.add_argument("--start", type=int, default=0, help="index of the first case in the series")
     ph.add_argument("--convention", default="2023", choices=["2023", "2018", "toolkit"], help="file naming layout")
-    ph.add_argument("--size", default="240,240,155", help="X,Y,Z voxels (1 mm); anatomy scales with it")
+    ph.add_argument("--size", type=int_list(3), default="240,240,155", help="X,Y,Z voxels (1 mm); anatomy scales with it")
 
     tr = sub.add_parser("train", help="train a k-fold ensemble into a weights folder")
     tr.add_argument("--data", type=Path, required=True, help="training folder (BraTS layout, with *seg files)")
@@ -76,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--width", type=int, default=32, help="base channel count w (the paper uses 32)")
     tr.add_argument("--folds", type=int, default=10, help="number of folds in the ensemble")
     tr.add_argument("--fold", type=int, default=None, help="train only this fold (for separate cluster jobs)")
-    tr.add_argument("--stage-steps", default="1000,1000,18000",
+    tr.add_argument("--stage-steps", type=int_list(3), default="1000,1000,18000",
                     help="curriculum steps: task 1 alone, +task 2, +task 3 (comma-separated)")
     tr.add_argument("--no-curriculum", action="store_true", help="all tasks from the first step (OM-Net0)")
     tr.add_argument("--no-transfer", action="store_true", help="disable online data transfer (OM-Net0)")
@@ -128,18 +148,6 @@ def _set_threads(requested: int) -> None:
     torch.set_num_threads(requested if requested > 0 else cpu_quota())
 
 
-def _parse_folds(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        folds = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(f"--folds must be comma-separated integers, got {text!r}") from None
-    if not folds or len(set(folds)) != len(folds):
-        raise ValueError(f"--folds needs distinct fold numbers, got {text!r}")
-    return folds
-
-
 def _mlcube_to_predict(args: argparse.Namespace) -> argparse.Namespace:
     """Map the MLCube form onto predict's flags, reading the optional parameters file."""
     settings: dict = {}
@@ -184,17 +192,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        folds = _parse_folds(args.folds)
         shard = parse_shard(args.shard)
         _set_threads(args.threads)
         # Weights are checked (manifest, sha256, shapes) before any case is read.
-        _, models = load_ensemble(args.weights or DEFAULT_WEIGHTS_DIR, folds)
+        _, models = load_ensemble(args.weights or DEFAULT_WEIGHTS_DIR, list(args.folds) if args.folds else None)
         tiles = {}
         if args.tile is not None:
-            try:
-                tiles["max_tile"] = tuple(int(v) for v in args.tile.split(","))
-            except ValueError:
-                raise ValueError(f"--tile must be three comma-separated integers, got {args.tile!r}") from None
+            tiles["max_tile"] = args.tile
         if args.tile_margin is not None:
             tiles["margin"] = args.tile_margin
         predictor = EnsemblePredictor(device=args.device, tiling=args.tiling, **tiles).load_models(models)
@@ -226,8 +230,7 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
     from .conventions import Layout
     from .phantoms import generate
 
-    size = tuple(int(v) for v in args.size.split(","))
-    folders = generate(args.out, args.n, args.seed, Layout(args.convention), size, args.start)  # type: ignore[arg-type]
+    folders = generate(args.out, args.n, args.seed, Layout(args.convention), args.size, args.start)  # type: ignore[arg-type]
     print(f"wrote {len(folders)} phantom case(s) to {args.out}", file=sys.stderr)
     return EXIT_OK
 
@@ -238,11 +241,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     _set_threads(args.threads)
-    steps = tuple(int(s) for s in args.stage_steps.split(","))
-    if len(steps) != 3:
-        raise SystemExit("error: --stage-steps needs three comma-separated numbers")
     cfg = TrainConfig(
-        variant=args.variant, width=args.width, folds=args.folds, stage_steps=steps,  # type: ignore[arg-type]
+        variant=args.variant, width=args.width, folds=args.folds, stage_steps=args.stage_steps,  # type: ignore[arg-type]
         curriculum=not args.no_curriculum, transfer=not args.no_transfer, batch=args.batch, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, lr_halve_every=args.lr_halve_every,
         validate_every=args.validate_every, val_cases=args.val_cases, seed=args.seed, device=args.device,

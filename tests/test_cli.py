@@ -10,7 +10,7 @@ import SimpleITK as sitk
 from app.conventions import Layout
 from app.io import find_cases
 
-from .helpers import random_weights, run_cli, small_cases
+from .helpers import python_cli, random_weights, run_cli, small_cases
 
 
 @pytest.fixture(scope="module")
@@ -105,12 +105,27 @@ def test_usage_errors_exit_2(tmp_path, weights):
         (["--input", str(tmp_path / "missing")], "does not exist"),
         (["--input", str(empty), "--folds", "7"], "fold 7 is not in"),
         (["--input", str(empty), "--shard", "3/2"], "--shard"),
+        (["--input", str(empty), "--folds", "0,x"], "argument --folds: needs comma-separated integers"),
+        (["--input", str(empty), "--folds", "0,0"], "argument --folds: needs distinct numbers"),
+        (["--input", str(empty), "--tile", "16,32"], "argument --tile: needs 3 comma-separated integers"),
     ]:
         result = run_cli(*args, "--output", str(tmp_path / "out"), "--weights", str(weights))
         assert result.returncode == 2, (args, result.stderr)
         assert message in result.stderr
     bad_flag = run_cli("--input", str(empty), "--output", str(tmp_path / "o"), "--tiling", "slow")
     assert bad_flag.returncode == 2 and "invalid choice" in bad_flag.stderr
+
+
+def test_integer_list_flags_of_phantoms_and_train_are_usage_errors(tmp_path):
+    for args, message in [
+        (["phantoms", "--out", str(tmp_path / "p"), "--n", "1", "--size", "128,128"], "argument --size: needs 3"),
+        (["train", "--data", str(tmp_path), "--out", str(tmp_path / "w"), "--stage-steps", "5,5"],
+         "argument --stage-steps: needs 3"),
+    ]:
+        result = python_cli(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr
+    assert not (tmp_path / "p").exists() and not (tmp_path / "w").exists()
 
 
 def test_side_outputs_inside_the_output_folder_are_refused(tmp_path, weights):
