@@ -19,6 +19,7 @@ reuses finished runs and predictions.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import subprocess
@@ -102,9 +103,8 @@ def main() -> int:
               "--quiet", "--skip-existing", *([] if post else ["--no-postprocess"])])
         csv_path = args.out / "csv" / f"{pred.name}.csv"
         _run(["evaluate", "--pred", str(pred), "--gt", str(args.heldout), "--csv", str(csv_path)])
-        mean = [line for line in csv_path.read_text().splitlines() if line.startswith("mean,")][0].split(",")
-        header = csv_path.read_text().splitlines()[0].split(",")
-        row = dict(zip(header, mean))
+        with csv_path.open(newline="") as handle:
+            row = next(r for r in csv.DictReader(handle) if r["case"] == "mean")
         results.append({"row": name, "seed": seed, "params": params,
                         **{r: float(row[f"dice_{r}"]) for r in ("WT", "TC", "ET")}})
     (args.out / "ablation.json").write_text(json.dumps(results, indent=2))
