@@ -62,8 +62,8 @@ def predictor_options(tiling: str) -> dict:
 
     if tiling in ("fast", "paper"):
         return {"tiling": tiling}
-    if tiling == "whole":
-        return {"tiling": "fast", "max_tile": (160, 192, 192), "margin": 8}
+    if tiling == "whole":  # an alias: one tile covers a 240x240x155 case's brain box
+        tiling = "t160x192x192m8"
     shift = re.fullmatch(r"papershift(\d+)", tiling)
     if shift is not None:
         return {"tiling": "paper", "crop_margin": CROP_MARGIN + int(shift.group(1))}
