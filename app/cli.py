@@ -41,7 +41,7 @@ def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None
         p.add_argument("--data_path", type=Path, required=True, help="folder of input cases (MLCube form)")
         p.add_argument("--output_path", type=Path, required=True, help="folder for the label maps (MLCube form)")
         p.add_argument("--parameters_file", type=Path, default=None,
-                       help="optional YAML with predict settings: folds, device, tiling, labels, postprocess")
+                       help="optional YAML with predict settings: folds, device, tiling, precision, labels, postprocess")
         p.add_argument("--weights", type=Path, default=None, help=argparse.SUPPRESS)
         return
     p.add_argument("--input", type=Path, required=True, help="folder holding one folder (or four files) per case")
@@ -58,6 +58,9 @@ def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None
                         "160,192,192 covers a brain in one tile)")
     p.add_argument("--tile-margin", type=int, default=None,
                    help="voxels each fast tile discards at its sides where tiles meet (default 2)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="network arithmetic: auto = bf16 where the device computes it natively (CUDA GPUs with "
+                        "bf16, CPUs with AVX512-BF16 or AMX), else fp32")
     p.add_argument("--labels", default="auto", choices=["auto", "2018", "2023"],
                    help="label encoding: auto follows the case layout (2023 files -> ET=3, others -> ET=4)")
     p.add_argument("--no-postprocess", action="store_true", help="skip both post-processing steps")
@@ -160,7 +163,7 @@ def _mlcube_to_predict(args: argparse.Namespace) -> argparse.Namespace:
             raise ValueError(f"cannot read --parameters_file {args.parameters_file}: {err}") from None
         if not isinstance(settings, dict):
             raise ValueError(f"--parameters_file {args.parameters_file} must hold a mapping")
-    allowed = {"folds", "device", "tiling", "labels", "postprocess"}
+    allowed = {"folds", "device", "tiling", "precision", "labels", "postprocess"}
     unknown = set(settings) - allowed
     if unknown:
         raise ValueError(f"--parameters_file: unknown keys {sorted(unknown)} (allowed: {sorted(allowed)})")
@@ -170,7 +173,7 @@ def _mlcube_to_predict(args: argparse.Namespace) -> argparse.Namespace:
     folds = settings.get("folds")
     if folds is not None:
         argv += ["--folds", ",".join(map(str, folds)) if isinstance(folds, list) else str(folds)]
-    for key in ("device", "tiling", "labels"):
+    for key in ("device", "tiling", "precision", "labels"):
         if key in settings:
             argv += [f"--{key}", str(settings[key])]
     if not settings.get("postprocess", True):
@@ -201,7 +204,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             tiles["max_tile"] = args.tile
         if args.tile_margin is not None:
             tiles["margin"] = args.tile_margin
-        predictor = EnsemblePredictor(device=args.device, tiling=args.tiling, **tiles).load_models(models)
+        predictor = EnsemblePredictor(device=args.device, tiling=args.tiling, precision=args.precision,
+                                      **tiles).load_models(models)
         options = PredictOptions(
             input_dir=args.input, output_dir=args.output, labels=args.labels,
             postprocess=PostprocessConfig(

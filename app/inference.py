@@ -43,6 +43,14 @@ class Tiling(str, Enum):
     PAPER = "paper"
 
 
+class Precision(str, Enum):
+    """Network arithmetic. AUTO is bf16 where the device computes it natively, else fp32."""
+
+    AUTO = "auto"
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+
 @dataclass
 class TaskProbabilities:
     """Fold-averaged probabilities over a crop: task 1 tumour, task 2 five classes, task 3 ET."""
@@ -88,6 +96,27 @@ def resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda requested but CUDA is not available")
     return torch.device(device)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 convolutions run natively here: CUDA GPUs that support bf16, CPUs with AVX512-BF16 or
+    AMX (on others oneDNN emulates bf16, which is slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpu = torch.cpu
+    has = [getattr(cpu, name, lambda: False) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return torch.backends.mkldnn.is_available() and any(check() for check in has)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype for a ``precision`` option on ``device`` (float32 = no autocast)."""
+    try:
+        chosen = Precision(precision)
+    except ValueError:
+        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}") from None
+    if chosen is Precision.AUTO:
+        chosen = Precision.BF16 if native_bf16(device) else Precision.FP32
+    return torch.bfloat16 if chosen is Precision.BF16 else torch.float32
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -191,7 +220,7 @@ class EnsemblePredictor:
     """
 
     def __init__(self, device: str = "auto", tiling: str = "fast", max_tile: Sequence[int] = FAST_TILE,
-                 margin: int = FAST_MARGIN, amp: bool = True, crop_margin: int = CROP_MARGIN):
+                 margin: int = FAST_MARGIN, precision: str = "auto", crop_margin: int = CROP_MARGIN):
         self.device = resolve_device(device)
         try:
             self.tiling = Tiling(tiling)
@@ -202,7 +231,7 @@ class EnsemblePredictor:
         if margin < 0 or any(t <= 2 * margin for t in max_tile):
             raise ValueError(f"margin {margin} must be >= 0 and leave part of each tile")
         self.max_tile, self.margin, self.crop_margin = tuple(max_tile), margin, crop_margin
-        self.amp = amp and self.device.type == "cuda"
+        self.compute_dtype = resolve_precision(precision, self.device)
         self.models: list[nn.Module] = []
         self.timings: dict[str, float] = {}
 
@@ -222,9 +251,9 @@ class EnsemblePredictor:
         return plan_tiles(shape, tile, keep), tuple((t - k) // 2 for t, k in zip(tile, keep))
 
     def _autocast(self):
-        if self.amp:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
     @torch.inference_mode()
     def predict_probabilities(self, image: np.ndarray, progress: Callable[[int, int], None] | None = None) -> TaskProbabilities:

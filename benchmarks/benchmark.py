@@ -2,9 +2,10 @@
 
 Each configuration runs in its own subprocess so peak RAM (ru_maxrss) and GPU memory belong to it alone.
 Configurations: paper vs fast tiling with the same weights, one fold vs the whole ensemble, the shipped
-width and width 32 (random weights of the same architecture: speed does not depend on the values).
+width and width 32 (random weights of the same architecture: speed does not depend on the values), and the
+network's arithmetic (an optional fourth part: auto, fp32 or bf16).
 
-    python benchmarks/benchmark.py [--device cpu|cuda] [--configs shipped-fast-all,shipped-paper-1,...]
+    python benchmarks/benchmark.py [--device cpu|cuda] [--configs shipped-fast-all,shipped-paper-1-fp32,...]
 """
 
 from __future__ import annotations
@@ -74,6 +75,15 @@ def predictor_options(tiling: str) -> dict:
     return {"tiling": "fast", "max_tile": tuple(tile), "margin": margin}
 
 
+def parse_config(config: str) -> tuple[str, str, str, str]:
+    """WEIGHTS-TILING-FOLDS[-PRECISION] -> its four parts (precision defaults to auto, as in predict)."""
+    parts = config.split("-")
+    if len(parts) not in (3, 4):
+        raise ValueError(f"config must be WEIGHTS-TILING-FOLDS[-PRECISION], got {config!r}")
+    spec, tiling, folds = parts[:3]
+    return spec, tiling, folds, parts[3] if len(parts) == 4 else "auto"
+
+
 def run_one(config: str, case_dir: Path, device: str, workdir: Path, label_out: Path) -> dict:
     """Time one configuration in this process: read, preprocess, network, fusion, postprocess, write."""
     import numpy as np
@@ -87,12 +97,12 @@ def run_one(config: str, case_dir: Path, device: str, workdir: Path, label_out: 
     from app.weights import load_ensemble, read_manifest
 
     torch.set_num_threads(cpu_quota())
-    spec, tiling, fold_spec = config.split("-")
+    spec, tiling, fold_spec, precision = parse_config(config)
     all_folds = read_manifest(_weights_for("shipped", 0, workdir)).fold_numbers() if spec == "shipped" else list(range(10))
     folds = all_folds if fold_spec == "all" else all_folds[: int(fold_spec)]
     weights = _weights_for(spec, len(all_folds), workdir)
     manifest, models = load_ensemble(weights, folds)
-    predictor = EnsemblePredictor(device=device, **predictor_options(tiling))
+    predictor = EnsemblePredictor(device=device, precision=precision, **predictor_options(tiling))
     predictor.load_models(models)
     [case] = find_cases(case_dir).cases
     if predictor.device.type == "cuda":  # warm-up: cuDNN autotuning and lazy CUDA init are one-off costs
@@ -121,6 +131,7 @@ def run_one(config: str, case_dir: Path, device: str, workdir: Path, label_out: 
     gpu = torch.cuda.max_memory_allocated() / 2**30 if predictor.device.type == "cuda" else None
     return {
         "config": config, "width": manifest.width, "folds": len(folds), "tiling": tiling,
+        "precision": {torch.float32: "fp32", torch.bfloat16: "bf16"}[predictor.compute_dtype],
         "device": predictor.device.type, **{k: round(v, 2) for k, v in times.items()},
         "peak_ram_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "gpu_mem_gb": None if gpu is None else round(gpu, 2),
@@ -194,7 +205,7 @@ def main() -> int:
             print(f"{config}: failed\n{child.stderr[-2000:]}", file=sys.stderr)
             continue
         rows.append(json.loads(line[0][4:]))
-    columns = ["config", "device", "width", "folds", "tiling", "read", "preprocess", "network", "fusion",
+    columns = ["config", "device", "width", "folds", "tiling", "precision", "read", "preprocess", "network", "fusion",
                "postprocess", "write", "total", "peak_ram_gb", "gpu_mem_gb"]
     print(f"Machine: {machine_description(args.device)}\n")
     print("| " + " | ".join(columns) + " |")
@@ -202,10 +213,11 @@ def main() -> int:
     for row in rows:
         print("| " + " | ".join("" if row.get(c) is None else str(row.get(c)) for c in columns) + " |")
     by_config = {r["config"]: r for r in rows}
+    # Every other tiling against every paper-tiling run of the same weights and folds (fp32, auto, ...).
     for fast in [c for c in by_config if by_config[c]["tiling"] != "paper"]:
-        spec, _, fold_spec = fast.split("-")
-        paper = f"{spec}-paper-{fold_spec}"
-        if paper in by_config:
+        spec, _, fold_spec, _ = parse_config(fast)
+        for paper in [c for c in by_config if by_config[c]["tiling"] == "paper"
+                      and parse_config(c)[0::2] == (spec, fold_spec)]:
             dice = _agreement(workdir / f"{fast}.npy", workdir / f"{paper}.npy")
             speedup = by_config[paper]["network"] / max(by_config[fast]["network"], 1e-9)
             print(f"\n{fast} vs {paper}: network {speedup:.1f}x faster, end-to-end "

@@ -59,7 +59,7 @@ def test_labels_flag_overrides_convention_and_report_is_written(tmp_path, weight
 def test_mlcube_form_and_parameters_file(tmp_path, weights):
     small_cases(tmp_path / "data", 1)
     params = tmp_path / "parameters.yaml"
-    params.write_text("folds: [1]\ntiling: fast\nlabels: '2018'\n")
+    params.write_text("folds: [1]\ntiling: fast\nprecision: fp32\nlabels: '2018'\n")
     result = run_cli("infer", f"--data_path={tmp_path / 'data'}", f"--output_path={tmp_path / 'preds'}",
                      f"--parameters_file={params}", "--weights", str(weights))
     assert result.returncode == 0, result.stderr

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from app.conventions import MODALITY_ORDER, Modality
-from app.inference import EnsemblePredictor
+from app.inference import EnsemblePredictor, native_bf16
 from app.metrics import region_dice
 from app.phantoms import make_phantom
 from app.postprocess import postprocess
@@ -43,3 +43,25 @@ def test_fast_and_paper_tilings_agree(shipped_fold):
     assert all(agreement[r] >= AGREEMENT[r] for r in AGREEMENT), agreement
     fast, paper = region_dice(masks["fast"], phantom.labels), region_dice(masks["paper"], phantom.labels)
     assert all(fast[r] >= paper[r] - ACCURACY_SLACK for r in fast), (fast, paper)
+
+
+def test_bf16_arithmetic_agrees_with_fp32(shipped_fold):
+    """`--precision auto` picks bf16 on CPUs with native bf16; its masks must match fp32's closely."""
+    torch.set_num_threads(2)
+    phantom = make_phantom(61, 0, (120, 136, 96))
+    image = np.stack([phantom.images[m].astype(np.float32) for m in MODALITY_ORDER])
+    masks = {}
+    for precision in ("fp32", "bf16"):
+        predictor = EnsemblePredictor(device="cpu", precision=precision).load_models(shipped_fold)
+        assert predictor.compute_dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+        masks[precision] = predictor.predict_labels(image)
+    assert masks["fp32"].any()
+    agreement = region_dice(masks["bf16"], masks["fp32"])
+    assert all(v >= 0.98 for v in agreement.values()), agreement
+
+
+def test_precision_option_is_validated():
+    with pytest.raises(ValueError, match="precision must be auto, fp32 or bf16"):
+        EnsemblePredictor(device="cpu", precision="fp16")
+    auto = EnsemblePredictor(device="cpu").compute_dtype
+    assert auto == (torch.bfloat16 if native_bf16(torch.device("cpu")) else torch.float32)
