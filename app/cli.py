@@ -54,7 +54,7 @@ def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None
     p.add_argument("--tiling", default="fast", choices=["fast", "paper"],
                    help="fast: large tiles over the brain's bounding box; paper: 16x32x32 tiles at stride 5x20x20")
     p.add_argument("--tile", type=int_list(3), default=None,
-                   help="fast tiling's largest tile D,H,W, multiples of 8 (default 16,32,32: the training patch; "
+                   help="fast tiling's largest tile D,H,W, multiples of 8 (default 24,48,48; "
                         "160,192,192 covers a brain in one tile)")
     p.add_argument("--tile-margin", type=int, default=None,
                    help="voxels each fast tile discards at its sides where tiles meet (default 2)")

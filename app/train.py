@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .conventions import NORMAL_BRAIN, from_file_labels
-from .inference import EnsemblePredictor, bounding_box, brain_mask, dilate, normalise
+from .inference import FAST_TILE, EnsemblePredictor, bounding_box, brain_mask, dilate, normalise
 from .io import CaseFiles, find_cases, load_case, load_segmentation
 from .metrics import region_dice
 from .model import CORE_CLASSES, TUMOUR_CLASSES, Cascade, build_model
@@ -58,7 +58,7 @@ class TrainConfig:
     val_cases: int = 0  # 0 = the whole held-out fold
     seed: int = 0
     device: str = "auto"
-    max_tile: tuple[int, int, int] = (16, 32, 32)  # validation uses predict's default fast tiling
+    max_tile: tuple[int, int, int] = FAST_TILE  # validation uses predict's default fast tiling
     init_from: str | None = None  # safetensors model weights to start from (fine-tuning, warm starts)
 
     @property
