@@ -102,8 +102,8 @@ def resolve_device(device: str) -> torch.device:
 def native_bf16(device: torch.device) -> bool:
     """Whether bf16 convolutions run natively here: CUDA GPUs that support bf16, CPUs with AVX512-BF16 or
     AMX (on others oneDNN emulates bf16, which is slower than fp32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # emulated bf16 (pre-Ampere GPUs) is slower than fp32
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     cpu = torch.cpu
     has = [getattr(cpu, name, lambda: False) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return torch.backends.mkldnn.is_available() and any(check() for check in has)
