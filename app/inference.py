@@ -109,15 +109,15 @@ def native_bf16(device: torch.device) -> bool:
     return torch.backends.mkldnn.is_available() and any(check() for check in has)
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype for a ``precision`` option on ``device`` (float32 = no autocast)."""
+def resolve_precision(precision: str, device: torch.device) -> Precision:
+    """The arithmetic a ``precision`` option means on ``device``: FP32 or BF16, never AUTO."""
     try:
         chosen = Precision(precision)
     except ValueError:
         raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}") from None
     if chosen is Precision.AUTO:
         chosen = Precision.BF16 if native_bf16(device) else Precision.FP32
-    return torch.bfloat16 if chosen is Precision.BF16 else torch.float32
+    return chosen
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -232,7 +232,7 @@ class EnsemblePredictor:
         if margin < 0 or any(t <= 2 * margin for t in max_tile):
             raise ValueError(f"margin {margin} must be >= 0 and leave part of each tile")
         self.max_tile, self.margin, self.crop_margin = tuple(max_tile), margin, crop_margin
-        self.compute_dtype = resolve_precision(precision, self.device)
+        self.precision = resolve_precision(precision, self.device)
         self.models: list[nn.Module] = []
         self.timings: dict[str, float] = {}
 
@@ -252,9 +252,9 @@ class EnsemblePredictor:
         return plan_tiles(shape, tile, keep), tuple((t - k) // 2 for t, k in zip(tile, keep))
 
     def _autocast(self):
-        if self.compute_dtype == torch.float32:
+        if self.precision is Precision.FP32:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     @torch.inference_mode()
     def predict_probabilities(self, image: np.ndarray, progress: Callable[[int, int], None] | None = None) -> TaskProbabilities:

@@ -131,7 +131,7 @@ def run_one(config: str, case_dir: Path, device: str, workdir: Path, label_out: 
     gpu = torch.cuda.max_memory_allocated() / 2**30 if predictor.device.type == "cuda" else None
     return {
         "config": config, "width": manifest.width, "folds": len(folds), "tiling": tiling,
-        "precision": {torch.float32: "fp32", torch.bfloat16: "bf16"}[predictor.compute_dtype],
+        "precision": predictor.precision.value,
         "device": predictor.device.type, **{k: round(v, 2) for k, v in times.items()},
         "peak_ram_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "gpu_mem_gb": None if gpu is None else round(gpu, 2),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from app.conventions import MODALITY_ORDER, Modality
-from app.inference import EnsemblePredictor, native_bf16
+from app.inference import EnsemblePredictor, Precision, native_bf16
 from app.metrics import region_dice
 from app.phantoms import make_phantom
 from app.postprocess import postprocess
@@ -53,7 +53,7 @@ def test_bf16_arithmetic_agrees_with_fp32(shipped_fold):
     masks = {}
     for precision in ("fp32", "bf16"):
         predictor = EnsemblePredictor(device="cpu", precision=precision).load_models(shipped_fold)
-        assert predictor.compute_dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+        assert predictor.precision is Precision(precision)
         masks[precision] = predictor.predict_labels(image)
     assert masks["fp32"].any()
     agreement = region_dice(masks["bf16"], masks["fp32"])
@@ -63,5 +63,5 @@ def test_bf16_arithmetic_agrees_with_fp32(shipped_fold):
 def test_precision_option_is_validated():
     with pytest.raises(ValueError, match="precision must be auto, fp32 or bf16"):
         EnsemblePredictor(device="cpu", precision="fp16")
-    auto = EnsemblePredictor(device="cpu").compute_dtype
-    assert auto == (torch.bfloat16 if native_bf16(torch.device("cpu")) else torch.float32)
+    auto = EnsemblePredictor(device="cpu").precision
+    assert auto is (Precision.BF16 if native_bf16(torch.device("cpu")) else Precision.FP32)
