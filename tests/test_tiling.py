@@ -2,8 +2,9 @@
 
 Issue 6 asks for Dice >= 0.97 between the two tilings' final masks. Measured on this phantom with fold 5
 (default 24x48x48 tiles, bf16): WT 0.976, TC 0.949, ET 0.962 -- TC and ET, the small structures, move by a
-few voxels with the briefly trained phantom weights (the whole ensemble on a full-size case: README, Speed). The floors below sit just under those numbers, and fast's accuracy against
-the truth must stay within 0.03 of paper's.
+few voxels with the briefly trained phantom weights (the whole ensemble on a full-size case: README,
+Speed). The floors below sit just under those numbers, and fast's accuracy against the truth must stay
+within 0.03 of paper's.
 """
 
 import numpy as np
@@ -29,10 +30,15 @@ def shipped_fold():
     return models
 
 
-def test_fast_and_paper_tilings_agree(shipped_fold):
-    torch.set_num_threads(2)
+@pytest.fixture(scope="module")
+def small_phantom():
     phantom = make_phantom(61, 0, (120, 136, 96))
-    image = np.stack([phantom.images[m].astype(np.float32) for m in MODALITY_ORDER])
+    return phantom, np.stack([phantom.images[m].astype(np.float32) for m in MODALITY_ORDER])
+
+
+def test_fast_and_paper_tilings_agree(shipped_fold, small_phantom):
+    torch.set_num_threads(2)
+    phantom, image = small_phantom
     t1c = image[MODALITY_ORDER.index(Modality.T1C)]
     masks = {}
     for tiling in ("fast", "paper"):
@@ -45,11 +51,10 @@ def test_fast_and_paper_tilings_agree(shipped_fold):
     assert all(fast[r] >= paper[r] - ACCURACY_SLACK for r in fast), (fast, paper)
 
 
-def test_bf16_arithmetic_agrees_with_fp32(shipped_fold):
+def test_bf16_arithmetic_agrees_with_fp32(shipped_fold, small_phantom):
     """`--precision auto` picks bf16 on CPUs with native bf16; its masks must match fp32's closely."""
     torch.set_num_threads(2)
-    phantom = make_phantom(61, 0, (120, 136, 96))
-    image = np.stack([phantom.images[m].astype(np.float32) for m in MODALITY_ORDER])
+    _, image = small_phantom
     masks = {}
     for precision in ("fp32", "bf16"):
         predictor = EnsemblePredictor(device="cpu", precision=precision).load_models(shipped_fold)
