@@ -50,7 +50,7 @@ def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None
                    help="weights folder with manifest.json (default: the shipped ensemble in weights/)")
     p.add_argument("--folds", type=int_list(distinct=True), default=None, help="comma-separated fold numbers to ensemble (default: all in the manifest)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="auto uses CUDA with bf16 mixed precision when present, else the CPU")
+                   help="auto uses CUDA when present, else the CPU (arithmetic: --precision)")
     p.add_argument("--tiling", default="fast", choices=["fast", "paper"],
                    help="fast: large tiles over the brain's bounding box; paper: 16x32x32 tiles at stride 5x20x20")
     p.add_argument("--tile", type=int_list(3), default=None,
