@@ -141,13 +141,21 @@ class CrossTaskGuidedAttention(nn.Module):
         guide = guide_probs.detach()
         p_target = guide[:, list(self.target_classes)].sum(dim=1, keepdim=True)
         p_non = guide.sum(dim=1, keepdim=True) - p_target
-        # CSCI: class-specific channel descriptors, L1-normalised over channels.
-        m_target = _l1_normalise((features * p_target).sum(dim=(2, 3, 4)))
-        m_non = _l1_normalise((features * p_non).sum(dim=(2, 3, 4)))
-        # CompSeg: channel-attended features scored by two 1x1 convs, merged by the soft masks.
-        s_target = self.score_target(features * m_target[:, :, None, None, None])
-        s_non = self.score_non_target(features * m_non[:, :, None, None, None])
-        return self.classifier(p_target * s_target + p_non * s_non)
+        n, w = features.shape[:2]
+        flat = features.flatten(2)  # (N, w, V); a view for channels-first and channels-last tensors alike
+        masks = torch.cat([p_target, p_non], dim=1).flatten(2)  # (N, 2, V)
+        # CSCI: class-specific channel descriptors, L1-normalised over channels: sum_v F(v) P(v) for both
+        # masks in one batched matrix product instead of materialising F * P.
+        m_target, m_non = _l1_normalise(torch.bmm(flat, masks.transpose(1, 2).to(flat.dtype))).unbind(dim=2)
+        # CompSeg: conv1x1(m * F) = (W diag(m)) F + b, so the descriptors scale the 1x1 conv weights per
+        # sample and both scores come from one matrix product (far cheaper than scaling the w-channel F).
+        weight_t = self.score_target.weight.flatten(1)[None] * m_target[:, None, :]
+        weight_n = self.score_non_target.weight.flatten(1)[None] * m_non[:, None, :]
+        scores = torch.bmm(torch.cat([weight_t, weight_n], dim=1).to(flat.dtype), flat)  # (N, 2C, V)
+        s_target, s_non = scores.view(n, 2, -1, *features.shape[2:]).unbind(dim=1)
+        bias_t = self.score_target.bias.view(1, -1, 1, 1, 1)
+        bias_n = self.score_non_target.bias.view(1, -1, 1, 1, 1)
+        return self.classifier(p_target * (s_target + bias_t) + p_non * (s_non + bias_n))
 
 
 def _l1_normalise(v: torch.Tensor) -> torch.Tensor:

@@ -59,13 +59,14 @@ def _numpy_cga(features, guide, target, w_t, b_t, w_n, b_n, w_c, b_c):
 
 
 @pytest.mark.parametrize("classes, target", [(5, (1, 2, 3)), (2, (1, 3))])
-def test_cga_matches_numpy_equations(classes, target):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+def test_cga_matches_numpy_equations(classes, target, layout):
     torch.manual_seed(0)
     w = 6
     module = CrossTaskGuidedAttention(w, classes, target).double()
     for p in module.parameters():
         torch.nn.init.normal_(p)
-    features = torch.rand(2, w, 4, 5, 6, dtype=torch.float64)
+    features = torch.rand(2, w, 4, 5, 6, dtype=torch.float64).contiguous(memory_format=layout)
     guide = torch.softmax(torch.randn(2, 5, 4, 5, 6, dtype=torch.float64), dim=1)
     got = module(features, guide).detach().numpy()
     def matrix(conv):
