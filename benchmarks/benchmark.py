@@ -58,7 +58,18 @@ def _weights_for(spec: str, folds: int, workdir: Path) -> Path:
 def predictor_options(tiling: str) -> dict:
     """EnsemblePredictor knobs for a TILING token: fast (the default), whole (whole-brain tiles), paper,
     tDxHxWmM (fast tiling with tiles up to DxHxW and margin M, e.g. t16x48x48m2), or papershiftN (the paper
-    tiling with its grid moved N voxels along every axis: how much the paper tiling disagrees with itself)."""
+    tiling with its grid moved N voxels along every axis: how much the paper tiling disagrees with itself).
+    A fast token ending in ``fixed`` (fastfixed, t24x48x48m2fixed) gives every fold the same tile grid."""
+    fixed = tiling.endswith("fixed")
+    options = _fast_options(tiling.removesuffix("fixed") if fixed else tiling)
+    if fixed:
+        if options["tiling"] != "fast":
+            raise ValueError(f"tiling must be a fast token to take 'fixed', got {tiling!r}")
+        options["shift_folds"] = False
+    return options
+
+
+def _fast_options(tiling: str) -> dict:
     from app.inference import CROP_MARGIN
 
     if tiling in ("fast", "paper"):
@@ -70,7 +81,8 @@ def predictor_options(tiling: str) -> dict:
         return {"tiling": "paper", "crop_margin": CROP_MARGIN + int(shift.group(1))}
     match = re.fullmatch(r"t(\d+)x(\d+)x(\d+)m(\d+)", tiling)
     if match is None:
-        raise ValueError(f"tiling must be fast, whole, paper, papershiftN or tDxHxWmM, got {tiling!r}")
+        raise ValueError(f"tiling must be fast, whole, paper, papershiftN or tDxHxWmM (optionally + fixed), "
+                         f"got {tiling!r}")
     *tile, margin = (int(g) for g in match.groups())
     return {"tiling": "fast", "max_tile": tuple(tile), "margin": margin}
 

@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
-from app.inference import TaskProbabilities, dilate, fast_tiles, fuse, plan_tiles
+from app.inference import EnsemblePredictor, TaskProbabilities, dilate, fast_tiles, fuse, plan_tiles
 from app.postprocess import PostprocessConfig, postprocess, relabel_dark_edema, remove_small_components
 
 SHAPE = (20, 30, 30)
@@ -97,10 +99,50 @@ def test_postprocess_steps_can_be_switched_off():
 
 
 @pytest.mark.parametrize("shape", [(37, 53, 41), (150, 170, 140)])
-def test_tiles_partition_the_volume(shape):
+@pytest.mark.parametrize("shift", [(0, 0, 0), (3, 3, 3), (4, 0, 7)])
+def test_tiles_partition_the_volume(shape, shift):
     for tile, keep in [((16, 32, 32), (5, 20, 20)), fast_tiles(shape, (64, 96, 96), 8)]:
+        shift = tuple(min(s, k - 1) for s, k in zip(shift, keep))
         cover = np.zeros(shape, np.int32)
-        for t in plan_tiles(shape, tile, keep):
+        for t in plan_tiles(shape, tile, keep, shift):
             cover[t.keep] += 1
             assert [s.stop - s.start for s in t.source] == list(tile)
+            # the kept voxels are the same ones seen from the tile
+            assert all(k.start - s.start == i.start and k.stop - s.start == i.stop
+                       for k, s, i in zip(t.keep, t.source, t.keep_in_tile))
         assert (cover == 1).all()
+
+
+def test_grid_shift_outside_the_kept_window_is_refused():
+    with pytest.raises(ValueError, match="grid shift"):
+        plan_tiles((40, 40, 40), (16, 32, 32), (5, 20, 20), (5, 0, 0))
+
+
+class _PointwiseNet(nn.Module):
+    """Three 1x1x1 heads: its output at a voxel depends on that voxel alone, whatever the tile."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.heads = nn.ModuleList(nn.Conv3d(4, c, 1) for c in (5, 5, 2))
+
+    def forward(self, x):
+        return tuple(head(x) for head in self.heads)
+
+
+def test_each_fold_gets_its_own_grid_and_the_bookkeeping_is_exact():
+    """With a network that ignores context, shifted grids must give exactly the unshifted answer."""
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(4, 29, 61, 50)).astype(np.float32)
+    models = [_PointwiseNet(k) for k in range(3)]
+    options = {"device": "cpu", "max_tile": (16, 24, 24), "margin": 2, "precision": "fp32"}
+    shifted = EnsemblePredictor(**options).load_models(models)
+    same = EnsemblePredictor(**options, shift_folds=False).load_models(models)
+    assert [shifted.grid_shift(k) for k in range(3)] == [(0, 0, 0), (1, 1, 1), (2, 2, 2)]
+    assert shifted.plan(image.shape[1:], 1) != shifted.plan(image.shape[1:], 0)
+    assert same.plan(image.shape[1:], 1) == same.plan(image.shape[1:], 0)
+    paper = EnsemblePredictor(device="cpu", tiling="paper")
+    assert paper.grid_shift(5) == (0, 0, 0)
+    a, b = shifted.predict_probabilities(image), same.predict_probabilities(image)
+    for x, y in zip((a.tumour, a.classes, a.enhancing), (b.tumour, b.classes, b.enhancing)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
