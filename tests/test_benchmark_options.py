@@ -32,3 +32,24 @@ def test_unknown_tokens_are_refused(token):
     with pytest.raises(ValueError, match="tiling must be"):
         predictor_options(token)
 
+
+
+def test_agreement_rows_score_each_tiling_against_paper_and_truth(tmp_path):
+    """benchmarks/agreement.py on one small phantom case, one shipped fold."""
+    from agreement import case_rows, mean_rows
+
+    from app.io import find_cases
+    from app.phantoms import generate
+    from app.weights import DEFAULT_WEIGHTS_DIR, load_ensemble
+
+    generate(tmp_path, 1, seed=61, size=(96, 112, 64))
+    [case] = find_cases(tmp_path).cases
+    _, models = load_ensemble(DEFAULT_WEIGHTS_DIR, folds=[5])
+    rows = case_rows(case, models, ["fast"], "cpu", "fp32")
+    assert [r["tiling"] for r in rows] == ["paper", "fast"]
+    paper, fast = rows
+    assert all(paper[f"vs paper {r}"] == 1.0 for r in ("WT", "TC", "ET"))
+    assert all(0.0 <= fast[k] <= 1.0 for k in fast if k.startswith("vs "))
+    assert fast["vs truth WT"] > 0.5, fast  # the shipped fold finds the phantom's tumour
+    [mean_paper, mean_fast] = mean_rows(rows, ["fast"])
+    assert mean_fast["case"] == "mean" and mean_fast["vs paper TC"] == fast["vs paper TC"]

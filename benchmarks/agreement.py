@@ -1,0 +1,110 @@
+"""Tilings against the paper's overlap-tile on several phantom cases; prints a Markdown table.
+
+The speed benchmark measures agreement on one case; this script shows how much that number moves from case
+to case. For each case it runs the paper tiling and every other TILING token (benchmark.py's tokens) with
+the same weights, applies the default post-processing, and reports each tiling's mask agreement with the
+paper tiling and every tiling's Dice against the ground truth.
+
+    python benchmarks/agreement.py [--cases 4] [--seed 1000] [--tilings fast,fastfixed] [--weights DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from benchmark import predictor_options  # noqa: E402
+
+REGIONS = ("WT", "TC", "ET")
+
+
+def case_rows(case, models, tilings: list[str], device: str, precision: str) -> list[dict]:
+    """One row per tiling (paper first): agreement with paper and Dice against the truth."""
+    from app.conventions import Modality, from_file_labels
+    from app.inference import EnsemblePredictor
+    from app.io import load_case, load_segmentation
+    from app.metrics import region_dice
+    from app.postprocess import postprocess
+
+    loaded = load_case(case)
+    truth = from_file_labels(load_segmentation(case, loaded.reference))
+    t1c = loaded.image[list(case.modalities).index(Modality.T1C)]
+    masks = {}
+    for tiling in ["paper", *tilings]:
+        predictor = EnsemblePredictor(device=device, precision=precision, **predictor_options(tiling))
+        masks[tiling] = postprocess(predictor.load_models(models).predict_labels(loaded.image), t1c)
+    rows = []
+    for tiling, mask in masks.items():
+        agreement = region_dice(mask, masks["paper"])
+        accuracy = region_dice(mask, truth)
+        rows.append({"case": case.case_id, "tiling": tiling,
+                     **{f"vs paper {r}": agreement[r] for r in REGIONS},
+                     **{f"vs truth {r}": accuracy[r] for r in REGIONS}})
+    return rows
+
+
+def mean_rows(rows: list[dict], tilings: list[str]) -> list[dict]:
+    means = []
+    for tiling in ["paper", *tilings]:
+        mine = [r for r in rows if r["tiling"] == tiling]
+        means.append({"case": "mean", "tiling": tiling,
+                      **{k: float(np.mean([r[k] for r in mine])) for k in mine[0] if k not in ("case", "tiling")}})
+    return means
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", type=int, default=4, help="number of 240x240x155 phantom cases to generate")
+    parser.add_argument("--seed", type=int, default=1000, help="phantom series seed")
+    parser.add_argument("--tilings", default="fast,fastfixed",
+                        help="comma-separated TILING tokens of benchmark.py to compare with paper")
+    parser.add_argument("--weights", type=Path, default=None, help="weights folder (default: the shipped weights/)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device to run on")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="network arithmetic")
+    parser.add_argument("--workdir", type=Path, default=None, help="where the phantoms go (default: temporary)")
+    args = parser.parse_args()
+    if args.cases < 1:
+        parser.error("--cases must be at least 1")
+    tilings = [t for t in args.tilings.split(",") if t]
+    for token in tilings:
+        try:
+            predictor_options(token)
+        except ValueError as err:
+            parser.error(f"--tilings: {err}")
+
+    import tempfile
+
+    import torch
+
+    from app.cli import cpu_quota
+    from app.io import find_cases
+    from app.phantoms import generate
+    from app.weights import DEFAULT_WEIGHTS_DIR, load_ensemble
+
+    torch.set_num_threads(cpu_quota())
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="omnet-agreement-"))
+    cases_dir = workdir / f"phantoms_seed{args.seed}_n{args.cases}"
+    if not cases_dir.exists():
+        generate(cases_dir, args.cases, seed=args.seed)
+    _, models = load_ensemble(args.weights or DEFAULT_WEIGHTS_DIR, None)
+    rows = []
+    for case in find_cases(cases_dir).cases:
+        rows.extend(case_rows(case, models, tilings, args.device, args.precision))
+        print(f"{case.case_id} done", file=sys.stderr, flush=True)
+    columns = ["case", "tiling", *(f"vs paper {r}" for r in REGIONS), *(f"vs truth {r}" for r in REGIONS)]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows + mean_rows(rows, tilings):
+        print("| " + " | ".join(f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in columns) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
