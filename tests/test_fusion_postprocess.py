@@ -146,3 +146,11 @@ def test_each_fold_gets_its_own_grid_and_the_bookkeeping_is_exact():
     a, b = shifted.predict_probabilities(image), same.predict_probabilities(image)
     for x, y in zip((a.tumour, a.classes, a.enhancing), (b.tumour, b.classes, b.enhancing)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_shifted_grids_fit_tiles_with_tiny_kept_windows():
+    predictor = EnsemblePredictor(device="cpu", max_tile=(8, 8, 8), margin=3)
+    cover = np.zeros((20, 21, 9), np.int32)
+    for t in predictor.plan(cover.shape, fold_index=7):
+        cover[t.keep] += 1
+    assert (cover == 1).all()
