@@ -159,3 +159,21 @@ def test_partial_files_are_cleaned(tmp_path):
     (tmp_path / "a.nii.gz").write_bytes(b"y")
     remove_partial_files(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["a.nii.gz"]
+
+
+def test_load_case_reports_the_first_bad_modality_in_channel_order(tmp_path):
+    """The modalities are read in parallel; errors still come in channel order (FLAIR, T1, T1c, T2)."""
+    rng = np.random.default_rng(0)
+    for name in LAYOUT_FILES["2023"]:
+        _write(tmp_path / "c" / name.format(id="c"), rng.random((6, 7, 8)).astype(np.float32) + 1)
+    t1c, t2 = tmp_path / "c" / "c-t1c.nii.gz", tmp_path / "c" / "c-t2w.nii.gz"
+    _write(t1c, rng.random((6, 7, 8)).astype(np.float32) + 1, spacing=(2.0, 1.0, 1.0))  # third channel
+    t2.write_bytes(t2.read_bytes()[:100])  # fourth channel, unreadable
+    [case] = find_cases(tmp_path).cases
+    with pytest.raises(CaseError, match="geometry differs") as caught:
+        load_case(case)
+    assert "c-t1c.nii.gz" in str(caught.value)
+    _write(t1c, rng.random((6, 7, 8)).astype(np.float32) + 1)
+    with pytest.raises(CaseError, match="unreadable") as caught:
+        load_case(case)
+    assert "c-t2w.nii.gz" in str(caught.value)
