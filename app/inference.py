@@ -272,15 +272,30 @@ class EnsemblePredictor:
             return (0, 0, 0)
         return (fold_index % DIVISOR,) * 3
 
-    def plan(self, shape: Sequence[int], fold_index: int = 0) -> list[Tile]:
-        """The tiles the ``fold_index``-th model runs on over a crop of ``shape``."""
+    def plan(self, shape: Sequence[int], fold_index: int = 0, region: tuple[slice, ...] | None = None) -> list[Tile]:
+        """The tiles the ``fold_index``-th model runs on over a crop of ``shape``; their kept windows cover
+        ``region`` of the crop (default: all of it), and they read whatever lies around it as context."""
+        region = tuple(slice(0, n) for n in shape) if region is None else region
+        inner = [r.stop - r.start for r in region]
         shift = self.grid_shift(fold_index)
         if self.tiling is Tiling.PAPER:
             tile, keep = PAPER_TILE, PAPER_KEEP
         else:
-            tile, keep = fast_tiles([n + s for n, s in zip(shape, shift)], self.max_tile, self.margin)
+            tile, keep = fast_tiles([n + s for n, s in zip(inner, shift)], self.max_tile, self.margin)
             shift = tuple(s % k for s, k in zip(shift, keep))  # tiny kept windows (8-voxel tiles) wrap
-        return plan_tiles(shape, tile, keep, shift)
+        starts = [r.start for r in region]
+        return [Tile(_offset(t.source, starts), _offset(t.keep, starts), t.keep_in_tile)
+                for t in plan_tiles(inner, tile, keep, shift)]
+
+    def segmented_region(self, brain: np.ndarray) -> tuple[slice, ...] | None:
+        """What the kept windows must cover in a crop whose brain mask is ``brain``: the fast tiling covers
+        the brain's bounding box and reads the background ring around it (``crop_margin`` voxels) as
+        context only, since labels outside the brain are background anyway. Covering 8 fewer voxels per
+        axis also lets the shifted fold grids fit without an extra row of tiles. The paper tiling, the
+        reference, covers the whole crop as it always has. None = the whole crop."""
+        if self.tiling is Tiling.PAPER or not brain.any():
+            return None
+        return bounding_box(brain)
 
     def _autocast(self):
         if self.precision is Precision.FP32:
@@ -288,12 +303,14 @@ class EnsemblePredictor:
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     @torch.inference_mode()
-    def predict_probabilities(self, image: np.ndarray, progress: Callable[[int, int], None] | None = None) -> TaskProbabilities:
-        """Fold-averaged task probabilities for a normalised (4, D, H, W) crop."""
+    def predict_probabilities(self, image: np.ndarray, progress: Callable[[int, int], None] | None = None,
+                              region: tuple[slice, ...] | None = None) -> TaskProbabilities:
+        """Fold-averaged task probabilities for a normalised (4, D, H, W) crop, computed over ``region`` of
+        it (default: all of it; elsewhere every probability is 0)."""
         if not self.models:
             raise RuntimeError("no models loaded: call load_models first")
         shape = image.shape[1:]
-        plans = [self.plan(shape, k) for k in range(len(self.models))]
+        plans = [self.plan(shape, k, region) for k in range(len(self.models))]
         # One zero-padded copy of the crop on the device serves every fold's tiles.
         before = [max(0, -min(t.source[a].start for p in plans for t in p)) for a in range(3)]
         after = [max(0, max(t.source[a].stop for p in plans for t in p) - n) for a, n in enumerate(shape)]
@@ -344,7 +361,7 @@ class EnsemblePredictor:
         normalised = normalise(image[(slice(None), *box)], mask[box])
         self.timings = {"preprocess": time.perf_counter() - clock}
         clock = time.perf_counter()
-        probabilities = self.predict_probabilities(normalised, progress)
+        probabilities = self.predict_probabilities(normalised, progress, self.segmented_region(mask[box]))
         self.timings["network"] = time.perf_counter() - clock
         clock = time.perf_counter()
         labels[box] = fuse(probabilities) * mask[box]

@@ -154,3 +154,20 @@ def test_shifted_grids_fit_tiles_with_tiny_kept_windows():
     for t in predictor.plan(cover.shape, fold_index=7):
         cover[t.keep] += 1
     assert (cover == 1).all()
+
+
+def test_fast_tiling_covers_the_brain_box_and_reads_the_ring_around_it_as_context():
+    rng = np.random.default_rng(1)
+    image = rng.normal(size=(4, 29, 61, 50)).astype(np.float32)
+    brain = np.zeros(image.shape[1:], bool)
+    brain[4:25, 4:57, 4:46] = True
+    models = [_PointwiseNet(k) for k in range(2)]
+    fast = EnsemblePredictor(device="cpu", max_tile=(16, 24, 24), precision="fp32").load_models(models)
+    region = fast.segmented_region(brain)
+    assert region == (slice(4, 25), slice(4, 57), slice(4, 46))
+    assert EnsemblePredictor(device="cpu", tiling="paper").segmented_region(brain) is None
+    covered, everywhere = fast.predict_probabilities(image, region=region), fast.predict_probabilities(image)
+    for x, y in zip((covered.tumour, covered.classes, covered.enhancing),
+                    (everywhere.tumour, everywhere.classes, everywhere.enhancing)):
+        np.testing.assert_allclose(x[..., 4:25, 4:57, 4:46], y[..., 4:25, 4:57, 4:46], rtol=1e-5, atol=1e-6)
+        assert not x[..., :4, :, :].any() and not x[..., :, 57:, :].any()
