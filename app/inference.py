@@ -264,9 +264,9 @@ class EnsemblePredictor:
         The three 2x poolings make a tile's output depend on each voxel's position modulo 8 in the tile.
         In the fast tiling, fold k's grid starts k mod 8 voxels earlier than fold 0's, so the ensemble
         averages that dependence out instead of repeating one phase ten times: on the shipped ensemble the
-        masks agree more closely with the paper tiling and with the truth (README, Speed), for a few percent
-        more tiles where a shifted grid needs an extra row. The paper tiling is the reference and keeps one
-        grid.
+        masks agree more closely with the paper tiling and with the truth (README, Speed). A shifted grid
+        costs an extra row of tiles only where the brain box leaves less than the shift spare in the last
+        row. The paper tiling is the reference and keeps one grid.
         """
         if self.tiling is Tiling.PAPER or not self.shift_folds:
             return (0, 0, 0)
