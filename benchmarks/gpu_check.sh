@@ -10,12 +10,7 @@ OUT="${OUT:-/tmp/gpu_out}"; mkdir -p "$OUT"
 WORK="${WORK:-/tmp/omnet_gpu}"; mkdir -p "$WORK"
 DEVICE="${DEVICE:-cuda}"
 BENCH="${BENCH:-w32-fast-all,w32-fastfixed-all,w32-paper-1,shipped-fast-all,shipped-paper-all,shipped-fast-all-fp32}"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-log() { echo "=== $(date +%T) $*"; }
-
-log "environment"
-python3 -c "import torch; print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
+source "$(dirname "$0")/gpu_env.sh"
 
 log "tests that exercise the model and tiling"
 python3 -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_fusion_postprocess.py 2>&1 | tail -2

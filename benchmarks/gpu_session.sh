@@ -18,12 +18,7 @@ FOLDS="${FOLDS:-10}"; STAGES="${STAGES:-150,150,6000}"; TIME_LIMIT="${TIME_LIMIT
 BATCH="${BATCH:-20}"; VALIDATE="${VALIDATE:-250}"; HALVE="${HALVE:-1500}"
 JOBS="${JOBS:-14}"; BENCH="${BENCH:-w32-fast-all,w32-fast-1,w32-paper-1,shipped-fast-all,shipped-paper-1}"
 WORK="${WORK:-/tmp/omnet_work}"; mkdir -p "$WORK"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-log() { echo "=== $(date +%T) $*"; }
-
-log "environment"
-python3 -c "import torch; print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
+source "$(dirname "$0")/gpu_env.sh"
 
 log "phantoms: $N_TRAIN training (seed 1), $N_HELDOUT held-out (seed 2), size $SIZE"
 seq 0 $((N_TRAIN - 1)) | xargs -P "$JOBS" -I{} python3 -m app phantoms --out "$WORK/train" --n 1 --seed 1 --start {} --size "$SIZE" 2>/dev/null
