@@ -141,7 +141,7 @@ class CrossTaskGuidedAttention(nn.Module):
         guide = guide_probs.detach()
         p_target = guide[:, list(self.target_classes)].sum(dim=1, keepdim=True)
         p_non = guide.sum(dim=1, keepdim=True) - p_target
-        n, w = features.shape[:2]
+        n = features.shape[0]
         flat = features.flatten(2)  # (N, w, V); a view for channels-first and channels-last tensors alike
         masks = torch.cat([p_target, p_non], dim=1).flatten(2)  # (N, 2, V)
         # CSCI: class-specific channel descriptors, L1-normalised over channels: sum_v F(v) P(v) for both

@@ -61,7 +61,7 @@ def predictor_options(tiling: str) -> dict:
     tiling with its grid moved N voxels along every axis: how much the paper tiling disagrees with itself).
     A fast token ending in ``fixed`` (fastfixed, t24x48x48m2fixed) gives every fold the same tile grid."""
     fixed = tiling.endswith("fixed")
-    options = _fast_options(tiling.removesuffix("fixed") if fixed else tiling)
+    options = _token_options(tiling.removesuffix("fixed") if fixed else tiling)
     if fixed:
         if options["tiling"] != "fast":
             raise ValueError(f"tiling must be a fast token to take 'fixed', got {tiling!r}")
@@ -69,7 +69,7 @@ def predictor_options(tiling: str) -> dict:
     return options
 
 
-def _fast_options(tiling: str) -> dict:
+def _token_options(tiling: str) -> dict:
     from app.inference import CROP_MARGIN
 
     if tiling in ("fast", "paper"):
