@@ -1,44 +1,51 @@
 """BraTS-like phantom cases: anatomy, tumour sub-regions and SynthSeg-style randomised MRI contrasts.
 
 No BraTS data can be downloaded where this project is built, so training, tests and demonstrations use
-these phantoms. Each case is deterministic for (seed, index). Anatomy: a skull-stripped brain with white
-matter, folded grey matter, sulcal CSF and lateral ventricles. Tumours: edema around a core of NCR/NET
-and, in most cases, an enhancing rim; random size, position and shape; some multifocal; some without ET.
-Contrasts follow real MRI qualitatively (ET bright on T1c, edema bright on FLAIR/T2, necrosis dark on T1c,
-CSF bright on T2 and dark on FLAIR) with randomised tissue means, bias fields, noise, blur, intensity
-scale and stored dtype, so a model must learn shape and relative contrast rather than constants.
+these phantoms. Each case is deterministic for (seed, index, ranges).
+
+Generator 2 spans the appearance of real brains rather than one template: a folded cortex whose sulcal depth
+and thickness vary (grey matter 35-58% of brain tissue), deep grey nuclei, ventricles from slit to enlarged,
+atrophy (wider sulci), patchy tissue texture, partial-volume blur, bias fields up to about +-45%, noise,
+thick-slice acquisitions along any axis, intensity scale and stored dtype. Tumours sit anywhere in the
+parenchyma (touching the cortex and the ventricles), tiny to huge, sometimes multifocal, sometimes without
+ET or without NCR. Tissue means are drawn relative to white matter with wide, overlapping ranges: only the
+contrasts MRI fixes are kept (edema brighter than white matter on FLAIR and T2, ET brighter on T1c, NCR
+darker on T1c, CSF bright on T2 and dark on FLAIR), so grey matter can be as bright as edema on FLAIR and a
+model must read the four modalities together and the shape. `PhantomRanges` holds every range, so held-out
+series can be drawn outside the training ranges (benchmarks/ood_sweep.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
 from .conventions import LabelConvention, Layout, Modality, to_file_labels
 
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "2.0"
 DEFAULT_SIZE = (240, 240, 155)  # x, y, z as BraTS stores it (1 mm isotropic)
 # BraTS volumes are LPS-oriented with this origin once read by SimpleITK.
 BRATS_DIRECTION = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
 BRATS_ORIGIN = (-0.0, -239.0, 0.0)
 
 # Tissue codes used only inside the generator.
-_BG, _WM, _GM, _CSF, _NCR, _ED, _ET = range(7)
-WHITE_MATTER, GREY_MATTER, CSF = _WM, _GM, _CSF
-_TISSUES = (_WM, _GM, _CSF, _NCR, _ED, _ET)
+_BG, _WM, _GM, _CSF, _NCR, _ED, _ET, _DGM = range(8)
+WHITE_MATTER, GREY_MATTER, CSF, DEEP_GREY = _WM, _GM, _CSF, _DGM
+_TISSUES = (_WM, _GM, _CSF, _NCR, _ED, _ET, _DGM)
+Range = tuple[float, float]
 
-# Mean intensity ranges per modality and tissue (fractions of the brain's white matter-to-max range).
-# The ranges never cross where MRI contrast has a fixed sign (e.g. ET > WM on T1c, CSF < WM on FLAIR).
-_CONTRAST = {
-    Modality.FLAIR: {_WM: (0.40, 0.50), _GM: (0.52, 0.62), _CSF: (0.05, 0.18), _NCR: (0.45, 0.65), _ED: (0.78, 0.95), _ET: (0.60, 0.80)},
-    Modality.T1: {_WM: (0.62, 0.75), _GM: (0.45, 0.55), _CSF: (0.10, 0.22), _NCR: (0.22, 0.35), _ED: (0.38, 0.48), _ET: (0.45, 0.58)},
-    Modality.T1C: {_WM: (0.55, 0.65), _GM: (0.42, 0.52), _CSF: (0.10, 0.20), _NCR: (0.15, 0.28), _ED: (0.38, 0.48), _ET: (0.85, 1.00)},
-    Modality.T2: {_WM: (0.28, 0.38), _GM: (0.45, 0.55), _CSF: (0.88, 1.00), _NCR: (0.75, 0.90), _ED: (0.68, 0.82), _ET: (0.55, 0.68)},
+# Tissue means as multiples of white matter's mean, per modality (drawn uniformly). Deep grey matter is
+# drawn between white and grey matter. The ranges overlap where real scanners overlap (grey matter and
+# edema on FLAIR); they keep the signs MRI fixes.
+_RELATIVE_CONTRAST: dict[Modality, dict[int, Range]] = {
+    Modality.FLAIR: {_GM: (1.05, 1.55), _CSF: (0.05, 0.45), _NCR: (0.7, 2.0), _ED: (1.3, 2.4), _ET: (1.1, 2.2)},
+    Modality.T1: {_GM: (0.6, 0.9), _CSF: (0.1, 0.45), _NCR: (0.2, 0.75), _ED: (0.55, 0.92), _ET: (0.6, 1.05)},
+    Modality.T1C: {_GM: (0.6, 0.92), _CSF: (0.1, 0.45), _NCR: (0.15, 0.75), _ED: (0.55, 0.95), _ET: (1.35, 2.6)},
+    Modality.T2: {_GM: (1.15, 1.7), _CSF: (2.0, 4.0), _NCR: (1.6, 3.6), _ED: (1.5, 3.0), _ET: (1.1, 2.4)},
 }
 _FILE_TOKENS = {
     Layout.BRATS2023: {Modality.FLAIR: "t2f", Modality.T1: "t1n", Modality.T1C: "t1c", Modality.T2: "t2w"},
@@ -48,6 +55,38 @@ _FILE_TOKENS = {
 _STORED_DTYPES = (np.int16, np.uint16, np.float32, np.int32)
 
 
+@dataclass(frozen=True)
+class PhantomRanges:
+    """Every randomised property of a phantom, as (low, high) ranges drawn uniformly per case.
+
+    The defaults are the training distribution; `benchmarks/ood_sweep.py` moves single ranges outside it.
+    Lengths are in mm at the BraTS size and scale with smaller phantoms.
+    """
+
+    cortex_thickness: Range = (2.5, 5.5)
+    sulcal_depth: Range = (10.0, 25.0)  # how far sulci (lined with cortex) reach into the white matter
+    fold_frequency: Range = (18.0, 32.0)  # smooth-field cells across the brain: more = finer gyri
+    sulcal_csf: Range = (0.3, 1.6)  # half-width of the CSF in a sulcus (atrophy widens it)
+    ventricle_scale: Range = (0.45, 1.9)  # slit to enlarged
+    deep_grey_scale: Range = (0.8, 1.2)
+    contrast: dict[Modality, dict[int, Range]] = field(default_factory=lambda: _RELATIVE_CONTRAST)
+    texture: Range = (0.01, 0.08)  # patchy intensity variation inside tissues (fraction of the mean)
+    blur_sigma: Range = (0.3, 1.1)  # partial-volume blur, voxels
+    bias_strength: Range = (0.0, 0.2)  # std of the log bias field (0.2: about +-45% at two std)
+    noise: Range = (0.005, 0.06)  # Gaussian noise std, fraction of white matter's mean
+    thick_slice_probability: float = 0.3  # per modality: acquired with thick slices along one axis
+    thick_slice_factor: Range = (2.0, 5.0)
+    tumour_core_radius: Range = (3.0, 22.0)  # mm, main lesion
+    edema_extent: Range = (1.1, 2.8)  # edema reach in core radii
+    scale: Range = (100.0, 4000.0)  # stored intensity of white matter
+
+    def widened(self, **changes) -> "PhantomRanges":
+        return replace(self, **changes)
+
+
+DEFAULT_RANGES = PhantomRanges()
+
+
 @dataclass
 class Phantom:
     """One generated case: images (array order z, y, x) and internal labels 0/1/2/3."""
@@ -55,10 +94,10 @@ class Phantom:
     case_id: str
     images: dict[Modality, np.ndarray]
     labels: np.ndarray
-    tissue: np.ndarray  # generator tissue codes (0 background, 1 WM, 2 GM, 3 CSF); not written to disk
+    tissue: np.ndarray  # generator tissue codes (0 background, 1 WM, 2 GM, 3 CSF, 7 deep GM); not written
 
 
-def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], cells: int) -> np.ndarray:
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], cells: float) -> np.ndarray:
     """Smooth random field, roughly unit variance: coarse Gaussian noise, cubic-spline upsampled to a
     quarter-resolution grid, then trilinearly to full size (a full-size spline zoom is 20x slower)."""
     coarse = rng.standard_normal([max(2, round(cells * s / max(shape))) + 2 for s in shape])
@@ -67,7 +106,8 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], cells: int) 
     full = torch.nn.functional.interpolate(
         torch.from_numpy(mid.astype(np.float32))[None, None], size=shape, mode="trilinear", align_corners=True
     )
-    return full[0, 0].numpy()
+    out = full[0, 0].numpy()
+    return out / max(float(out.std()), 1e-6)
 
 
 def _ellipsoid_distance(shape, centre, radii) -> np.ndarray:
@@ -76,53 +116,76 @@ def _ellipsoid_distance(shape, centre, radii) -> np.ndarray:
     return np.sqrt(axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2)
 
 
-def _anatomy(rng: np.random.Generator, shape: tuple[int, int, int], scale: float) -> np.ndarray:
-    """Tissue map of a skull-stripped brain: WM core, folded GM cortex, sulcal CSF, ventricles."""
+def _u(rng: np.random.Generator, bounds: Range) -> float:
+    return float(rng.uniform(*bounds))
+
+
+def _anatomy(rng: np.random.Generator, shape: tuple[int, int, int], scale: float, ranges: PhantomRanges) -> np.ndarray:
+    """Tissue map of a skull-stripped brain: folded cortex lining the brain surface and the sulci, white
+    matter inside, sulcal CSF, lateral ventricles and deep grey nuclei."""
     d, h, w = shape
     centre = np.array([d * 0.48, h * 0.5, w * 0.5]) + rng.uniform(-3, 3, 3) * scale
-    radii = np.array([62, 84, 68]) * scale * rng.uniform(0.9, 1.08, 3)
+    radii = np.array([62, 84, 68]) * scale * rng.uniform(0.88, 1.1, 3)
     r = _ellipsoid_distance(shape, centre, radii)
     r = r * (1 + 0.06 * _smooth_field(rng, shape, 6))
-    tissue = np.zeros(shape, np.uint8)
     brain = r < 1.0
+    depth = (1.0 - r) * np.mean(radii)  # mm below the outer surface, roughly
+    # Sulci: sheets where a folding field crosses zero, reaching sulcal_depth mm into the brain. The cortex
+    # is every voxel within its (locally varying) thickness of a pial surface: the brain's outside or a sulcus.
+    folds = _smooth_field(rng, shape, _u(rng, ranges.fold_frequency))
+    sulcal_depth = _u(rng, ranges.sulcal_depth) * scale * (1 + 0.3 * _smooth_field(rng, shape, 5))
+    sheet = brain & (np.abs(folds) < 0.08) & (depth < sulcal_depth)
+    pial = ~brain | sheet
+    distance = ndimage.distance_transform_edt(~pial).astype(np.float32)
+    thickness = _u(rng, ranges.cortex_thickness) * scale * (1 + 0.25 * _smooth_field(rng, shape, 8))
+    tissue = np.zeros(shape, np.uint8)
     tissue[brain] = _WM
-    # Cortex ~3 mm thick, folded by a higher-frequency field; sulci of CSF cut into it.
-    depth = (1.0 - r) * np.mean(radii)
-    folds = _smooth_field(rng, shape, 22)
-    cortex = brain & (depth < (3.5 + 2.5 * folds) * scale + 2.0 * scale)
-    tissue[cortex] = _GM
-    sulci = brain & (depth < 7 * scale) & (np.abs(folds) < 0.12)
-    tissue[sulci] = _CSF
-    tissue[brain & (depth < 1.2 * scale)] = _CSF
-    # Lateral ventricles: two tilted ellipsoids either side of the midline.
-    for side in (-1, 1):
-        vc = centre + np.array([4, -6, side * 9]) * scale + rng.uniform(-2, 2, 3) * scale
-        vr = np.array([11, 28, 5.5]) * scale * rng.uniform(0.7, 1.3, 3)
-        tissue[_ellipsoid_distance(shape, vc, vr) < 1.0] = _CSF
+    tissue[brain & (distance < thickness)] = _GM
+    csf_width = _u(rng, ranges.sulcal_csf) * scale
+    tissue[brain & ((distance < csf_width) & (sheet | (depth < sulcal_depth)) | (depth < csf_width))] = _CSF
+    _deep_grey(rng, tissue, centre, scale * _u(rng, ranges.deep_grey_scale))
+    _ventricles(rng, tissue, centre, scale * _u(rng, ranges.ventricle_scale))
     return tissue
 
 
-def _lesion(rng: np.random.Generator, tissue: np.ndarray, scale: float, with_et: bool, size: float):
-    """Masks (core, enhancing, edema) of one lesion placed inside the white matter."""
+def _deep_grey(rng: np.random.Generator, tissue: np.ndarray, centre: np.ndarray, scale: float) -> None:
+    """Thalamus and basal ganglia: paired ellipsoids either side of the midline, below the ventricles."""
+    for offset, radii in (((-6, 6, 11), (13, 19, 11)), ((2, -14, 19), (14, 19, 8))):
+        for side in (-1, 1):
+            c = centre + np.array([offset[0], offset[1], side * offset[2]]) * scale + rng.uniform(-2, 2, 3)
+            inside = _ellipsoid_distance(tissue.shape, c, np.array(radii) * scale * rng.uniform(0.8, 1.2, 3)) < 1
+            tissue[inside & (tissue == _WM)] = _DGM
+
+
+def _ventricles(rng: np.random.Generator, tissue: np.ndarray, centre: np.ndarray, scale: float) -> None:
+    """Lateral ventricles: two tilted ellipsoids either side of the midline, from slits to enlarged."""
+    for side in (-1, 1):
+        vc = centre + np.array([4, -6, side * (5 + 4 * scale)]) + rng.uniform(-2, 2, 3)
+        vr = np.array([11, 28, 5.0]) * rng.uniform(0.8, 1.2, 3) * np.array([scale ** 0.5, scale ** 0.3, scale])
+        tissue[(_ellipsoid_distance(tissue.shape, vc, vr) < 1.0) & (tissue != _BG)] = _CSF
+
+
+def _lesion(rng: np.random.Generator, tissue: np.ndarray, scale: float, size: float, ranges: PhantomRanges,
+            with_et: bool, with_ncr: bool):
+    """Masks (core, enhancing, edema) of one lesion centred anywhere in the parenchyma."""
     shape = tissue.shape
-    candidates = np.argwhere(tissue[::4, ::4, ::4] == _WM) * 4
+    candidates = np.argwhere(np.isin(tissue[::4, ::4, ::4], (_WM, _GM, _DGM))) * 4
     centre = candidates[rng.integers(len(candidates))].astype(np.float32)
-    core_radii = size * scale * rng.uniform(0.75, 1.25, 3)
-    # Work in a bounding box around the lesion: the edema reaches at most ~3.5 core radii.
-    reach = np.ceil(core_radii.max() * 3.6 + 4).astype(int)
+    core_radii = size * scale * rng.uniform(0.7, 1.3, 3)
+    # Work in a bounding box around the lesion: the edema reaches at most ~4.2 core radii.
+    reach = np.ceil(core_radii.max() * (ranges.edema_extent[1] * 1.4 + 0.2) + 4).astype(int)
     lo = np.maximum(centre.astype(int) - reach, 0)
     hi = np.minimum(centre.astype(int) + reach + 1, shape)
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
     sub_shape = tuple(int(b - a) for a, b in zip(lo, hi))
     r = _ellipsoid_distance(sub_shape, centre - lo, core_radii)
-    r = r * (1 + 0.25 * _smooth_field(rng, sub_shape, 5))
+    r = r * (1 + rng.uniform(0.1, 0.35) * _smooth_field(rng, sub_shape, 5))
     core = r < 1.0
     enhancing = np.zeros_like(core)
     if with_et:
-        rim = rng.uniform(0.25, 0.5)  # rim thickness as a fraction of the core radius
+        rim = rng.uniform(0.2, 0.6) if with_ncr else 1.0  # rim thickness as a fraction of the core radius
         enhancing = core & (r > 1.0 - rim * (1 + 0.3 * _smooth_field(rng, sub_shape, 6)))
-    edema_extent = rng.uniform(1.4, 2.6)
-    edema = (r < edema_extent * (1 + 0.35 * _smooth_field(rng, sub_shape, 7))) & ~core
+    edema = (r < _u(rng, ranges.edema_extent) * (1 + 0.35 * _smooth_field(rng, sub_shape, 7))) & ~core
     brain = tissue[box] != _BG
     edema &= brain & (tissue[box] != _CSF)  # edema spreads through parenchyma, not into CSF
     full = []
@@ -133,60 +196,96 @@ def _lesion(rng: np.random.Generator, tissue: np.ndarray, scale: float, with_et:
     return full
 
 
-def _tumour_labels(rng: np.random.Generator, tissue: np.ndarray, scale: float) -> np.ndarray:
+def _tumour_labels(rng: np.random.Generator, tissue: np.ndarray, scale: float, ranges: PhantomRanges) -> np.ndarray:
     labels = np.zeros(tissue.shape, np.uint8)
-    with_et = rng.random() < 0.85
-    lesions = 1 + int(rng.random() < 0.15) + int(rng.random() < 0.05)
+    kind = rng.random()
+    with_et, with_ncr = kind >= 0.15, kind < 0.9  # 15% without ET, 10% solidly enhancing (no NCR)
+    lesions = 1 + int(rng.random() < 0.2) + int(rng.random() < 0.08)
     for k in range(lesions):
-        size = rng.uniform(10, 22) if k == 0 else rng.uniform(5, 10)
-        core, enhancing, edema = _lesion(rng, tissue, scale, with_et, size)
+        low, high = ranges.tumour_core_radius
+        size = rng.uniform(low, high) if k == 0 else rng.uniform(low, max(low, high * 0.4))
+        core, enhancing, edema = _lesion(rng, tissue, scale, size, ranges, with_et, with_ncr)
         labels[edema & (labels == 0)] = 2
         labels[core] = 1
         labels[enhancing] = 3
     return labels
 
 
-def _contrast(rng: np.random.Generator, tissue: np.ndarray, labels: np.ndarray, modality: Modality) -> np.ndarray:
-    """One modality: randomised tissue means, texture, partial-volume blur, bias field, noise."""
+def _tissue_means(rng: np.random.Generator, modality: Modality, ranges: PhantomRanges) -> np.ndarray:
+    means = np.zeros(8, np.float32)
+    means[_WM] = 1.0
+    for t, bounds in ranges.contrast[modality].items():
+        means[t] = _u(rng, bounds)
+    means[_DGM] = 1.0 + (means[_GM] - 1.0) * rng.uniform(0.3, 0.8)
+    return means
+
+
+def _thick_slices(rng: np.random.Generator, image: np.ndarray, ranges: PhantomRanges) -> np.ndarray:
+    """Simulate a 2D acquisition with thick slices along one axis: average, then interpolate back."""
+    axis = int(rng.integers(3))
+    factor = _u(rng, ranges.thick_slice_factor)
+    out = ndimage.uniform_filter1d(image, max(1, round(factor)), axis=axis)
+    coarse_n = max(2, round(image.shape[axis] / factor))
+    positions = np.linspace(0, image.shape[axis] - 1, coarse_n)
+    coarse = np.take(out, np.round(positions).astype(int), axis=axis)
+    back = np.linspace(0, coarse_n - 1, image.shape[axis])
+    zoom = [1.0, 1.0, 1.0]
+    zoom[axis] = image.shape[axis] / coarse_n
+    del back
+    restored = ndimage.zoom(coarse, zoom, order=1, mode="nearest")
+    slices = tuple(slice(0, n) for n in image.shape)
+    fitted = np.zeros_like(image)
+    region = tuple(slice(0, min(a, b)) for a, b in zip(restored.shape, image.shape))
+    fitted[region] = restored[region]
+    return fitted[slices]
+
+
+def _contrast(rng: np.random.Generator, tissue: np.ndarray, labels: np.ndarray, modality: Modality,
+              ranges: PhantomRanges) -> np.ndarray:
+    """One modality: randomised tissue means, patchy texture, partial-volume blur, bias field, noise,
+    sometimes thick slices."""
     shape = tissue.shape
     region = tissue.copy()
     region[labels == 1], region[labels == 2], region[labels == 3] = _NCR, _ED, _ET
-    means = np.zeros(7, np.float32)
-    for t in _TISSUES:
-        means[t] = rng.uniform(*_CONTRAST[modality][t])
+    means = _tissue_means(rng, modality, ranges)
     image = means[region]
-    texture = _smooth_field(rng, shape, 40) * rng.uniform(0.01, 0.04)
-    image = image + texture * (region != _BG)
-    image = ndimage.gaussian_filter(image, rng.uniform(0.4, 1.0))
-    bias = np.exp(rng.uniform(0.05, 0.25) * _smooth_field(rng, shape, 3))
-    image = image * bias + rng.normal(0, rng.uniform(0.01, 0.04), shape).astype(np.float32)
+    texture = 1 + _u(rng, ranges.texture) * _smooth_field(rng, shape, rng.uniform(20, 50))
+    image = image * texture * (region != _BG)
+    image = ndimage.gaussian_filter(image, _u(rng, ranges.blur_sigma))
+    if rng.random() < ranges.thick_slice_probability:
+        image = _thick_slices(rng, image, ranges)
+    bias = np.exp(_u(rng, ranges.bias_strength) * _smooth_field(rng, shape, rng.uniform(2, 4)))
+    image = image * bias + rng.normal(0, _u(rng, ranges.noise), shape).astype(np.float32)
     image[region == _BG] = 0  # skull-stripped: outside the brain is exactly zero
     return np.clip(image, 0, None)
 
 
-def _store(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+def _store(rng: np.random.Generator, image: np.ndarray, ranges: PhantomRanges) -> np.ndarray:
     """Random intensity scale and stored dtype, as different scanners and converters produce."""
     dtype = _STORED_DTYPES[rng.integers(len(_STORED_DTYPES))]
-    scaled = image * rng.uniform(300, 3000)
+    scaled = image * _u(rng, ranges.scale)
     if np.issubdtype(dtype, np.integer):
-        return np.round(scaled).astype(dtype)
+        return np.round(np.clip(scaled, 0, np.iinfo(dtype).max)).astype(dtype)
     return scaled.astype(dtype)
 
 
-def make_phantom(seed: int, index: int, size: tuple[int, int, int] = DEFAULT_SIZE, case_id: str | None = None) -> Phantom:
+def make_phantom(seed: int, index: int, size: tuple[int, int, int] = DEFAULT_SIZE, case_id: str | None = None,
+                 ranges: PhantomRanges = DEFAULT_RANGES) -> Phantom:
     """Generate phantom number ``index`` of the series ``seed``; ``size`` is (x, y, z) in voxels."""
     if len(size) != 3 or min(size) < 16:
         raise ValueError(f"phantom size must be three integers >= 16, got {size}")
     rng = np.random.default_rng([seed, index])
     shape = (size[2], size[1], size[0])
     scale = min(s / d for s, d in zip(size, DEFAULT_SIZE))
-    tissue = _anatomy(rng, shape, scale)
-    labels = _tumour_labels(rng, tissue, scale)
-    images = {m: _store(rng, _contrast(rng, tissue, labels, m)) for m in _CONTRAST}
+    tissue = _anatomy(rng, shape, scale, ranges)
+    labels = _tumour_labels(rng, tissue, scale, ranges)
+    images = {m: _store(rng, _contrast(rng, tissue, labels, m, ranges), ranges) for m in ranges.contrast}
     return Phantom(case_id or f"PHANTOM-{seed:04d}-{index:05d}", images, labels, tissue)
 
 
 def _write(array: np.ndarray, path: Path) -> None:
+    import SimpleITK as sitk  # only writing needs it (generation runs where SimpleITK is absent)
+
     image = sitk.GetImageFromArray(array)
     image.SetSpacing((1.0, 1.0, 1.0))
     image.SetOrigin(BRATS_ORIGIN)
@@ -221,12 +320,13 @@ def write_phantom(phantom: Phantom, out_dir: Path, layout: Layout) -> Path:
 
 
 def generate(out_dir: Path, n: int, seed: int, layout: Layout = Layout.BRATS2023,
-             size: tuple[int, int, int] = DEFAULT_SIZE, start: int = 0) -> list[Path]:
+             size: tuple[int, int, int] = DEFAULT_SIZE, start: int = 0,
+             ranges: PhantomRanges = DEFAULT_RANGES) -> list[Path]:
     """Write ``n`` phantom cases (indices start .. start+n-1) into ``out_dir``."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     folders = []
     for index in range(start, start + n):
-        phantom = make_phantom(seed, index, size, case_id_for(layout, seed, index))
+        phantom = make_phantom(seed, index, size, case_id_for(layout, seed, index), ranges)
         folders.append(write_phantom(phantom, out_dir, layout))
     return folders
