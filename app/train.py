@@ -12,9 +12,11 @@ import logging
 import math
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -22,8 +24,18 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from .conventions import NORMAL_BRAIN, from_file_labels
-from .inference import FAST_TILE, EnsemblePredictor, bounding_box, brain_mask, dilate, native_bf16, normalise
+from .augment import AugmentConfig, augment_batch
+from .conventions import NORMAL_BRAIN, Layout, from_file_labels
+from .inference import (
+    FAST_TILE,
+    EnsemblePredictor,
+    bounding_box,
+    brain_mask,
+    dilate,
+    native_bf16,
+    normalise,
+    resolve_device,
+)
 from .io import CaseFiles, find_cases, load_case, load_segmentation
 from .metrics import region_dice
 from .model import CORE_CLASSES, TUMOUR_CLASSES, Cascade, build_model
@@ -60,6 +72,7 @@ class TrainConfig:
     device: str = "auto"
     max_tile: tuple[int, int, int] = FAST_TILE  # validation uses predict's default fast tiling
     init_from: str | None = None  # safetensors model weights to start from (fine-tuning, warm starts)
+    augment: str = "default"  # none | default | strong (app/augment.py)
 
     @property
     def total_steps(self) -> int:
@@ -80,55 +93,125 @@ class TrainConfig:
 # -------------------------------------------------------------------------------------------- data
 
 
-@dataclass
-class TrainingCase:
-    """A case prepared for patch sampling: normalised, cropped to the brain, padded by half a patch."""
+@dataclass(frozen=True)
+class CaseHandle:
+    """A training case from any source: its ID and a loader of (raw image (4, D, H, W), internal labels).
+
+    Loaders are picklable (module-level functions with their arguments bound), so cases can be prepared
+    in worker processes."""
 
     case_id: str
-    image: np.ndarray  # (4, D, H, W) float32
-    target: np.ndarray  # (D, H, W) uint8, internal 5 classes (0 bg, 1 NCR, 2 ED, 3 ET, 4 brain)
+    load: Callable[[], tuple[np.ndarray, np.ndarray]]
+
+
+def _load_files(case: CaseFiles) -> tuple[np.ndarray, np.ndarray]:
+    loaded = load_case(case)
+    return loaded.image, from_file_labels(load_segmentation(case, loaded.reference))
+
+
+def _load_phantom(seed: int, index: int, size: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    from .conventions import MODALITY_ORDER
+    from .phantoms import make_phantom
+
+    phantom = make_phantom(seed, index, size)
+    return np.stack([phantom.images[m].astype(np.float32) for m in MODALITY_ORDER]), phantom.labels
+
+
+def as_handle(case: "CaseFiles | CaseHandle") -> CaseHandle:
+    if isinstance(case, CaseHandle):
+        return case
+    return CaseHandle(case.case_id, partial(_load_files, case))
+
+
+def folder_cases(data_dir: Path) -> list[CaseHandle]:
+    """The cases with ground truth in a BraTS training folder (any layout `find_cases` reads)."""
+    found = find_cases(data_dir)
+    if found.errors:
+        raise ValueError("; ".join(str(e) for e in found.errors))
+    cases = [as_handle(c) for c in found.cases if c.segmentation is not None]
+    if not cases:
+        raise ValueError(f"no cases with ground truth under {data_dir}")
+    return cases
+
+
+def phantom_cases(n: int, seed: int, size: tuple[int, int, int]) -> list[CaseHandle]:
+    """``n`` generated phantoms of series ``seed``, made in memory when first needed (no NIfTI files)."""
+    from .phantoms import case_id_for
+
+    if n < 1:
+        raise ValueError(f"need at least one phantom, got {n}")
+    return [CaseHandle(case_id_for(Layout.BRATS2023, seed, i), partial(_load_phantom, seed, i, tuple(size)))
+            for i in range(n)]
+
+
+@dataclass
+class TrainingCase:
+    """A case prepared for patch sampling: normalised, cropped to the brain, padded by half a patch.
+
+    On a GPU ``image`` and ``target`` are device tensors (see `to_device`); elsewhere numpy arrays."""
+
+    case_id: str
+    image: Any  # (4, D, H, W) float32 (float16 on a GPU)
+    target: Any  # (D, H, W) uint8, internal 5 classes (0 bg, 1 NCR, 2 ED, 3 ET, 4 brain)
     centres: list[np.ndarray]  # per task: flat indices of allowed patch centres
+    offset: Any  # (4,) brain mean / std per modality: normalised + offset is proportional to raw
 
 
-def prepare_case(case: CaseFiles, cache_dir: Path | None = None) -> TrainingCase:
+def prepare_case(case: "CaseFiles | CaseHandle", cache_dir: Path | None = None) -> TrainingCase:
     """Normalise, crop and pad a case and index its sampling regions; with ``cache_dir`` the arrays are
     stored as .npy once and memory-mapped afterwards, so concurrent fold jobs share one copy."""
+    handle = as_handle(case)
     if cache_dir is not None:
-        cached = _load_cached(case.case_id, cache_dir)
+        cached = _load_cached(handle.case_id, cache_dir)
         if cached is not None:
             return cached
-    prepared = _prepare(case)
+    prepared = prepare_arrays(handle.case_id, *handle.load())
     if cache_dir is not None:
         _store_cached(prepared, cache_dir)
     return prepared
 
 
+def prepare_all(cases: Sequence[CaseHandle], cache_dir: Path, workers: int) -> None:
+    """Fill ``cache_dir`` for every case, ``workers`` processes at a time (phantoms are made there too)."""
+    todo = [c for c in cases if _load_cached(c.case_id, cache_dir) is None]
+    if not todo:
+        return
+    log.info("preparing %d cases with %d workers", len(todo), workers)
+    with ProcessPoolExecutor(max_workers=max(1, workers), initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        list(pool.map(partial(prepare_case, cache_dir=cache_dir), todo))
+
+
+_CACHE_PARTS = ("image", "target", "c0", "c1", "c2", "offset")
+
+
 def _cache_paths(case_id: str, cache_dir: Path) -> list[Path]:
-    return [cache_dir / f"{case_id}.{part}.npy" for part in ("image", "target", "c0", "c1", "c2")]
+    return [cache_dir / f"{case_id}.{part}.npy" for part in _CACHE_PARTS]
 
 
 def _load_cached(case_id: str, cache_dir: Path) -> TrainingCase | None:
     paths = _cache_paths(case_id, cache_dir)
     if not all(p.is_file() for p in paths):
         return None
-    image, target, *centres = (np.load(p, mmap_mode="r") for p in paths)
-    return TrainingCase(case_id, image, target, list(centres))
+    image, target, *centres, offset = (np.load(p, mmap_mode="r") for p in paths)
+    return TrainingCase(case_id, image, target, list(centres), np.asarray(offset))
 
 
 def _store_cached(case: TrainingCase, cache_dir: Path) -> None:
     cache_dir.mkdir(parents=True, exist_ok=True)
-    for path, array in zip(_cache_paths(case.case_id, cache_dir), [case.image, case.target, *case.centres]):
+    arrays = [case.image, case.target, *case.centres, case.offset]
+    for path, array in zip(_cache_paths(case.case_id, cache_dir), arrays):
         tmp = path.with_name(f".{path.name}.{os.getpid()}.npy")
         np.save(tmp, array)
         os.replace(tmp, path)
 
 
-def _prepare(case: CaseFiles) -> TrainingCase:
-    loaded = load_case(case)
-    labels = from_file_labels(load_segmentation(case, loaded.reference))
-    mask = brain_mask(loaded.image)
+def prepare_arrays(case_id: str, raw: np.ndarray, labels: np.ndarray) -> TrainingCase:
+    """A `TrainingCase` from a raw (4, D, H, W) image and its internal labels."""
+    mask = brain_mask(raw)
     box = bounding_box(mask, 2)
-    image = normalise(loaded.image[(slice(None), *box)], mask[box])
+    crop = raw[(slice(None), *box)]
+    image = normalise(crop, mask[box])
+    offset = np.array([_mean_over_std(crop[c][mask[box]]) for c in range(crop.shape[0])], np.float32)
     target = labels[box].copy()
     target[(target == 0) & mask[box]] = NORMAL_BRAIN
     half = [p // 2 for p in PATCH]
@@ -141,20 +224,44 @@ def _prepare(case: CaseFiles) -> TrainingCase:
     streams = [(target > 0) & inner, dilate(tumour, TASK2_DILATION) & inner, core & inner]
     # Cases without tumour (or core) fall back to the brain so every stream can always sample.
     centres = [np.flatnonzero(s if s.any() else streams[0]) for s in streams]
-    return TrainingCase(case.case_id, image, target, centres)
+    return TrainingCase(case_id, image, target, centres, offset)
 
 
-def sample_patches(cases: Sequence[TrainingCase], task: int, count: int, rng: np.random.Generator):
-    """``count`` patches whose centres lie in ``task``'s region of randomly chosen cases."""
-    images, targets = [], []
+def _mean_over_std(values: np.ndarray) -> float:
+    values = values.astype(np.float64)
+    std = values.std()
+    return float(values.mean() / std) if std > 0 else 0.0
+
+
+def to_device(case: TrainingCase, device: torch.device) -> TrainingCase:
+    """On a GPU, the case's arrays move there once (image as float16) so patches are gathered on the
+    device and no step copies from the host; on a CPU it is returned as it is."""
+    if device.type == "cpu":
+        return case
+    image = torch.from_numpy(np.ascontiguousarray(case.image, dtype=np.float16)).to(device)
+    target = torch.from_numpy(np.ascontiguousarray(case.target)).to(device)
+    offset = torch.from_numpy(np.asarray(case.offset, np.float32)).to(device)
+    return TrainingCase(case.case_id, image, target, case.centres, offset)
+
+
+def sample_patches(cases: Sequence[TrainingCase], task: int, count: int, rng: np.random.Generator,
+                   with_offsets: bool = False):
+    """``count`` patches whose centres lie in ``task``'s region of randomly chosen cases: (images, targets),
+    numpy arrays or device tensors as the cases hold them; with ``with_offsets`` also each patch's case
+    offset (count, 4)."""
+    images, targets, offsets = [], [], []
     for _ in range(count):
         case = cases[rng.integers(len(cases))]
         flat = case.centres[task][rng.integers(len(case.centres[task]))]
-        centre = np.unravel_index(flat, case.target.shape)
-        window = tuple(slice(c - p // 2, c - p // 2 + p) for c, p in zip(centre, PATCH))
+        centre = np.unravel_index(flat, tuple(case.target.shape))
+        window = tuple(slice(int(c) - p // 2, int(c) - p // 2 + p) for c, p in zip(centre, PATCH))
         images.append(case.image[(slice(None), *window)])
         targets.append(case.target[window])
-    return np.stack(images), np.stack(targets)
+        offsets.append(case.offset)
+    stack = torch.stack if isinstance(images[0], torch.Tensor) else np.stack
+    if with_offsets:
+        return stack(images), stack(targets), stack(offsets)
+    return stack(images), stack(targets)
 
 
 def task_targets(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -172,8 +279,11 @@ def transfer_masks(target: torch.Tensor, origin: torch.Tensor, enabled: bool) ->
     if not enabled:
         return own
     voxels = target[0].numel()
-    tumour_frac = torch.isin(target, torch.tensor(TUMOUR_CLASSES, device=target.device)).flatten(1).sum(1) / voxels
-    core_frac = torch.isin(target, torch.tensor(CORE_CLASSES, device=target.device)).flatten(1).sum(1) / voxels
+    # Comparisons rather than isin with a class tensor: no host-to-device copy per step.
+    tumour = sum(target == c for c in TUMOUR_CLASSES)
+    core = sum(target == c for c in CORE_CLASSES)
+    tumour_frac = tumour.flatten(1).sum(1) / voxels
+    core_frac = core.flatten(1).sum(1) / voxels
     to_task2 = own[0] & (tumour_frac >= TRANSFER_TUMOUR - 1e-9)
     to_task3 = (own[0] | own[1]) & (core_frac >= TRANSFER_CORE - 1e-9)
     return [own[0], own[1] | to_task2, own[2] | to_task3]
@@ -242,6 +352,7 @@ class FoldResult:
     steps: int
     val_cases: list[str]
     history: list[dict[str, Any]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)  # the fold's own settings (jobs may differ)
 
 
 def split_folds(case_ids: Sequence[str], folds: int, seed: int) -> list[list[str]]:
@@ -261,13 +372,8 @@ class ValidationCase:
     truth: np.ndarray  # internal labels
 
 
-def load_validation(cases: Sequence[CaseFiles]) -> list[ValidationCase]:
-    out = []
-    for case in cases:
-        loaded = load_case(case)
-        truth = from_file_labels(load_segmentation(case, loaded.reference))
-        out.append(ValidationCase(case.case_id, loaded.image, truth))
-    return out
+def load_validation(cases: Sequence["CaseFiles | CaseHandle"]) -> list[ValidationCase]:
+    return [ValidationCase(h.case_id, *h.load()) for h in map(as_handle, cases)]
 
 
 def evaluate_cases(model: nn.Module, cases: Sequence[ValidationCase], cfg: TrainConfig, device: torch.device) -> dict[str, float]:
@@ -279,95 +385,149 @@ def evaluate_cases(model: nn.Module, cases: Sequence[ValidationCase], cfg: Train
     return {k: float(np.mean([s[k] for s in scores])) for k in ("WT", "TC", "ET")}
 
 
-def train_fold(cfg: TrainConfig, train_cases: Sequence[CaseFiles], val_cases: Sequence[CaseFiles],
-               fold_dir: Path, fold: int, progress: bool = True, cache_dir: Path | None = None,
-               time_limit: float | None = None) -> FoldResult:
+def train_fold(cfg: TrainConfig, train_cases: Sequence["CaseFiles | CaseHandle"],
+               val_cases: Sequence["CaseFiles | CaseHandle"], fold_dir: Path, fold: int, progress: bool = True,
+               cache_dir: Path | None = None, time_limit: float | None = None,
+               prepared: dict[str, TrainingCase] | None = None) -> FoldResult:
     """Train one fold with resumable checkpoints in ``fold_dir``; keeps the best-validating snapshot.
 
     ``time_limit`` (seconds) ends training early at a validation point once exceeded (a cluster job's
     wall time); it counts from the end of data preparation. The steps actually done are recorded.
+    ``prepared`` keeps cases already on the device between folds trained in one process.
     """
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    device = resolve_device(cfg.device)
     fold_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed * 1000 + fold)
-    # Channels-last: 1.7x faster training steps on this CPU (oneDNN), the layout cuDNN prefers too.
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # one patch shape throughout: let cuDNN pick its kernels
+    # Channels-last: 1.7x faster training steps on a CPU (oneDNN), the layout cuDNN prefers too.
     model = build_network(cfg).to(device, memory_format=torch.channels_last_3d).train()
     optimizer = make_optimizer(model, cfg)
     rng = np.random.default_rng([cfg.seed, fold])
-    state_path, meta_path = fold_dir / "last.safetensors", fold_dir / "last.json"
-    best_path = fold_dir / "best.safetensors"
-    meta: dict[str, Any] = {"step": 0, "best_score": -1.0, "best_step": -1, "best_dice": {}, "history": []}
-    if cfg.init_from and not meta_path.is_file():
+    state = _FoldState(fold_dir)
+    if cfg.init_from and not state.meta_path.is_file():
         model.load_state_dict(load_file(cfg.init_from, device=str(device)), strict=True)
         log.info("fold %d: initialised from %s", fold, cfg.init_from)
-    if meta_path.is_file() and state_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        _restore_checkpoint(model, optimizer, state_path, device)
-        rng.bit_generator.state = meta["rng"]
-        torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
-        log.info("fold %d: resumed at step %d", fold, meta["step"])
-    if meta["step"] >= cfg.total_steps:
-        return _fold_result(fold, meta, val_cases)
+    state.resume(model, optimizer, rng, device)
+    if state.meta["step"] >= cfg.total_steps:
+        return state.result(fold, val_cases)
     log.info("fold %d: preparing %d training cases", fold, len(train_cases))
-    data = [prepare_case(c, cache_dir) for c in train_cases]
-    validation = load_validation(val_cases)
+    prepared = {} if prepared is None else prepared
+    data = [_on_device(c, cache_dir, device, prepared) for c in train_cases]
+    validation = [validation_case(prepare_case(c, cache_dir)) for c in val_cases]
+    _train_loop(cfg, model, optimizer, data, validation, state, rng, device, fold, progress, time_limit)
+    result = state.result(fold, val_cases)
+    result.config = _jsonable(asdict(cfg))
+    return result
+
+
+def _on_device(case: "CaseFiles | CaseHandle", cache_dir: Path | None, device: torch.device,
+               prepared: dict[str, TrainingCase]) -> TrainingCase:
+    if case.case_id not in prepared:
+        prepared[case.case_id] = to_device(prepare_case(case, cache_dir), device)
+    return prepared[case.case_id]
+
+
+def validation_case(case: TrainingCase) -> ValidationCase:
+    """A held-out case for validation from its prepared (cropped, normalised) arrays: the prediction path
+    normalises again, which leaves z-scores as they are, so no case is read or generated twice."""
+    inner = tuple(slice(p // 2, -(p // 2)) for p in PATCH)
+    image = np.asarray(case.image[(slice(None), *inner)], np.float32)
+    truth = np.array(case.target[inner], np.uint8)
+    truth[truth == NORMAL_BRAIN] = 0
+    return ValidationCase(case.case_id, image, truth)
+
+
+class _FoldState:
+    """A fold's progress on disk: the step reached, the best validation so far and the history, written
+    (with the model, optimiser and random states) after every validation so a killed run resumes."""
+
+    def __init__(self, fold_dir: Path):
+        self.state_path, self.meta_path = fold_dir / "last.safetensors", fold_dir / "last.json"
+        self.best_path = fold_dir / "best.safetensors"
+        self.meta: dict[str, Any] = {"step": 0, "best_score": -1.0, "best_step": -1, "best_dice": {}, "history": []}
+
+    def resume(self, model: nn.Module, optimizer, rng: np.random.Generator, device: torch.device) -> None:
+        if not (self.meta_path.is_file() and self.state_path.is_file()):
+            return
+        self.meta = json.loads(self.meta_path.read_text())
+        _restore_checkpoint(model, optimizer, self.state_path, device)
+        rng.bit_generator.state = self.meta["rng"]
+        torch.set_rng_state(torch.tensor(self.meta["torch_rng"], dtype=torch.uint8))
+        log.info("resumed %s at step %d", self.meta_path.parent, self.meta["step"])
+
+    def record(self, model: nn.Module, optimizer, rng: np.random.Generator, entry: dict[str, Any],
+               dice: dict[str, float], stopped_early: bool) -> None:
+        score = float(np.mean(list(dice.values())))
+        self.meta["history"].append(entry)
+        if score > self.meta["best_score"]:
+            self.meta.update(best_score=score, best_step=entry["step"], best_dice=dice)
+            save_state(model.state_dict(), self.best_path)
+        self.meta.update(step=entry["step"], running=entry["loss"], rng=rng.bit_generator.state,
+                         torch_rng=torch.get_rng_state().tolist(), stopped_early=stopped_early)
+        save_state(_checkpoint_state(model, optimizer), self.state_path)
+        write_json_atomic(self.meta, self.meta_path)
+
+    def result(self, fold: int, val_cases: Sequence[Any]) -> FoldResult:
+        m = self.meta
+        return FoldResult(fold, m["best_score"], m["best_step"], m["best_dice"], m["step"],
+                          [c.case_id for c in val_cases], m["history"])
+
+
+def _train_loop(cfg: TrainConfig, model: nn.Module, optimizer, data: Sequence[TrainingCase],
+                validation: Sequence[ValidationCase], state: _FoldState, rng: np.random.Generator,
+                device: torch.device, fold: int, progress: bool, time_limit: float | None) -> None:
     started = time.monotonic()
     # bf16 autocast only where bf16 is native on a GPU (emulated bf16 on pre-Ampere GPUs is slower than
     # fp32); CPU training stays fp32: bf16 steps were 1.34x faster there, but their convergence is untested.
     use_amp = device.type == "cuda" and native_bf16(device)
-    bar = _progress_bar(cfg.total_steps, meta["step"], f"fold {fold}", progress)
-    running = meta.get("running")
-    for step in range(meta["step"], cfg.total_steps):
+    augment = AugmentConfig.for_level(cfg.augment)
+    # The augmentation's generator is reseeded from ``rng`` after every validation, so a resumed run
+    # draws exactly what the uninterrupted one would.
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(rng.integers(2**62)))
+    bar = _progress_bar(cfg.total_steps, state.meta["step"], f"fold {fold}", progress)
+    running = state.meta.get("running")
+    sums: dict[str, torch.Tensor] = {}  # losses stay on the device between validations (no sync per step)
+    counted = 0
+    for step in range(state.meta["step"], cfg.total_steps):
         lr = set_learning_rate(optimizer, cfg, step)
-        losses = train_step(model, optimizer, data, cfg, step, rng, device, use_amp)
-        total = sum(losses.values())
-        running = total if running is None else 0.9 * running + 0.1 * total
+        losses = train_step(model, optimizer, data, cfg, step, rng, device, use_amp, augment, generator)
+        for key, value in losses.items():
+            sums[key] = sums.get(key, 0) + value
+        counted += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{running:.3f}", lr=f"{lr:.1e}", tasks=len(cfg.active_tasks(step)))
         done = step + 1
         out_of_time = time_limit is not None and time.monotonic() - started > time_limit
-        if done % cfg.validate_every == 0 or done == cfg.total_steps or out_of_time:
-            dice = evaluate_cases(model, validation, cfg, device)
-            score = float(np.mean(list(dice.values())))
-            entry = {"step": done, "loss": round(running, 5), **{k: round(v, 4) for k, v in losses.items()},
-                     **{f"dice_{k}": round(v, 4) for k, v in dice.items()}}
-            meta["history"].append(entry)
-            log.info("fold %d step %d: loss %.4f dice WT %.3f TC %.3f ET %.3f", fold, done, running,
-                     dice["WT"], dice["TC"], dice["ET"])
-            if score > meta["best_score"]:
-                meta.update(best_score=score, best_step=done, best_dice=dice)
-                save_state(model.state_dict(), best_path)
-            meta["step"] = done
-            meta["running"] = running
-            meta["rng"] = rng.bit_generator.state
-            meta["torch_rng"] = torch.get_rng_state().tolist()
-            meta["stopped_early"] = out_of_time and done < cfg.total_steps
-            save_state(_checkpoint_state(model, optimizer), state_path)
-            write_json_atomic(meta, meta_path)
-            if out_of_time:
-                log.info("fold %d: time limit reached at step %d", fold, done)
-                break
+        if done % cfg.validate_every and done != cfg.total_steps and not out_of_time:
+            continue
+        means = {k: float(v) / counted for k, v in sums.items()}
+        total = sum(v for k, v in means.items() if k.startswith("loss_task"))
+        running = total if running is None else 0.5 * running + 0.5 * total
+        dice = evaluate_cases(model, validation, cfg, device)
+        entry = {"step": done, "loss": round(running, 5), **{k: round(v, 4) for k, v in means.items()},
+                 **{f"dice_{k}": round(v, 4) for k, v in dice.items()},
+                 "seconds": round(time.monotonic() - started, 1)}
+        log.info("fold %d step %d: loss %.4f dice WT %.3f TC %.3f ET %.3f", fold, done, running,
+                 dice["WT"], dice["TC"], dice["ET"])
+        bar.set_postfix(loss=f"{running:.3f}", lr=f"{lr:.1e}", tasks=len(cfg.active_tasks(step)))
+        state.record(model, optimizer, rng, entry, dice, out_of_time and done < cfg.total_steps)
+        sums, counted = {}, 0
+        generator.manual_seed(int(rng.integers(2**62)))
+        if out_of_time:
+            log.info("fold %d: time limit reached at step %d", fold, done)
+            break
     bar.close()
-    return _fold_result(fold, meta, val_cases)
 
 
-def _fold_result(fold: int, meta: dict[str, Any], val_cases: Sequence[CaseFiles]) -> FoldResult:
-    return FoldResult(fold, meta["best_score"], meta["best_step"], meta["best_dice"], meta["step"],
-                      [c.case_id for c in val_cases], meta["history"])
-
-
-def train_step(model, optimizer, data, cfg: TrainConfig, step: int, rng, device, use_amp: bool) -> dict[str, float]:
+def train_step(model, optimizer, data, cfg: TrainConfig, step: int, rng, device, use_amp: bool,
+               augment: AugmentConfig | None = None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """One SGD step on a fresh batch of the active tasks' patches; returns each task's loss as a detached
+    device tensor (reading it would wait for the device)."""
     tasks = cfg.active_tasks(step)
-    images, targets, origins = [], [], []
-    for task in tasks:
-        x, y = sample_patches(data, task, cfg.batch, rng)
-        images.append(x)
-        targets.append(y)
-        origins.append(np.full(cfg.batch, task))
-    x = torch.from_numpy(np.concatenate(images)).to(device).contiguous(memory_format=torch.channels_last_3d)
-    y = torch.from_numpy(np.concatenate(targets).astype(np.int64)).to(device)
-    origin = torch.from_numpy(np.concatenate(origins)).to(device)
+    x, y, origin, offsets = _batch(data, tasks, cfg.batch, rng, device)
+    if augment is not None:
+        x, y = augment_batch(x, y, offsets, augment, generator, rng)
     cascade = cfg.variant == "cascade"
     # Without transfer (the cascade never has it) each task's patches are exactly its own stream's.
     selected = transfer_masks(y, origin, cfg.transfer and not cascade)
@@ -381,14 +541,42 @@ def train_step(model, optimizer, data, cfg: TrainConfig, step: int, rng, device,
     losses = {}
     for task in tasks:
         chosen = selected[task]
-        logits = outputs[task] if cascade else outputs[task][chosen]
-        task_loss = F.cross_entropy(logits.float(), per_task_targets[task][chosen])
+        if cascade:
+            task_loss = F.cross_entropy(outputs[task].float(), per_task_targets[task][chosen])
+        else:
+            task_loss = _masked_cross_entropy(outputs[task], per_task_targets[task], chosen)
         loss = loss + task_loss
-        losses[f"loss_task{task + 1}"] = float(task_loss.detach())
+        losses[f"loss_task{task + 1}"] = task_loss.detach()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return losses
+
+
+def _masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """Mean voxel-wise cross-entropy over the ``chosen`` patches only: the same value as indexing them out,
+    without the host waiting for the device to count them."""
+    per_patch = F.cross_entropy(logits.float(), target, reduction="none").flatten(1).mean(1)
+    weights = chosen.float()
+    return (per_patch * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def _batch(data: Sequence[TrainingCase], tasks: Sequence[int], batch: int, rng: np.random.Generator,
+           device: torch.device):
+    """Patches of every active task, concatenated: images (channels-last), long labels, each patch's
+    stream and its case's offsets, all on ``device``."""
+    images, targets, offsets = [], [], []
+    for task in tasks:
+        x, y, off = sample_patches(data, task, batch, rng, with_offsets=True)
+        images.append(torch.as_tensor(x))
+        targets.append(torch.as_tensor(y))
+        offsets.append(off)
+    x = torch.cat(images).to(device, torch.float32, non_blocking=True)
+    y = torch.cat(targets).to(device, torch.long, non_blocking=True)
+    # Active tasks are always (0,), (0, 1) or (0, 1, 2), so a patch's stream is its block number.
+    origin = torch.arange(len(tasks), device=device).repeat_interleave(batch)
+    offsets = torch.cat([torch.as_tensor(o) for o in offsets]).to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last_3d), y, origin, offsets
 
 
 def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
@@ -400,21 +588,28 @@ def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
 # ----------------------------------------------------------------------------------------- ensemble
 
 
-def train_ensemble(cfg: TrainConfig, data_dir: Path, out_dir: Path, only_fold: int | None = None,
-                   data_description: dict[str, Any] | None = None, progress: bool = True,
-                   cache_dir: Path | None = None, time_limit: float | None = None) -> dict[str, Any]:
-    """Train every fold (or ``only_fold``) and (re)write ``out_dir`` as a weights folder for `predict`."""
-    found = find_cases(data_dir)
-    if found.errors:
-        raise ValueError("; ".join(str(e) for e in found.errors))
-    cases = [c for c in found.cases if c.segmentation is not None]
-    if not cases:
-        raise ValueError(f"no cases with ground truth under {data_dir}")
+def train_ensemble(cfg: TrainConfig, cases: "Path | Sequence[CaseHandle]", out_dir: Path,
+                   only_fold: "int | Sequence[int] | None" = None, data_description: dict[str, Any] | None = None,
+                   progress: bool = True, cache_dir: Path | None = None, time_limit: float | None = None,
+                   prepare_workers: int = 0) -> dict[str, Any]:
+    """Train every fold (or only the fold(s) ``only_fold``) and (re)write ``out_dir`` as a weights folder for `predict`.
+
+    ``cases`` is a BraTS training folder or a list of case handles (e.g. `phantom_cases`). With a
+    ``cache_dir`` and ``prepare_workers`` > 1, every case is prepared in that many processes first."""
+    if isinstance(cases, (str, Path)):
+        data_description = data_description or {"path": str(cases)}
+        cases = folder_cases(Path(cases))
     by_id = {c.case_id: c for c in cases}
     splits = split_folds(list(by_id), cfg.folds, cfg.seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fold_numbers = range(cfg.folds) if only_fold is None else [only_fold]
+    if cache_dir is not None and prepare_workers > 1:
+        prepare_all(list(by_id.values()), cache_dir, prepare_workers)
+    prepared: dict[str, TrainingCase] = {}  # cases stay on the device from one fold to the next
+    if only_fold is None:
+        fold_numbers: Sequence[int] = range(cfg.folds)
+    else:
+        fold_numbers = [only_fold] if isinstance(only_fold, int) else list(only_fold)
     for fold in fold_numbers:
         if not 0 <= fold < cfg.folds:
             raise ValueError(f"fold {fold} outside 0..{cfg.folds - 1}")
@@ -422,9 +617,10 @@ def train_ensemble(cfg: TrainConfig, data_dir: Path, out_dir: Path, only_fold: i
         val_ids = held_out[: cfg.val_cases] if cfg.val_cases else held_out
         train_ids = [i for k, s in enumerate(splits) if k != fold for i in s]
         result = train_fold(cfg, [by_id[i] for i in train_ids], [by_id[i] for i in val_ids],
-                            out_dir / "runs" / f"fold_{fold}", fold, progress, cache_dir, time_limit)
+                            out_dir / "runs" / f"fold_{fold}", fold, progress, cache_dir, time_limit, prepared)
         _publish_fold(out_dir, fold, result)
-    return write_manifest(out_dir, cfg, data_description or {"path": str(data_dir), "cases": len(cases)})
+    description = {"cases": len(by_id), **(data_description or {})}
+    return write_manifest(out_dir, cfg, description)
 
 
 def _publish_fold(out_dir: Path, fold: int, result: FoldResult) -> None:
@@ -442,7 +638,6 @@ def compact_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Float tensors as float16 for the published weights (half the size; loading casts back to the
     model's float32, and the ensemble's masks are unaffected beyond rounding)."""
     return {k: v.half() if v.is_floating_point() and v.abs().max() < _FP16_LIMIT else v for k, v in state.items()}
-    write_json_atomic(asdict(result), out_dir / "runs" / f"fold_{fold}" / "result.json")
 
 
 def write_manifest(out_dir: Path, cfg: TrainConfig, data: dict[str, Any]) -> dict[str, Any]:
@@ -452,7 +647,9 @@ def write_manifest(out_dir: Path, cfg: TrainConfig, data: dict[str, Any]) -> dic
         result = json.loads(result_path.read_text())
         file = f"fold_{result['fold']}.safetensors"
         if (out_dir / file).is_file():
+            own = result.get("config", {})
             folds.append({"fold": result["fold"], "file": file, "best_step": result["best_step"],
+                          "steps": result["steps"], "augment": own.get("augment", cfg.augment),
                           "validation_dice": result["best_dice"], "validation_cases": result["val_cases"]})
     extra = {"training": {"config": _jsonable(asdict(cfg)), "data": data}}
     return weights_manifest(out_dir, cfg.variant, cfg.width, folds, extra)

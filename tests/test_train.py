@@ -4,14 +4,17 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from scipy import ndimage
 
 from app.io import find_cases
 from app.model import build_model
 from app.phantoms import generate
+from app.augment import AugmentConfig
 from app.train import (
     PATCH,
+    _masked_cross_entropy,
     TrainConfig,
     build_network,
     evaluate_cases,
@@ -29,15 +32,17 @@ from app.weights import load_ensemble
 from .helpers import python_cli
 
 # Small enough for CI, long enough to learn: momentum 0.9 / lr 1e-2 (the same steady-state step as the
-# solver's 0.99 / 1e-3) reacts within ~10 steps instead of ~100.
-TINY = TrainConfig(variant="omnet_cga", width=4, folds=2, stage_steps=(30, 30, 190), batch=6, lr=1e-2,
-                   momentum=0.9, validate_every=125, lr_halve_every=1000, device="cpu", max_tile=(64, 64, 64))
+# solver's 0.99 / 1e-3) reacts within ~10 steps instead of ~100. Augmentation off: it slows learning at this
+# size; its own tests and test_augmentation_is_part_of_the_step cover it.
+TINY = TrainConfig(variant="omnet_cga", width=4, folds=2, stage_steps=(30, 30, 340), batch=6, lr=1e-2,
+                   momentum=0.9, validate_every=200, lr_halve_every=1000, device="cpu", max_tile=(64, 64, 64),
+                   augment="none")
 
 
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory):
     folder = tmp_path_factory.mktemp("train_cases")
-    generate(folder, 4, seed=41, size=(64, 64, 48))
+    generate(folder, 4, seed=45, size=(64, 64, 48))  # the held-out case has a tumour large enough to score
     return find_cases(folder).cases
 
 
@@ -151,3 +156,42 @@ def test_cascade_networks_train_only_on_their_own_tasks_patches(cases):
     losses = train_step(model, optimizer, data, cfg, 4, np.random.default_rng(1), torch.device("cpu"), False)
     assert set(losses) == {"loss_task1", "loss_task2", "loss_task3"}
     assert all(np.isfinite(v) for v in losses.values())
+
+
+def test_augmentation_is_part_of_the_step(cases):
+    torch.set_num_threads(1)
+    data = [prepare_case(c) for c in cases[:2]]
+    losses = {}
+    for level in ("none", "strong"):
+        cfg = replace(TINY, augment=level, stage_steps=(0, 0, 5))
+        torch.manual_seed(0)
+        model = build_network(cfg)
+        augment = AugmentConfig.for_level(level)
+        out = train_step(model, make_optimizer(model, cfg), data, cfg, 0, np.random.default_rng(0),
+                         torch.device("cpu"), False, augment, torch.Generator().manual_seed(0))
+        losses[level] = float(out["loss_task1"])
+    assert losses["none"] != losses["strong"]
+
+
+def test_masked_loss_equals_the_loss_of_the_chosen_patches():
+    torch.manual_seed(0)
+    logits, target = torch.randn(5, 3, 4, 4, 4), torch.randint(0, 3, (5, 4, 4, 4))
+    chosen = torch.tensor([True, False, True, True, False])
+    expected = F.cross_entropy(logits[chosen], target[chosen])
+    torch.testing.assert_close(_masked_cross_entropy(logits, target, chosen), expected)
+    assert float(_masked_cross_entropy(logits, target, torch.zeros(5, dtype=torch.bool))) == 0.0
+
+
+def test_train_cli_on_generated_phantoms_prepares_then_trains(tmp_path):
+    out, cache = tmp_path / "weights", tmp_path / "cache"
+    args = ["train", "--phantoms", "4", "--phantom-seed", "45", "--phantom-size", "64,64,48", "--out", str(out),
+            "--width", "4", "--folds", "2", "--stage-steps", "1,1,1", "--batch", "2", "--validate-every", "3",
+            "--quiet", "--device", "cpu", "--cache", str(cache)]
+    prepared = python_cli(*args, "--prepare-workers", "2", "--prepare-only")
+    assert prepared.returncode == 0, prepared.stderr
+    assert len(list(cache.glob("*.image.npy"))) == 4 and not out.exists()
+    trained = python_cli(*args, "--fold", "0,1", "--augment", "strong")
+    assert trained.returncode == 0, trained.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["training"]["data"]["phantoms"]["n"] == 4
+    assert [(f["fold"], f["augment"]) for f in manifest["folds"]] == [(0, "strong"), (1, "strong")]
