@@ -44,6 +44,20 @@ class Tiling(str, Enum):
     PAPER = "paper"
 
 
+class Mirroring(str, Enum):
+    """Test-time mirroring. NONE: each fold sees the case as it is. FOLDS: fold k sees it mirrored by the
+    k-th of the eight axis combinations (no extra cost: the ensemble averages over mirrors as it averages
+    over grid shifts). FULL: every fold sees all eight (nnU-Net's test-time mirroring, 8x the network time)."""
+
+    NONE = "none"
+    FOLDS = "folds"
+    FULL = "full"
+
+
+# The eight mirror images of a volume: subsets of the spatial axes (2, 3, 4 of a (B, C, D, H, W) batch).
+MIRRORS = ((), (4,), (3,), (3, 4), (2,), (2, 4), (2, 3), (2, 3, 4))
+
+
 class Precision(str, Enum):
     """Network arithmetic. AUTO is bf16 where the device computes it natively, else fp32."""
 
@@ -234,7 +248,7 @@ class EnsemblePredictor:
 
     def __init__(self, device: str = "auto", tiling: str = "fast", max_tile: Sequence[int] = FAST_TILE,
                  margin: int = FAST_MARGIN, precision: str = "auto", crop_margin: int = CROP_MARGIN,
-                 shift_folds: bool = True):
+                 shift_folds: bool = True, tta: str = "none"):
         self.device = resolve_device(device)
         try:
             self.tiling = Tiling(tiling)
@@ -246,6 +260,10 @@ class EnsemblePredictor:
             raise ValueError(f"margin {margin} must be >= 0 and leave part of each tile")
         self.max_tile, self.margin, self.crop_margin = tuple(max_tile), margin, crop_margin
         self.shift_folds = shift_folds
+        try:
+            self.tta = Mirroring(tta)
+        except ValueError:
+            raise ValueError(f"tta must be one of {[m.value for m in Mirroring]}, got {tta!r}") from None
         self.precision = resolve_precision(precision, self.device)
         self.models: list[nn.Module] = []
         self.timings: dict[str, float] = {}
@@ -271,6 +289,14 @@ class EnsemblePredictor:
         if self.tiling is Tiling.PAPER or not self.shift_folds:
             return (0, 0, 0)
         return (fold_index % DIVISOR,) * 3
+
+    def mirrors(self, fold_index: int) -> tuple[tuple[int, ...], ...]:
+        """The axis flips the ``fold_index``-th model's tiles are run under (outputs flipped back, averaged)."""
+        if self.tta is Mirroring.FULL:
+            return MIRRORS
+        if self.tta is Mirroring.FOLDS:
+            return (MIRRORS[fold_index % len(MIRRORS)],)
+        return ((),)
 
     def plan(self, shape: Sequence[int], fold_index: int = 0, region: tuple[slice, ...] | None = None) -> list[Tile]:
         """The tiles the ``fold_index``-th model runs on over a crop of ``shape``; their kept windows cover
@@ -318,13 +344,14 @@ class EnsemblePredictor:
         sums = [torch.zeros(shape, device=self.device), torch.zeros((5, *shape), device=self.device),
                 torch.zeros(shape, device=self.device)]
         done, total = 0, sum(len(p) for p in plans)
-        for model, tiles in zip(self.models, plans):
+        for index, (model, tiles) in enumerate(zip(self.models, plans)):
             tile_voxels = int(np.prod([s.stop - s.start for s in tiles[0].source]))
             batch = max(1, min(64, self._batch_voxels() // tile_voxels))
+            mirrors = self.mirrors(index)
             for start in range(0, len(tiles), batch):
                 group = tiles[start:start + batch]
                 x = torch.stack([padded[(slice(None), *_offset(t.source, before))] for t in group])
-                tumour, classes, enhancing = self._forward(model, x.contiguous(memory_format=torch.channels_last_3d))
+                tumour, classes, enhancing = self._mirrored_forward(model, x, mirrors)
                 for i, t in enumerate(group):
                     sums[0][t.keep] += tumour[i][t.keep_in_tile]
                     sums[1][(slice(None), *t.keep)] += classes[i][(slice(None), *t.keep_in_tile)]
@@ -339,6 +366,21 @@ class EnsemblePredictor:
         """Input voxels per forward pass: ~2M keeps a GPU busy; on a CPU, ~0.5M runs 1.3-1.4x faster per voxel
         than 2M (the activations stay nearer the caches; benchmarks/benchmark.py, 2-core AVX-512 CPU)."""
         return 1 << 21 if self.device.type == "cuda" else 1 << 19
+
+    def _mirrored_forward(self, model: nn.Module, x: torch.Tensor, mirrors: Sequence[tuple[int, ...]]):
+        """`_forward` averaged over the mirror images ``mirrors`` of the tiles, each flipped back."""
+        outputs = None
+        for axes in mirrors:
+            flipped = x.flip(axes) if axes else x
+            tumour, classes, enhancing = self._forward(model, flipped.contiguous(memory_format=torch.channels_last_3d))
+            if axes:
+                scalar_axes = tuple(a - 1 for a in axes)  # outputs without a channel axis
+                tumour, classes, enhancing = tumour.flip(scalar_axes), classes.flip(axes), enhancing.flip(scalar_axes)
+            current = (tumour, classes, enhancing)
+            outputs = current if outputs is None else tuple(o + c for o, c in zip(outputs, current))
+        if len(mirrors) > 1:
+            outputs = tuple(o / len(mirrors) for o in outputs)
+        return outputs
 
     def _forward(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One model's (task-1 tumour prob, task-2 class probs, task-3 ET prob) for a batch of tiles."""

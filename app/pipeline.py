@@ -18,6 +18,7 @@ from typing import Callable, TextIO
 import numpy as np
 import SimpleITK as sitk
 
+from .confidence import LOW_CONFIDENCE, LOW_CONFIDENCE_WARNING, case_confidence, expected_dice
 from .conventions import Modality, to_file_labels
 from .inference import EnsemblePredictor, TaskProbabilities
 from .io import (
@@ -51,7 +52,8 @@ class PredictOptions:
     shard: tuple[int, int] = (0, 1)
     report: Path | None = None
     qc_dir: Path | None = None
-    progress: bool = True
+    progress: bool = True  # a progress bar per case (terminals)
+    announce: bool = False  # a "started" line per case (logs, where no bar is drawn)
 
 
 @dataclass
@@ -63,6 +65,8 @@ class CaseResult:
     voxels: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
+    confidence: float | None = None  # mean expected Dice from the ensemble's probabilities (app/confidence.py)
+    expected_dice: dict[str, float] = field(default_factory=dict)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -135,6 +139,31 @@ def _save_probabilities(folder: Path, loaded: LoadedCase, box, probabilities: Ta
     write_image_atomic(image, folder / f"{loaded.files.case_id}_probabilities.nii.gz")
 
 
+@dataclass
+class Segmentation:
+    """What the product computes for one case: internal labels (0/1/2/3) after post-processing, the
+    fold-averaged probabilities over ``box`` (None for an empty brain), and the confidence read from them."""
+
+    labels: np.ndarray
+    box: tuple[slice, ...] | None
+    probabilities: TaskProbabilities | None
+    expected_dice: dict[str, float] = field(default_factory=dict)
+    confidence: float | None = None
+
+
+def segment_image(predictor: EnsemblePredictor, image: np.ndarray, t1c_channel: int,
+                  post: PostprocessConfig, progress: Callable[[int, int], None] | None = None) -> Segmentation:
+    """Predict, fuse, post-process and score the confidence of a raw (4, D, H, W) case: the one path that
+    `CaseRunner` and the benchmarks share."""
+    internal, box, probabilities = predictor.predict_labels(image, progress, return_probabilities=True)
+    internal = postprocess(internal, image[t1c_channel], post)
+    result = Segmentation(internal, box, probabilities)
+    if probabilities is not None:
+        result.expected_dice = {k: round(v, 4) for k, v in expected_dice(probabilities, internal[box]).items()}
+        result.confidence = round(case_confidence(result.expected_dice), 4)
+    return result
+
+
 class CaseRunner:
     """Segments one loaded case and writes its outputs; no knowledge of the CLI."""
 
@@ -143,21 +172,24 @@ class CaseRunner:
 
     def run(self, loaded: LoadedCase, progress: Callable[[int, int], None] | None = None) -> CaseResult:
         case = loaded.files
-        internal, box, probabilities = self.predictor.predict_labels(loaded.image, progress, return_probabilities=True)
-        t1c = loaded.image[list(case.modalities).index(Modality.T1C)]
-        internal = postprocess(internal, t1c, self.options.postprocess)
+        t1c = list(case.modalities).index(Modality.T1C)
+        seg = segment_image(self.predictor, loaded.image, t1c, self.options.postprocess, progress)
         convention = resolve_convention(self.options.labels, case.layout)
-        file_labels = to_file_labels(internal, convention)
+        file_labels = to_file_labels(seg.labels, convention)
         destination = output_path(self.options.output_dir, case.case_id)
         write_image_atomic(label_image(file_labels, loaded.reference), destination)
         if self.options.save_probabilities is not None:
-            _save_probabilities(self.options.save_probabilities, loaded, box, probabilities)
+            _save_probabilities(self.options.save_probabilities, loaded, seg.box, seg.probabilities)
         if self.options.qc_dir is not None:
             from .qc import save_case_picture
 
             save_case_picture(loaded, file_labels, convention, self.options.qc_dir)
-        return CaseResult(case.case_id, "ok", output=str(destination), voxels=_voxel_counts(file_labels),
-                          warnings=list(loaded.warnings))
+        result = CaseResult(case.case_id, "ok", output=str(destination), voxels=_voxel_counts(file_labels),
+                            warnings=list(loaded.warnings), confidence=seg.confidence,
+                            expected_dice=seg.expected_dice)
+        if seg.confidence is not None and seg.confidence < LOW_CONFIDENCE:
+            result.warnings.append(LOW_CONFIDENCE_WARNING)
+        return result
 
 
 def run_predict(predictor: EnsemblePredictor, options: PredictOptions, stream: TextIO = sys.stderr) -> list[CaseResult]:
@@ -204,6 +236,8 @@ def run_predict(predictor: EnsemblePredictor, options: PredictOptions, stream: T
 def _run_one(runner: CaseRunner, case: CaseFiles, future: Future, options: PredictOptions, stream: TextIO) -> CaseResult:
     start = time.perf_counter()
     bar = None
+    if options.announce:
+        print(f"{case.case_id}: started", file=stream, flush=True)
     try:
         loaded = future.result()
         if options.progress:
@@ -249,6 +283,8 @@ def _print_result(result: CaseResult, stream: TextIO) -> None:
     else:
         voxels = " ".join(f"{k}:{v}" for k, v in result.voxels.items()) or "no tumour"
         line = f"{result.case_id}: ok {result.seconds:.1f} s, voxels {voxels}"
+        if result.confidence is not None:
+            line += f", confidence {result.confidence:.2f}"
         if result.warnings:
             line += f"; warnings: {'; '.join(result.warnings)}"
     print(line, file=stream, flush=True)

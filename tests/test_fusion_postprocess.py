@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from app.inference import EnsemblePredictor, TaskProbabilities, dilate, fast_tiles, fuse, plan_tiles
+from app.inference import MIRRORS, EnsemblePredictor, TaskProbabilities, dilate, fast_tiles, fuse, plan_tiles
 from app.postprocess import PostprocessConfig, postprocess, relabel_dark_edema, remove_small_components
 
 SHAPE = (20, 30, 30)
@@ -171,3 +171,56 @@ def test_fast_tiling_covers_the_brain_box_and_reads_the_ring_around_it_as_contex
                     (everywhere.tumour, everywhere.classes, everywhere.enhancing)):
         np.testing.assert_allclose(x[..., 4:25, 4:57, 4:46], y[..., 4:25, 4:57, 4:46], rtol=1e-5, atol=1e-6)
         assert not x[..., :4, :, :].any() and not x[..., :, 57:, :].any()
+
+
+class _ContextNet(nn.Module):
+    """One 3x3x3 convolution per head with random (not mirror-symmetric) kernels: its output depends on the
+    neighbourhood's orientation, so mirroring changes it."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.heads = nn.ModuleList(nn.Conv3d(4, c, 3, padding=1) for c in (5, 5, 2))
+
+    def forward(self, x):
+        return tuple(head(x) for head in self.heads)
+
+
+def _flip_back(p, axes):
+    """TaskProbabilities of a mirrored image, mirrored back (axes of a (C, D, H, W) image)."""
+    scalar = tuple(a - 1 for a in axes)
+    return np.flip(p.tumour, scalar), np.flip(p.classes, axes), np.flip(p.enhancing, scalar)
+
+
+def test_full_mirroring_averages_the_eight_mirror_images_flipped_back():
+    rng = np.random.default_rng(2)
+    image = rng.normal(size=(4, 16, 24, 32)).astype(np.float32)
+    models = [_ContextNet(7)]
+    options = {"device": "cpu", "max_tile": (16, 24, 32), "margin": 2, "precision": "fp32"}
+    full = EnsemblePredictor(**options, tta="full").load_models(models).predict_probabilities(image)
+    plain = EnsemblePredictor(**options).load_models(models)
+    expected = [np.zeros_like(full.tumour), np.zeros_like(full.classes), np.zeros_like(full.enhancing)]
+    for batch_axes in MIRRORS:
+        axes = tuple(a - 1 for a in batch_axes)  # image axes (C, D, H, W)
+        mirrored = np.ascontiguousarray(np.flip(image, axes)) if axes else image
+        for total, part in zip(expected, _flip_back(plain.predict_probabilities(mirrored), axes)):
+            total += part / len(MIRRORS)
+    for got, want in zip((full.tumour, full.classes, full.enhancing), expected):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    unmirrored = plain.predict_probabilities(image)
+    assert not np.allclose(full.classes, unmirrored.classes, atol=1e-4), "mirroring should matter here"
+
+
+def test_mirroring_leaves_a_pointwise_network_unchanged_and_folds_take_turns():
+    rng = np.random.default_rng(3)
+    image = rng.normal(size=(4, 21, 30, 27)).astype(np.float32)
+    models = [_PointwiseNet(k) for k in range(3)]
+    options = {"device": "cpu", "max_tile": (16, 24, 24), "margin": 2, "precision": "fp32"}
+    results = {tta: EnsemblePredictor(**options, tta=tta).load_models(models).predict_probabilities(image)
+               for tta in ("none", "folds", "full")}
+    for tta in ("folds", "full"):
+        np.testing.assert_allclose(results[tta].classes, results["none"].classes, rtol=1e-5, atol=1e-6)
+    folds = EnsemblePredictor(device="cpu", tta="folds")
+    assert [folds.mirrors(k) for k in (0, 1, 9)] == [(MIRRORS[0],), (MIRRORS[1],), (MIRRORS[1],)]
+    with pytest.raises(ValueError, match="tta must be one of"):
+        EnsemblePredictor(device="cpu", tta="sometimes")

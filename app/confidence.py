@@ -1,0 +1,49 @@
+"""Per-case confidence from the ensemble's own probabilities: how far to trust a segmentation.
+
+For each BraTS region the fold-averaged probabilities give an *expected Dice* of the predicted mask: if the
+probabilities were calibrated, a voxel of probability p is tumour with chance p, so the mask's expected
+overlap is the soft Dice 2 * sum_{mask} p / (sum p + |mask|). It falls when many voxels sit near 0.5 (the
+folds disagree or each is unsure) and when much probability lies outside the mask. The case's confidence is
+the mean over WT, TC and ET; below `LOW_CONFIDENCE` the per-case line and the report carry a warning. The
+threshold was calibrated on the out-of-distribution sweep (README, Confidence).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .conventions import EDEMA, ENHANCING, NECROSIS
+from .inference import TaskProbabilities
+
+# Below this mean expected Dice a case is flagged for review (README, Confidence: calibrated on the sweep).
+LOW_CONFIDENCE = 0.75
+LOW_CONFIDENCE_WARNING = "low confidence: review this segmentation"
+# Probabilities under this floor are ignored: thousands of voxels at p = 0.01 far from any tumour would
+# otherwise weigh as much as a real doubt at the border.
+_FLOOR = 0.1
+
+
+def expected_dice(p: TaskProbabilities, labels: np.ndarray) -> dict[str, float]:
+    """Expected Dice of WT, TC and ET for internal ``labels`` (0/1/2/3) on the probabilities' crop.
+
+    Region probabilities come from task 2 (whole tumour, core) and task 3 (ET within the core), the tasks
+    that decide those regions in the fusion."""
+    core = p.classes[NECROSIS] + p.classes[ENHANCING]
+    regions = {
+        "WT": (core + p.classes[EDEMA], labels > 0),
+        "TC": (core, (labels == NECROSIS) | (labels == ENHANCING)),
+        "ET": (core * p.enhancing, labels == ENHANCING),
+    }
+    return {name: _soft_dice(prob, mask) for name, (prob, mask) in regions.items()}
+
+
+def _soft_dice(probability: np.ndarray, mask: np.ndarray) -> float:
+    weights = np.where(probability >= _FLOOR, probability, 0.0)
+    total = float(weights.sum()) + float(mask.sum())
+    if total < 1.0:  # nothing predicted and nothing probable: confidently empty
+        return 1.0
+    return 2.0 * float(weights[mask].sum()) / total
+
+
+def case_confidence(expected: dict[str, float]) -> float:
+    return float(np.mean(list(expected.values())))

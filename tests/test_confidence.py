@@ -1,0 +1,94 @@
+import json
+
+import numpy as np
+
+from app.confidence import LOW_CONFIDENCE, LOW_CONFIDENCE_WARNING, case_confidence, expected_dice
+from app.inference import TaskProbabilities
+from app.io import find_cases, load_case
+from app.pipeline import CaseRunner, PredictOptions
+from app.postprocess import PostprocessConfig
+
+from .helpers import random_weights, run_cli, small_cases
+
+SHAPE = (12, 16, 16)
+
+
+def _probabilities(labels: np.ndarray, certainty: float) -> TaskProbabilities:
+    """Task probabilities that put ``certainty`` on the true class of every voxel, the rest on brain."""
+    classes = np.zeros((5, *labels.shape), np.float32)
+    for c in range(5):
+        target = labels == c if c else np.zeros(labels.shape, bool)
+        classes[c][target] = certainty
+    classes[4] += 1 - classes.sum(0)
+    enhancing = np.where(labels == 3, certainty, 1 - certainty).astype(np.float32)
+    return TaskProbabilities(tumour=(labels > 0) * certainty, classes=classes, enhancing=enhancing)
+
+
+def _labels() -> np.ndarray:
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[2:10, 3:13, 3:13] = 2
+    labels[4:8, 5:11, 5:11] = 1
+    labels[5:7, 6:10, 6:10] = 3
+    return labels
+
+
+def test_certain_probabilities_give_full_confidence_and_doubt_lowers_it():
+    labels = _labels()
+    sure = expected_dice(_probabilities(labels, 1.0), labels)
+    assert all(abs(v - 1.0) < 1e-6 for v in sure.values()), sure
+    unsure = expected_dice(_probabilities(labels, 0.55), labels)
+    assert all(v < 0.8 for v in unsure.values()), unsure
+    assert case_confidence(unsure) < LOW_CONFIDENCE <= case_confidence(sure)
+
+
+def test_an_empty_prediction_with_nothing_probable_is_confident():
+    labels = np.zeros(SHAPE, np.uint8)
+    empty = expected_dice(_probabilities(labels, 1.0), labels)
+    assert empty == {"WT": 1.0, "TC": 1.0, "ET": 1.0}
+
+
+def test_probability_outside_the_mask_lowers_confidence():
+    labels = _labels()
+    p = _probabilities(labels, 1.0)
+    p.classes[2][0:2] = 0.6  # a slab of probable edema the mask left out
+    p.classes[4][0:2] = 0.4
+    assert expected_dice(p, labels)["WT"] < 0.9
+
+
+class _FixedPredictor:
+    """Stands in for the ensemble: returns the truth as labels with probabilities of a chosen certainty."""
+
+    def __init__(self, certainty: float):
+        self.certainty = certainty
+
+    def predict_labels(self, image, progress=None, return_probabilities=False):
+        labels = np.zeros(image.shape[1:], np.uint8)
+        labels[10:20, 20:40, 20:40] = 2
+        labels[13:17, 25:35, 25:35] = 1
+        box = tuple(slice(0, n) for n in labels.shape)
+        return labels, box, _probabilities(labels, self.certainty)
+
+
+def test_low_confidence_warns_in_the_case_line_and_report(tmp_path):
+    small_cases(tmp_path / "in", 1)
+    [case] = find_cases(tmp_path / "in").cases
+    loaded = load_case(case)
+    options = PredictOptions(tmp_path / "in", tmp_path / "out", postprocess=PostprocessConfig(False, False))
+    (tmp_path / "out").mkdir()
+    confident = CaseRunner(_FixedPredictor(0.99), options).run(loaded)
+    doubtful = CaseRunner(_FixedPredictor(0.55), options).run(loaded)
+    assert confident.confidence > LOW_CONFIDENCE and LOW_CONFIDENCE_WARNING not in confident.warnings
+    assert doubtful.confidence < LOW_CONFIDENCE and LOW_CONFIDENCE_WARNING in doubtful.warnings
+    assert set(doubtful.expected_dice) == {"WT", "TC", "ET"}
+
+
+def test_predict_prints_and_reports_a_confidence_per_case(tmp_path):
+    weights = random_weights(tmp_path / "weights", folds=2)
+    small_cases(tmp_path / "in", 1)
+    report = tmp_path / "report.json"
+    result = run_cli("--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--weights", str(weights),
+                     "--report", str(report))
+    assert result.returncode == 0, result.stderr
+    assert ", confidence " in result.stderr
+    [row] = json.loads(report.read_text())["cases"]
+    assert 0.0 <= row["confidence"] <= 1.0 and set(row["expected_dice"]) == {"WT", "TC", "ET"}
