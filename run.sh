@@ -14,7 +14,9 @@ if [[ "${1:-}" == "infer" ]]; then
 fi
 for arg in "$@"; do
     case "$arg" in
-        -h|--help) exec "$python" -m app predict --help ;;
+        -h|--help)
+            echo "run.sh supplies --input /input --output /output (the container's folders); pass them to override."
+            exec "$python" -m app predict --help ;;
     esac
 done
 # argparse takes the last occurrence of a flag, so user flags after the defaults win.

@@ -36,12 +36,20 @@ def int_list(count: int | None = None, *, distinct: bool = False) -> Callable[[s
     return parse
 
 
+def tile_shape(text: str) -> tuple[int, ...]:
+    """An argparse ``type`` for --tile: three positive multiples of 8 (the network pools three times)."""
+    values = int_list(3)(text)
+    if any(v < 8 or v % 8 for v in values):
+        raise argparse.ArgumentTypeError(f"needs three positive multiples of 8, got {text!r}")
+    return values
+
+
 def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None:
     if mlcube:
         p.add_argument("--data_path", type=Path, required=True, help="folder of input cases (MLCube form)")
         p.add_argument("--output_path", type=Path, required=True, help="folder for the label maps (MLCube form)")
         p.add_argument("--parameters_file", type=Path, default=None,
-                       help="optional YAML with predict settings: folds, device, tiling, precision, labels, postprocess")
+                       help="optional YAML with predict settings: folds, device, tiling, precision, tta, labels, postprocess")
         p.add_argument("--weights", type=Path, default=None, help=argparse.SUPPRESS)
         return
     p.add_argument("--input", type=Path, required=True, help="folder holding one folder (or four files) per case")
@@ -53,7 +61,7 @@ def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None
                    help="auto uses CUDA when present, else the CPU (arithmetic: --precision)")
     p.add_argument("--tiling", default="fast", choices=["fast", "paper"],
                    help="fast: large tiles over the brain's bounding box; paper: 16x32x32 tiles at stride 5x20x20")
-    p.add_argument("--tile", type=int_list(3), default=None,
+    p.add_argument("--tile", type=tile_shape, default=None,
                    help="fast tiling's largest tile D,H,W, multiples of 8 (default 24,48,48; "
                         "160,192,192 covers a brain in one tile)")
     p.add_argument("--tile-margin", type=int, default=None,
@@ -61,6 +69,9 @@ def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="network arithmetic: auto = bf16 where the device computes it natively (CUDA GPUs with "
                         "bf16, CPUs with AVX512-BF16 or AMX), else fp32")
+    p.add_argument("--tta", default="none", choices=["none", "folds", "full"],
+                   help="test-time mirroring: none; folds = fold k sees the k-th of the 8 mirror images (no extra "
+                        "cost); full = every fold sees all 8 (nnU-Net's, 8x the network time)")
     p.add_argument("--labels", default="auto", choices=["auto", "2018", "2023"],
                    help="label encoding: auto follows the case layout (2023 files -> ET=3, others -> ET=4)")
     p.add_argument("--no-postprocess", action="store_true", help="skip both post-processing steps")
@@ -74,7 +85,9 @@ def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None
     p.add_argument("--report", type=Path, default=None, help="write the per-case summary as JSON to this file")
     p.add_argument("--qc", type=Path, default=None, help="write one QC picture (PNG) per case to this folder")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: the CPU quota)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar (summary lines still printed)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar, nor the 'started' line printed per case when stderr is not a terminal "
+                        "(summary lines still printed)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,14 +104,22 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--convention", default="2023", choices=["2023", "2018", "toolkit"], help="file naming layout")
     ph.add_argument("--size", type=int_list(3), default="240,240,155", help="X,Y,Z voxels (1 mm); anatomy scales with it")
 
-    tr = sub.add_parser("train", help="train a k-fold ensemble into a weights folder")
-    tr.add_argument("--data", type=Path, required=True, help="training folder (BraTS layout, with *seg files)")
+    tr = sub.add_parser("train", help="train a k-fold ensemble into a weights folder",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    source = tr.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="training folder (BraTS layout, with *seg files)")
+    source.add_argument("--phantoms", type=int, metavar="N",
+                        help="train on N generated phantoms made in memory (no NIfTI files), series --phantom-seed")
+    tr.add_argument("--phantom-seed", type=int, default=1, help="series seed of --phantoms (default 1)")
+    tr.add_argument("--phantom-size", type=int_list(3), default="240,240,155",
+                    help="X,Y,Z voxels of --phantoms (default 240,240,155)")
     tr.add_argument("--out", type=Path, required=True, help="weights folder to (re)write; resumes if it has runs/")
     tr.add_argument("--variant", default="omnet_cga", choices=["omnet", "omnet_cga", "omnet_se", "cascade"],
                     help="network (cascade = the three-model MC3 baseline)")
     tr.add_argument("--width", type=int, default=32, help="base channel count w (the paper uses 32)")
     tr.add_argument("--folds", type=int, default=10, help="number of folds in the ensemble")
-    tr.add_argument("--fold", type=int, default=None, help="train only this fold (for separate cluster jobs)")
+    tr.add_argument("--fold", type=int_list(distinct=True), default=None,
+                    help="train only these folds, comma-separated (for separate cluster jobs)")
     tr.add_argument("--stage-steps", type=int_list(3), default="1000,1000,18000",
                     help="curriculum steps: task 1 alone, +task 2, +task 3 (comma-separated)")
     tr.add_argument("--no-curriculum", action="store_true", help="all tasks from the first step (OM-Net0)")
@@ -115,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: the CPU quota)")
     tr.add_argument("--cache", type=Path, default=None,
                     help="folder for prepared training arrays (.npy, memory-mapped; shared by concurrent fold jobs)")
+    tr.add_argument("--augment", default="default", choices=["none", "default", "strong"],
+                    help="training augmentation (app/augment.py): flips, rotation/scaling, gamma, contrast, bias "
+                         "field, noise, blur, thick slices; none switches it off")
+    tr.add_argument("--prepare-workers", type=int, default=0,
+                    help="with --cache: prepare (and generate) every case in this many processes before training")
+    tr.add_argument("--prepare-only", action="store_true",
+                    help="with --cache and --prepare-workers: prepare the cases, then stop (before parallel fold jobs)")
     tr.add_argument("--time-limit", type=float, default=None,
                     help="seconds per fold after which training stops at the next step (validated and saved)")
     tr.add_argument("--init-from", type=Path, default=None,
@@ -163,7 +191,7 @@ def _mlcube_to_predict(args: argparse.Namespace) -> argparse.Namespace:
             raise ValueError(f"cannot read --parameters_file {args.parameters_file}: {err}") from None
         if not isinstance(settings, dict):
             raise ValueError(f"--parameters_file {args.parameters_file} must hold a mapping")
-    allowed = {"folds", "device", "tiling", "precision", "labels", "postprocess"}
+    allowed = {"folds", "device", "tiling", "precision", "tta", "labels", "postprocess"}
     unknown = set(settings) - allowed
     if unknown:
         raise ValueError(f"--parameters_file: unknown keys {sorted(unknown)} (allowed: {sorted(allowed)})")
@@ -173,7 +201,7 @@ def _mlcube_to_predict(args: argparse.Namespace) -> argparse.Namespace:
     folds = settings.get("folds")
     if folds is not None:
         argv += ["--folds", ",".join(map(str, folds)) if isinstance(folds, list) else str(folds)]
-    for key in ("device", "tiling", "precision", "labels"):
+    for key in ("device", "tiling", "precision", "tta", "labels"):
         if key in settings:
             argv += [f"--{key}", str(settings[key])]
     if not settings.get("postprocess", True):
@@ -205,7 +233,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if args.tile_margin is not None:
             tiles["margin"] = args.tile_margin
         predictor = EnsemblePredictor(device=args.device, tiling=args.tiling, precision=args.precision,
-                                      **tiles).load_models(models)
+                                      tta=args.tta, **tiles).load_models(models)
         options = PredictOptions(
             input_dir=args.input, output_dir=args.output, labels=args.labels,
             postprocess=PostprocessConfig(
@@ -214,6 +242,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             ),
             skip_existing=args.skip_existing, save_probabilities=args.save_probabilities, shard=shard,
             report=args.report, qc_dir=args.qc, progress=not args.quiet and sys.stderr.isatty(),
+            announce=not args.quiet and not sys.stderr.isatty(),
         )
         results = run_predict(predictor, options)
     except (UsageError, WeightsError, ValueError) as err:
@@ -241,7 +270,7 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .phantoms import GENERATOR_VERSION
-    from .train import TrainConfig, train_ensemble, write_manifest
+    from .train import TrainConfig, folder_cases, phantom_cases, prepare_all, train_ensemble, write_manifest
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     _set_threads(args.threads)
@@ -250,15 +279,30 @@ def cmd_train(args: argparse.Namespace) -> int:
         curriculum=not args.no_curriculum, transfer=not args.no_transfer, batch=args.batch, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, lr_halve_every=args.lr_halve_every,
         validate_every=args.validate_every, val_cases=args.val_cases, seed=args.seed, device=args.device,
-        init_from=str(args.init_from) if args.init_from else None,
+        init_from=str(args.init_from) if args.init_from else None, augment=args.augment,
     )
-    data = {"path": str(args.data), "note": args.data_note, "phantom_generator_version": GENERATOR_VERSION}
+    if args.phantoms is not None:
+        cases = phantom_cases(args.phantoms, args.phantom_seed, args.phantom_size)
+        data = {"phantoms": {"n": args.phantoms, "seed": args.phantom_seed, "size": list(args.phantom_size),
+                             "generator_version": GENERATOR_VERSION}, "note": args.data_note}
+    else:
+        cases = args.data
+        data = {"path": str(args.data), "note": args.data_note}
+    if args.prepare_only:
+        if args.cache is None:
+            print("error: --prepare-only needs --cache", file=sys.stderr)
+            return EXIT_USAGE
+        handles = folder_cases(cases) if isinstance(cases, Path) else cases
+        prepare_all(handles, args.cache, max(1, args.prepare_workers))
+        print(f"prepared {len(handles)} case(s) in {args.cache}", file=sys.stderr)
+        return EXIT_OK
     if args.manifest_only:
         manifest = write_manifest(args.out, cfg, data)
         print(f"weights folder {args.out}: {len(manifest['folds'])} fold(s)", file=sys.stderr)
         return EXIT_OK
-    manifest = train_ensemble(cfg, args.data, args.out, args.fold, data, progress=not args.quiet,
-                              cache_dir=args.cache, time_limit=args.time_limit)
+    manifest = train_ensemble(cfg, cases, args.out, args.fold, data, progress=not args.quiet,
+                              cache_dir=args.cache, time_limit=args.time_limit,
+                              prepare_workers=args.prepare_workers)
     print(f"weights folder {args.out}: {len(manifest['folds'])} fold(s)", file=sys.stderr)
     return EXIT_OK
 

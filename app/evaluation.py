@@ -88,6 +88,9 @@ def evaluate_folder(pred_dir: Path, gt_dir: Path, csv_path: Path | None, labels:
     except (ValueError, OSError, CaseError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if rows and len(missing) == len(rows):  # nothing to score: a wrong --pred folder, not a result of 0
+        print(f"error: no prediction in {pred_dir} matches a case under {gt_dir}", file=sys.stderr)
+        return 2
     print_table(rows)
     if missing:
         print(f"missing predictions (scored as empty): {', '.join(missing)}", file=sys.stderr)

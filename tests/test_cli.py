@@ -42,6 +42,7 @@ def test_run_sh_segments_each_layout(tmp_path, weights, layout, labels):
     assert result.returncode == 0, result.stderr
     _check_outputs(tmp_path / "in", tmp_path / "out", labels)
     assert result.stderr.count(": ok ") == 2
+    assert result.stderr.count(": started") == 2  # stderr is not a terminal: a line as each case starts
 
 
 def test_labels_flag_overrides_convention_and_report_is_written(tmp_path, weights):
@@ -134,3 +135,19 @@ def test_side_outputs_inside_the_output_folder_are_refused(tmp_path, weights):
     result = run_cli("--input", str(tmp_path / "in"), "--output", str(out), "--weights", str(weights),
                      "--report", str(out / "report.json"))
     assert result.returncode == 2 and "inside the output folder" in result.stderr
+
+
+def test_first_run_messages_name_the_flag_and_the_defaults(tmp_path):
+    bad_tile = python_cli("predict", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--tile", "25,48,48")
+    assert bad_tile.returncode == 2 and "--tile" in bad_tile.stderr and "multiples of 8" in bad_tile.stderr
+    help_text = run_cli("--help")
+    assert help_text.returncode == 0 and "run.sh supplies --input /input --output /output" in help_text.stdout
+    train_help = python_cli("train", "--help")
+    assert "(default: 32)" in train_help.stdout
+
+
+def test_evaluate_with_no_matching_prediction_is_a_usage_error(tmp_path):
+    small_cases(tmp_path / "gt", 1)
+    (tmp_path / "pred").mkdir()
+    result = python_cli("evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"))
+    assert result.returncode == 2 and "no prediction" in result.stderr

@@ -228,7 +228,8 @@ def test_read_only_input_folder(tmp_path, weights):
     for path in [cohort, *cohort.rglob("*")]:
         path.chmod(0o555 if path.is_dir() else 0o444)
     out.chmod(0o777)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HOME": "/nonexistent"}
+    # run.sh runs $PYTHON: the interpreter the guard probed, not whatever python3 PATH finds for that user
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HOME": "/nonexistent", "PYTHON": sys.executable}
     result = subprocess.run([*prefix, str(ROOT / "run.sh"), "--input", str(cohort), "--output", str(out),
                              "--weights", str(weights)], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -248,7 +249,7 @@ def test_output_folder_not_writable(tmp_path, weights):
     for path in [tmp_path, weights, *weights.iterdir(), *(tmp_path / "in").rglob("*"), tmp_path / "in"]:
         path.chmod(0o755 if path.is_dir() else 0o644)
     out.chmod(0o555)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHON": sys.executable}
     result = subprocess.run([*prefix, str(ROOT / "run.sh"), "--input", str(tmp_path / "in"), "--output", str(out),
                              "--weights", str(weights)], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 2 and "not writable" in result.stderr, result.stderr

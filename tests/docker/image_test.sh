@@ -8,7 +8,6 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 ROOT="$PWD"
 IMAGE="${OMNET_IMAGE:-omnet-cga:ci}"
 BASE="${OMNET_BASE_IMAGE:-omnet-base:bookworm}"
-WORK="$(mktemp -d /tmp/omnet-docker-XXXXXX)"
 log() { echo "[image-test $(date +%T)] $*"; }
 
 engine_up() { timeout 20 docker info >/dev/null 2>&1; }
@@ -25,13 +24,17 @@ start_engine() {
 }
 
 if ! engine_up; then
-    if [[ "${CI:-}" == "true" ]]; then
+    if [[ "${CI:-}" == "true" && "$(id -u)" != "0" ]]; then
+        echo "SKIPPED: CI=true installs packages and starts a Docker engine as root; this user is not root"
+        exit 77
+    elif [[ "${CI:-}" == "true" ]]; then
         start_engine
     else
         echo "SKIPPED: no Docker engine answers 'docker info' (set CI=true to install and start one)"
         exit 77
     fi
 fi
+WORK="$(mktemp -d /tmp/omnet-docker-XXXXXX)"  # made only once the test runs: a skip leaves nothing behind
 command -v debootstrap >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null; }
 
 debian_mirror() {
@@ -60,12 +63,14 @@ if [[ -n "$wheel" ]]; then cp "$wheel" docker/wheels/; torch_spec="/tmp/wheels/$
 cleanup() { rm -f docker/certs/*.crt docker/wheels/*.whl; rm -rf "$WORK"; }
 trap cleanup EXIT
 
-log "building $IMAGE"
+log "building $IMAGE (several minutes; each Dockerfile step is printed as it starts)"
 start=$(date +%s)
-DOCKER_BUILDKIT=0 docker build --network host -q \
+set -o pipefail
+DOCKER_BUILDKIT=0 docker build --network host \
     --build-arg BASE_IMAGE="$BASE" --build-arg TORCH_SPEC="$torch_spec" \
     --build-arg WEIGHTS_VERSION="$(sha256sum weights/manifest.json | cut -c1-64)" \
-    -t "$IMAGE" . >"$WORK/build.log" 2>&1 || { tail -40 "$WORK/build.log"; exit 1; }
+    -t "$IMAGE" . 2>&1 | tee "$WORK/build.log" | { grep --line-buffered '^Step ' || true; } \
+    || { tail -40 "$WORK/build.log"; exit 1; }
 log "built in $(( $(date +%s) - start )) s; size $(docker image inspect "$IMAGE" --format '{{.Size}}' | awk '{printf "%.2f GB", $1/1e9}')"
 
 export PYTHONPATH="$ROOT"
