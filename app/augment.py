@@ -52,7 +52,7 @@ class AugmentConfig:
     thick_factor: tuple[int, int] = (2, 4)
 
     @classmethod
-    def for_level(cls, level: str | AugmentLevel) -> "AugmentConfig | None":
+    def for_level(cls, level: str | AugmentLevel) -> AugmentConfig | None:
         try:
             level = AugmentLevel(level)
         except ValueError:
@@ -248,7 +248,8 @@ def _pad_for(axis: int, radius: int) -> list[int]:
 def _thick_slices(raw: torch.Tensor, cfg: AugmentConfig, draw: _Draw) -> torch.Tensor:
     """Low resolution along one axis (the same axis and factor for the whole batch, drawn per call):
     average over slabs of ``factor`` slices, then interpolate back linearly."""
-    axis, factor = draw.host_choice(3), cfg.thick_factor[0] + draw.host_choice(cfg.thick_factor[1] - cfg.thick_factor[0] + 1)
+    low_factor, high_factor = cfg.thick_factor
+    axis, factor = draw.host_choice(3), low_factor + draw.host_choice(high_factor - low_factor + 1)
     size = list(raw.shape[2:])
     kernel = [1, 1, 1]
     kernel[axis] = factor

@@ -11,8 +11,8 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 EXIT_OK, EXIT_CASE_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -49,14 +49,16 @@ def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None
         p.add_argument("--data_path", type=Path, required=True, help="folder of input cases (MLCube form)")
         p.add_argument("--output_path", type=Path, required=True, help="folder for the label maps (MLCube form)")
         p.add_argument("--parameters_file", type=Path, default=None,
-                       help="optional YAML with predict settings: folds, device, tiling, precision, tta, labels, postprocess")
+                       help="optional YAML with predict settings: "
+                            "folds, device, tiling, precision, tta, labels, postprocess")
         p.add_argument("--weights", type=Path, default=None, help=argparse.SUPPRESS)
         return
     p.add_argument("--input", type=Path, required=True, help="folder holding one folder (or four files) per case")
     p.add_argument("--output", type=Path, required=True, help="folder that receives <ID>.nii.gz label maps only")
     p.add_argument("--weights", type=Path, default=None,
                    help="weights folder with manifest.json (default: the shipped ensemble in weights/)")
-    p.add_argument("--folds", type=int_list(distinct=True), default=None, help="comma-separated fold numbers to ensemble (default: all in the manifest)")
+    p.add_argument("--folds", type=int_list(distinct=True), default=None,
+                   help="comma-separated fold numbers to ensemble (default: all in the manifest)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto uses CUDA when present, else the CPU (arithmetic: --precision)")
     p.add_argument("--tiling", default="fast", choices=["fast", "paper"],
@@ -91,10 +93,12 @@ def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m app", description="OM-Net + CGA brain tumour segmentation (BraTS).")
+    parser = argparse.ArgumentParser(prog="python -m app",
+                                     description="OM-Net + CGA brain tumour segmentation (BraTS).")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_predict_flags(sub.add_parser("predict", help="segment every case under --input into --output"))
-    _add_predict_flags(sub.add_parser("infer", help="MLCube form of predict, as BraTS orchestrators call it"), mlcube=True)
+    infer = sub.add_parser("infer", help="MLCube form of predict, as BraTS orchestrators call it")
+    _add_predict_flags(infer, mlcube=True)
 
     ph = sub.add_parser("phantoms", help="generate BraTS-like phantom cases with ground truth")
     ph.add_argument("--out", type=Path, required=True, help="folder to write the cases into")
@@ -102,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--seed", type=int, default=0, help="series seed; case i is deterministic for (seed, i)")
     ph.add_argument("--start", type=int, default=0, help="index of the first case in the series")
     ph.add_argument("--convention", default="2023", choices=["2023", "2018", "toolkit"], help="file naming layout")
-    ph.add_argument("--size", type=int_list(3), default="240,240,155", help="X,Y,Z voxels (1 mm); anatomy scales with it")
+    ph.add_argument("--size", type=int_list(3), default="240,240,155",
+                    help="X,Y,Z voxels (1 mm); anatomy scales with it")
 
     tr = sub.add_parser("train", help="train a k-fold ensemble into a weights folder",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -148,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--init-from", type=Path, default=None,
                     help="start from these model weights (safetensors, same variant and width), e.g. to fine-tune")
     tr.add_argument("--manifest-only", action="store_true",
-                    help="only rewrite manifest.json from the folds already finished in --out (after separate fold jobs)")
+                    help="only rewrite manifest.json from the folds already finished in --out "
+                         "(after separate fold jobs)")
     tr.add_argument("--data-note", default=None, help="free text recorded in the manifest about the data")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
 

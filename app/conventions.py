@@ -42,7 +42,7 @@ class LabelConvention(str, Enum):
         return (0, 1, 2, self.enhancing_label)
 
     @classmethod
-    def for_layout(cls, layout: Layout) -> "LabelConvention":
+    def for_layout(cls, layout: Layout) -> LabelConvention:
         return cls.BRATS2023 if layout is Layout.BRATS2023 else cls.BRATS2018
 
 

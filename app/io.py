@@ -144,7 +144,8 @@ def _assemble(case_id: str, files: list[tuple[Path, Layout, Modality | None]]) -
             segmentation = path
             continue
         if modality in modalities:
-            raise CaseError(case_id, path, f"two files for {modality.value}: {modalities[modality].name} and {path.name}")
+            first = modalities[modality].name
+            raise CaseError(case_id, path, f"two files for {modality.value}: {first} and {path.name}")
         modalities[modality] = path
     missing = [m.value for m in MODALITY_ORDER if m not in modalities]
     if missing:

@@ -80,7 +80,7 @@ class PhantomRanges:
     edema_extent: Range = (1.1, 2.8)  # edema reach in core radii
     scale: Range = (100.0, 4000.0)  # stored intensity of white matter
 
-    def widened(self, **changes) -> "PhantomRanges":
+    def widened(self, **changes) -> PhantomRanges:
         return replace(self, **changes)
 
 

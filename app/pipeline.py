@@ -10,10 +10,11 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
 import numpy as np
 import SimpleITK as sitk
@@ -233,7 +234,8 @@ def run_predict(predictor: EnsemblePredictor, options: PredictOptions, stream: T
     return results
 
 
-def _run_one(runner: CaseRunner, case: CaseFiles, future: Future, options: PredictOptions, stream: TextIO) -> CaseResult:
+def _run_one(runner: CaseRunner, case: CaseFiles, future: Future, options: PredictOptions,
+             stream: TextIO) -> CaseResult:
     start = time.perf_counter()
     bar = None
     if options.announce:

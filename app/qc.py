@@ -59,8 +59,8 @@ def render(case_id: str, images: dict[str, np.ndarray], rows: list[tuple[str, st
     """One picture: a row per (title, image name, internal label map), three views each."""
     centre = _centre(rows[0][2], images[rows[0][1]] > 0)
     font = ImageFont.load_default()
-    panels = [[_panel(_window(g), l, px) for (g, px), (l, _) in zip(_views(images[name], centre, spacing_zyx),
-                                                                     _views(labels, centre, spacing_zyx))]
+    panels = [[_panel(_window(g), lab, px) for (g, px), (lab, _) in zip(_views(images[name], centre, spacing_zyx),
+                                                                         _views(labels, centre, spacing_zyx))]
               for _, name, labels in rows]
     width = sum(p.width for p in panels[0]) + 120
     header = 36
@@ -108,7 +108,8 @@ def save_case_picture(loaded: LoadedCase, file_labels: np.ndarray, convention: L
     labels = from_file_labels(file_labels)
     images = _modalities(loaded)
     rows = [("prediction", "FLAIR", labels), ("prediction", "T1c", labels)]
-    return _save(render(loaded.files.case_id, images, rows, _spacing_zyx(loaded.reference)), Path(folder), loaded.files.case_id)
+    picture = render(loaded.files.case_id, images, rows, _spacing_zyx(loaded.reference))
+    return _save(picture, Path(folder), loaded.files.case_id)
 
 
 def save_evaluation_pictures(pred_dir: Path, gt_dir: Path, folder: Path) -> list[Path]:
@@ -124,5 +125,6 @@ def save_evaluation_pictures(pred_dir: Path, gt_dir: Path, folder: Path) -> list
         images = _modalities(loaded)
         rows = [("prediction", "FLAIR", pred), ("ground truth", "FLAIR", truth),
                 ("prediction", "T1c", pred), ("ground truth", "T1c", truth)]
-        written.append(_save(render(case.case_id, images, rows, _spacing_zyx(loaded.reference)), Path(folder), case.case_id))
+        picture = render(case.case_id, images, rows, _spacing_zyx(loaded.reference))
+        written.append(_save(picture, Path(folder), case.case_id))
     return written

@@ -12,11 +12,12 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -117,7 +118,7 @@ def _load_phantom(seed: int, index: int, size: tuple[int, int, int]) -> tuple[np
     return np.stack([phantom.images[m].astype(np.float32) for m in MODALITY_ORDER]), phantom.labels
 
 
-def as_handle(case: "CaseFiles | CaseHandle") -> CaseHandle:
+def as_handle(case: CaseFiles | CaseHandle) -> CaseHandle:
     if isinstance(case, CaseHandle):
         return case
     return CaseHandle(case.case_id, partial(_load_files, case))
@@ -157,7 +158,7 @@ class TrainingCase:
     offset: Any  # (4,) brain mean / std per modality: normalised + offset is proportional to raw
 
 
-def prepare_case(case: "CaseFiles | CaseHandle", cache_dir: Path | None = None) -> TrainingCase:
+def prepare_case(case: CaseFiles | CaseHandle, cache_dir: Path | None = None) -> TrainingCase:
     """Normalise, crop and pad a case and index its sampling regions; with ``cache_dir`` the arrays are
     stored as .npy once and memory-mapped afterwards, so concurrent fold jobs share one copy."""
     handle = as_handle(case)
@@ -372,11 +373,12 @@ class ValidationCase:
     truth: np.ndarray  # internal labels
 
 
-def load_validation(cases: Sequence["CaseFiles | CaseHandle"]) -> list[ValidationCase]:
+def load_validation(cases: Sequence[CaseFiles | CaseHandle]) -> list[ValidationCase]:
     return [ValidationCase(h.case_id, *h.load()) for h in map(as_handle, cases)]
 
 
-def evaluate_cases(model: nn.Module, cases: Sequence[ValidationCase], cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+def evaluate_cases(model: nn.Module, cases: Sequence[ValidationCase], cfg: TrainConfig,
+                   device: torch.device) -> dict[str, float]:
     """Mean WT/TC/ET Dice of the fused (not post-processed) prediction on full held-out cases."""
     predictor = EnsemblePredictor(device=device.type, tiling="fast", max_tile=cfg.max_tile)
     predictor.load_models([model])
@@ -385,8 +387,8 @@ def evaluate_cases(model: nn.Module, cases: Sequence[ValidationCase], cfg: Train
     return {k: float(np.mean([s[k] for s in scores])) for k in ("WT", "TC", "ET")}
 
 
-def train_fold(cfg: TrainConfig, train_cases: Sequence["CaseFiles | CaseHandle"],
-               val_cases: Sequence["CaseFiles | CaseHandle"], fold_dir: Path, fold: int, progress: bool = True,
+def train_fold(cfg: TrainConfig, train_cases: Sequence[CaseFiles | CaseHandle],
+               val_cases: Sequence[CaseFiles | CaseHandle], fold_dir: Path, fold: int, progress: bool = True,
                cache_dir: Path | None = None, time_limit: float | None = None,
                prepared: dict[str, TrainingCase] | None = None) -> FoldResult:
     """Train one fold with resumable checkpoints in ``fold_dir``; keeps the best-validating snapshot.
@@ -421,7 +423,7 @@ def train_fold(cfg: TrainConfig, train_cases: Sequence["CaseFiles | CaseHandle"]
     return result
 
 
-def _on_device(case: "CaseFiles | CaseHandle", cache_dir: Path | None, device: torch.device,
+def _on_device(case: CaseFiles | CaseHandle, cache_dir: Path | None, device: torch.device,
                prepared: dict[str, TrainingCase]) -> TrainingCase:
     if case.case_id not in prepared:
         prepared[case.case_id] = to_device(prepare_case(case, cache_dir), device)
@@ -521,7 +523,8 @@ def _train_loop(cfg: TrainConfig, model: nn.Module, optimizer, data: Sequence[Tr
 
 
 def train_step(model, optimizer, data, cfg: TrainConfig, step: int, rng, device, use_amp: bool,
-               augment: AugmentConfig | None = None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+               augment: AugmentConfig | None = None,
+               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """One SGD step on a fresh batch of the active tasks' patches; returns each task's loss as a detached
     device tensor (reading it would wait for the device)."""
     tasks = cfg.active_tasks(step)
@@ -588,8 +591,8 @@ def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
 # ----------------------------------------------------------------------------------------- ensemble
 
 
-def train_ensemble(cfg: TrainConfig, cases: "Path | Sequence[CaseHandle]", out_dir: Path,
-                   only_fold: "int | Sequence[int] | None" = None, data_description: dict[str, Any] | None = None,
+def train_ensemble(cfg: TrainConfig, cases: Path | Sequence[CaseHandle], out_dir: Path,
+                   only_fold: int | Sequence[int] | None = None, data_description: dict[str, Any] | None = None,
                    progress: bool = True, cache_dir: Path | None = None, time_limit: float | None = None,
                    prepare_workers: int = 0) -> dict[str, Any]:
     """Train every fold (or only the fold(s) ``only_fold``) and (re)write ``out_dir`` as a weights folder for `predict`.

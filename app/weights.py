@@ -114,7 +114,8 @@ def select_folds(manifest: Manifest, folds: list[int] | None) -> list[FoldWeight
             raise WeightsError(f"manifest names fold {number} file {entry.path}, which is missing")
         actual = sha256_of(entry.path)
         if actual != entry.sha256:
-            raise WeightsError(f"{entry.path}: sha256 {actual[:12]}... differs from the manifest's {entry.sha256[:12]}...")
+            raise WeightsError(f"{entry.path}: sha256 {actual[:12]}... differs from the manifest's "
+                               f"{entry.sha256[:12]}...")
         chosen.append(entry)
     return chosen
 

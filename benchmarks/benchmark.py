@@ -110,7 +110,10 @@ def run_one(config: str, case_dir: Path, device: str, workdir: Path, label_out: 
 
     torch.set_num_threads(cpu_quota())
     spec, tiling, fold_spec, precision = parse_config(config)
-    all_folds = read_manifest(_weights_for("shipped", 0, workdir)).fold_numbers() if spec == "shipped" else list(range(10))
+    if spec == "shipped":
+        all_folds = read_manifest(_weights_for("shipped", 0, workdir)).fold_numbers()
+    else:
+        all_folds = list(range(10))
     folds = all_folds if fold_spec == "all" else all_folds[: int(fold_spec)]
     weights = _weights_for(spec, len(all_folds), workdir)
     manifest, models = load_ensemble(weights, folds)
@@ -169,7 +172,8 @@ def machine_description(device: str) -> str:
         pass
     from app.cli import cpu_quota
 
-    text = f"{cpu}, {cpu_quota()} CPU thread(s) used, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM"
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    text = f"{cpu}, {cpu_quota()} CPU thread(s) used, {memory:.0f} GiB RAM"
     if device == "cuda":
         import torch
 
@@ -182,8 +186,9 @@ def main() -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device to benchmark")
     parser.add_argument("--configs", default=DEFAULT_CONFIGS,
                         help="comma-separated WEIGHTS-TILING-FOLDS, WEIGHTS = shipped or wN (random width N), "
-                             "TILING = fast, whole (fast with whole-brain tiles), paper, papershiftN (paper grid moved N "
-                             "voxels) or tDxHxWmM (fast with tiles up to DxHxW and margin M), FOLDS = a count or all")
+                             "TILING = fast, whole (fast with whole-brain tiles), paper, papershiftN "
+                             "(paper grid moved N voxels) or tDxHxWmM (fast with tiles up to DxHxW and margin M), "
+                             "FOLDS = a count or all")
     parser.add_argument("--case", type=Path, default=None, help="case folder to use (default: a generated phantom)")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--weights", type=Path, default=None,
@@ -212,7 +217,7 @@ def main() -> int:
     for config in args.configs.split(","):
         child = subprocess.run([sys.executable, __file__, "--one", config, "--case", str(case_root), "--device",
                                 args.device, "--workdir", str(workdir)], capture_output=True, text=True)
-        line = [l for l in child.stdout.splitlines() if l.startswith("ROW ")]
+        line = [out for out in child.stdout.splitlines() if out.startswith("ROW ")]
         if child.returncode != 0 or not line:
             print(f"{config}: failed\n{child.stderr[-2000:]}", file=sys.stderr)
             continue

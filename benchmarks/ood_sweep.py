@@ -154,11 +154,12 @@ def summarise(rows: list[dict]) -> str:
     dice = np.array([np.mean([r["WT"], r["TC"], r["ET"]]) for r in rows])
     conf = np.array([r["confidence"] for r in rows], float)
     low = conf < LOW_CONFIDENCE
+    flagged = dice[low].mean() if low.any() else float("nan")
+    kept = dice[~low].mean() if (~low).any() else float("nan")
     lines.append("")
     lines.append(f"Confidence vs mean Dice over {len(rows)} case-conditions: Pearson r = "
                  f"{np.corrcoef(conf, dice)[0, 1]:.2f}; flagged (confidence < {LOW_CONFIDENCE}): {int(low.sum())}, "
-                 f"their mean Dice {dice[low].mean() if low.any() else float('nan'):.3f}; "
-                 f"not flagged: {int((~low).sum())}, mean Dice {dice[~low].mean() if (~low).any() else float('nan'):.3f}")
+                 f"their mean Dice {flagged:.3f}; not flagged: {int((~low).sum())}, mean Dice {kept:.3f}")
     return "\n".join(lines)
 
 

@@ -122,8 +122,9 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     data = [to_device(prepare_case(c), device) for c in phantom_cases(4, 900, (120, 120, 78))]
-    print(f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads"
-          + (f", GPU {torch.cuda.get_device_name(0)}" if device.type == "cuda" else "") + f", batch {args.batch}/task\n")
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if device.type == "cuda" else ""
+    print(f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads{gpu}, "
+          f"batch {args.batch}/task\n")
     print("| device | width | augment | step (ms) | patches/s | augmentation alone (ms) | share of step |")
     print("|---|---|---|---|---|---|---|")
     for width in (int(w) for w in args.widths.split(",")):

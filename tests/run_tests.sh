@@ -9,5 +9,7 @@ find_links=()
 if ls /opt/wheels/torch-*.whl >/dev/null 2>&1; then find_links=(--find-links /opt/wheels); fi
 python3 -m pip install -q "${find_links[@]}" -r requirements.txt -r requirements-dev.txt
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+echo "ruff (lint and import order, pyproject.toml):"
+python3 -m ruff check .
 # -rs: say why a test was skipped; --durations: name the slow ones (the whole run takes 15-25 minutes here).
 python3 -m pytest -q -rs --durations=10 -p no:cacheprovider tests "$@"

@@ -14,7 +14,8 @@ def _batch(seed: int = 0, b: int = 6):
     """Patches whose every channel is a smooth function of the label map (plus an offset), background rim
     of zeros, so spatial changes of images and labels can be compared."""
     g = torch.Generator().manual_seed(seed)
-    y = torch.randint(1, 5, (b, 4, 8, 8), generator=g).repeat_interleave(4, 1).repeat_interleave(4, 2).repeat_interleave(4, 3)
+    y = torch.randint(1, 5, (b, 4, 8, 8), generator=g)
+    y = y.repeat_interleave(4, 1).repeat_interleave(4, 2).repeat_interleave(4, 3)
     x = y[:, None].float().repeat(1, 4, 1, 1, 1) * torch.tensor([1.0, 0.5, -0.5, 2.0])[None, :, None, None, None]
     x[:, :, :2] = 0
     y[:, :2] = 0

@@ -7,6 +7,8 @@ import pytest
 
 from .helpers import ROOT
 
+pytestmark = [pytest.mark.slow, pytest.mark.docker]  # `./tests/run_tests.sh -m "not slow"` for a quick loop
+
 SKIP = 77
 
 

@@ -47,7 +47,7 @@ def _predict(cohort: Path, weights: Path, *extra: str):
 
 def _assert_fails_alone(result, out: Path, case_id: str, fragment: str, file_hint: str | None = None):
     assert result.returncode == 1, result.stderr
-    failed = [l for l in result.stderr.splitlines() if l.startswith("FAILED")]
+    failed = [line for line in result.stderr.splitlines() if line.startswith("FAILED")]
     assert len(failed) == 1, result.stderr
     assert case_id in failed[0] and fragment in failed[0], failed[0]
     if file_hint:
@@ -77,8 +77,8 @@ def test_duplicate_ids(cohort, weights):
         shutil.copy(path, cohort / path.name)
     result, out = _predict(cohort, weights)
     assert result.returncode == 1
-    failed = [l for l in result.stderr.splitlines() if l.startswith("FAILED")]
-    assert len(failed) == 2 and all("duplicate case ID" in l for l in failed)
+    failed = [line for line in result.stderr.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 2 and all("duplicate case ID" in line for line in failed)
     assert len(list(out.iterdir())) == 2
 
 

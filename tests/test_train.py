@@ -8,14 +8,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from scipy import ndimage
 
+from app.augment import AugmentConfig
 from app.io import find_cases
 from app.model import build_model
 from app.phantoms import generate
-from app.augment import AugmentConfig
 from app.train import (
     PATCH,
-    _masked_cross_entropy,
     TrainConfig,
+    _masked_cross_entropy,
     build_network,
     evaluate_cases,
     load_validation,
@@ -30,6 +30,8 @@ from app.train import (
 from app.weights import load_ensemble
 
 from .helpers import python_cli
+
+pytestmark = pytest.mark.slow  # `./tests/run_tests.sh -m "not slow"` for a quick loop
 
 # Small enough for CI, long enough to learn: momentum 0.9 / lr 1e-2 (the same steady-state step as the
 # solver's 0.99 / 1e-3) reacts within ~10 steps instead of ~100. Augmentation off: it slows learning at this
