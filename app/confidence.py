@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from .conventions import EDEMA, ENHANCING, NECROSIS
-from .inference import TaskProbabilities
+from .inference import FUSION_DILATION, TaskProbabilities, dilate
 
 # Below this mean expected Dice a case is flagged for review (README, Confidence: calibrated on the sweep).
 LOW_CONFIDENCE = 0.75
@@ -26,11 +26,13 @@ _FLOOR = 0.1
 def expected_dice(p: TaskProbabilities, labels: np.ndarray) -> dict[str, float]:
     """Expected Dice of WT, TC and ET for internal ``labels`` (0/1/2/3) on the probabilities' crop.
 
-    Region probabilities come from task 2 (whole tumour, core) and task 3 (ET within the core), the tasks
-    that decide those regions in the fusion."""
-    core = p.classes[NECROSIS] + p.classes[ENHANCING]
+    Region probabilities are read as the fusion reads them: task 2 (whole tumour, core) only inside the
+    dilated coarse tumour of task 1 (outside it task 2 never decides anything, and it was never trained
+    far from tumours), task 3 for ET within the core."""
+    inside = dilate(p.tumour > 0.5, FUSION_DILATION)
+    core = (p.classes[NECROSIS] + p.classes[ENHANCING]) * inside
     regions = {
-        "WT": (core + p.classes[EDEMA], labels > 0),
+        "WT": (core + p.classes[EDEMA] * inside, labels > 0),
         "TC": (core, (labels == NECROSIS) | (labels == ENHANCING)),
         "ET": (core * p.enhancing, labels == ENHANCING),
     }

@@ -116,18 +116,32 @@ def case_arrays(seed: int, index: int, ranges=DEFAULT_RANGES):
     return image, phantom.labels
 
 
-def run(weights: Path, cases: int, seed: int, factors: list[str], tta: str) -> list[dict]:
+def sized_indices(seed: int, cases: int, min_tumour: int) -> list[int]:
+    """The first ``cases`` indices of series ``seed`` whose whole tumour has at least ``min_tumour`` voxels:
+    the generator also makes tiny tumours (for training), whose Dice swings with a few voxels and would
+    drown the effect of each factor."""
+    chosen, index = [], 0
+    while len(chosen) < cases:
+        if (case_arrays(seed, index)[1] > 0).sum() >= min_tumour:
+            chosen.append(index)
+        index += 1
+    return chosen
+
+
+def run(weights: Path, cases: int, seed: int, factors: list[str], tta: str, min_tumour: int,
+        strengths: list[str]) -> list[dict]:
     _, models = load_ensemble(weights)
     predictor = EnsemblePredictor(tta=tta).load_models(models)
     t1c = MODALITY_ORDER.index(Modality.T1C)
     rows = []
-    clean = [case_arrays(seed, i) for i in range(cases)]
+    indices = sized_indices(seed, cases, min_tumour)
+    clean = [case_arrays(seed, i) for i in indices]
     for factor in factors:
-        for level in (("-",) if factor == "clean" else STRENGTHS):
-            for i in range(cases):
-                rng = np.random.default_rng([seed, i, FACTORS.index(factor), len(level)])
+        for level in (("-",) if factor == "clean" else strengths):
+            for i, index in enumerate(indices):
+                rng = np.random.default_rng([seed, index, FACTORS.index(factor), len(level)])
                 if factor in ANATOMY:
-                    image, truth = case_arrays(seed, i, ANATOMY[factor](level))
+                    image, truth = case_arrays(seed, index, ANATOMY[factor](level))
                 else:
                     image, truth = clean[i]
                     if factor != "clean":
@@ -135,9 +149,9 @@ def run(weights: Path, cases: int, seed: int, factors: list[str], tta: str) -> l
                 started = time.perf_counter()
                 seg = segment_image(predictor, image, t1c, PostprocessConfig())
                 dice = region_dice(seg.labels, truth)
-                rows.append({"factor": factor, "strength": level, "case": i, **dice,
+                rows.append({"factor": factor, "strength": level, "case": index, **dice,
                              "confidence": seg.confidence, "seconds": round(time.perf_counter() - started, 1)})
-                print(f"{factor:>13} {level:>8} case {i}: WT {dice['WT']:.3f} TC {dice['TC']:.3f} "
+                print(f"{factor:>13} {level:>8} case {index}: WT {dice['WT']:.3f} TC {dice['TC']:.3f} "
                       f"ET {dice['ET']:.3f} confidence {seg.confidence}", file=sys.stderr, flush=True)
     return rows
 
@@ -168,7 +182,11 @@ def main() -> int:
     parser.add_argument("--weights", type=Path, default=ROOT / "weights", help="weights folder (default: shipped)")
     parser.add_argument("--cases", type=int, default=3, help="held-out phantoms per condition")
     parser.add_argument("--seed", type=int, default=2000, help="phantom series of the held-out cases")
+    parser.add_argument("--min-tumour", type=int, default=15000,
+                        help="use only cases whose whole tumour has at least this many voxels (BraTS-sized)")
     parser.add_argument("--factors", default="all", help=f"comma-separated subset of {','.join(FACTORS)}")
+    parser.add_argument("--strengths", default=",".join(STRENGTHS),
+                        help="comma-separated subset of mild,moderate,strong")
     parser.add_argument("--tta", default="none", choices=["none", "folds", "full"], help="test-time mirroring")
     parser.add_argument("--csv", type=Path, default=None, help="also write every case-condition row here")
     args = parser.parse_args()
@@ -176,13 +194,14 @@ def main() -> int:
     unknown = set(factors) - set(FACTORS)
     if unknown:
         parser.error(f"unknown factors {sorted(unknown)}; choose from {', '.join(FACTORS)}")
-    rows = run(args.weights, args.cases, args.seed, factors, args.tta)
+    rows = run(args.weights, args.cases, args.seed, factors, args.tta, args.min_tumour, args.strengths.split(","))
     if args.csv:
         with open(args.csv, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-    print(f"weights {args.weights}, {args.cases} case(s) of series {args.seed}, tta {args.tta}\n")
+    print(f"weights {args.weights}, {args.cases} case(s) of series {args.seed} with >= {args.min_tumour} tumour "
+          f"voxels, tta {args.tta}\n")
     print(summarise(rows))
     return 0
 

@@ -27,7 +27,7 @@ BF16_AGREEMENT = 0.95
 def shipped_fold():
     if not (DEFAULT_WEIGHTS_DIR / "manifest.json").is_file():
         pytest.fail("the shipped weights (weights/manifest.json) are missing")
-    _, models = load_ensemble(DEFAULT_WEIGHTS_DIR, folds=[5])
+    _, models = load_ensemble(DEFAULT_WEIGHTS_DIR, folds=[0])
     return models
 
 
