@@ -16,7 +16,7 @@ intensities, then the offset is taken off again. Background (exactly 0 after nor
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from enum import Enum
 
 import numpy as np
@@ -64,9 +64,6 @@ class AugmentConfig:
         return replace(cls(), affine=0.5, rotate_degrees=25.0, scale=(0.75, 1.3), gamma=0.5, gamma_range=(0.5, 2.0),
                        contrast=0.5, contrast_range=(0.6, 1.4), bias=0.5, bias_strength=0.3, noise=0.4,
                        noise_std=(0.0, 0.2), blur=0.3, blur_sigma=(0.5, 1.8), thick_slices=0.3, thick_factor=(2, 6))
-
-    def as_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def augment_batch(x: torch.Tensor, y: torch.Tensor, offset: torch.Tensor, cfg: AugmentConfig,

@@ -424,13 +424,18 @@ def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     return out
 
 
+def fusion_region(p: TaskProbabilities) -> np.ndarray:
+    """Where task 2 decides: task 1's coarse whole tumour (tumour probability wins over non-tumour; they
+    sum to 1), dilated by FUSION_DILATION voxels."""
+    return dilate(p.tumour > 0.5, FUSION_DILATION)
+
+
 def fuse(p: TaskProbabilities) -> np.ndarray:
     """SPEC fusion: task 1 finds the coarse whole tumour, task 2 labels inside its 5-voxel dilation,
     task 3 splits the predicted core into ET and NCR/NET. Returns internal labels 0/1/2/3."""
-    coarse = p.tumour > 0.5  # tumour probability wins over non-tumour (they sum to 1)
-    region = dilate(coarse, FUSION_DILATION)
+    region = fusion_region(p)
     task2 = np.argmax(p.classes, axis=0)
-    labels = np.zeros(coarse.shape, np.uint8)
+    labels = np.zeros(region.shape, np.uint8)
     labels[region & (task2 == EDEMA)] = EDEMA
     core = region & np.isin(task2, CORE_CLASSES)
     labels[core] = np.where(p.enhancing[core] > 0.5, ENHANCING, NECROSIS)

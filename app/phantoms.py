@@ -228,16 +228,14 @@ def _thick_slices(rng: np.random.Generator, image: np.ndarray, ranges: PhantomRa
     coarse_n = max(2, round(image.shape[axis] / factor))
     positions = np.linspace(0, image.shape[axis] - 1, coarse_n)
     coarse = np.take(out, np.round(positions).astype(int), axis=axis)
-    back = np.linspace(0, coarse_n - 1, image.shape[axis])
     zoom = [1.0, 1.0, 1.0]
     zoom[axis] = image.shape[axis] / coarse_n
-    del back
     restored = ndimage.zoom(coarse, zoom, order=1, mode="nearest")
-    slices = tuple(slice(0, n) for n in image.shape)
+    # zoom may round the axis one voxel short or long: fit it back (a missing last slice stays 0)
     fitted = np.zeros_like(image)
     region = tuple(slice(0, min(a, b)) for a, b in zip(restored.shape, image.shape))
     fitted[region] = restored[region]
-    return fitted[slices]
+    return fitted
 
 
 def _contrast(rng: np.random.Generator, tissue: np.ndarray, labels: np.ndarray, modality: Modality,
