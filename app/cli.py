@@ -115,9 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--data", type=Path, help="training folder (BraTS layout, with *seg files)")
     source.add_argument("--phantoms", type=int, metavar="N",
                         help="train on N generated phantoms made in memory (no NIfTI files), series --phantom-seed")
-    tr.add_argument("--phantom-seed", type=int, default=1, help="series seed of --phantoms (default 1)")
+    tr.add_argument("--phantom-seed", type=int, default=1, help="series seed of --phantoms")
     tr.add_argument("--phantom-size", type=int_list(3), default="240,240,155",
-                    help="X,Y,Z voxels of --phantoms (default 240,240,155)")
+                    help="X,Y,Z voxels of --phantoms")
     tr.add_argument("--out", type=Path, required=True, help="weights folder to (re)write; resumes if it has runs/")
     tr.add_argument("--variant", default="omnet_cga", choices=["omnet", "omnet_cga", "omnet_se", "cascade"],
                     help="network (cascade = the three-model MC3 baseline)")
