@@ -17,17 +17,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from enum import Enum
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-
-class AugmentLevel(str, Enum):
-    NONE = "none"
-    DEFAULT = "default"
-    STRONG = "strong"
+from .options import AugmentLevel, parse_option
 
 
 @dataclass(frozen=True)
@@ -53,10 +48,7 @@ class AugmentConfig:
 
     @classmethod
     def for_level(cls, level: str | AugmentLevel) -> AugmentConfig | None:
-        try:
-            level = AugmentLevel(level)
-        except ValueError:
-            raise ValueError(f"augment must be one of {[a.value for a in AugmentLevel]}, got {level!r}") from None
+        level = parse_option(AugmentLevel, level, "augment")
         if level is AugmentLevel.NONE:
             return None
         if level is AugmentLevel.DEFAULT:

@@ -1,4 +1,4 @@
-"""Command line: ``python -m app {predict,infer,phantoms,train,evaluate}``.
+"""Command line: ``python3 -m app {predict,infer,phantoms,train,evaluate}``.
 
 Exit status of predict/infer: 0 every case written, 1 some case failed (the others are written),
 2 usage error (no case found, unusable weights or output folder, bad flags).
@@ -13,6 +13,9 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+from .conventions import AUTO_LABELS, LABEL_CHOICES, Layout
+from .options import TRAINABLE_VARIANTS, AugmentLevel, Device, Mirroring, Precision, Tiling, Variant, choices
 
 EXIT_OK, EXIT_CASE_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -59,22 +62,22 @@ def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None
                    help="weights folder with manifest.json (default: the shipped ensemble in weights/)")
     p.add_argument("--folds", type=int_list(distinct=True), default=None,
                    help="comma-separated fold numbers to ensemble (default: all in the manifest)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+    p.add_argument("--device", default=Device.AUTO.value, choices=choices(Device),
                    help="auto uses CUDA when present, else the CPU (arithmetic: --precision)")
-    p.add_argument("--tiling", default="fast", choices=["fast", "paper"],
+    p.add_argument("--tiling", default=Tiling.FAST.value, choices=choices(Tiling),
                    help="fast: large tiles over the brain's bounding box; paper: 16x32x32 tiles at stride 5x20x20")
     p.add_argument("--tile", type=tile_shape, default=None,
                    help="fast tiling's largest tile D,H,W, multiples of 8 (default 24,48,48; "
                         "160,192,192 covers a brain in one tile)")
     p.add_argument("--tile-margin", type=int, default=None,
                    help="voxels each fast tile discards at its sides where tiles meet (default 2)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+    p.add_argument("--precision", default=Precision.AUTO.value, choices=choices(Precision),
                    help="network arithmetic: auto = bf16 where the device computes it natively (CUDA GPUs with "
                         "bf16, CPUs with AVX512-BF16 or AMX), else fp32")
-    p.add_argument("--tta", default="none", choices=["none", "folds", "full"],
+    p.add_argument("--tta", default=Mirroring.NONE.value, choices=choices(Mirroring),
                    help="test-time mirroring: none; folds = fold k sees the k-th of the 8 mirror images (no extra "
                         "cost); full = every fold sees all 8 (nnU-Net's, 8x the network time)")
-    p.add_argument("--labels", default="auto", choices=["auto", "2018", "2023"],
+    p.add_argument("--labels", default=AUTO_LABELS, choices=LABEL_CHOICES,
                    help="label encoding: auto follows the case layout (2023 files -> ET=3, others -> ET=4)")
     p.add_argument("--no-postprocess", action="store_true", help="skip both post-processing steps")
     p.add_argument("--no-small-component-removal", action="store_true", help="skip post-processing step 1")
@@ -93,24 +96,30 @@ def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m app",
+    parser = argparse.ArgumentParser(prog="python3 -m app",
                                      description="OM-Net + CGA brain tumour segmentation (BraTS).")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_predict_flags(sub.add_parser("predict", help="segment every case under --input into --output"))
     infer = sub.add_parser("infer", help="MLCube form of predict, as BraTS orchestrators call it")
     _add_predict_flags(infer, mlcube=True)
+    _add_phantoms_flags(sub.add_parser("phantoms", help="generate BraTS-like phantom cases with ground truth"))
+    _add_train_flags(sub.add_parser("train", help="train a k-fold ensemble into a weights folder",
+                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    _add_evaluate_flags(sub.add_parser("evaluate", help="BraTS metrics of predictions against ground truth"))
+    return parser
 
-    ph = sub.add_parser("phantoms", help="generate BraTS-like phantom cases with ground truth")
+
+def _add_phantoms_flags(ph: argparse.ArgumentParser) -> None:
     ph.add_argument("--out", type=Path, required=True, help="folder to write the cases into")
     ph.add_argument("--n", type=int, required=True, help="number of cases")
     ph.add_argument("--seed", type=int, default=0, help="series seed; case i is deterministic for (seed, i)")
     ph.add_argument("--start", type=int, default=0, help="index of the first case in the series")
-    ph.add_argument("--convention", default="2023", choices=["2023", "2018", "toolkit"], help="file naming layout")
+    ph.add_argument("--convention", default=Layout.BRATS2023.value, choices=choices(Layout), help="file naming layout")
     ph.add_argument("--size", type=int_list(3), default="240,240,155",
                     help="X,Y,Z voxels (1 mm); anatomy scales with it")
 
-    tr = sub.add_parser("train", help="train a k-fold ensemble into a weights folder",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+def _add_train_flags(tr: argparse.ArgumentParser) -> None:
     source = tr.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", type=Path, help="training folder (BraTS layout, with *seg files)")
     source.add_argument("--phantoms", type=int, metavar="N",
@@ -119,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--phantom-size", type=int_list(3), default="240,240,155",
                     help="X,Y,Z voxels of --phantoms")
     tr.add_argument("--out", type=Path, required=True, help="weights folder to (re)write; resumes if it has runs/")
-    tr.add_argument("--variant", default="omnet_cga", choices=["omnet", "omnet_cga", "omnet_se", "cascade"],
+    tr.add_argument("--variant", default=Variant.OMNET_CGA.value, choices=TRAINABLE_VARIANTS,
                     help="network (cascade = the three-model MC3 baseline)")
     tr.add_argument("--width", type=int, default=32, help="base channel count w (the paper uses 32)")
     tr.add_argument("--folds", type=int, default=10, help="number of folds in the ensemble")
@@ -137,11 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--validate-every", type=int, default=500, help="validate on the held-out fold every N steps")
     tr.add_argument("--val-cases", type=int, default=0, help="held-out cases used for validation (0 = all)")
     tr.add_argument("--seed", type=int, default=0, help="seed of the fold split and of sampling")
-    tr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="training device")
+    tr.add_argument("--device", default=Device.AUTO.value, choices=choices(Device), help="training device")
     tr.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: the CPU quota)")
     tr.add_argument("--cache", type=Path, default=None,
                     help="folder for prepared training arrays (.npy, memory-mapped; shared by concurrent fold jobs)")
-    tr.add_argument("--augment", default="default", choices=["none", "default", "strong"],
+    tr.add_argument("--augment", default=AugmentLevel.DEFAULT.value, choices=choices(AugmentLevel),
                     help="training augmentation (app/augment.py): flips, rotation/scaling, gamma, contrast, bias "
                          "field, noise, blur, thick slices; none switches it off")
     tr.add_argument("--prepare-workers", type=int, default=0,
@@ -158,13 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--data-note", default=None, help="free text recorded in the manifest about the data")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    ev = sub.add_parser("evaluate", help="BraTS metrics of predictions against ground truth")
+
+def _add_evaluate_flags(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("--pred", type=Path, required=True, help="folder of <ID>.nii.gz predictions")
     ev.add_argument("--gt", type=Path, required=True, help="folder of cases with ground truth (any BraTS layout)")
     ev.add_argument("--csv", type=Path, default=None, help="write per-case and mean metrics to this CSV")
-    ev.add_argument("--labels", default="auto", choices=["auto", "2018", "2023"], help="label encoding of the files")
+    ev.add_argument("--labels", default=AUTO_LABELS, choices=LABEL_CHOICES, help="label encoding of the files")
     ev.add_argument("--qc", type=Path, default=None, help="write one QC picture per case (prediction vs truth)")
-    return parser
 
 
 def cpu_quota() -> int:
@@ -185,6 +194,10 @@ def _set_threads(requested: int) -> None:
     torch.set_num_threads(requested if requested > 0 else cpu_quota())
 
 
+# parameters.yaml keys that are predict flags with a fixed set of values (mlcube/workspace/parameters.yaml).
+MLCUBE_CHOICE_KEYS = ("device", "tiling", "precision", "tta", "labels")
+
+
 def _mlcube_to_predict(args: argparse.Namespace) -> argparse.Namespace:
     """Map the MLCube form onto predict's flags, reading the optional parameters file."""
     settings: dict = {}
@@ -197,7 +210,7 @@ def _mlcube_to_predict(args: argparse.Namespace) -> argparse.Namespace:
             raise ValueError(f"cannot read --parameters_file {args.parameters_file}: {err}") from None
         if not isinstance(settings, dict):
             raise ValueError(f"--parameters_file {args.parameters_file} must hold a mapping")
-    allowed = {"folds", "device", "tiling", "precision", "tta", "labels", "postprocess"}
+    allowed = {"folds", "postprocess", *MLCUBE_CHOICE_KEYS}
     unknown = set(settings) - allowed
     if unknown:
         raise ValueError(f"--parameters_file: unknown keys {sorted(unknown)} (allowed: {sorted(allowed)})")
@@ -207,7 +220,7 @@ def _mlcube_to_predict(args: argparse.Namespace) -> argparse.Namespace:
     folds = settings.get("folds")
     if folds is not None:
         argv += ["--folds", ",".join(map(str, folds)) if isinstance(folds, list) else str(folds)]
-    for key in ("device", "tiling", "precision", "tta", "labels"):
+    for key in MLCUBE_CHOICE_KEYS:  # their values are checked by predict's parser (its choices)
         if key in settings:
             argv += [f"--{key}", str(settings[key])]
     if not settings.get("postprocess", True):
@@ -223,7 +236,7 @@ def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .inference import EnsemblePredictor
-    from .pipeline import PredictOptions, UsageError, parse_shard, run_predict
+    from .pipeline import CaseStatus, PredictOptions, UsageError, parse_shard, run_predict
     from .postprocess import PostprocessConfig
     from .weights import DEFAULT_WEIGHTS_DIR, WeightsError, load_ensemble
 
@@ -254,7 +267,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     except (UsageError, WeightsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    failed = [r for r in results if r.status == "failed"]
+    failed = [r for r in results if r.status is CaseStatus.FAILED]
     done = len(results) - len(failed)
     print(f"{done} of {len(results)} case(s) written to {args.output}", file=sys.stderr)
     if failed:
@@ -276,7 +289,7 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .phantoms import GENERATOR_VERSION
-    from .train import TrainConfig, folder_cases, phantom_cases, prepare_all, train_ensemble, write_manifest
+    from .train import TrainConfig, folder_cases, phantom_cases, prepare_all, train_ensemble, write_ensemble_manifest
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     _set_threads(args.threads)
@@ -303,7 +316,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"prepared {len(handles)} case(s) in {args.cache}", file=sys.stderr)
         return EXIT_OK
     if args.manifest_only:
-        manifest = write_manifest(args.out, cfg, data)
+        manifest = write_ensemble_manifest(args.out, cfg, data)
         print(f"weights folder {args.out}: {len(manifest['folds'])} fold(s)", file=sys.stderr)
         return EXIT_OK
     manifest = train_ensemble(cfg, cases, args.out, args.fold, data, progress=not args.quiet,

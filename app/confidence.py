@@ -5,8 +5,8 @@ probabilities were calibrated, a voxel of probability p is tumour with chance p,
 overlap is the soft Dice 2 * sum_{mask} p / (sum p + |mask|). It falls when many voxels sit near 0.5 (the
 folds disagree or each is unsure) and when much probability lies outside the mask. The case's confidence is
 the mean over WT, TC and ET; below `LOW_CONFIDENCE` the per-case line and the report carry a warning. The
-threshold is a first choice, not yet calibrated: with the shipped (undertrained) weights it flags most
-cases (README, Confidence on the held-out phantoms and the sweep).
+threshold is calibrated on the out-of-distribution sweep by `benchmarks/calibrate_confidence.py` (README,
+Confidence): it is the value that best separates cases whose mean Dice is below 0.7 from the others.
 """
 
 from __future__ import annotations
@@ -14,23 +14,23 @@ from __future__ import annotations
 import numpy as np
 
 from .conventions import EDEMA, ENHANCING, NECROSIS
-from .inference import TaskProbabilities, fusion_region
+from .fusion import TaskProbabilities, fusion_region
 
-# Below this mean expected Dice a case is flagged for review (not yet calibrated: see the module docstring).
-LOW_CONFIDENCE = 0.75
+# Below this mean expected Dice a case is flagged for review (calibrated: see the module docstring).
+LOW_CONFIDENCE = 0.71
 LOW_CONFIDENCE_WARNING = "low confidence: review this segmentation"
 # Probabilities under this floor are ignored: thousands of voxels at p = 0.01 far from any tumour would
 # otherwise weigh as much as a real doubt at the border.
 _FLOOR = 0.1
 
 
-def expected_dice(p: TaskProbabilities, labels: np.ndarray) -> dict[str, float]:
+def expected_dice(p: TaskProbabilities, labels: np.ndarray, region: np.ndarray | None = None) -> dict[str, float]:
     """Expected Dice of WT, TC and ET for internal ``labels`` (0/1/2/3) on the probabilities' crop.
 
     Region probabilities are read as the fusion reads them: task 2 (whole tumour, core) only inside the
-    dilated coarse tumour of task 1 (outside it task 2 never decides anything, and it was never trained
-    far from tumours), task 3 for ET within the core."""
-    inside = fusion_region(p)
+    fusion ``region``, the dilated coarse tumour of task 1 (default: computed here; outside it task 2
+    never decides anything, and it was never trained far from tumours), task 3 for ET within the core."""
+    inside = fusion_region(p) if region is None else region
     core = (p.classes[NECROSIS] + p.classes[ENHANCING]) * inside
     regions = {
         "WT": (core + p.classes[EDEMA] * inside, labels > 0),

@@ -6,9 +6,11 @@ from enum import Enum
 
 import numpy as np
 
+from .options import choices
+
 
 class Modality(str, Enum):
-    """The four MRI sequences, in the network's channel order (SPEC "Input")."""
+    """The four MRI sequences, in the network's channel order (docs/ALGORITHM.md, "Input")."""
 
     FLAIR = "flair"
     T1 = "t1"
@@ -46,6 +48,11 @@ class LabelConvention(str, Enum):
         return cls.BRATS2023 if layout is Layout.BRATS2023 else cls.BRATS2018
 
 
+# The --labels option: a convention, or AUTO_LABELS to follow each case's layout.
+AUTO_LABELS = "auto"
+LABEL_CHOICES = [AUTO_LABELS, *choices(LabelConvention)]
+
+
 # Suffix tokens of each layout; the key is the token after the case prefix (lower case).
 LAYOUT_TOKENS: dict[Layout, dict[str, Modality]] = {
     Layout.BRATS2023: {"t2f": Modality.FLAIR, "t1n": Modality.T1, "t1c": Modality.T1C, "t2w": Modality.T2},
@@ -64,7 +71,7 @@ LAYOUT_SEPARATOR = {Layout.BRATS2023: "-", Layout.BRATS2018: "_"}
 # Ground-truth file tokens, recognised so training folders read as they are and prediction ignores them.
 SEGMENTATION_TOKENS = ("seg", "brain_seg")
 
-# Internal classes (SPEC "Classes") and the fused label map's internal codes.
+# Internal classes (docs/ALGORITHM.md, "Classes and regions") and the fused label map's internal codes.
 BACKGROUND, NECROSIS, EDEMA, ENHANCING, NORMAL_BRAIN = 0, 1, 2, 3, 4
 
 

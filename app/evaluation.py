@@ -10,7 +10,7 @@ from typing import TextIO
 import numpy as np
 import SimpleITK as sitk
 
-from .conventions import from_file_labels
+from .conventions import AUTO_LABELS, from_file_labels
 from .io import CaseError, find_cases, load_segmentation, read_image, same_geometry
 from .metrics import REGIONS, case_scores
 
@@ -29,7 +29,7 @@ def _file_labels_to_internal(labels: np.ndarray, convention: str, where: str) ->
         raise ValueError(f"{where}: {err}") from None
 
 
-def evaluate_cases(pred_dir: Path, gt_dir: Path, labels: str = "auto") -> tuple[list[dict], list[str]]:
+def evaluate_cases(pred_dir: Path, gt_dir: Path, labels: str = AUTO_LABELS) -> tuple[list[dict], list[str]]:
     """Rows of per-case metrics and the IDs whose prediction was missing (scored as empty)."""
     found = find_cases(gt_dir)
     cases = [c for c in found.cases if c.segmentation is not None]

@@ -16,6 +16,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from .conventions import (
+    AUTO_LABELS,
+    LABEL_CHOICES,
     LAYOUT_SEPARATOR,
     LAYOUT_TOKENS,
     MODALITY_ORDER,
@@ -26,6 +28,7 @@ from .conventions import (
 )
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+NIFTI1_HEADER, NIFTI2_HEADER = 348, 540  # header sizes in bytes (also each header's first field)
 # Geometry may differ by float rounding between modalities written by different tools.
 GEOMETRY_TOLERANCE = 1e-4
 # Temporary files we may leave in an output folder if killed mid-rename; removed at the next start.
@@ -252,12 +255,12 @@ def _nifti_header(raw: bytes) -> _NiftiLayout:
     """Voxel offset, payload size and float dtype from a NIfTI-1 or NIfTI-2 header."""
     for endian in ("<", ">"):
         (size,) = struct.unpack(endian + "i", raw[:4])
-        if size == 348:
+        if size == NIFTI1_HEADER:
             dims = struct.unpack(endian + "8h", raw[40:56])
             datatype, bitpix = struct.unpack(endian + "2h", raw[70:74])
             offset = int(struct.unpack(endian + "f", raw[108:112])[0])
             break
-        if size == 540:
+        if size == NIFTI2_HEADER:
             datatype, bitpix = struct.unpack(endian + "2h", raw[12:16])
             dims = struct.unpack(endian + "8q", raw[16:80])
             offset = struct.unpack(endian + "q", raw[168:176])[0]
@@ -269,7 +272,9 @@ def _nifti_header(raw: bytes) -> _NiftiLayout:
         raise ValueError(f"bad NIfTI dimension count {ndim}")
     voxels = int(np.prod([max(int(d), 1) for d in dims[1 : ndim + 1]]))
     float_dtype = endian + _FLOAT_CODES[datatype] if datatype in _FLOAT_CODES else None
-    return _NiftiLayout(max(offset, 352 if size == 348 else 544), voxels * bitpix // 8, float_dtype)
+    # Data never starts inside the header or its 4-byte extension flag, whatever vox_offset says.
+    first_data_byte = NIFTI1_HEADER + 4 if size == NIFTI1_HEADER else NIFTI2_HEADER + 4
+    return _NiftiLayout(max(offset, first_data_byte), voxels * bitpix // 8, float_dtype)
 
 
 def _read_payload(path: Path) -> bytes:
@@ -291,9 +296,9 @@ def check_nifti_integrity(path: Path) -> int:
     size with what the header promises, and count non-finite floats in the raw payload.
     """
     raw = _read_payload(path)
-    if len(raw) < 348:
+    if len(raw) < NIFTI1_HEADER:
         raise ValueError("file too short to be NIfTI")
-    layout = _nifti_header(raw[:544])
+    layout = _nifti_header(raw[:NIFTI2_HEADER + 4])
     if len(raw) < layout.vox_offset + layout.data_bytes:
         raise ValueError(f"truncated: {len(raw)} bytes, header promises {layout.vox_offset + layout.data_bytes}")
     if layout.float_dtype is None:
@@ -447,9 +452,8 @@ def output_path(output_dir: Path, case_id: str) -> Path:
 
 def resolve_convention(requested: str, layout: Layout) -> LabelConvention:
     """``auto`` follows the case's layout (2023 files -> 0/1/2/3, otherwise 0/1/2/4)."""
-    if requested == "auto":
+    if requested == AUTO_LABELS:
         return LabelConvention.for_layout(layout)
-    try:
-        return LabelConvention(requested)
-    except ValueError:
-        raise ValueError(f"labels must be auto, 2018 or 2023, got {requested!r}") from None
+    if requested not in LABEL_CHOICES:
+        raise ValueError(f"labels must be one of {LABEL_CHOICES}, got {requested!r}")
+    return LabelConvention(requested)

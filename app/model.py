@@ -1,4 +1,4 @@
-"""OM-Net + CGA network definitions (SPEC "Network" and "Cross-task Guided Attention").
+"""OM-Net + CGA network definitions (docs/ALGORITHM.md, "The network" and "Cross-task guided attention").
 
 Every network takes (N, 4, D, H, W) input, channel order FLAIR, T1, T1c, T2, with D, H, W multiples of 8,
 and returns logits at full resolution. Multi-task variants return (task1, task2, task3) logits with 5, 5
@@ -7,28 +7,19 @@ and 2 classes; ``single`` returns one tensor (the cascade's building block).
 
 from __future__ import annotations
 
-from enum import Enum
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .options import Variant, parse_option
+
 NUM_CHANNELS = 4
 TASK_CLASSES = (5, 5, 2)
-# Internal class indices (SPEC "Classes").
+# Internal class indices (docs/ALGORITHM.md, "Classes and regions").
 TUMOUR_CLASSES = (1, 2, 3)
 CORE_CLASSES = (1, 3)
 # A patch without tumour must not divide by zero in CSCI's L1 normalisation.
 CSCI_EPS = 1e-6
-
-
-class Variant(str, Enum):
-    """Network variants of the paper's Table I."""
-
-    OMNET = "omnet"
-    OMNET_CGA = "omnet_cga"
-    OMNET_SE = "omnet_se"
-    SINGLE = "single"
 
 
 def _conv(a: int, b: int, k: int = 3) -> nn.Conv3d:
@@ -208,12 +199,11 @@ def build_model(variant: str | Variant, width: int = 32, classes: int = 5) -> nn
 
     ``classes`` only applies to ``single`` (5 for the cascade's first two stages, 2 for its third).
     """
-    try:
-        variant = Variant(variant)
-    except ValueError:
-        raise ValueError(f"unknown variant {variant!r}; choose one of {[v.value for v in Variant]}") from None
+    variant = parse_option(Variant, variant, "variant")
     if not isinstance(width, int) or width < 1:
         raise ValueError(f"width must be a positive integer, got {width!r}")
+    if variant is Variant.CASCADE:
+        return Cascade(width)  # its three networks are initialised as they are built
     model = SingleTaskNet(width, classes) if variant is Variant.SINGLE else OMNet(width, variant)
     _initialise(model)
     return model

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .conventions import LabelConvention, Layout, Modality, to_file_labels
+from .conventions import EDEMA, ENHANCING, NECROSIS, LabelConvention, Layout, Modality, to_file_labels
 
 GENERATOR_VERSION = "2.0"
 DEFAULT_SIZE = (240, 240, 155)  # x, y, z as BraTS stores it (1 mm isotropic)
@@ -244,7 +244,7 @@ def _contrast(rng: np.random.Generator, tissue: np.ndarray, labels: np.ndarray, 
     sometimes thick slices."""
     shape = tissue.shape
     region = tissue.copy()
-    region[labels == 1], region[labels == 2], region[labels == 3] = _NCR, _ED, _ET
+    region[labels == NECROSIS], region[labels == EDEMA], region[labels == ENHANCING] = _NCR, _ED, _ET
     means = _tissue_means(rng, modality, ranges)
     image = means[region]
     texture = 1 + _u(rng, ranges.texture) * _smooth_field(rng, shape, rng.uniform(20, 50))

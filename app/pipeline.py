@@ -13,15 +13,18 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from enum import Enum
+from functools import partial
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import numpy as np
 import SimpleITK as sitk
 
 from .confidence import LOW_CONFIDENCE, LOW_CONFIDENCE_WARNING, case_confidence, expected_dice
-from .conventions import Modality, to_file_labels
-from .inference import EnsemblePredictor, TaskProbabilities
+from .conventions import AUTO_LABELS, Modality, to_file_labels
+from .fusion import TaskProbabilities
+from .inference import CasePrediction, EnsemblePredictor
 from .io import (
     CaseError,
     CaseFiles,
@@ -46,7 +49,7 @@ class UsageError(Exception):
 class PredictOptions:
     input_dir: Path
     output_dir: Path
-    labels: str = "auto"
+    labels: str = AUTO_LABELS
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     skip_existing: bool = False
     save_probabilities: Path | None = None
@@ -57,10 +60,16 @@ class PredictOptions:
     announce: bool = False  # a "started" line per case (logs, where no bar is drawn)
 
 
+class CaseStatus(str, Enum):
+    OK = "ok"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
 @dataclass
 class CaseResult:
     case_id: str
-    status: str  # ok | failed | skipped
+    status: CaseStatus
     seconds: float = 0.0
     output: str | None = None
     voxels: dict[str, int] = field(default_factory=dict)
@@ -143,38 +152,57 @@ def _save_probabilities(folder: Path, loaded: LoadedCase, box, probabilities: Ta
 @dataclass
 class Segmentation:
     """What the product computes for one case: internal labels (0/1/2/3) after post-processing, the
-    fold-averaged probabilities over ``box`` (None for an empty brain), and the confidence read from them."""
+    fold-averaged probabilities over ``box`` (None for an empty brain), the confidence read from them, the
+    seconds per stage and any warning (e.g. the CPU fallback)."""
 
     labels: np.ndarray
     box: tuple[slice, ...] | None
     probabilities: TaskProbabilities | None
     expected_dice: dict[str, float] = field(default_factory=dict)
     confidence: float | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 def segment_image(predictor: EnsemblePredictor, image: np.ndarray, t1c_channel: int,
                   post: PostprocessConfig, progress: Callable[[int, int], None] | None = None) -> Segmentation:
     """Predict, fuse, post-process and score the confidence of a raw (4, D, H, W) case: the one path that
-    `CaseRunner` and the benchmarks share."""
-    internal, box, probabilities = predictor.predict_labels(image, progress, return_probabilities=True)
-    internal = postprocess(internal, image[t1c_channel], post)
-    result = Segmentation(internal, box, probabilities)
-    if probabilities is not None:
-        result.expected_dice = {k: round(v, 4) for k, v in expected_dice(probabilities, internal[box]).items()}
+    `CaseRunner`, the benchmarks and the tests share."""
+    return complete_segmentation(predictor.predict_case(image, progress), image[t1c_channel], post)
+
+
+def complete_segmentation(prediction: CasePrediction, t1c: np.ndarray, post: PostprocessConfig) -> Segmentation:
+    """The CPU half of `segment_image`: post-processing and the confidence of a fused prediction."""
+    clock = time.perf_counter()
+    internal = postprocess(prediction.labels, t1c, post)
+    timings = {**prediction.timings, "postprocess": time.perf_counter() - clock}
+    result = Segmentation(internal, prediction.box, prediction.probabilities, timings=timings,
+                          warnings=list(prediction.warnings))
+    if prediction.probabilities is not None:
+        expected = expected_dice(prediction.probabilities, internal[prediction.box], prediction.region)
+        result.expected_dice = {k: round(v, 4) for k, v in expected.items()}
         result.confidence = round(case_confidence(result.expected_dice), 4)
     return result
 
 
 class CaseRunner:
-    """Segments one loaded case and writes its outputs; no knowledge of the CLI."""
+    """Segments one loaded case and writes its outputs, in two halves that consecutive cases overlap:
+    `predict` (the device's work) and `finish` (the CPU's: post-processing, encoding, writing). No
+    knowledge of the CLI."""
 
     def __init__(self, predictor: EnsemblePredictor, options: PredictOptions):
         self.predictor, self.options = predictor, options
 
     def run(self, loaded: LoadedCase, progress: Callable[[int, int], None] | None = None) -> CaseResult:
+        return self.finish(loaded, self.predict(loaded, progress))
+
+    def predict(self, loaded: LoadedCase, progress: Callable[[int, int], None] | None = None) -> CasePrediction:
+        return self.predictor.predict_case(loaded.image, progress)
+
+    def finish(self, loaded: LoadedCase, prediction: CasePrediction) -> CaseResult:
         case = loaded.files
-        t1c = list(case.modalities).index(Modality.T1C)
-        seg = segment_image(self.predictor, loaded.image, t1c, self.options.postprocess, progress)
+        t1c = loaded.image[list(case.modalities).index(Modality.T1C)]
+        seg = complete_segmentation(prediction, t1c, self.options.postprocess)
         convention = resolve_convention(self.options.labels, case.layout)
         file_labels = to_file_labels(seg.labels, convention)
         destination = output_path(self.options.output_dir, case.case_id)
@@ -185,8 +213,8 @@ class CaseRunner:
             from .qc import save_case_picture
 
             save_case_picture(loaded, file_labels, convention, self.options.qc_dir)
-        result = CaseResult(case.case_id, "ok", output=str(destination), voxels=_voxel_counts(file_labels),
-                            warnings=list(loaded.warnings), confidence=seg.confidence,
+        result = CaseResult(case.case_id, CaseStatus.OK, output=str(destination), voxels=_voxel_counts(file_labels),
+                            warnings=[*loaded.warnings, *seg.warnings], confidence=seg.confidence,
                             expected_dice=seg.expected_dice)
         if seg.confidence is not None and seg.confidence < LOW_CONFIDENCE:
             result.warnings.append(LOW_CONFIDENCE_WARNING)
@@ -195,6 +223,10 @@ class CaseRunner:
 
 def run_predict(predictor: EnsemblePredictor, options: PredictOptions, stream: TextIO = sys.stderr) -> list[CaseResult]:
     """Process every case (of this shard); returns one result per case, failures included.
+
+    Three stages overlap: a reader thread decodes case i+1 while the device predicts case i and a finisher
+    thread post-processes and writes case i-1. Each queue holds one case, so memory stays flat however
+    many cases there are, and results are printed in case order.
 
     Raises `UsageError` when there is nothing to process or the output cannot be written.
     """
@@ -206,10 +238,9 @@ def run_predict(predictor: EnsemblePredictor, options: PredictOptions, stream: T
         raise UsageError(f"no BraTS case found under {options.input_dir}")
     prepare_output(options)
     cases, errors = select_shard(found.cases, found.errors, options.shard)
-    results = [CaseResult(e.case_id, "failed", error=str(e)) for e in errors]
+    results = [CaseResult(e.case_id, CaseStatus.FAILED, error=str(e)) for e in errors]
     for result in results:
         _print_result(result, stream)
-    runner = CaseRunner(predictor, options)
     todo = []
     for case in cases:
         try:
@@ -218,69 +249,97 @@ def run_predict(predictor: EnsemblePredictor, options: PredictOptions, stream: T
             results.append(_failed(case.case_id, err, stream))
             continue
         if options.skip_existing and _existing_output_ok(destination):
-            result = CaseResult(case.case_id, "skipped", output=str(destination))
+            result = CaseResult(case.case_id, CaseStatus.SKIPPED, output=str(destination))
             _print_result(result, stream)
             results.append(result)
         else:
             todo.append(case)
-    # Decode the next case's NIfTI files in a background thread while the current one computes.
-    with ThreadPoolExecutor(max_workers=1) as reader:
-        pending: Future | None = reader.submit(load_case, todo[0]) if todo else None
-        for i, case in enumerate(todo):
-            current, pending = pending, (reader.submit(load_case, todo[i + 1]) if i + 1 < len(todo) else None)
-            results.append(_run_one(runner, case, current, options, stream))
+    results += _run_pipelined(CaseRunner(predictor, options), todo, options, stream)
     if options.report is not None:
         write_report(results, options.report)
     return results
 
 
-def _run_one(runner: CaseRunner, case: CaseFiles, future: Future, options: PredictOptions,
-             stream: TextIO) -> CaseResult:
-    start = time.perf_counter()
-    bar = None
+def _run_pipelined(runner: CaseRunner, todo: list[CaseFiles], options: PredictOptions,
+                   stream: TextIO) -> list[CaseResult]:
+    results: list[CaseResult] = []
+    finishing: Future | None = None
+    with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as finisher:
+        pending: Future | None = reader.submit(load_case, todo[0]) if todo else None
+        for i, case in enumerate(todo):
+            current, pending = pending, (reader.submit(load_case, todo[i + 1]) if i + 1 < len(todo) else None)
+            start = time.perf_counter()
+            predicted = _guarded(case, partial(_predict_one, runner, case, current, options, stream))
+            if finishing is not None:  # the previous case leaves the queue (and prints) before this one joins
+                results.append(finishing.result())
+                finishing = None
+            if isinstance(predicted, CaseResult):
+                _print_result(predicted, stream, options.progress)
+                results.append(predicted)
+            else:
+                finishing = finisher.submit(_finish_one, runner, case, *predicted, start, options, stream)
+        if finishing is not None:
+            results.append(finishing.result())
+    return results
+
+
+def _finish_one(runner: CaseRunner, case: CaseFiles, loaded: LoadedCase, prediction: CasePrediction, start: float,
+                options: PredictOptions, stream: TextIO) -> CaseResult:
+    """The finisher thread's job: post-process and write one case, then print its line at once."""
+    result = _guarded(case, partial(runner.finish, loaded, prediction))
+    if result.status is CaseStatus.OK:
+        result.seconds = round(time.perf_counter() - start, 2)
+    _print_result(result, stream, options.progress)
+    return result
+
+
+def _predict_one(runner: CaseRunner, case: CaseFiles, future: Future, options: PredictOptions,
+                 stream: TextIO) -> tuple[LoadedCase, CasePrediction]:
     if options.announce:
         print(f"{case.case_id}: started", file=stream, flush=True)
+    loaded = future.result()
+    if not options.progress:
+        return loaded, runner.predict(loaded)
+    from tqdm import tqdm
+
+    with tqdm(total=1, desc=case.case_id, unit="tile", leave=False, file=stream, mininterval=1.0) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        return loaded, runner.predict(loaded, progress)
+
+
+def _guarded(case: CaseFiles, work: Callable[[], Any]) -> Any:
+    """``work()``, or a failed `CaseResult` naming the case when it raises: one case's failure must not
+    cost the others."""
     try:
-        loaded = future.result()
-        if options.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=1, desc=case.case_id, unit="tile", leave=False, file=stream, mininterval=1.0)
-
-            def progress(done: int, total: int) -> None:
-                bar.total = total
-                bar.n = done
-                bar.refresh()
-        else:
-            progress = None
-        result = runner.run(loaded, progress)
-        result.seconds = round(time.perf_counter() - start, 2)
+        return work()
     except CaseError as err:
-        return _failed(case.case_id, err, stream)
+        return CaseResult(case.case_id, CaseStatus.FAILED, error=str(err))
     except MemoryError:
-        return _failed(case.case_id, CaseError(case.case_id, case.reference.parent, "out of memory"), stream)
+        reason = "out of memory"
     except (KeyboardInterrupt, SystemExit):
         raise
-    except Exception as err:  # one case's unexpected failure must not cost the others
+    except Exception as err:
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        return _failed(case.case_id, CaseError(case.case_id, case.reference.parent, reason), stream)
-    finally:
-        if bar is not None:
-            bar.close()
-    _print_result(result, stream)
-    return result
+    error = CaseError(case.case_id, case.reference.parent, reason)
+    return CaseResult(case.case_id, CaseStatus.FAILED, error=str(error))
 
 
 def _failed(case_id: str, err: CaseError, stream: TextIO) -> CaseResult:
-    result = CaseResult(case_id, "failed", error=str(err))
+    result = CaseResult(case_id, CaseStatus.FAILED, error=str(err))
     _print_result(result, stream)
     return result
 
 
-def _print_result(result: CaseResult, stream: TextIO) -> None:
-    if result.status == "failed":
+def _print_result(result: CaseResult, stream: TextIO, bars: bool = False) -> None:
+    """One line per case; with progress ``bars`` on the stream, written above them (tqdm clears and redraws
+    the bar of the case being predicted meanwhile)."""
+    if result.status is CaseStatus.FAILED:
         line = f"FAILED {result.error}"
-    elif result.status == "skipped":
+    elif result.status is CaseStatus.SKIPPED:
         line = f"{result.case_id}: skipped (already in output)"
     else:
         voxels = " ".join(f"{k}:{v}" for k, v in result.voxels.items()) or "no tumour"
@@ -289,15 +348,21 @@ def _print_result(result: CaseResult, stream: TextIO) -> None:
             line += f", confidence {result.confidence:.2f}"
         if result.warnings:
             line += f"; warnings: {'; '.join(result.warnings)}"
-    print(line, file=stream, flush=True)
+    if bars:
+        from tqdm import tqdm
+
+        tqdm.write(line, file=stream)
+        stream.flush()
+    else:
+        print(line, file=stream, flush=True)
 
 
 def write_report(results: list[CaseResult], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     summary = {
-        "succeeded": sum(r.status == "ok" for r in results),
-        "skipped": sum(r.status == "skipped" for r in results),
-        "failed": sum(r.status == "failed" for r in results),
+        "succeeded": sum(r.status is CaseStatus.OK for r in results),
+        "skipped": sum(r.status is CaseStatus.SKIPPED for r in results),
+        "failed": sum(r.status is CaseStatus.FAILED for r in results),
         "cases": [asdict(r) for r in results],
     }
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

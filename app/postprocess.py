@@ -1,4 +1,4 @@
-"""The paper's two-step post-processing (SPEC "Post-processing"), on internal label maps 0/1/2/3.
+"""The paper's two-step post-processing (docs/ALGORITHM.md, "Post-processing"), on internal label maps 0/1/2/3.
 
 1. Remove connected tumour components smaller than min(2000, 0.1 x Vmax) voxels.
 2. When the case has little ET (vol_e / vol_t < 0.1), split the edema of ET-poor components into two

@@ -1,5 +1,5 @@
 """Training of OM-Net (+CGA/SE) and the three-model cascade: patch streams, curriculum, online data
-transfer, k-fold ensembles, resumable checkpoints (SPEC "Training").
+transfer, k-fold ensembles, resumable checkpoints (docs/ALGORITHM.md, "Training").
 
 Cases are read through the prediction I/O (`app.io`), so BraTS 2018/2021/2023 training folders work as
 they are. Step counts replace the paper's epochs (an epoch of random patches has no fixed size).
@@ -26,27 +26,21 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .augment import AugmentConfig, augment_batch
-from .conventions import NORMAL_BRAIN, Layout, from_file_labels
-from .inference import (
-    FAST_TILE,
-    EnsemblePredictor,
-    bounding_box,
-    brain_mask,
-    dilate,
-    native_bf16,
-    normalise,
-    resolve_device,
-)
+from .conventions import ENHANCING, NORMAL_BRAIN, Layout, from_file_labels
+from .fusion import dilate
+from .inference import EnsemblePredictor, native_bf16, resolve_device
 from .io import CaseFiles, find_cases, load_case, load_segmentation
 from .metrics import region_dice
-from .model import CORE_CLASSES, TUMOUR_CLASSES, Cascade, build_model
-from .weights import save_state, write_json_atomic
-from .weights import write_manifest as weights_manifest
+from .model import CORE_CLASSES, TUMOUR_CLASSES, build_model
+from .options import AugmentLevel, Device, Variant
+from .preprocess import TRAINING_CROP_MARGIN, crop_to_brain
+from .tiling import FAST_TILE
+from .weights import save_state, write_json_atomic, write_manifest
 
 log = logging.getLogger("omnet.train")
 
 PATCH = (16, 32, 32)
-# SPEC "Training": task-2 centres lie in the ground-truth whole tumour dilated by this many voxels.
+# Task-2 centres lie in the ground-truth whole tumour dilated by this many voxels.
 TASK2_DILATION = 5
 TRANSFER_TUMOUR = 0.4
 TRANSFER_CORE = 0.5
@@ -56,7 +50,7 @@ TRANSFER_CORE = 0.5
 class TrainConfig:
     """Everything a training run depends on; stored in checkpoints and the manifest."""
 
-    variant: str = "omnet_cga"  # omnet | omnet_cga | omnet_se | cascade
+    variant: str = Variant.OMNET_CGA.value  # app.options.TRAINABLE_VARIANTS
     width: int = 32
     folds: int = 10
     stage_steps: tuple[int, int, int] = (1000, 1000, 18000)  # curriculum: task 1, +task 2, +task 3
@@ -70,10 +64,10 @@ class TrainConfig:
     validate_every: int = 500
     val_cases: int = 0  # 0 = the whole held-out fold
     seed: int = 0
-    device: str = "auto"
+    device: str = Device.AUTO.value
     max_tile: tuple[int, int, int] = FAST_TILE  # validation uses predict's default fast tiling
     init_from: str | None = None  # safetensors model weights to start from (fine-tuning, warm starts)
-    augment: str = "default"  # none | default | strong (app/augment.py)
+    augment: str = AugmentLevel.DEFAULT.value  # app.options.AugmentLevel (app/augment.py)
 
     @property
     def total_steps(self) -> int:
@@ -208,13 +202,14 @@ def _store_cached(case: TrainingCase, cache_dir: Path) -> None:
 
 def prepare_arrays(case_id: str, raw: np.ndarray, labels: np.ndarray) -> TrainingCase:
     """A `TrainingCase` from a raw (4, D, H, W) image and its internal labels."""
-    mask = brain_mask(raw)
-    box = bounding_box(mask, 2)
-    crop = raw[(slice(None), *box)]
-    image = normalise(crop, mask[box])
-    offset = np.array([_mean_over_std(crop[c][mask[box]]) for c in range(crop.shape[0])], np.float32)
-    target = labels[box].copy()
-    target[(target == 0) & mask[box]] = NORMAL_BRAIN
+    brain = crop_to_brain(raw, TRAINING_CROP_MARGIN)
+    if brain is None:
+        raise ValueError(f"{case_id}: the image is empty (no brain voxel)")
+    crop = raw[(slice(None), *brain.box)]
+    image = brain.image
+    offset = np.array([_mean_over_std(crop[c][brain.mask]) for c in range(crop.shape[0])], np.float32)
+    target = labels[brain.box].copy()
+    target[(target == 0) & brain.mask] = NORMAL_BRAIN
     half = [p // 2 for p in PATCH]
     image = np.pad(image, [(0, 0)] + [(h, h) for h in half])
     target = np.pad(target, [(h, h) for h in half])
@@ -267,11 +262,11 @@ def sample_patches(cases: Sequence[TrainingCase], task: int, count: int, rng: np
 
 def task_targets(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-task label maps: tasks 1 and 2 use the 5 classes, task 3 is ET vs the rest."""
-    return target, target, (target == 3).long()
+    return target, target, (target == ENHANCING).long()
 
 
 def transfer_masks(target: torch.Tensor, origin: torch.Tensor, enabled: bool) -> list[torch.Tensor]:
-    """Which patches enter each task's loss (SPEC online data transfer).
+    """Which patches enter each task's loss (online data transfer, docs/ALGORITHM.md).
 
     ``origin`` is the stream each patch was sampled for (0, 1, 2). A task-1 patch with >= 40% tumour voxels
     also enters task 2; a task-1 or task-2 patch with >= 50% core voxels also enters task 3.
@@ -314,10 +309,6 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: 
     return lr
 
 
-def build_network(cfg: TrainConfig) -> nn.Module:
-    return Cascade(cfg.width) if cfg.variant == "cascade" else build_model(cfg.variant, cfg.width)
-
-
 # ------------------------------------------------------------------------------------- checkpoints
 
 
@@ -334,7 +325,8 @@ def _checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dic
 
 def _restore_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path, device) -> None:
     state = load_file(str(path), device=str(device))
-    model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")}, strict=True)
+    weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    model.load_state_dict(weights, strict=True)
     params = dict(model.named_parameters())
     for key, value in state.items():
         if key.startswith("momentum."):
@@ -377,7 +369,7 @@ def load_validation(cases: Sequence[CaseFiles | CaseHandle]) -> list[ValidationC
     return [ValidationCase(h.case_id, *h.load()) for h in map(as_handle, cases)]
 
 
-def evaluate_cases(model: nn.Module, cases: Sequence[ValidationCase], cfg: TrainConfig,
+def validation_dice(model: nn.Module, cases: Sequence[ValidationCase], cfg: TrainConfig,
                    device: torch.device) -> dict[str, float]:
     """Mean WT/TC/ET Dice of the fused (not post-processed) prediction on full held-out cases."""
     predictor = EnsemblePredictor(device=device.type, tiling="fast", max_tile=cfg.max_tile)
@@ -403,7 +395,7 @@ def train_fold(cfg: TrainConfig, train_cases: Sequence[CaseFiles | CaseHandle],
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # one patch shape throughout: let cuDNN pick its kernels
     # Channels-last: 1.7x faster training steps on a CPU (oneDNN), the layout cuDNN prefers too.
-    model = build_network(cfg).to(device, memory_format=torch.channels_last_3d).train()
+    model = build_model(cfg.variant, cfg.width).to(device, memory_format=torch.channels_last_3d).train()
     optimizer = make_optimizer(model, cfg)
     rng = np.random.default_rng([cfg.seed, fold])
     state = _FoldState(fold_dir)
@@ -506,7 +498,7 @@ def _train_loop(cfg: TrainConfig, model: nn.Module, optimizer, data: Sequence[Tr
         means = {k: float(v) / counted for k, v in sums.items()}
         total = sum(v for k, v in means.items() if k.startswith("loss_task"))
         running = total if running is None else 0.5 * running + 0.5 * total
-        dice = evaluate_cases(model, validation, cfg, device)
+        dice = validation_dice(model, validation, cfg, device)
         entry = {"step": done, "loss": round(running, 5), **{k: round(v, 4) for k, v in means.items()},
                  **{f"dice_{k}": round(v, 4) for k, v in dice.items()},
                  "seconds": round(time.monotonic() - started, 1)}
@@ -531,7 +523,7 @@ def train_step(model, optimizer, data, cfg: TrainConfig, step: int, rng, device,
     x, y, origin, offsets = _batch(data, tasks, cfg.batch, rng, device)
     if augment is not None:
         x, y = augment_batch(x, y, offsets, augment, generator, rng)
-    cascade = cfg.variant == "cascade"
+    cascade = Variant(cfg.variant) is Variant.CASCADE
     # Without transfer (the cascade never has it) each task's patches are exactly its own stream's.
     selected = transfer_masks(y, origin, cfg.transfer and not cascade)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -623,7 +615,7 @@ def train_ensemble(cfg: TrainConfig, cases: Path | Sequence[CaseHandle], out_dir
                             out_dir / "runs" / f"fold_{fold}", fold, progress, cache_dir, time_limit, prepared)
         _publish_fold(out_dir, fold, result)
     description = {"cases": len(by_id), **(data_description or {})}
-    return write_manifest(out_dir, cfg, description)
+    return write_ensemble_manifest(out_dir, cfg, description)
 
 
 def _publish_fold(out_dir: Path, fold: int, result: FoldResult) -> None:
@@ -643,10 +635,11 @@ def compact_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.half() if v.is_floating_point() and v.abs().max() < _FP16_LIMIT else v for k, v in state.items()}
 
 
-def write_manifest(out_dir: Path, cfg: TrainConfig, data: dict[str, Any]) -> dict[str, Any]:
+def write_ensemble_manifest(out_dir: Path, cfg: TrainConfig, data: dict[str, Any]) -> dict[str, Any]:
     """Manifest over every finished fold in ``out_dir`` (folds trained as separate jobs are merged)."""
     folds = []
-    for result_path in sorted(out_dir.glob("runs/fold_*/result.json"), key=lambda p: int(p.parent.name[5:])):
+    results = out_dir.glob("runs/fold_*/result.json")
+    for result_path in sorted(results, key=lambda p: int(p.parent.name.removeprefix("fold_"))):
         result = json.loads(result_path.read_text())
         file = f"fold_{result['fold']}.safetensors"
         if (out_dir / file).is_file():
@@ -655,7 +648,7 @@ def write_manifest(out_dir: Path, cfg: TrainConfig, data: dict[str, Any]) -> dic
                           "steps": result["steps"], "augment": own.get("augment", cfg.augment),
                           "validation_dice": result["best_dice"], "validation_cases": result["val_cases"]})
     extra = {"training": {"config": _jsonable(asdict(cfg)), "data": data}}
-    return weights_manifest(out_dir, cfg.variant, cfg.width, folds, extra)
+    return write_manifest(out_dir, cfg.variant, cfg.width, folds, extra)
 
 
 def _jsonable(value: Any) -> Any:

@@ -17,7 +17,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .model import Variant, build_model
+from .model import build_model
+from .options import Variant
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "omnet-cga-weights/1"
@@ -94,7 +95,7 @@ def read_manifest(folder: Path | str) -> Manifest:
         )
     except (ValueError, KeyError, TypeError) as err:
         raise WeightsError(f"malformed {path}: {err}") from None
-    if variant not in {v.value for v in Variant} | {"cascade"}:
+    if variant not in {v.value for v in Variant}:
         raise WeightsError(f"{path}: unknown variant {variant!r}")
     if not folds:
         raise WeightsError(f"{path}: lists no folds")
@@ -120,17 +121,9 @@ def select_folds(manifest: Manifest, folds: list[int] | None) -> list[FoldWeight
     return chosen
 
 
-def build_for_manifest(variant: str, width: int) -> nn.Module:
-    if variant == "cascade":
-        from .model import Cascade
-
-        return Cascade(width)
-    return build_model(variant, width)
-
-
 def load_fold(manifest: Manifest, entry: FoldWeights) -> nn.Module:
     """Build the manifest's network and load one fold's tensors (strict: every key must match)."""
-    model = build_for_manifest(manifest.variant, manifest.width)
+    model = build_model(manifest.variant, manifest.width)
     try:
         state = load_file(str(entry.path))
         model.load_state_dict(state, strict=True)

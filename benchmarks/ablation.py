@@ -4,9 +4,9 @@ Rows: MC3 (three-model cascade), OM-Net0 (no curriculum, no transfer), OM-Net, O
 OM-Net + CGA + post-processing. Each row trains fold 0 of a k-fold split (a single model, as in Table I),
 for each seed, with the same steps; prints parameter counts (conv/deconv weights) and mean WT/TC/ET Dice.
 
-    python -m app phantoms --out data/abl_train --n 50 --seed 11 --size 128,128,80
-    python -m app phantoms --out data/abl_heldout --n 20 --seed 12 --size 128,128,80
-    python benchmarks/ablation.py --data data/abl_train --heldout data/abl_heldout --out runs/ablation \
+    python3 -m app phantoms --out data/abl_train --n 50 --seed 11 --size 128,128,80
+    python3 -m app phantoms --out data/abl_heldout --n 20 --seed 12 --size 128,128,80
+    python3 benchmarks/ablation.py --data data/abl_train --heldout data/abl_heldout --out runs/ablation \
         --width 8 --stage-steps 50,50,1400 --seeds 0,1 --jobs 2 \
         --second-seed-rows "OM-Net + CGA,OM-Net + CGA + post" \
         --train-args "--batch 6 --lr 1e-2 --momentum 0.9 --lr-halve-every 500 --validate-every 250 \
@@ -67,7 +67,6 @@ def main() -> int:
     args = parser.parse_args()
 
     from app.cli import cpu_quota
-    from app.model import Cascade, build_model, conv_weight_count
 
     seeds = args.seeds.split(",")
     spread = None if args.second_seed_rows is None else set(args.second_seed_rows.split(","))
@@ -93,21 +92,31 @@ def main() -> int:
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         list(pool.map(train, trainings.values()))
 
-    results = []
-    for name, variant, flags, post, seed in runs:
-        params = conv_weight_count(Cascade(args.width) if variant == "cascade" else build_model(variant, args.width))
-        tag = tag_of(variant, flags, seed)
-        weights = args.out / "weights" / tag
-        pred = args.out / "pred" / f"{tag}{'-post' if post else ''}"
-        _run(["predict", "--input", str(args.heldout), "--output", str(pred), "--weights", str(weights),
-              "--quiet", "--skip-existing", *([] if post else ["--no-postprocess"])])
-        csv_path = args.out / "csv" / f"{pred.name}.csv"
-        _run(["evaluate", "--pred", str(pred), "--gt", str(args.heldout), "--csv", str(csv_path)])
-        with csv_path.open(newline="") as handle:
-            row = next(r for r in csv.DictReader(handle) if r["case"] == "mean")
-        results.append({"row": name, "seed": seed, "params": params,
-                        **{r: float(row[f"dice_{r}"]) for r in ("WT", "TC", "ET")}})
+    results = [_score(args, name, variant, flags, post, seed, tag_of(variant, flags, seed))
+               for name, variant, flags, post, seed in runs]
     (args.out / "ablation.json").write_text(json.dumps(results, indent=2))
+    _print_table(results)
+    return 0
+
+
+def _score(args: argparse.Namespace, name: str, variant: str, flags: list[str], post: bool, seed: str,
+           tag: str) -> dict:
+    """Predict the held-out cases with one trained row and read its mean Dice."""
+    from app.model import build_model, conv_weight_count
+
+    weights = args.out / "weights" / tag
+    pred = args.out / "pred" / f"{tag}{'-post' if post else ''}"
+    _run(["predict", "--input", str(args.heldout), "--output", str(pred), "--weights", str(weights),
+          "--quiet", "--skip-existing", *([] if post else ["--no-postprocess"])])
+    csv_path = args.out / "csv" / f"{pred.name}.csv"
+    _run(["evaluate", "--pred", str(pred), "--gt", str(args.heldout), "--csv", str(csv_path)])
+    with csv_path.open(newline="") as handle:
+        row = next(r for r in csv.DictReader(handle) if r["case"] == "mean")
+    return {"row": name, "seed": seed, "params": conv_weight_count(build_model(variant, args.width)),
+            **{r: float(row[f"dice_{r}"]) for r in ("WT", "TC", "ET")}}
+
+
+def _print_table(results: list[dict]) -> None:
     print("| model | conv weights | seeds | WT | TC | ET |\n|---|---|---|---|---|---|")
     for name, *_ in ROWS:
         rows = [r for r in results if r["row"] == name]
@@ -117,8 +126,6 @@ def main() -> int:
             spread = f" ± {max(values) - min(values):.3f}" if len(values) > 1 else ""
             cells.append(f"{sum(values) / len(values):.3f}{spread}")
         print(f"| {name} | {rows[0]['params']:,} | {len(rows)} | " + " | ".join(cells) + " |")
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

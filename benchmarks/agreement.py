@@ -5,7 +5,7 @@ to case. For each case it runs the paper tiling and every other TILING token (be
 the same weights, applies the default post-processing, and reports each tiling's mask agreement with the
 paper tiling and every tiling's Dice against the ground truth.
 
-    python benchmarks/agreement.py [--cases 4] [--seed 1000] [--tilings fast,fastfixed] [--weights DIR]
+    python3 benchmarks/agreement.py [--cases 4] [--seed 1000] [--tilings fast,fastfixed] [--weights DIR]
 """
 
 from __future__ import annotations
@@ -31,15 +31,17 @@ def case_rows(case, models, tilings: list[str], device: str, precision: str) -> 
     from app.inference import EnsemblePredictor
     from app.io import load_case, load_segmentation
     from app.metrics import region_dice
-    from app.postprocess import postprocess
+    from app.pipeline import segment_image
+    from app.postprocess import PostprocessConfig
 
     loaded = load_case(case)
     truth = from_file_labels(load_segmentation(case, loaded.reference))
-    t1c = loaded.image[list(case.modalities).index(Modality.T1C)]
+    t1c = list(case.modalities).index(Modality.T1C)
     masks = {}
     for tiling in ["paper", *tilings]:
         predictor = EnsemblePredictor(device=device, precision=precision, **predictor_options(tiling))
-        masks[tiling] = postprocess(predictor.load_models(models).predict_labels(loaded.image), t1c)
+        predictor.load_models(models)
+        masks[tiling] = segment_image(predictor, loaded.image, t1c, PostprocessConfig()).labels
     rows = []
     for tiling, mask in masks.items():
         agreement = region_dice(mask, masks["paper"])

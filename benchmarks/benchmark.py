@@ -5,7 +5,7 @@ Configurations: paper vs fast tiling with the same weights, one fold vs the whol
 width and width 32 (random weights of the same architecture: speed does not depend on the values), and the
 network's arithmetic (an optional fourth part: auto, fp32 or bf16).
 
-    python benchmarks/benchmark.py [--device cpu|cuda] [--configs shipped-fast-all,shipped-paper-1-fp32,...]
+    python3 benchmarks/benchmark.py [--device cpu|cuda] [--configs shipped-fast-all,shipped-paper-1-fp32,...]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ DEFAULT_CONFIGS = "shipped-fast-1,shipped-fast-all,shipped-paper-1,w32-fast-1"
 SHIPPED = Path(os.environ.get("OMNET_BENCH_WEIGHTS", ROOT / "weights"))
 
 
-def _weights_for(spec: str, folds: int, workdir: Path) -> Path:
+def weights_for(spec: str, folds: int, workdir: Path) -> Path:
     """The shipped weights, or random weights of width N written to ``workdir`` (spec ``wN``)."""
     from app.weights import read_manifest
 
@@ -39,7 +39,8 @@ def _weights_for(spec: str, folds: int, workdir: Path) -> Path:
         return SHIPPED
     import torch
 
-    from app.weights import build_for_manifest, save_state, write_manifest
+    from app.model import build_model
+    from app.weights import save_state, write_manifest
 
     width = int(spec[1:])
     variant = read_manifest(SHIPPED).variant if (SHIPPED / "manifest.json").exists() else "omnet_cga"
@@ -49,7 +50,7 @@ def _weights_for(spec: str, folds: int, workdir: Path) -> Path:
         entries = []
         for fold in range(folds):
             torch.manual_seed(fold)
-            save_state(build_for_manifest(variant, width).state_dict(), folder / f"fold_{fold}.safetensors")
+            save_state(build_model(variant, width).state_dict(), folder / f"fold_{fold}.safetensors")
             entries.append({"fold": fold, "file": f"fold_{fold}.safetensors"})
         write_manifest(folder, variant, width, entries, {"note": "random weights for benchmarking only"})
     return folder
@@ -70,7 +71,7 @@ def predictor_options(tiling: str) -> dict:
 
 
 def _token_options(tiling: str) -> dict:
-    from app.inference import CROP_MARGIN
+    from app.preprocess import CROP_MARGIN
 
     if tiling in ("fast", "paper"):
         return {"tiling": tiling}
@@ -96,6 +97,18 @@ def parse_config(config: str) -> tuple[str, str, str, str]:
     return spec, tiling, folds, parts[3] if len(parts) == 4 else "auto"
 
 
+def _ensemble_for(spec: str, fold_spec: str, workdir: Path):
+    """(manifest, models) of a configuration's WEIGHTS and FOLDS parts."""
+    from app.weights import load_ensemble, read_manifest
+
+    if spec == "shipped":
+        all_folds = read_manifest(weights_for("shipped", 0, workdir)).fold_numbers()
+    else:
+        all_folds = list(range(10))
+    folds = all_folds if fold_spec == "all" else all_folds[: int(fold_spec)]
+    return load_ensemble(weights_for(spec, len(all_folds), workdir), folds)
+
+
 def run_one(config: str, case_dir: Path, device: str, workdir: Path, label_out: Path) -> dict:
     """Time one configuration in this process: read, preprocess, network, fusion, postprocess, write."""
     import numpy as np
@@ -105,38 +118,28 @@ def run_one(config: str, case_dir: Path, device: str, workdir: Path, label_out: 
     from app.conventions import LabelConvention, Modality, to_file_labels
     from app.inference import EnsemblePredictor
     from app.io import find_cases, label_image, load_case, write_image_atomic
-    from app.postprocess import postprocess
-    from app.weights import load_ensemble, read_manifest
+    from app.pipeline import segment_image
+    from app.postprocess import PostprocessConfig
 
     torch.set_num_threads(cpu_quota())
     spec, tiling, fold_spec, precision = parse_config(config)
-    if spec == "shipped":
-        all_folds = read_manifest(_weights_for("shipped", 0, workdir)).fold_numbers()
-    else:
-        all_folds = list(range(10))
-    folds = all_folds if fold_spec == "all" else all_folds[: int(fold_spec)]
-    weights = _weights_for(spec, len(all_folds), workdir)
-    manifest, models = load_ensemble(weights, folds)
+    manifest, models = _ensemble_for(spec, fold_spec, workdir)
     predictor = EnsemblePredictor(device=device, precision=precision, **predictor_options(tiling))
     predictor.load_models(models)
     [case] = find_cases(case_dir).cases
+    t1c = list(case.modalities).index(Modality.T1C)
     if predictor.device.type == "cuda":  # warm-up: cuDNN autotuning and lazy CUDA init are one-off costs
-        warm = load_case(case)
-        predictor.predict_labels(warm.image)
+        segment_image(predictor, load_case(case).image, t1c, PostprocessConfig())
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     times: dict[str, float] = {}
     start = clock = time.perf_counter()
     loaded = load_case(case)
     times["read"] = time.perf_counter() - clock
-    internal = predictor.predict_labels(loaded.image)
-    if predictor.device.type == "cuda":
-        torch.cuda.synchronize()
-    times.update(predictor.timings)
-    clock = time.perf_counter()
-    t1c = loaded.image[list(case.modalities).index(Modality.T1C)]
-    internal = postprocess(internal, t1c)
-    times["postprocess"] = time.perf_counter() - clock
+    # The product's own path (predict, fuse, post-process, confidence); it reports its stage timings.
+    segmentation = segment_image(predictor, loaded.image, t1c, PostprocessConfig())
+    times.update(segmentation.timings)
+    internal = segmentation.labels
     clock = time.perf_counter()
     labels = to_file_labels(internal, LabelConvention.BRATS2023)
     write_image_atomic(label_image(labels, loaded.reference), workdir / f"{config}.nii.gz")
@@ -145,7 +148,7 @@ def run_one(config: str, case_dir: Path, device: str, workdir: Path, label_out: 
     np.save(label_out, internal)
     gpu = torch.cuda.max_memory_allocated() / 2**30 if predictor.device.type == "cuda" else None
     return {
-        "config": config, "width": manifest.width, "folds": len(folds), "tiling": tiling,
+        "config": config, "width": manifest.width, "folds": len(models), "tiling": tiling,
         "precision": predictor.precision.value,
         "device": predictor.device.type, **{k: round(v, 2) for k, v in times.items()},
         "peak_ram_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
@@ -181,6 +184,42 @@ def machine_description(device: str) -> str:
     return text
 
 
+def _run_child(config: str, case_root: Path, device: str, workdir: Path) -> dict | None:
+    """One configuration timed in its own process (peak RAM and GPU memory are its alone)."""
+    child = subprocess.run([sys.executable, __file__, "--one", config, "--case", str(case_root), "--device",
+                            device, "--workdir", str(workdir)], capture_output=True, text=True)
+    line = [out for out in child.stdout.splitlines() if out.startswith("ROW ")]
+    if child.returncode != 0 or not line:
+        print(f"{config}: failed\n{child.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(line[0].removeprefix("ROW "))
+
+
+COLUMNS = ["config", "device", "width", "folds", "tiling", "precision", "read", "preprocess", "network", "fusion",
+           "postprocess", "write", "total", "peak_ram_gb", "gpu_mem_gb"]
+
+
+def _print_table(rows: list[dict]) -> None:
+    print("| " + " | ".join(COLUMNS) + " |")
+    print("|" + "---|" * len(COLUMNS))
+    for row in rows:
+        print("| " + " | ".join("" if row.get(c) is None else str(row.get(c)) for c in COLUMNS) + " |")
+
+
+def _print_agreements(rows: list[dict], workdir: Path) -> None:
+    """Every other tiling against every paper-tiling run of the same weights and folds (fp32, auto, ...)."""
+    by_config = {r["config"]: r for r in rows}
+    for fast in [c for c in by_config if by_config[c]["tiling"] != "paper"]:
+        spec, _, fold_spec, _ = parse_config(fast)
+        for paper in [c for c in by_config if by_config[c]["tiling"] == "paper"
+                      and parse_config(c)[0::2] == (spec, fold_spec)]:
+            dice = _agreement(workdir / f"{fast}.npy", workdir / f"{paper}.npy")
+            speedup = by_config[paper]["network"] / max(by_config[fast]["network"], 1e-9)
+            print(f"\n{fast} vs {paper}: network {speedup:.1f}x faster, end-to-end "
+                  f"{by_config[paper]['total'] / by_config[fast]['total']:.1f}x; mask agreement Dice "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in dice.items()))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device to benchmark")
@@ -213,33 +252,10 @@ def main() -> int:
         case_root = workdir / "case"
         if not case_root.exists():
             generate(case_root, 1, seed=999)
-    rows = []
-    for config in args.configs.split(","):
-        child = subprocess.run([sys.executable, __file__, "--one", config, "--case", str(case_root), "--device",
-                                args.device, "--workdir", str(workdir)], capture_output=True, text=True)
-        line = [out for out in child.stdout.splitlines() if out.startswith("ROW ")]
-        if child.returncode != 0 or not line:
-            print(f"{config}: failed\n{child.stderr[-2000:]}", file=sys.stderr)
-            continue
-        rows.append(json.loads(line[0][4:]))
-    columns = ["config", "device", "width", "folds", "tiling", "precision", "read", "preprocess", "network", "fusion",
-               "postprocess", "write", "total", "peak_ram_gb", "gpu_mem_gb"]
+    rows = [row for row in (_run_child(c, case_root, args.device, workdir) for c in args.configs.split(",")) if row]
     print(f"Machine: {machine_description(args.device)}\n")
-    print("| " + " | ".join(columns) + " |")
-    print("|" + "---|" * len(columns))
-    for row in rows:
-        print("| " + " | ".join("" if row.get(c) is None else str(row.get(c)) for c in columns) + " |")
-    by_config = {r["config"]: r for r in rows}
-    # Every other tiling against every paper-tiling run of the same weights and folds (fp32, auto, ...).
-    for fast in [c for c in by_config if by_config[c]["tiling"] != "paper"]:
-        spec, _, fold_spec, _ = parse_config(fast)
-        for paper in [c for c in by_config if by_config[c]["tiling"] == "paper"
-                      and parse_config(c)[0::2] == (spec, fold_spec)]:
-            dice = _agreement(workdir / f"{fast}.npy", workdir / f"{paper}.npy")
-            speedup = by_config[paper]["network"] / max(by_config[fast]["network"], 1e-9)
-            print(f"\n{fast} vs {paper}: network {speedup:.1f}x faster, end-to-end "
-                  f"{by_config[paper]['total'] / by_config[fast]['total']:.1f}x; mask agreement Dice "
-                  + ", ".join(f"{k} {v:.4f}" for k, v in dice.items()))
+    _print_table(rows)
+    _print_agreements(rows, workdir)
     if args.json:
         print(json.dumps(rows))
     return 0 if len(rows) == len(args.configs.split(",")) else 1

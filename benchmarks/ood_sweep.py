@@ -8,7 +8,7 @@ rescale with integer rounding, or the anatomy and contrast drawn outside the gen
 its ground truth. Prints a Markdown table of mean Dice (WT, TC, ET) and mean confidence per factor and
 strength, the correlation between confidence and Dice, and how the low-confidence warning splits the cases.
 
-    python benchmarks/ood_sweep.py [--weights weights] [--cases 3] [--seed 2000] [--factors all] [--csv out.csv]
+    python3 benchmarks/ood_sweep.py [--weights weights] [--cases 3] [--seed 2000] [--factors all] [--csv out.csv]
 """
 
 from __future__ import annotations

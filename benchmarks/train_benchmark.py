@@ -1,7 +1,7 @@
 """Training throughput: step time and patches per second by width, device and augmentation level, and
 the cost of this repository's batched augmentation against MONAI's per-patch transforms doing the same job.
 
-    python benchmarks/train_benchmark.py [--device cpu|cuda] [--widths 8,32] [--batch 20] [--steps 10]
+    python3 benchmarks/train_benchmark.py [--device cpu|cuda] [--widths 8,32] [--batch 20] [--steps 10]
 
 Cases are four half-size phantoms prepared in memory (the step time does not depend on the case size).
 Prints a Markdown table; a step is one SGD step of all three tasks (3 x batch patches of 16x32x32).
@@ -23,10 +23,10 @@ sys.path.insert(0, str(ROOT))
 
 from app.augment import AugmentConfig, augment_batch  # noqa: E402
 from app.inference import native_bf16, resolve_device  # noqa: E402
+from app.model import build_model  # noqa: E402
 from app.train import (  # noqa: E402
     TrainConfig,
     _batch,
-    build_network,
     make_optimizer,
     phantom_cases,
     prepare_case,
@@ -43,7 +43,7 @@ def _sync(device: torch.device) -> None:
 def time_steps(width: int, augment: str, batch: int, steps: int, data, device: torch.device) -> float:
     """Seconds per training step (all three tasks active), after three warm-up steps."""
     cfg = TrainConfig(width=width, batch=batch, stage_steps=(0, 0, 10**6), augment=augment, device=device.type)
-    model = build_network(cfg).to(device, memory_format=torch.channels_last_3d).train()
+    model = build_model(cfg.variant, cfg.width).to(device, memory_format=torch.channels_last_3d).train()
     optimizer = make_optimizer(model, cfg)
     rng = np.random.default_rng(0)
     level = AugmentConfig.for_level(augment)

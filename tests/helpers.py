@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from app.conventions import Layout
+from app.model import build_model
 from app.phantoms import generate
-from app.weights import build_for_manifest, save_state, write_manifest
+from app.weights import save_state, write_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = (64, 64, 48)
@@ -25,7 +26,7 @@ def random_weights(folder: Path, variant: str = "omnet_cga", width: int = 4, fol
     entries = []
     for fold in range(folds):
         torch.manual_seed(seed + fold)
-        model = build_for_manifest(variant, width)
+        model = build_model(variant, width)
         save_state(model.state_dict(), folder / f"fold_{fold}.safetensors")
         entries.append({"fold": fold, "file": f"fold_{fold}.safetensors"})
     write_manifest(folder, variant, width, entries, {"note": "random initialisation, for tests only"})
@@ -37,7 +38,7 @@ def small_cases(folder: Path, n: int = 2, seed: int = 11, layout: Layout = Layou
 
 
 def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: float = 600, user: str | None = None):
-    """Run ``./run.sh`` (or ``python -m app`` when args start with '-m') as a real subprocess."""
+    """Run ``./run.sh`` (or ``python3 -m app`` when args start with '-m') as a real subprocess."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     command = [str(ROOT / "run.sh"), *args]
     return subprocess.run(command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)

@@ -9,7 +9,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 from benchmark import predictor_options  # noqa: E402
 
-from app.inference import CROP_MARGIN, EnsemblePredictor  # noqa: E402
+from app.inference import EnsemblePredictor  # noqa: E402
+from app.preprocess import CROP_MARGIN  # noqa: E402
 
 
 @pytest.mark.parametrize("token, expected", [
@@ -24,7 +25,12 @@ from app.inference import CROP_MARGIN, EnsemblePredictor  # noqa: E402
 def test_tokens_become_predictor_knobs(token, expected):
     options = predictor_options(token)
     assert options == expected
-    EnsemblePredictor(device="cpu", **options)  # every token builds a valid predictor
+    predictor = EnsemblePredictor(device="cpu", **options)  # every token builds the predictor it names
+    assert predictor.tiling.value == options["tiling"]
+    assert predictor.planner.shift_folds == options.get("shift_folds", True)
+    assert predictor.crop_margin == options.get("crop_margin", CROP_MARGIN)
+    if "max_tile" in options:
+        assert (predictor.planner.max_tile, predictor.planner.margin) == (options["max_tile"], options["margin"])
 
 
 @pytest.mark.parametrize("token", ["t16x32m2", "tiles", "papershift", "t16x32x32", "fixed", "paperfixed"])
@@ -53,3 +59,19 @@ def test_agreement_rows_score_each_tiling_against_paper_and_truth(tmp_path):
     assert fast["vs truth WT"] > 0.5, fast  # the shipped fold finds the phantom's tumour
     [mean_paper, mean_fast] = mean_rows(rows, ["fast"])
     assert mean_fast["case"] == "mean" and mean_fast["vs paper TC"] == fast["vs paper TC"]
+
+
+def test_confidence_calibration_finds_the_threshold_that_separates_poor_cases(tmp_path):
+    """benchmarks/calibrate_confidence.py: when confidence ranks the cases perfectly, the chosen threshold
+    flags exactly the poor ones."""
+    import numpy as np
+    from calibrate_confidence import read_rows, threshold_rows
+
+    path = tmp_path / "rows.csv"
+    rows = [(0.9, 0.95), (0.85, 0.9), (0.8, 0.8), (0.6, 0.5), (0.5, 0.3), (0.4, 0.1)]  # (confidence, Dice)
+    path.write_text("WT,TC,ET,confidence\n" + "".join(f"{d},{d},{d},{c}\n" for c, d in rows))
+    confidence, dice = read_rows([path])
+    np.testing.assert_allclose(dice, [d for _, d in rows])
+    best = max(threshold_rows(confidence, dice, poor=0.7), key=lambda r: (r["youden"], -r["flagged"]))
+    assert best["flagged"] == 3 and best["sensitivity"] == 1.0 and best["specificity"] == 1.0
+    assert 0.6 < best["threshold"] <= 0.8

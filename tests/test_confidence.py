@@ -3,7 +3,8 @@ import json
 import numpy as np
 
 from app.confidence import LOW_CONFIDENCE, LOW_CONFIDENCE_WARNING, case_confidence, expected_dice
-from app.inference import TaskProbabilities
+from app.fusion import TaskProbabilities
+from app.inference import CasePrediction
 from app.io import find_cases, load_case
 from app.pipeline import CaseRunner, PredictOptions
 from app.postprocess import PostprocessConfig
@@ -61,12 +62,12 @@ class _FixedPredictor:
     def __init__(self, certainty: float):
         self.certainty = certainty
 
-    def predict_labels(self, image, progress=None, return_probabilities=False):
+    def predict_case(self, image, progress=None):
         labels = np.zeros(image.shape[1:], np.uint8)
         labels[10:20, 20:40, 20:40] = 2
         labels[13:17, 25:35, 25:35] = 1
         box = tuple(slice(0, n) for n in labels.shape)
-        return labels, box, _probabilities(labels, self.certainty)
+        return CasePrediction(labels, box, _probabilities(labels, self.certainty), None)
 
 
 def test_low_confidence_warns_in_the_case_line_and_report(tmp_path):

@@ -3,8 +3,11 @@ import pytest
 import torch
 from torch import nn
 
-from app.inference import MIRRORS, EnsemblePredictor, TaskProbabilities, dilate, fast_tiles, fuse, plan_tiles
+from app.ensemble import MIRRORS
+from app.fusion import TaskProbabilities, dilate, dilate_tensor, fuse, fuse_tensors, fusion_region
+from app.inference import EnsemblePredictor
 from app.postprocess import PostprocessConfig, postprocess, relabel_dark_edema, remove_small_components
+from app.tiling import fast_tiles, plan_tiles
 
 SHAPE = (20, 30, 30)
 
@@ -138,11 +141,11 @@ def test_each_fold_gets_its_own_grid_and_the_bookkeeping_is_exact():
     options = {"device": "cpu", "max_tile": (16, 24, 24), "margin": 2, "precision": "fp32"}
     shifted = EnsemblePredictor(**options).load_models(models)
     same = EnsemblePredictor(**options, shift_folds=False).load_models(models)
-    assert [shifted.grid_shift(k) for k in range(3)] == [(0, 0, 0), (1, 1, 1), (2, 2, 2)]
+    assert [shifted.planner.grid_shift(k) for k in range(3)] == [(0, 0, 0), (1, 1, 1), (2, 2, 2)]
     assert shifted.plan(image.shape[1:], 1) != shifted.plan(image.shape[1:], 0)
     assert same.plan(image.shape[1:], 1) == same.plan(image.shape[1:], 0)
     paper = EnsemblePredictor(device="cpu", tiling="paper")
-    assert paper.grid_shift(5) == (0, 0, 0)
+    assert paper.planner.grid_shift(5) == (0, 0, 0)
     a, b = shifted.predict_probabilities(image), same.predict_probabilities(image)
     for x, y in zip((a.tumour, a.classes, a.enhancing), (b.tumour, b.classes, b.enhancing)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
@@ -163,9 +166,9 @@ def test_fast_tiling_covers_the_brain_box_and_reads_the_ring_around_it_as_contex
     brain[4:25, 4:57, 4:46] = True
     models = [_PointwiseNet(k) for k in range(2)]
     fast = EnsemblePredictor(device="cpu", max_tile=(16, 24, 24), precision="fp32").load_models(models)
-    region = fast.segmented_region(brain)
+    region = fast.planner.segmented_region(brain)
     assert region == (slice(4, 25), slice(4, 57), slice(4, 46))
-    assert EnsemblePredictor(device="cpu", tiling="paper").segmented_region(brain) is None
+    assert EnsemblePredictor(device="cpu", tiling="paper").planner.segmented_region(brain) is None
     covered, everywhere = fast.predict_probabilities(image, region=region), fast.predict_probabilities(image)
     for x, y in zip((covered.tumour, covered.classes, covered.enhancing),
                     (everywhere.tumour, everywhere.classes, everywhere.enhancing)):
@@ -224,3 +227,30 @@ def test_mirroring_leaves_a_pointwise_network_unchanged_and_folds_take_turns():
     assert [folds.mirrors(k) for k in (0, 1, 9)] == [(MIRRORS[0],), (MIRRORS[1],), (MIRRORS[1],)]
     with pytest.raises(ValueError, match="tta must be one of"):
         EnsemblePredictor(device="cpu", tta="sometimes")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_device_fusion_gives_the_numpy_fusion_labels(seed):
+    """`fuse_tensors` (used on a GPU) must match `fuse` voxel for voxel, tumours at the border included."""
+    rng = np.random.default_rng(seed)
+    shape = (23, 31, 29)
+    tumour = np.zeros(shape, np.float32)
+    for _ in range(3):  # blobs of tumour probability, one touching the volume's edge
+        centre = rng.integers(0, shape)
+        grid = np.indices(shape)
+        tumour += np.exp(-sum((g - c) ** 2 for g, c in zip(grid, centre)) / 20.0).astype(np.float32)
+    tumour = np.clip(tumour, 0, 1)
+    classes = rng.dirichlet(np.ones(5), size=shape).astype(np.float32)
+    p = TaskProbabilities(tumour, np.moveaxis(classes, -1, 0).copy(), rng.random(shape).astype(np.float32))
+    labels, region = fuse_tensors(TaskProbabilities(*(torch.from_numpy(a) for a in (p.tumour, p.classes, p.enhancing))))
+    np.testing.assert_array_equal(region.numpy(), fusion_region(p))
+    np.testing.assert_array_equal(labels.numpy(), fuse(p))
+    assert region.numpy().sum() > (tumour > 0.5).sum() > 0
+
+
+def test_device_dilation_is_the_euclidean_ball():
+    mask = np.zeros((15, 15, 15), bool)
+    mask[7, 7, 7] = True
+    mask[0, 14, 3] = True
+    for radius in (0, 1, 2, 5):
+        np.testing.assert_array_equal(dilate_tensor(torch.from_numpy(mask), radius).numpy(), dilate(mask, radius))

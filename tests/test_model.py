@@ -35,14 +35,14 @@ def test_single_returns_one_tensor():
 
 
 def test_bad_variant_and_width_are_refused():
-    with pytest.raises(ValueError, match="unknown variant"):
+    with pytest.raises(ValueError, match="variant must be one of"):
         build_model("unet", 8)
     with pytest.raises(ValueError, match="width"):
         build_model("omnet", 0)
 
 
 def _numpy_cga(features, guide, target, w_t, b_t, w_n, b_n, w_c, b_c):
-    """SPEC's CSCI + CompSeg equations, written independently with NumPy (one sample)."""
+    """The CSCI + CompSeg equations of docs/ALGORITHM.md, written independently with NumPy (one sample)."""
     c = features.shape[0]
     flat = features.reshape(c, -1)
     p = guide.reshape(guide.shape[0], -1)

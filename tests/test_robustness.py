@@ -15,6 +15,7 @@ import pytest
 import SimpleITK as sitk
 
 from app.conventions import Layout
+from app.phantoms import generate
 
 from .helpers import ROOT, random_weights, run_cli, small_cases
 
@@ -331,7 +332,10 @@ def _start(cohort: Path, out: Path, weights: Path) -> subprocess.Popen:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_killed_run_then_skip_existing_finishes_cleanly(tmp_path, weights, sig):
-    small_cases(tmp_path / "in", 4, seed=25)
+    # One small case first, then three cases 16x its size: when the first label map appears, the next cases
+    # are still seconds from done, so the signal always lands mid-run (no race with a fast machine).
+    small_cases(tmp_path / "in", 1, seed=25)
+    generate(tmp_path / "in", 3, 25, Layout.BRATS2023, (128, 128, 96), start=1)
     out = tmp_path / "out"
     process = _start(tmp_path / "in", out, weights)
     # Kill once the first case is written, while the next ones are in flight.

@@ -66,7 +66,7 @@ def test_bf16_arithmetic_agrees_with_fp32(shipped_fold, small_phantom):
 
 
 def test_precision_option_is_validated():
-    with pytest.raises(ValueError, match="precision must be auto, fp32 or bf16"):
+    with pytest.raises(ValueError, match=r"precision must be one of \[.auto., .fp32., .bf16.\]"):
         EnsemblePredictor(device="cpu", precision="fp16")
     auto = EnsemblePredictor(device="cpu").precision
     assert auto is (Precision.BF16 if native_bf16(torch.device("cpu")) else Precision.FP32)

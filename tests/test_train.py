@@ -16,8 +16,6 @@ from app.train import (
     PATCH,
     TrainConfig,
     _masked_cross_entropy,
-    build_network,
-    evaluate_cases,
     load_validation,
     make_optimizer,
     prepare_case,
@@ -26,6 +24,7 @@ from app.train import (
     train_fold,
     train_step,
     transfer_masks,
+    validation_dice,
 )
 from app.weights import load_ensemble
 
@@ -54,7 +53,7 @@ def test_tiny_training_lowers_loss_and_beats_untrained_dice(cases, tmp_path):
     losses = [h["loss"] for h in result.history]
     assert losses[-1] < losses[0] * 0.8, losses
     torch.manual_seed(0)
-    untrained = evaluate_cases(build_model("omnet_cga", 4), load_validation(cases[3:]), TINY, torch.device("cpu"))
+    untrained = validation_dice(build_model("omnet_cga", 4), load_validation(cases[3:]), TINY, torch.device("cpu"))
     assert result.best_dice["WT"] > untrained["WT"] + 0.2, (result.best_dice, untrained)
 
 
@@ -146,7 +145,7 @@ def test_cascade_networks_train_only_on_their_own_tasks_patches(cases):
     only its own stream's patches (so neither the weights nor the BatchNorm statistics of the others move)."""
     torch.set_num_threads(1)
     cfg = replace(TINY, variant="cascade", stage_steps=(2, 2, 2), batch=2)
-    model = build_network(cfg)
+    model = build_model(cfg.variant, cfg.width)
     optimizer = make_optimizer(model, cfg)
     data = [prepare_case(c) for c in cases[:2]]
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -167,7 +166,7 @@ def test_augmentation_is_part_of_the_step(cases):
     for level in ("none", "strong"):
         cfg = replace(TINY, augment=level, stage_steps=(0, 0, 5))
         torch.manual_seed(0)
-        model = build_network(cfg)
+        model = build_model(cfg.variant, cfg.width)
         augment = AugmentConfig.for_level(level)
         out = train_step(model, make_optimizer(model, cfg), data, cfg, 0, np.random.default_rng(0),
                          torch.device("cpu"), False, augment, torch.Generator().manual_seed(0))

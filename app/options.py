@@ -1,0 +1,75 @@
+"""The options a user chooses from, as str-enums: the code, argparse's choices and the MLCube parameters
+all read them here. Nothing heavy is imported, so `--help` stays fast."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import TypeVar
+
+E_ = TypeVar("E_", bound=Enum)
+
+
+def choices(enum: type[Enum]) -> list[str]:
+    """The values of a str-enum, as argparse's choices and error messages list them."""
+    return [member.value for member in enum]
+
+
+def parse_option(enum: type[E_], value: str | E_, name: str) -> E_:
+    """``value`` as a member of ``enum``, or a ValueError naming the option and its choices."""
+    try:
+        return enum(value)
+    except ValueError:
+        raise ValueError(f"{name} must be one of {choices(enum)}, got {value!r}") from None
+
+
+class Device(str, Enum):
+    """Where the networks run. AUTO is the GPU when CUDA sees one, else the CPU."""
+
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class Precision(str, Enum):
+    """Network arithmetic. AUTO is bf16 where the device computes it natively, else fp32."""
+
+    AUTO = "auto"
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+
+class Tiling(str, Enum):
+    """FAST: few large tiles, a shifted grid per fold. PAPER: the authors' 16x32x32 tiles (the reference)."""
+
+    FAST = "fast"
+    PAPER = "paper"
+
+
+class Mirroring(str, Enum):
+    """Test-time mirroring. NONE: each fold sees the case as it is. FOLDS: fold k sees it mirrored by the
+    k-th of the eight axis combinations (no extra cost: the ensemble averages over mirrors as it averages
+    over grid shifts). FULL: every fold sees all eight (nnU-Net's test-time mirroring, 8x the network time)."""
+
+    NONE = "none"
+    FOLDS = "folds"
+    FULL = "full"
+
+
+class AugmentLevel(str, Enum):
+    NONE = "none"
+    DEFAULT = "default"
+    STRONG = "strong"
+
+
+class Variant(str, Enum):
+    """Network variants of the paper's Table I. SINGLE is one task's network, the cascade's building block
+    (not trained or shipped on its own)."""
+
+    OMNET = "omnet"
+    OMNET_CGA = "omnet_cga"
+    OMNET_SE = "omnet_se"
+    CASCADE = "cascade"  # MC3: three single-task networks
+    SINGLE = "single"
+
+
+TRAINABLE_VARIANTS = [v.value for v in Variant if v is not Variant.SINGLE]

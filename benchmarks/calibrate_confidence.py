@@ -1,0 +1,70 @@
+"""Calibrate the low-confidence threshold on case-level rows that hold a confidence and real Dice scores.
+
+    python3 benchmarks/calibrate_confidence.py sweep.csv [more.csv ...] [--poor 0.7]
+
+Input: CSV files with columns WT, TC, ET and confidence, one row per case (or case-condition), as
+`benchmarks/ood_sweep.py --csv` writes them. A case is *poor* when its mean Dice over WT, TC and ET is below
+``--poor``. For each candidate threshold the table gives how many cases the warning flags, how many poor
+cases it catches (sensitivity), how many good cases it leaves alone (specificity), and the mean Dice of the
+flagged and unflagged cases; the threshold with the highest Youden index (sensitivity + specificity - 1) is
+printed last: that is the value `app.confidence.LOW_CONFIDENCE` should hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def read_rows(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """(confidence, mean Dice) per row of every file."""
+    confidence, dice = [], []
+    for path in paths:
+        with path.open(newline="") as handle:
+            for row in csv.DictReader(handle):
+                confidence.append(float(row["confidence"]))
+                dice.append(np.mean([float(row[r]) for r in ("WT", "TC", "ET")]))
+    return np.array(confidence), np.array(dice)
+
+
+def threshold_rows(confidence: np.ndarray, dice: np.ndarray, poor: float) -> list[dict]:
+    bad = dice < poor
+    rows = []
+    for threshold in np.unique(np.round(np.concatenate([confidence, [0.0]]) + 1e-4, 4)):
+        flagged = confidence < threshold
+        sensitivity = float((flagged & bad).sum() / max(bad.sum(), 1))
+        specificity = float((~flagged & ~bad).sum() / max((~bad).sum(), 1))
+        rows.append({"threshold": float(threshold), "flagged": int(flagged.sum()), "sensitivity": sensitivity,
+                     "specificity": specificity, "youden": sensitivity + specificity - 1,
+                     "dice flagged": float(dice[flagged].mean()) if flagged.any() else float("nan"),
+                     "dice unflagged": float(dice[~flagged].mean()) if (~flagged).any() else float("nan")})
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("csv", type=Path, nargs="+", help="CSV files with WT, TC, ET and confidence columns")
+    parser.add_argument("--poor", type=float, default=0.7, help="mean Dice below which a case needs review")
+    args = parser.parse_args()
+    confidence, dice = read_rows(args.csv)
+    rows = threshold_rows(confidence, dice, args.poor)
+    print(f"{len(dice)} cases, {int((dice < args.poor).sum())} poor (mean Dice < {args.poor}); "
+          f"Pearson r(confidence, Dice) = {np.corrcoef(confidence, dice)[0, 1]:.2f}\n")
+    print("| threshold | flagged | sensitivity | specificity | mean Dice flagged | mean Dice unflagged |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['threshold']:.4f} | {r['flagged']} | {r['sensitivity']:.2f} | {r['specificity']:.2f} | "
+              f"{r['dice flagged']:.3f} | {r['dice unflagged']:.3f} |")
+    best = max(rows, key=lambda r: (r["youden"], -r["flagged"]))
+    print(f"\nbest threshold (Youden {best['youden']:.2f}): {best['threshold']:.2f} flags {best['flagged']} of "
+          f"{len(dice)} cases, catches {best['sensitivity']:.0%} of the poor ones, leaves "
+          f"{best['specificity']:.0%} of the good ones unflagged")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
