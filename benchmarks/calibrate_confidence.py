@@ -34,7 +34,11 @@ def read_rows(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
 def threshold_rows(confidence: np.ndarray, dice: np.ndarray, poor: float) -> list[dict]:
     bad = dice < poor
     rows = []
-    for threshold in np.unique(np.round(np.concatenate([confidence, [0.0]]) + 1e-4, 4)):
+    # Candidates halfway between consecutive confidences (and below / above them all), rounded to 3 decimals:
+    # the value written into the code flags exactly the cases the table says.
+    values = np.unique(confidence)
+    candidates = np.concatenate([[0.0], (values[:-1] + values[1:]) / 2, [values[-1] + 1e-3]])
+    for threshold in np.unique(np.round(candidates, 3)):
         flagged = confidence < threshold
         sensitivity = float((flagged & bad).sum() / max(bad.sum(), 1))
         specificity = float((~flagged & ~bad).sum() / max((~bad).sum(), 1))
@@ -57,10 +61,10 @@ def main() -> int:
     print("| threshold | flagged | sensitivity | specificity | mean Dice flagged | mean Dice unflagged |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['threshold']:.4f} | {r['flagged']} | {r['sensitivity']:.2f} | {r['specificity']:.2f} | "
+        print(f"| {r['threshold']:.3f} | {r['flagged']} | {r['sensitivity']:.2f} | {r['specificity']:.2f} | "
               f"{r['dice flagged']:.3f} | {r['dice unflagged']:.3f} |")
     best = max(rows, key=lambda r: (r["youden"], -r["flagged"]))
-    print(f"\nbest threshold (Youden {best['youden']:.2f}): {best['threshold']:.2f} flags {best['flagged']} of "
+    print(f"\nbest threshold (Youden {best['youden']:.2f}): {best['threshold']:.3f} flags {best['flagged']} of "
           f"{len(dice)} cases, catches {best['sensitivity']:.0%} of the poor ones, leaves "
           f"{best['specificity']:.0%} of the good ones unflagged")
     return 0
