@@ -23,19 +23,19 @@ def parse_option(enum: type[E_], value: str | E_, name: str) -> E_:
 
 
 class Device(str, Enum):
-    """Where the networks run. AUTO is the GPU when CUDA sees one, else the CPU."""
+    """Where the networks run."""
 
-    AUTO = "auto"
+    AUTO = "auto"  # the GPU when CUDA sees one, else the CPU
     CPU = "cpu"
-    CUDA = "cuda"
+    CUDA = "cuda"  # an error when CUDA sees no GPU
 
 
 class Precision(str, Enum):
-    """Network arithmetic. AUTO is bf16 where the device computes it natively, else fp32."""
+    """Network arithmetic."""
 
-    AUTO = "auto"
+    AUTO = "auto"  # bf16 where the device computes it natively (app.inference.native_bf16), else fp32
     FP32 = "fp32"
-    BF16 = "bf16"
+    BF16 = "bf16"  # autocast; emulated (slow) where the device lacks it
 
 
 class Tiling(str, Enum):
@@ -56,6 +56,9 @@ class Mirroring(str, Enum):
 
 
 class AugmentLevel(str, Enum):
+    """Training augmentation (app.augment.AugmentConfig.for_level): NONE switches it off; STRONG draws
+    the intensity and geometry transforms more often and over wider ranges (flips as DEFAULT)."""
+
     NONE = "none"
     DEFAULT = "default"
     STRONG = "strong"
