@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -204,7 +205,7 @@ def test_spaces_non_ascii_and_symlinked_case_folders(tmp_path, weights):
 
 def _as_nobody() -> list[str] | None:
     """Command prefix to drop root (permissions do not bind root), or None where that is impossible:
-    no setpriv, or an interpreter the unprivileged user cannot run (e.g. one installed under /root).
+    no setpriv, or an interpreter or repository the unprivileged user cannot read (e.g. under /root).
     The Docker test runs the image as uid 1000 with a read-only /input regardless."""
     if os.geteuid() != 0:
         return []
@@ -212,27 +213,49 @@ def _as_nobody() -> list[str] | None:
     if not setpriv:
         return None
     prefix = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
-    probe = subprocess.run([*prefix, sys.executable, "-c", "import numpy, torch, SimpleITK"], capture_output=True)
+    probe = subprocess.run([*prefix, sys.executable, "-c", "import numpy, torch, SimpleITK, app.cli"], cwd="/",
+                           env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True)
     return prefix if probe.returncode == 0 else None
 
 
-def test_read_only_input_folder(tmp_path, weights):
+NOBODY_SKIP = "cannot run the CLI as an unprivileged user here (no setpriv, or interpreter or repository unreadable)"
+
+
+@pytest.fixture
+def open_space(weights):
+    """A folder under /tmp that the unprivileged user can reach (pytest's own tmp folders are root-only)
+    holding a copy of the weights; removed afterwards."""
+    space = Path(tempfile.mkdtemp(prefix="omnet-nobody-"))
+    space.chmod(0o755)
+    shutil.copytree(weights, space / "weights")
+    for path in [space / "weights", *(space / "weights").iterdir()]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    yield space
+    for path in [space, *space.rglob("*")]:
+        if path.is_dir() and not path.is_symlink():
+            path.chmod(0o755)
+    shutil.rmtree(space)
+
+
+def _run_as(prefix: list[str], cohort: Path, out: Path, weights: Path) -> subprocess.CompletedProcess:
+    # run.sh runs $PYTHON: the interpreter the guard probed, not whatever python3 PATH finds for that user
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HOME": "/nonexistent", "PYTHON": sys.executable}
+    return subprocess.run([*prefix, str(ROOT / "run.sh"), "--input", str(cohort), "--output", str(out),
+                           "--weights", str(weights)], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_read_only_input_folder(open_space):
     prefix = _as_nobody()
     if prefix is None:
-        pytest.skip("cannot run the CLI as an unprivileged user here (no setpriv or interpreter unreadable)")
-    cohort = tmp_path / "in"
+        pytest.skip(NOBODY_SKIP)
+    cohort = open_space / "in"
     small_cases(cohort, 1, seed=24)
-    out = tmp_path / "out"
+    out = open_space / "out"
     out.mkdir()
-    for path in [tmp_path, weights, *weights.iterdir()]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
     for path in [cohort, *cohort.rglob("*")]:
         path.chmod(0o555 if path.is_dir() else 0o444)
     out.chmod(0o777)
-    # run.sh runs $PYTHON: the interpreter the guard probed, not whatever python3 PATH finds for that user
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HOME": "/nonexistent", "PYTHON": sys.executable}
-    result = subprocess.run([*prefix, str(ROOT / "run.sh"), "--input", str(cohort), "--output", str(out),
-                             "--weights", str(weights)], capture_output=True, text=True, env=env, timeout=300)
+    result = _run_as(prefix, cohort, out, open_space / "weights")
     assert result.returncode == 0, result.stderr
     assert len(list(out.iterdir())) == 1
 
@@ -240,19 +263,17 @@ def test_read_only_input_folder(tmp_path, weights):
 # --------------------------------------------------------------------------------- must stop with 2
 
 
-def test_output_folder_not_writable(tmp_path, weights):
+def test_output_folder_not_writable(open_space):
     prefix = _as_nobody()
     if prefix is None:
-        pytest.skip("cannot run the CLI as an unprivileged user here (no setpriv or interpreter unreadable)")
-    small_cases(tmp_path / "in", 1, seed=24)
-    out = tmp_path / "out"
+        pytest.skip(NOBODY_SKIP)
+    small_cases(open_space / "in", 1, seed=24)
+    out = open_space / "out"
     out.mkdir()
-    for path in [tmp_path, weights, *weights.iterdir(), *(tmp_path / "in").rglob("*"), tmp_path / "in"]:
+    for path in [open_space / "in", *(open_space / "in").rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
     out.chmod(0o555)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHON": sys.executable}
-    result = subprocess.run([*prefix, str(ROOT / "run.sh"), "--input", str(tmp_path / "in"), "--output", str(out),
-                             "--weights", str(weights)], capture_output=True, text=True, env=env, timeout=300)
+    result = _run_as(prefix, open_space / "in", out, open_space / "weights")
     assert result.returncode == 2 and "not writable" in result.stderr, result.stderr
 
 
