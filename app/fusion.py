@@ -106,7 +106,7 @@ def fuse_tensors(p: TaskProbabilities) -> tuple[torch.Tensor, torch.Tensor]:
     """`fuse` on the probabilities' device: (internal labels as uint8, the fusion region)."""
     region = dilate_tensor(p.tumour > 0.5, FUSION_DILATION)
     task2 = torch.argmax(p.classes, dim=0)
-    core = region & ((task2 == CORE_CLASSES[0]) | (task2 == CORE_CLASSES[1]))
+    core = region & torch.isin(task2, torch.tensor(CORE_CLASSES, device=task2.device))
     labels = torch.zeros(region.shape, dtype=torch.uint8, device=region.device)
     labels[region & (task2 == EDEMA)] = EDEMA
     labels[core] = NECROSIS

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,13 +20,11 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .ensemble import MIRRORS, DeviceOutOfMemory, TiledEnsemble
+from .ensemble import MIRRORS, DeviceOutOfMemory, Progress, TiledEnsemble
 from .fusion import TaskProbabilities, fuse, fuse_tensors, fusion_region, omnet_probabilities
 from .options import Device, Mirroring, Precision, Tiling, parse_option
 from .preprocess import CROP_MARGIN, crop_to_brain
 from .tiling import FAST_MARGIN, FAST_TILE, Tile, TilePlanner
-
-Progress = Callable[[int, int], None]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -174,16 +172,21 @@ class EnsemblePredictor:
         self._synchronize()
         timings["network"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        if self.device.type == "cuda":  # fuse where the probabilities are; only the results cross to the host
-            fused, region = (t.cpu().numpy() for t in fuse_tensors(probabilities))
-            probabilities = probabilities.to_numpy()
-        else:
-            probabilities = probabilities.to_numpy()
-            region = fusion_region(probabilities)
-            fused = fuse(probabilities, region)
+        fused, region = self._fuse(probabilities)
+        probabilities = probabilities.to_numpy()
         labels[crop.box] = fused * crop.mask
         timings["fusion"] = time.perf_counter() - clock
         return CasePrediction(labels, crop.box, probabilities, region, timings)
+
+    def _fuse(self, probabilities: TaskProbabilities) -> tuple[np.ndarray, np.ndarray]:
+        """(labels, task-2 region) on the host, fused where the probabilities are: on a GPU only the
+        results cross to the host."""
+        if self.device.type == "cuda":
+            labels, region = fuse_tensors(probabilities)
+            return labels.cpu().numpy(), region.cpu().numpy()
+        host = probabilities.to_numpy()
+        region = fusion_region(host)
+        return fuse(host, region), region
 
     def _device_probabilities(self, image: np.ndarray, progress: Progress | None,
                               region: tuple[slice, ...] | None) -> TaskProbabilities:
