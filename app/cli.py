@@ -47,6 +47,22 @@ def tile_shape(text: str) -> tuple[int, ...]:
     return values
 
 
+def bounded_float(low: float, high: float, *, low_open: bool = False) -> Callable[[str], float]:
+    """An argparse ``type`` for a number in [low, high] ((low, high] when ``low_open``)."""
+    what = f"a number in {'(' if low_open else '['}{low:g}, {high:g}]"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"needs {what}, got {text!r}") from None
+        if not (low < value if low_open else low <= value) or not value <= high:
+            raise argparse.ArgumentTypeError(f"needs {what}, got {text!r}")
+        return value
+
+    return parse
+
+
 def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None:
     if mlcube:
         p.add_argument("--data_path", type=Path, required=True, help="folder of input cases (MLCube form)")
@@ -153,6 +169,12 @@ def _add_train_flags(tr: argparse.ArgumentParser) -> None:
     tr.add_argument("--augment", default=AugmentLevel.DEFAULT.value, choices=choices(AugmentLevel),
                     help="training augmentation (app/augment.py): flips, rotation/scaling, gamma, contrast, bias "
                          "field, noise, blur, thick slices; none switches it off")
+    tr.add_argument("--rare-case-weight", type=bounded_float(0.0, 100.0, low_open=True), default=1.0,
+                    help="draw cases of a rare tumour kind (no enhancing rim, solidly enhancing, or a small core) "
+                         "this many times as often as others (1: uniform, as the paper)")
+    tr.add_argument("--task1-tumour-fraction", type=bounded_float(0.0, 1.0), default=0.0,
+                    help="fraction of task-1 patches centred near the tumour rather than anywhere in the brain "
+                         "(0: the paper's uniform draw)")
     tr.add_argument("--prepare-workers", type=int, default=0,
                     help="with --cache: prepare (and generate) every case in this many processes before training")
     tr.add_argument("--prepare-only", action="store_true",
@@ -299,6 +321,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         momentum=args.momentum, weight_decay=args.weight_decay, lr_halve_every=args.lr_halve_every,
         validate_every=args.validate_every, val_cases=args.val_cases, seed=args.seed, device=args.device,
         init_from=str(args.init_from) if args.init_from else None, augment=args.augment,
+        rare_case_weight=args.rare_case_weight, task1_tumour_fraction=args.task1_tumour_fraction,
     )
     if args.phantoms is not None:
         cases = phantom_cases(args.phantoms, args.phantom_seed, args.phantom_size)

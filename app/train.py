@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .augment import AugmentConfig, augment_batch
-from .conventions import ENHANCING, NORMAL_BRAIN, Layout, from_file_labels
+from .conventions import ENHANCING, NECROSIS, NORMAL_BRAIN, Layout, from_file_labels
 from .fusion import dilate
 from .inference import EnsemblePredictor, native_bf16, resolve_device
 from .io import CaseFiles, find_cases, load_case, load_segmentation
@@ -68,6 +68,11 @@ class TrainConfig:
     max_tile: tuple[int, int, int] = FAST_TILE  # validation uses predict's default fast tiling
     init_from: str | None = None  # safetensors model weights to start from (fine-tuning, warm starts)
     augment: str = AugmentLevel.DEFAULT.value  # app.options.AugmentLevel (app/augment.py)
+    # Our additions (the paper draws cases uniformly and task-1 centres uniformly over the brain; 1.0 and
+    # 0.0 keep that): how much more often a case of a rare tumour kind is drawn (`case_probabilities`),
+    # and the fraction of task-1 patches centred near the tumour instead of anywhere in the brain.
+    rare_case_weight: float = 1.0
+    task1_tumour_fraction: float = 0.0
 
     @property
     def total_steps(self) -> int:
@@ -241,13 +246,16 @@ def to_device(case: TrainingCase, device: torch.device) -> TrainingCase:
 
 
 def sample_patches(cases: Sequence[TrainingCase], task: int, count: int, rng: np.random.Generator,
-                   with_offsets: bool = False):
+                   with_offsets: bool = False, case_probabilities: np.ndarray | None = None):
     """``count`` patches whose centres lie in ``task``'s region of randomly chosen cases: (images, targets),
     numpy arrays or device tensors as the cases hold them; with ``with_offsets`` also each patch's case
-    offset (count, 4)."""
+    offset (count, 4). ``case_probabilities`` (one per case) replaces the uniform choice of cases."""
     images, targets, offsets = [], [], []
     for _ in range(count):
-        case = cases[rng.integers(len(cases))]
+        if case_probabilities is None:
+            case = cases[rng.integers(len(cases))]
+        else:
+            case = cases[rng.choice(len(cases), p=case_probabilities)]
         flat = case.centres[task][rng.integers(len(case.centres[task]))]
         centre = np.unravel_index(flat, tuple(case.target.shape))
         window = tuple(slice(int(c) - p // 2, int(c) - p // 2 + p) for c, p in zip(centre, PATCH))
@@ -258,6 +266,39 @@ def sample_patches(cases: Sequence[TrainingCase], task: int, count: int, rng: np
     if with_offsets:
         return stack(images), stack(targets), stack(offsets)
     return stack(images), stack(targets)
+
+
+# A case is of a rare kind when its core has (almost) no enhancing rim, is (almost) solidly enhancing, or
+# is small: a uniform draw shows few such patches, and a model trained on it calls them normal brain.
+RARE_ET_FRACTION = 0.05
+RARE_NCR_FRACTION = 0.10
+RARE_CORE_VOXELS = 3000
+
+
+def is_rare_kind(target: Any) -> bool:
+    """Whether a case's internal label map (numpy or tensor) holds a rare tumour kind (see above)."""
+    counts = np.bincount(np.asarray(_host_array(target)).ravel(), minlength=NORMAL_BRAIN + 1)
+    core = int(counts[NECROSIS] + counts[ENHANCING])
+    if core == 0:
+        return False
+    return (counts[ENHANCING] < RARE_ET_FRACTION * core or counts[NECROSIS] < RARE_NCR_FRACTION * core
+            or core < RARE_CORE_VOXELS)
+
+
+def _host_array(array: Any) -> np.ndarray:
+    return array.cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
+
+
+def case_probabilities(cases: Sequence[TrainingCase], rare_weight: float) -> np.ndarray | None:
+    """Probability of drawing each case: a rare kind weighs ``rare_weight`` times a common one; None (the
+    uniform draw) when the weight is 1 or no case is rare."""
+    if rare_weight <= 0:
+        raise ValueError(f"rare_case_weight must be positive, got {rare_weight}")
+    rare = np.array([is_rare_kind(c.target) for c in cases])
+    if rare_weight == 1.0 or not rare.any():
+        return None
+    weights = np.where(rare, rare_weight, 1.0)
+    return weights / weights.sum()
 
 
 def task_targets(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -476,6 +517,10 @@ def _train_loop(cfg: TrainConfig, model: nn.Module, optimizer, data: Sequence[Tr
     # fp32); CPU training stays fp32: bf16 steps were 1.34x faster there, but their convergence is untested.
     use_amp = device.type == "cuda" and native_bf16(device)
     augment = AugmentConfig.for_level(cfg.augment)
+    probabilities = case_probabilities(data, cfg.rare_case_weight)
+    if probabilities is not None:
+        log.info("fold %d: %d of %d training cases of a rare tumour kind, drawn %gx as often", fold,
+                 int(np.sum(probabilities > probabilities.min())), len(data), cfg.rare_case_weight)
     # The augmentation's generator is reseeded from ``rng`` after every validation, so a resumed run
     # draws exactly what the uninterrupted one would.
     generator = torch.Generator(device=device)
@@ -486,7 +531,7 @@ def _train_loop(cfg: TrainConfig, model: nn.Module, optimizer, data: Sequence[Tr
     counted = 0
     for step in range(state.meta["step"], cfg.total_steps):
         lr = set_learning_rate(optimizer, cfg, step)
-        losses = train_step(model, optimizer, data, cfg, step, rng, device, use_amp, augment, generator)
+        losses = train_step(model, optimizer, data, cfg, step, rng, device, use_amp, augment, generator, probabilities)
         for key, value in losses.items():
             sums[key] = sums.get(key, 0) + value
         counted += 1
@@ -515,12 +560,13 @@ def _train_loop(cfg: TrainConfig, model: nn.Module, optimizer, data: Sequence[Tr
 
 
 def train_step(model, optimizer, data, cfg: TrainConfig, step: int, rng, device, use_amp: bool,
-               augment: AugmentConfig | None = None,
-               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """One SGD step on a fresh batch of the active tasks' patches; returns each task's loss as a detached
-    device tensor (reading it would wait for the device)."""
+               augment: AugmentConfig | None = None, generator: torch.Generator | None = None,
+               probabilities: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+    """One SGD step on a fresh batch of the active tasks' patches (cases drawn with ``probabilities``, see
+    `case_probabilities`); returns each task's loss as a detached device tensor (reading it would wait for
+    the device)."""
     tasks = cfg.active_tasks(step)
-    x, y, origin, offsets = _batch(data, tasks, cfg.batch, rng, device)
+    x, y, origin, offsets = _batch(data, tasks, cfg.batch, rng, device, probabilities, cfg.task1_tumour_fraction)
     if augment is not None:
         x, y = augment_batch(x, y, offsets, augment, generator, rng)
     cascade = Variant(cfg.variant) is Variant.CASCADE
@@ -557,15 +603,21 @@ def _masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, chosen: to
 
 
 def _batch(data: Sequence[TrainingCase], tasks: Sequence[int], batch: int, rng: np.random.Generator,
-           device: torch.device):
+           device: torch.device, case_probabilities: np.ndarray | None = None, task1_tumour_fraction: float = 0.0):
     """Patches of every active task, concatenated: images (channels-last), long labels, each patch's
-    stream and its case's offsets, all on ``device``."""
+    stream and its case's offsets, all on ``device``. A ``task1_tumour_fraction`` of task 1's patches are
+    centred where task 2's are (near the tumour)."""
     images, targets, offsets = [], [], []
     for task in tasks:
-        x, y, off = sample_patches(data, task, batch, rng, with_offsets=True)
-        images.append(torch.as_tensor(x))
-        targets.append(torch.as_tensor(y))
-        offsets.append(off)
+        near = int(rng.binomial(batch, task1_tumour_fraction)) if task == 0 and task1_tumour_fraction > 0 else 0
+        for stream, count in ((task, batch - near), (1, near)):
+            if count == 0:
+                continue
+            x, y, off = sample_patches(data, stream, count, rng, with_offsets=True,
+                                       case_probabilities=case_probabilities)
+            images.append(torch.as_tensor(x))
+            targets.append(torch.as_tensor(y))
+            offsets.append(off)
     x = torch.cat(images).to(device, torch.float32, non_blocking=True)
     y = torch.cat(targets).to(device, torch.long, non_blocking=True)
     # Active tasks are always (0,), (0, 1) or (0, 1, 2), so a patch's stream is its block number.

@@ -15,7 +15,11 @@ from app.phantoms import generate
 from app.train import (
     PATCH,
     TrainConfig,
+    TrainingCase,
+    _batch,
     _masked_cross_entropy,
+    case_probabilities,
+    is_rare_kind,
     load_validation,
     make_optimizer,
     prepare_case,
@@ -70,6 +74,66 @@ def test_samplers_put_centres_inside_their_regions(cases):
     assert all(np.isin(t[ball], (1, 2, 3)).any() for t in near)
     _, core = sample_patches([case], 2, 30, rng)
     assert np.isin(core[(slice(None), *centre)], (1, 3)).all()
+
+
+def _target(ncr: int, et: int) -> np.ndarray:
+    """A brain (class 4) holding a core of ``ncr`` NCR and ``et`` ET voxels."""
+    target = np.full(40_000, 4, np.uint8)
+    target[:ncr] = 1
+    target[ncr:ncr + et] = 3
+    return target.reshape(40, 50, 20)
+
+
+def test_rare_kinds_are_cores_without_rim_solidly_enhancing_or_small():
+    assert is_rare_kind(_target(ncr=5000, et=100))  # almost no enhancing rim
+    assert is_rare_kind(_target(ncr=200, et=5000))  # solidly enhancing
+    assert is_rare_kind(_target(ncr=1000, et=1500))  # small core
+    assert not is_rare_kind(_target(ncr=3000, et=3000))
+    assert not is_rare_kind(_target(ncr=0, et=0))  # no tumour: nothing to oversample
+    assert is_rare_kind(torch.from_numpy(_target(ncr=5000, et=0)))  # device tensors too
+
+
+def _case_with(target: np.ndarray, value: float) -> TrainingCase:
+    padded = np.pad(target, [(p // 2, p // 2) for p in PATCH])
+    image = np.full((4, *padded.shape), value, np.float32)
+    inner = np.zeros(padded.shape, bool)
+    inner[tuple(slice(p // 2, -(p // 2)) for p in PATCH)] = True
+    centres = [np.flatnonzero(inner & (padded > 0)), np.flatnonzero(inner & np.isin(padded, (1, 2, 3))),
+               np.flatnonzero(inner & np.isin(padded, (1, 3)))]
+    return TrainingCase(f"case{value:g}", image, padded, centres, np.zeros(4, np.float32))
+
+
+def test_rare_cases_are_drawn_by_their_weight():
+    common, rare = _case_with(_target(3000, 3000), 0.0), _case_with(_target(5000, 0), 1.0)
+    assert case_probabilities([common, common], 3.0) is None  # nothing rare: the uniform draw
+    assert case_probabilities([common, rare], 1.0) is None
+    p = case_probabilities([common, rare, common], 3.0)
+    assert np.allclose(p, [0.2, 0.6, 0.2])
+    with pytest.raises(ValueError, match="rare_case_weight"):
+        case_probabilities([common, rare], 0.0)
+    images, _ = sample_patches([common, rare], 0, 400, np.random.default_rng(0),
+                               case_probabilities=np.array([0.25, 0.75]))
+    share = float(images[:, 0, 0, 0, 0].mean())  # the rare case's patches are all ones
+    assert 0.68 < share < 0.82, share
+
+
+def test_task1_tumour_fraction_centres_task1_patches_near_the_tumour():
+    target = np.full((40, 60, 60), 4, np.uint8)
+    target[18:22, 5:10, 5:10] = 1  # a small core in a large brain
+    case = _case_with(target, 0.0)
+    centre = (slice(None), *(p // 2 for p in PATCH))
+    for fraction, low, high in ((0.0, 0.0, 0.05), (0.5, 0.3, 0.7), (1.0, 1.0, 1.0)):
+        _, y, origin, _ = _batch([case], (0, 1), 50, np.random.default_rng(1), torch.device("cpu"),
+                                 task1_tumour_fraction=fraction)
+        assert origin.tolist() == [0] * 50 + [1] * 50  # the streams keep their blocks
+        near = (y[:50][centre] == 1).float().mean().item()
+        assert low <= near <= high, (fraction, near)
+
+
+def test_training_flags_reject_out_of_range_sampling_numbers(tmp_path):
+    for flag, value in (("--rare-case-weight", "0"), ("--task1-tumour-fraction", "1.5")):
+        run = python_cli("train", "--phantoms", "2", "--out", str(tmp_path), flag, value)
+        assert run.returncode == 2 and flag in run.stderr, run.stderr
 
 
 def _patches_with_fraction(label: int, fraction: float, n_voxels: int = int(np.prod(PATCH))):
