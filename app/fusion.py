@@ -34,10 +34,11 @@ class TaskProbabilities:
     enhancing: np.ndarray  # (D, H, W): task 3's P(ET)
 
     def to_numpy(self) -> TaskProbabilities:
-        return TaskProbabilities(*(_host(a) for a in (self.tumour, self.classes, self.enhancing)))
+        return TaskProbabilities(*(to_host(a) for a in (self.tumour, self.classes, self.enhancing)))
 
 
-def _host(array) -> np.ndarray:
+def to_host(array) -> np.ndarray:
+    """A numpy array on the host from a numpy array or a tensor on any device."""
     return array.cpu().numpy() if isinstance(array, torch.Tensor) else array
 
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from .augment import AugmentConfig, augment_batch
 from .conventions import ENHANCING, NECROSIS, NORMAL_BRAIN, Layout, from_file_labels
-from .fusion import dilate
+from .fusion import dilate, to_host
 from .inference import EnsemblePredictor, native_bf16, resolve_device
 from .io import CaseFiles, find_cases, load_case, load_segmentation
 from .metrics import region_dice
@@ -277,7 +277,7 @@ RARE_CORE_VOXELS = 3000
 
 def is_rare_kind(target: Any) -> bool:
     """Whether a case's internal label map (numpy or tensor) holds a rare tumour kind (see above)."""
-    counts = np.bincount(np.asarray(_host_array(target)).ravel(), minlength=NORMAL_BRAIN + 1)
+    counts = np.bincount(np.asarray(to_host(target)).ravel(), minlength=NORMAL_BRAIN + 1)
     core = int(counts[NECROSIS] + counts[ENHANCING])
     if core == 0:
         return False
@@ -285,17 +285,13 @@ def is_rare_kind(target: Any) -> bool:
             or core < RARE_CORE_VOXELS)
 
 
-def _host_array(array: Any) -> np.ndarray:
-    return array.cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
-
-
 def case_probabilities(cases: Sequence[TrainingCase], rare_weight: float) -> np.ndarray | None:
     """Probability of drawing each case: a rare kind weighs ``rare_weight`` times a common one; None (the
-    uniform draw) when the weight is 1 or no case is rare."""
+    uniform draw) when the weight is 1 or the cases are all rare or all common."""
     if rare_weight <= 0:
         raise ValueError(f"rare_case_weight must be positive, got {rare_weight}")
     rare = np.array([is_rare_kind(c.target) for c in cases])
-    if rare_weight == 1.0 or not rare.any():
+    if rare_weight == 1.0 or rare.all() or not rare.any():
         return None
     weights = np.where(rare, rare_weight, 1.0)
     return weights / weights.sum()
