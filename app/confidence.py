@@ -17,7 +17,7 @@ from .conventions import EDEMA, ENHANCING, NECROSIS
 from .fusion import TaskProbabilities, fusion_region
 
 # Below this mean expected Dice a case is flagged for review (calibrated: see the module docstring).
-LOW_CONFIDENCE = 0.70
+LOW_CONFIDENCE = 0.69
 LOW_CONFIDENCE_WARNING = "low confidence: review this segmentation"
 # Probabilities under this floor are ignored: thousands of voxels at p = 0.01 far from any tumour would
 # otherwise weigh as much as a real doubt at the border.
