@@ -55,6 +55,14 @@ class Mirroring(str, Enum):
     FULL = "full"
 
 
+class BiasCorrection(str, Enum):
+    """Intensity non-uniformity correction before normalisation. NONE: the images as they are (the
+    paper's path). N4: SimpleITK's N4 per modality inside the brain (app.preprocess.correct_bias)."""
+
+    NONE = "none"
+    N4 = "n4"
+
+
 class AugmentLevel(str, Enum):
     """Training augmentation (app.augment.AugmentConfig.for_level): NONE switches it off; STRONG draws
     the intensity and geometry transforms more often and over wider ranges (flips as DEFAULT)."""

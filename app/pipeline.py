@@ -38,7 +38,9 @@ from .io import (
     resolve_convention,
     write_image_atomic,
 )
+from .options import BiasCorrection
 from .postprocess import PostprocessConfig, postprocess
+from .preprocess import BiasCorrected, correct_bias
 
 
 class UsageError(Exception):
@@ -51,6 +53,7 @@ class PredictOptions:
     output_dir: Path
     labels: str = AUTO_LABELS
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    bias_correction: BiasCorrection = BiasCorrection.N4
     skip_existing: bool = False
     save_probabilities: Path | None = None
     shard: tuple[int, int] = (0, 1)
@@ -165,10 +168,26 @@ class Segmentation:
 
 
 def segment_image(predictor: EnsemblePredictor, image: np.ndarray, t1c_channel: int,
-                  post: PostprocessConfig, progress: Callable[[int, int], None] | None = None) -> Segmentation:
-    """Predict, fuse, post-process and score the confidence of a raw (4, D, H, W) case: the one path that
-    `CaseRunner`, the benchmarks and the tests share."""
-    return complete_segmentation(predictor.predict_case(image, progress), image[t1c_channel], post)
+                  post: PostprocessConfig, progress: Callable[[int, int], None] | None = None,
+                  bias_correction: BiasCorrection = BiasCorrection.N4) -> Segmentation:
+    """Bias-correct, predict, fuse, post-process and score the confidence of a raw (4, D, H, W) case: the
+    one path that `CaseRunner`, the benchmarks and the tests share."""
+    clock = time.perf_counter()
+    prepared = prepare_image(image, bias_correction)
+    corrected = time.perf_counter() - clock
+    seg = complete_segmentation(predictor.predict_case(prepared.image, progress), prepared.image[t1c_channel], post)
+    seg.timings = {"bias_correction": corrected, **seg.timings}
+    seg.warnings[:0] = prepared.warnings
+    return seg
+
+
+def prepare_image(image: np.ndarray, bias_correction: BiasCorrection,
+                  names: list[str] | None = None) -> BiasCorrected:
+    """The raw case the network and the post-processing both read: N4-corrected when asked (the K-means
+    step compares T1c intensities, which a bias field skews as it skews the network's input)."""
+    if bias_correction is BiasCorrection.N4:
+        return correct_bias(image, names)
+    return BiasCorrected(image, [])
 
 
 def complete_segmentation(prediction: CasePrediction, t1c: np.ndarray, post: PostprocessConfig) -> Segmentation:
@@ -192,6 +211,15 @@ class CaseRunner:
 
     def __init__(self, predictor: EnsemblePredictor, options: PredictOptions):
         self.predictor, self.options = predictor, options
+
+    def load(self, case: CaseFiles) -> LoadedCase:
+        """Read a case and prepare its image (bias correction): the reader thread's job, so that it
+        overlaps the previous case's prediction."""
+        loaded = load_case(case)
+        prepared = prepare_image(loaded.image, self.options.bias_correction, [m.value for m in case.modalities])
+        loaded.image = prepared.image
+        loaded.warnings.extend(prepared.warnings)
+        return loaded
 
     def run(self, loaded: LoadedCase, progress: Callable[[int, int], None] | None = None) -> CaseResult:
         return self.finish(loaded, self.predict(loaded, progress))
@@ -265,9 +293,9 @@ def _run_pipelined(runner: CaseRunner, todo: list[CaseFiles], options: PredictOp
     results: list[CaseResult] = []
     finishing: Future | None = None
     with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as finisher:
-        pending: Future | None = reader.submit(load_case, todo[0]) if todo else None
+        pending: Future | None = reader.submit(runner.load, todo[0]) if todo else None
         for i, case in enumerate(todo):
-            current, pending = pending, (reader.submit(load_case, todo[i + 1]) if i + 1 < len(todo) else None)
+            current, pending = pending, (reader.submit(runner.load, todo[i + 1]) if i + 1 < len(todo) else None)
             start = time.perf_counter()
             predicted = _guarded(case, partial(_predict_one, runner, case, current, options, stream))
             if finishing is not None:  # the previous case leaves the queue (and prints) before this one joins

@@ -110,7 +110,8 @@ def _ensemble_for(spec: str, fold_spec: str, workdir: Path):
 
 
 def run_one(config: str, case_dir: Path, device: str, workdir: Path, label_out: Path) -> dict:
-    """Time one configuration in this process: read, preprocess, network, fusion, postprocess, write."""
+    """Time one configuration in this process: read, bias correction (N4, the default; in the predict job it
+    overlaps the previous case's prediction), preprocess, network, fusion, postprocess, write."""
     import numpy as np
     import torch
 
@@ -195,8 +196,8 @@ def _run_child(config: str, case_root: Path, device: str, workdir: Path) -> dict
     return json.loads(line[0].removeprefix("ROW "))
 
 
-COLUMNS = ["config", "device", "width", "folds", "tiling", "precision", "read", "preprocess", "network", "fusion",
-           "postprocess", "write", "total", "peak_ram_gb", "gpu_mem_gb"]
+COLUMNS = ["config", "device", "width", "folds", "tiling", "precision", "read", "bias_correction", "preprocess",
+           "network", "fusion", "postprocess", "write", "total", "peak_ram_gb", "gpu_mem_gb"]
 
 
 def _print_table(rows: list[dict]) -> None:

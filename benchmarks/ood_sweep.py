@@ -9,6 +9,7 @@ its ground truth. Prints a Markdown table of mean Dice (WT, TC, ET) and mean con
 strength, the correlation between confidence and Dice, and how the low-confidence warning splits the cases.
 
     python3 benchmarks/ood_sweep.py [--weights weights] [--cases 3] [--seed 2000] [--factors all] [--csv out.csv]
+        [--bias-correction n4|none]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from app.confidence import LOW_CONFIDENCE  # noqa: E402
 from app.conventions import MODALITY_ORDER, Modality  # noqa: E402
 from app.inference import EnsemblePredictor  # noqa: E402
 from app.metrics import region_dice  # noqa: E402
+from app.options import BiasCorrection, Mirroring, choices  # noqa: E402
 from app.phantoms import DEFAULT_RANGES, make_phantom  # noqa: E402
 from app.pipeline import segment_image  # noqa: E402
 from app.postprocess import PostprocessConfig  # noqa: E402
@@ -129,7 +131,7 @@ def sized_indices(seed: int, cases: int, min_tumour: int) -> list[int]:
 
 
 def run(weights: Path, cases: int, seed: int, factors: list[str], tta: str, min_tumour: int,
-        strengths: list[str]) -> list[dict]:
+        strengths: list[str], bias_correction: BiasCorrection = BiasCorrection.N4) -> list[dict]:
     _, models = load_ensemble(weights)
     predictor = EnsemblePredictor(tta=tta).load_models(models)
     t1c = MODALITY_ORDER.index(Modality.T1C)
@@ -147,7 +149,7 @@ def run(weights: Path, cases: int, seed: int, factors: list[str], tta: str, min_
                     if factor != "clean":
                         image = PERTURBATIONS[factor](image, image[0] != 0, level, rng)
                 started = time.perf_counter()
-                seg = segment_image(predictor, image, t1c, PostprocessConfig())
+                seg = segment_image(predictor, image, t1c, PostprocessConfig(), bias_correction=bias_correction)
                 dice = region_dice(seg.labels, truth)
                 rows.append({"factor": factor, "strength": level, "case": index, **dice,
                              "confidence": seg.confidence, "seconds": round(time.perf_counter() - started, 1)})
@@ -187,21 +189,24 @@ def main() -> int:
     parser.add_argument("--factors", default="all", help=f"comma-separated subset of {','.join(FACTORS)}")
     parser.add_argument("--strengths", default=",".join(STRENGTHS),
                         help="comma-separated subset of mild,moderate,strong")
-    parser.add_argument("--tta", default="none", choices=["none", "folds", "full"], help="test-time mirroring")
+    parser.add_argument("--tta", default="none", choices=choices(Mirroring), help="test-time mirroring")
+    parser.add_argument("--bias-correction", default=BiasCorrection.N4.value, choices=choices(BiasCorrection),
+                        help="the predict flag of that name (n4, the default: N4 before normalising)")
     parser.add_argument("--csv", type=Path, default=None, help="also write every case-condition row here")
     args = parser.parse_args()
     factors = list(FACTORS) if args.factors == "all" else args.factors.split(",")
     unknown = set(factors) - set(FACTORS)
     if unknown:
         parser.error(f"unknown factors {sorted(unknown)}; choose from {', '.join(FACTORS)}")
-    rows = run(args.weights, args.cases, args.seed, factors, args.tta, args.min_tumour, args.strengths.split(","))
+    rows = run(args.weights, args.cases, args.seed, factors, args.tta, args.min_tumour, args.strengths.split(","),
+               BiasCorrection(args.bias_correction))
     if args.csv:
         with open(args.csv, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
     print(f"weights {args.weights}, {args.cases} case(s) of series {args.seed} with >= {args.min_tumour} tumour "
-          f"voxels, tta {args.tta}\n")
+          f"voxels, tta {args.tta}, bias correction {args.bias_correction}\n")
     print(summarise(rows))
     return 0
 

@@ -1,0 +1,112 @@
+"""N4 bias correction (`--bias-correction n4`): what it removes, what it leaves alone, and the product path."""
+
+import numpy as np
+import pytest
+
+from app.conventions import MODALITY_ORDER, Modality
+from app.inference import EnsemblePredictor
+from app.options import BiasCorrection
+from app.phantoms import _smooth_field, make_phantom
+from app.pipeline import segment_image
+from app.postprocess import PostprocessConfig
+from app.preprocess import brain_mask, correct_bias, n4_shrink_factor
+from app.weights import load_ensemble
+
+from .helpers import random_weights, run_cli, small_cases
+
+SIZE = (96, 96, 64)
+
+
+@pytest.fixture(scope="module")
+def phantom_image() -> np.ndarray:
+    phantom = make_phantom(7, 0, SIZE)
+    return np.stack([phantom.images[m].astype(np.float32) for m in MODALITY_ORDER])
+
+
+def _log_spread(image: np.ndarray, reference: np.ndarray, mask: np.ndarray) -> float:
+    """Spread (std) of the log ratio inside ``mask``: 0 when ``image`` is ``reference`` times a constant."""
+    return float(np.std(np.log(image[mask]) - np.log(reference[mask])))
+
+
+def test_a_smooth_multiplicative_field_is_mostly_removed(phantom_image):
+    brain = brain_mask(phantom_image)
+    rng = np.random.default_rng(0)
+    biased = phantom_image.copy()
+    for c in range(len(biased)):
+        biased[c] = np.where(brain, biased[c] * np.exp(0.4 * _smooth_field(rng, biased.shape[1:], 3)), 0)
+    corrected = correct_bias(biased, [m.value for m in MODALITY_ORDER])
+    assert corrected.warnings == []
+    for c in range(len(biased)):
+        mask = brain & (phantom_image[c] > 0)
+        before = _log_spread(biased[c], phantom_image[c], mask)
+        after = _log_spread(corrected.image[c], phantom_image[c], mask)
+        assert after < 0.5 * before, (MODALITY_ORDER[c], before, after)
+
+
+def test_background_and_non_positive_voxels_keep_their_values(phantom_image):
+    image = phantom_image.copy()
+    image[0, 30:34, 40:44, 20:24] = -5.0  # inside the brain, not positive
+    original = image.copy()
+    corrected = correct_bias(image)
+    np.testing.assert_array_equal(image, original)  # the input is not modified
+    assert corrected.image.dtype == np.float32 and corrected.image.shape == image.shape
+    outside = ~brain_mask(image)
+    assert np.all(corrected.image[:, outside] == 0)
+    assert np.all(corrected.image[0, 30:34, 40:44, 20:24] == -5.0)
+    assert np.all(corrected.image[image > 0] > 0)
+
+
+def test_a_modality_too_sparse_to_fit_is_left_alone_with_a_warning_naming_it(phantom_image):
+    image = phantom_image.copy()
+    t1 = MODALITY_ORDER.index(Modality.T1)
+    image[t1] = 0
+    image[t1, 40:45, 40:45, 30:32] = 100.0
+    corrected = correct_bias(image, [m.value for m in MODALITY_ORDER])
+    assert len(corrected.warnings) == 1 and "t1" in corrected.warnings[0]
+    np.testing.assert_array_equal(corrected.image[t1], image[t1])
+
+
+def test_invalid_inputs_are_value_errors(phantom_image):
+    with pytest.raises(ValueError, match="expected"):
+        correct_bias(phantom_image[0])
+    with pytest.raises(ValueError, match="modality names"):
+        correct_bias(phantom_image, ["flair"])
+    assert correct_bias(np.zeros((4, 8, 8, 8), np.float32)).warnings == []
+
+
+def test_shrink_keeps_the_fitted_grid_usable():
+    assert n4_shrink_factor((155, 240, 240)) == 8
+    assert n4_shrink_factor((48, 64, 64)) == 3
+    assert n4_shrink_factor((10, 64, 64)) == 1
+
+
+def test_segment_image_reads_the_corrected_image_everywhere(tmp_path, phantom_image):
+    """With N4 on, the network and the post-processing both see the corrected case: the same labels as
+    correcting first and segmenting without it."""
+    _, models = load_ensemble(random_weights(tmp_path / "w", folds=1))
+    predictor = EnsemblePredictor(device="cpu").load_models(models)
+    t1c = MODALITY_ORDER.index(Modality.T1C)
+    with_n4 = segment_image(predictor, phantom_image, t1c, PostprocessConfig())  # the default
+    assert "bias_correction" in with_n4.timings
+    corrected = correct_bias(phantom_image).image
+    by_hand = segment_image(predictor, corrected, t1c, PostprocessConfig(), bias_correction=BiasCorrection.NONE)
+    np.testing.assert_array_equal(with_n4.labels, by_hand.labels)
+
+
+def test_run_sh_with_n4_and_the_mlcube_parameter(tmp_path):
+    weights = random_weights(tmp_path / "w", folds=1)
+    small_cases(tmp_path / "in", 2)
+    result = run_cli("--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--weights", str(weights),
+                     "--bias-correction", "n4")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count(": ok ") == 2 and len(list((tmp_path / "out").iterdir())) == 2
+    params = tmp_path / "parameters.yaml"
+    params.write_text("bias_correction: n4\n")
+    infer = run_cli("infer", f"--data_path={tmp_path / 'in'}", f"--output_path={tmp_path / 'preds'}",
+                    f"--parameters_file={params}", "--weights", str(weights))
+    assert infer.returncode == 0, infer.stderr
+    assert len(list((tmp_path / "preds").iterdir())) == 2
+    params.write_text("bias_correction: n5\n")
+    bad = run_cli("infer", f"--data_path={tmp_path / 'in'}", f"--output_path={tmp_path / 'p2'}",
+                  f"--parameters_file={params}", "--weights", str(weights))
+    assert bad.returncode == 2 and "--bias-correction" in bad.stderr
