@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .ensemble import MIRRORS, DeviceOutOfMemory, Progress, TiledEnsemble
-from .fusion import TaskProbabilities, fuse, fuse_tensors, fusion_region, omnet_probabilities
+from .fusion import TaskProbabilities, dilate, fuse, fuse_tensors, fusion_region, omnet_probabilities, to_host
 from .options import Device, Mirroring, Precision, Tiling, parse_option
 from .preprocess import CROP_MARGIN, crop_to_brain
 from .tiling import FAST_MARGIN, FAST_TILE, Tile, TilePlanner
@@ -84,6 +84,10 @@ class CasePrediction:
 
 
 CPU_FALLBACK_WARNING = "out of GPU memory even for one tile: this case ran on the CPU"
+# The tumour scout (`EnsemblePredictor.scout_tumour`): this many folds (a fifth of the shipped ensemble's
+# network time), their task-1 tumour grown by this many voxels (edema's fringe is dim but still not brain).
+SCOUT_FOLDS = 2
+SCOUT_DILATION = 5
 
 
 class EnsemblePredictor:
@@ -142,6 +146,23 @@ class EnsemblePredictor:
         """Fused internal labels (0/1/2/3) for a raw (4, D, H, W) case, before post-processing."""
         return self.predict_case(image, progress).labels
 
+    @torch.inference_mode()
+    def scout_tumour(self, image: np.ndarray) -> np.ndarray:
+        """A generous whole-tumour mask of a raw (4, D, H, W) case: the first SCOUT_FOLDS folds' task-1
+        tumour (P > 0.5) on the normalised image, dilated by SCOUT_DILATION. Bias correction fits its field
+        outside it, so that a large bright edema is not taken for a bias field and flattened."""
+        mask = np.zeros(image.shape[1:], bool)
+        crop = crop_to_brain(image, self.crop_margin)
+        if crop is None:
+            return mask
+        try:
+            probabilities = self._device_probabilities(crop.image, None, self.planner.segmented_region(crop.mask),
+                                                        self.models[:SCOUT_FOLDS])
+        except DeviceOutOfMemory:
+            return self._cpu_fallback().scout_tumour(image)
+        mask[crop.box] = dilate(to_host(probabilities.tumour > 0.5) & crop.mask, SCOUT_DILATION)
+        return mask
+
     def predict_case(self, image: np.ndarray, progress: Progress | None = None) -> CasePrediction:
         """Normalise a raw (4, D, H, W) case, crop it to the brain, run the ensemble and fuse.
 
@@ -150,14 +171,17 @@ class EnsemblePredictor:
         try:
             return self._predict_case(image, progress)
         except DeviceOutOfMemory:
-            if self._fallback is None:
-                self._fallback = EnsemblePredictor(
-                    "cpu", self.tiling.value, self.planner.max_tile, self.planner.margin, self._precision_option,
-                    self.crop_margin,
-                    self.planner.shift_folds, self.tta.value).load_models(self._source_models)
-            prediction = self._fallback._predict_case(image, progress)
+            prediction = self._cpu_fallback()._predict_case(image, progress)
             prediction.warnings.append(CPU_FALLBACK_WARNING)
             return prediction
+
+    def _cpu_fallback(self) -> EnsemblePredictor:
+        """The same ensemble and knobs on the CPU, built once, for a case the device cannot hold."""
+        if self._fallback is None:
+            self._fallback = EnsemblePredictor(
+                "cpu", self.tiling.value, self.planner.max_tile, self.planner.margin, self._precision_option,
+                self.crop_margin, self.planner.shift_folds, self.tta.value).load_models(self._source_models)
+        return self._fallback
 
     @torch.inference_mode()
     def _predict_case(self, image: np.ndarray, progress: Progress | None) -> CasePrediction:
@@ -189,14 +213,16 @@ class EnsemblePredictor:
         return fuse(host, region), region
 
     def _device_probabilities(self, image: np.ndarray, progress: Progress | None,
-                              region: tuple[slice, ...] | None) -> TaskProbabilities:
+                              region: tuple[slice, ...] | None,
+                              models: Sequence[nn.Module] | None = None) -> TaskProbabilities:
         if not self.models:
             raise RuntimeError("no models loaded: call load_models first")
+        models = self.models if models is None else models
         shape = image.shape[1:]
-        plans = [self.planner.plan(shape, k, region) for k in range(len(self.models))]
-        mirrors = [self.mirrors(k) for k in range(len(self.models))]
+        plans = [self.planner.plan(shape, k, region) for k in range(len(models))]
+        mirrors = [self.mirrors(k) for k in range(len(models))]
         tensor = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
-        return TaskProbabilities(*self.runner.run(self.models, tensor, plans, mirrors, progress))
+        return TaskProbabilities(*self.runner.run(models, tensor, plans, mirrors, progress))
 
     def _reduce(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         with self._autocast():

@@ -22,6 +22,11 @@ def parse_option(enum: type[E_], value: str | E_, name: str) -> E_:
         raise ValueError(f"{name} must be one of {choices(enum)}, got {value!r}") from None
 
 
+# The default of post-processing step 3 (app.postprocess.drop_scant_enhancement), here so that `--help`
+# needs no heavy import. BraTS voxels are 1 mm^3, so 0.3 ml.
+MIN_ENHANCING_VOXELS = 300
+
+
 class Device(str, Enum):
     """Where the networks run."""
 

@@ -173,7 +173,7 @@ def segment_image(predictor: EnsemblePredictor, image: np.ndarray, t1c_channel: 
     """Bias-correct, predict, fuse, post-process and score the confidence of a raw (4, D, H, W) case: the
     one path that `CaseRunner`, the benchmarks and the tests share."""
     clock = time.perf_counter()
-    prepared = prepare_image(image, bias_correction)
+    prepared = prepare_image(predictor, image, bias_correction)
     corrected = time.perf_counter() - clock
     seg = complete_segmentation(predictor.predict_case(prepared.image, progress), prepared.image[t1c_channel], post)
     seg.timings = {"bias_correction": corrected, **seg.timings}
@@ -181,12 +181,13 @@ def segment_image(predictor: EnsemblePredictor, image: np.ndarray, t1c_channel: 
     return seg
 
 
-def prepare_image(image: np.ndarray, bias_correction: BiasCorrection,
+def prepare_image(predictor: EnsemblePredictor, image: np.ndarray, bias_correction: BiasCorrection,
                   names: list[str] | None = None) -> BiasCorrected:
     """The raw case the network and the post-processing both read: N4-corrected when asked (the K-means
-    step compares T1c intensities, which a bias field skews as it skews the network's input)."""
+    step compares T1c intensities, which a bias field skews as it skews the network's input), the field
+    fitted outside the tumour a scout of the ensemble finds on the uncorrected case."""
     if bias_correction is BiasCorrection.N4:
-        return correct_bias(image, names)
+        return correct_bias(image, names, exclude=predictor.scout_tumour(image))
     return BiasCorrected(image, [])
 
 
@@ -212,20 +213,21 @@ class CaseRunner:
     def __init__(self, predictor: EnsemblePredictor, options: PredictOptions):
         self.predictor, self.options = predictor, options
 
-    def load(self, case: CaseFiles) -> LoadedCase:
-        """Read a case and prepare its image (bias correction): the reader thread's job, so that it
-        overlaps the previous case's prediction."""
-        loaded = load_case(case)
-        prepared = prepare_image(loaded.image, self.options.bias_correction, [m.value for m in case.modalities])
-        loaded.image = prepared.image
-        loaded.warnings.extend(prepared.warnings)
-        return loaded
-
     def run(self, loaded: LoadedCase, progress: Callable[[int, int], None] | None = None) -> CaseResult:
         return self.finish(loaded, self.predict(loaded, progress))
 
     def predict(self, loaded: LoadedCase, progress: Callable[[int, int], None] | None = None) -> CasePrediction:
-        return self.predictor.predict_case(loaded.image, progress)
+        """The device's half: bias correction (which needs the tumour scout) and the ensemble. The
+        corrected image replaces the loaded one, so that `finish` post-processes with it."""
+        clock = time.perf_counter()
+        prepared = prepare_image(self.predictor, loaded.image, self.options.bias_correction,
+                                 [m.value for m in loaded.files.modalities])
+        corrected = time.perf_counter() - clock
+        loaded.image = prepared.image
+        loaded.warnings.extend(prepared.warnings)
+        prediction = self.predictor.predict_case(loaded.image, progress)
+        prediction.timings = {"bias_correction": corrected, **prediction.timings}
+        return prediction
 
     def finish(self, loaded: LoadedCase, prediction: CasePrediction) -> CaseResult:
         case = loaded.files
@@ -293,9 +295,9 @@ def _run_pipelined(runner: CaseRunner, todo: list[CaseFiles], options: PredictOp
     results: list[CaseResult] = []
     finishing: Future | None = None
     with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as finisher:
-        pending: Future | None = reader.submit(runner.load, todo[0]) if todo else None
+        pending: Future | None = reader.submit(load_case, todo[0]) if todo else None
         for i, case in enumerate(todo):
-            current, pending = pending, (reader.submit(runner.load, todo[i + 1]) if i + 1 < len(todo) else None)
+            current, pending = pending, (reader.submit(load_case, todo[i + 1]) if i + 1 < len(todo) else None)
             start = time.perf_counter()
             predicted = _guarded(case, partial(_predict_one, runner, case, current, options, stream))
             if finishing is not None:  # the previous case leaves the queue (and prints) before this one joins

@@ -1,8 +1,13 @@
-"""The paper's two-step post-processing (docs/ALGORITHM.md, "Post-processing"), on internal label maps 0/1/2/3.
+"""Post-processing (docs/ALGORITHM.md, "Post-processing"), on internal label maps 0/1/2/3: the paper's two
+steps and one of ours.
 
 1. Remove connected tumour components smaller than min(2000, 0.1 x Vmax) voxels.
 2. When the case has little ET (vol_e / vol_t < 0.1), split the edema of ET-poor components into two
    K-means clusters; the cluster darker on T1c becomes NCR/NET. WT and ET never change in this step.
+3. (Ours, not the paper's.) When the whole case has fewer than ``min_enhancing_voxels`` ET voxels, they
+   become NCR/NET: a tumour without enhancement is common (low grade), and a few false ET voxels there cost
+   the whole ET score, since BraTS scores an empty ET against an empty truth as 1 and anything else as 0.
+   WT and TC never change in this step.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import numpy as np
 from sklearn.cluster import KMeans
 
 from .conventions import EDEMA, ENHANCING, NECROSIS
+from .options import MIN_ENHANCING_VOXELS
 
 # 26-connectivity: components touching at a corner are one tumour.
 CONNECTIVITY = 26
@@ -28,6 +34,16 @@ COMPONENT_ET_MAX = 1000
 class PostprocessConfig:
     remove_small_components: bool = True
     relabel_dark_edema: bool = True
+    min_enhancing_voxels: int = MIN_ENHANCING_VOXELS  # step 3; 0 switches it off
+
+    def __post_init__(self):
+        if self.min_enhancing_voxels < 0:
+            raise ValueError(f"min_enhancing_voxels must be >= 0, got {self.min_enhancing_voxels}")
+
+    @classmethod
+    def off(cls) -> PostprocessConfig:
+        """No post-processing at all."""
+        return cls(remove_small_components=False, relabel_dark_edema=False, min_enhancing_voxels=0)
 
 
 def remove_small_components(labels: np.ndarray) -> np.ndarray:
@@ -77,4 +93,17 @@ def postprocess(labels: np.ndarray, t1c: np.ndarray, config: PostprocessConfig =
         out = remove_small_components(out)
     if config.relabel_dark_edema:
         out = relabel_dark_edema(out, t1c)
+    if config.min_enhancing_voxels > 0:
+        out = drop_scant_enhancement(out, config.min_enhancing_voxels)
+    return out
+
+
+def drop_scant_enhancement(labels: np.ndarray, min_voxels: int) -> np.ndarray:
+    """Step 3: a case with fewer than ``min_voxels`` ET voxels in all has them relabelled NCR/NET."""
+    enhancing = labels == ENHANCING
+    count = int(enhancing.sum())
+    if count == 0 or count >= min_voxels:
+        return labels
+    out = labels.copy()
+    out[enhancing] = NECROSIS
     return out

@@ -104,13 +104,16 @@ def n4_bias_field(channel: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.exp(sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(image))).astype(np.float32)
 
 
-def correct_bias(image: np.ndarray, names: list[str] | None = None) -> BiasCorrected:
-    """N4 bias correction of a raw (C, D, H, W) case, each modality on its own, fitted and applied inside
-    the brain's bounding box; voxels outside the brain and non-positive voxels keep their values. A
-    modality N4 cannot fit (too few positive voxels, an ITK error) is left as it is, with a warning
-    naming it (``names``: the modalities' names, in channel order)."""
+def correct_bias(image: np.ndarray, names: list[str] | None = None, exclude: np.ndarray | None = None) -> BiasCorrected:
+    """N4 bias correction of a raw (C, D, H, W) case, each modality on its own, fitted inside the brain but
+    outside ``exclude`` (the tumour, which a fine field would otherwise flatten as if it were bias) and
+    applied to the whole brain; voxels outside the brain and non-positive voxels keep their values. A
+    modality N4 cannot fit (too few positive voxels to fit on, an ITK error) is left as it is, with a
+    warning naming it (``names``: the modalities' names, in channel order)."""
     if image.ndim != 4:
         raise ValueError(f"expected (C, D, H, W) image, got shape {image.shape}")
+    if exclude is not None and exclude.shape != image.shape[1:]:
+        raise ValueError(f"exclude mask {exclude.shape} and image {image.shape[1:]} differ in shape")
     names = names or [f"channel {c}" for c in range(image.shape[0])]
     if len(names) != image.shape[0]:
         raise ValueError(f"{len(names)} modality names for {image.shape[0]} channels")
@@ -120,11 +123,14 @@ def correct_bias(image: np.ndarray, names: list[str] | None = None) -> BiasCorre
         return BiasCorrected(out, [])
     box = bounding_box(brain, TRAINING_CROP_MARGIN)
     warnings = []
+    kept = brain[box] if exclude is None else brain[box] & ~exclude[box]
     for c in range(image.shape[0]):
         channel = out[c][box]
-        fit = brain[box] & (channel > 0)
+        positive = brain[box] & (channel > 0)
+        fit = positive & kept
         if fit.sum() < 1000:
-            warnings.append(f"bias correction skipped for {names[c]}: fewer than 1000 positive brain voxels")
+            warnings.append(f"bias correction skipped for {names[c]}: fewer than 1000 positive brain voxels "
+                            "outside the tumour")
             continue
         try:
             field = n4_bias_field(channel, fit)
@@ -132,5 +138,5 @@ def correct_bias(image: np.ndarray, names: list[str] | None = None) -> BiasCorre
             warnings.append(f"bias correction failed for {names[c]} ({str(err).splitlines()[0][:120]}); "
                             "used as it is")
             continue
-        out[c][box] = np.where(fit, channel / field, channel)
+        out[c][box] = np.where(positive, channel / field, channel)
     return BiasCorrected(out, warnings)

@@ -43,6 +43,24 @@ def test_a_smooth_multiplicative_field_is_mostly_removed(phantom_image):
         assert after < 0.5 * before, (MODALITY_ORDER[c], before, after)
 
 
+def test_the_field_is_fitted_outside_the_excluded_tumour(phantom_image):
+    """What lies inside ``exclude`` does not move the field: two cases that differ only there (a lesion
+    three times as bright, as edema is on FLAIR) are corrected identically everywhere else, and the
+    lesion itself is still corrected (divided by the field, not left out)."""
+    brain = brain_mask(phantom_image)
+    depth, height, width = phantom_image.shape[1:]
+    z, y, x = np.ogrid[:depth, :height, :width]
+    lesion = ((z - depth // 2) ** 2 + (y - height // 2) ** 2 + (x - width // 3) ** 2 <= 12**2) & brain
+    bright = phantom_image.copy()
+    bright[:, lesion] *= 3.0
+    plain = correct_bias(phantom_image, exclude=lesion).image
+    with_lesion = correct_bias(bright, exclude=lesion).image
+    np.testing.assert_allclose(with_lesion[:, ~lesion], plain[:, ~lesion], rtol=1e-4)
+    np.testing.assert_allclose(with_lesion[:, lesion], 3.0 * plain[:, lesion], rtol=1e-4)
+    unexcluded = correct_bias(bright).image
+    assert not np.allclose(unexcluded[:, ~lesion], plain[:, ~lesion], rtol=1e-4)
+
+
 def test_background_and_non_positive_voxels_keep_their_values(phantom_image):
     image = phantom_image.copy()
     image[0, 30:34, 40:44, 20:24] = -5.0  # inside the brain, not positive
@@ -71,6 +89,8 @@ def test_invalid_inputs_are_value_errors(phantom_image):
         correct_bias(phantom_image[0])
     with pytest.raises(ValueError, match="modality names"):
         correct_bias(phantom_image, ["flair"])
+    with pytest.raises(ValueError, match="exclude mask"):
+        correct_bias(phantom_image, exclude=np.zeros((4, 4, 4), bool))
     assert correct_bias(np.zeros((4, 8, 8, 8), np.float32)).warnings == []
 
 
@@ -81,14 +101,16 @@ def test_shrink_keeps_the_fitted_grid_usable():
 
 
 def test_segment_image_reads_the_corrected_image_everywhere(tmp_path, phantom_image):
-    """With N4 on, the network and the post-processing both see the corrected case: the same labels as
-    correcting first and segmenting without it."""
+    """With N4 on (the default), the network and the post-processing both see the case corrected outside the
+    scout's tumour: the same labels as correcting so by hand and segmenting without it."""
     _, models = load_ensemble(random_weights(tmp_path / "w", folds=1))
     predictor = EnsemblePredictor(device="cpu").load_models(models)
     t1c = MODALITY_ORDER.index(Modality.T1C)
     with_n4 = segment_image(predictor, phantom_image, t1c, PostprocessConfig())  # the default
     assert "bias_correction" in with_n4.timings
-    corrected = correct_bias(phantom_image).image
+    scout = predictor.scout_tumour(phantom_image)
+    assert scout.shape == phantom_image.shape[1:] and scout.dtype == bool
+    corrected = correct_bias(phantom_image, exclude=scout).image
     by_hand = segment_image(predictor, corrected, t1c, PostprocessConfig(), bias_correction=BiasCorrection.NONE)
     np.testing.assert_array_equal(with_n4.labels, by_hand.labels)
 

@@ -109,6 +109,7 @@ def test_usage_errors_exit_2(tmp_path, weights):
         (["--input", str(empty), "--folds", "0,x"], "argument --folds: needs comma-separated integers"),
         (["--input", str(empty), "--folds", "0,0"], "argument --folds: needs distinct numbers"),
         (["--input", str(empty), "--tile", "16,32"], "argument --tile: needs 3 comma-separated integers"),
+        (["--input", str(empty), "--min-et-voxels", "-1"], "argument --min-et-voxels: needs an integer >= 0"),
     ]:
         result = run_cli(*args, "--output", str(tmp_path / "out"), "--weights", str(weights))
         assert result.returncode == 2, (args, result.stderr)

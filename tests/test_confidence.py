@@ -74,7 +74,7 @@ def test_low_confidence_warns_in_the_case_line_and_report(tmp_path):
     small_cases(tmp_path / "in", 1)
     [case] = find_cases(tmp_path / "in").cases
     loaded = load_case(case)
-    options = PredictOptions(tmp_path / "in", tmp_path / "out", postprocess=PostprocessConfig(False, False))
+    options = PredictOptions(tmp_path / "in", tmp_path / "out", postprocess=PostprocessConfig.off())
     (tmp_path / "out").mkdir()
     confident = CaseRunner(_FixedPredictor(0.99), options).run(loaded)
     doubtful = CaseRunner(_FixedPredictor(0.55), options).run(loaded)

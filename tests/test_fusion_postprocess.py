@@ -6,7 +6,14 @@ from torch import nn
 from app.ensemble import MIRRORS
 from app.fusion import TaskProbabilities, dilate, dilate_tensor, fuse, fuse_tensors, fusion_region
 from app.inference import EnsemblePredictor
-from app.postprocess import PostprocessConfig, postprocess, relabel_dark_edema, remove_small_components
+from app.metrics import region_dice
+from app.postprocess import (
+    PostprocessConfig,
+    drop_scant_enhancement,
+    postprocess,
+    relabel_dark_edema,
+    remove_small_components,
+)
 from app.tiling import fast_tiles, plan_tiles
 
 SHAPE = (20, 30, 30)
@@ -95,10 +102,33 @@ def test_dark_edema_untouched_when_case_has_enough_et():
 def test_postprocess_steps_can_be_switched_off():
     labels, t1c = _edema_case(et_voxels=3)
     labels[0:2, 0:2, 0:2] = 2
-    untouched = postprocess(labels, t1c, PostprocessConfig(False, False))
+    untouched = postprocess(labels, t1c, PostprocessConfig.off())
     np.testing.assert_array_equal(untouched, labels)
-    only_step1 = postprocess(labels, t1c, PostprocessConfig(True, False))
+    only_step1 = postprocess(labels, t1c, PostprocessConfig(True, False, 0))
     assert not only_step1[0:2, 0:2, 0:2].any() and not (only_step1 == 1).any()
+
+
+def _tumour_with_enhancement(et_voxels: int) -> np.ndarray:
+    labels = np.zeros((40, 40, 40), np.uint8)
+    labels[5:35, 5:35, 5:35] = 2
+    labels[15:25, 15:25, 15:25] = 1
+    labels.reshape(-1)[np.flatnonzero(labels.reshape(-1) == 1)[:et_voxels]] = 3
+    return labels
+
+
+def test_scant_enhancement_becomes_necrosis_and_whole_tumour_and_core_stay():
+    scant = _tumour_with_enhancement(120)
+    out = drop_scant_enhancement(scant, 300)
+    assert not (out == 3).any() and (out == 1).sum() == (scant == 1).sum() + 120
+    dice = region_dice(out, scant)
+    assert dice["WT"] == 1.0 and dice["TC"] == 1.0
+    enough = _tumour_with_enhancement(400)
+    np.testing.assert_array_equal(drop_scant_enhancement(enough, 300), enough)
+    t1c = np.ones(scant.shape, np.float32)
+    assert not (postprocess(scant, t1c) == 3).any()  # on by default
+    assert (postprocess(scant, t1c, PostprocessConfig(True, True, 0)) == 3).sum() == 120
+    with pytest.raises(ValueError, match="min_enhancing_voxels"):
+        PostprocessConfig(min_enhancing_voxels=-1)
 
 
 @pytest.mark.parametrize("shape", [(37, 53, 41), (150, 170, 140)])

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 import torch
 
 from app.inference import CPU_FALLBACK_WARNING, EnsemblePredictor
-from app.io import find_cases
+from app.io import find_cases, load_case
 from app.pipeline import CaseRunner, CaseStatus, PredictOptions, run_predict
 from app.postprocess import PostprocessConfig
 from app.weights import load_ensemble
@@ -144,5 +144,5 @@ def test_the_pipelined_run_writes_what_one_case_at_a_time_writes(tmp_path, model
     (tmp_path / "single").mkdir()
     runner = CaseRunner(EnsemblePredictor(**OPTIONS).load_models(models), options)
     for case in find_cases(tmp_path / "in").cases:
-        runner.run(runner.load(case))
+        runner.run(load_case(case))
     _assert_same_label_maps(tmp_path / "out", tmp_path / "single")
