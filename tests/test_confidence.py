@@ -6,6 +6,7 @@ from app.confidence import LOW_CONFIDENCE, LOW_CONFIDENCE_WARNING, case_confiden
 from app.fusion import TaskProbabilities
 from app.inference import CasePrediction
 from app.io import find_cases, load_case
+from app.options import BiasCorrection
 from app.pipeline import CaseRunner, PredictOptions
 from app.postprocess import PostprocessConfig
 
@@ -74,7 +75,9 @@ def test_low_confidence_warns_in_the_case_line_and_report(tmp_path):
     small_cases(tmp_path / "in", 1)
     [case] = find_cases(tmp_path / "in").cases
     loaded = load_case(case)
-    options = PredictOptions(tmp_path / "in", tmp_path / "out", postprocess=PostprocessConfig.off())
+    # The stand-in has no tumour scout, so bias correction (which needs one) is off here.
+    options = PredictOptions(tmp_path / "in", tmp_path / "out", postprocess=PostprocessConfig.off(),
+                             bias_correction=BiasCorrection.NONE)
     (tmp_path / "out").mkdir()
     confident = CaseRunner(_FixedPredictor(0.99), options).run(loaded)
     doubtful = CaseRunner(_FixedPredictor(0.55), options).run(loaded)
