@@ -172,13 +172,23 @@ def segment_image(predictor: EnsemblePredictor, image: np.ndarray, t1c_channel: 
                   bias_correction: BiasCorrection = BiasCorrection.N4) -> Segmentation:
     """Bias-correct, predict, fuse, post-process and score the confidence of a raw (4, D, H, W) case: the
     one path that `CaseRunner`, the benchmarks and the tests share."""
+    corrected, prediction = predict_corrected(predictor, image, bias_correction, progress=progress)
+    return complete_segmentation(prediction, corrected[t1c_channel], post)
+
+
+def predict_corrected(predictor: EnsemblePredictor, image: np.ndarray, bias_correction: BiasCorrection,
+                      names: list[str] | None = None,
+                      progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, CasePrediction]:
+    """The device's half of a case: bias correction (which needs the tumour scout), then the ensemble on
+    the corrected image. Returns that image (post-processing reads its T1c) and the prediction, whose
+    timings and warnings include the correction's."""
     clock = time.perf_counter()
-    prepared = prepare_image(predictor, image, bias_correction)
-    corrected = time.perf_counter() - clock
-    seg = complete_segmentation(predictor.predict_case(prepared.image, progress), prepared.image[t1c_channel], post)
-    seg.timings = {"bias_correction": corrected, **seg.timings}
-    seg.warnings[:0] = prepared.warnings
-    return seg
+    prepared = prepare_image(predictor, image, bias_correction, names)
+    seconds = time.perf_counter() - clock
+    prediction = predictor.predict_case(prepared.image, progress)
+    prediction.timings = {"bias_correction": seconds, **prediction.timings}
+    prediction.warnings[:0] = prepared.warnings
+    return prepared.image, prediction
 
 
 def prepare_image(predictor: EnsemblePredictor, image: np.ndarray, bias_correction: BiasCorrection,
@@ -217,16 +227,10 @@ class CaseRunner:
         return self.finish(loaded, self.predict(loaded, progress))
 
     def predict(self, loaded: LoadedCase, progress: Callable[[int, int], None] | None = None) -> CasePrediction:
-        """The device's half: bias correction (which needs the tumour scout) and the ensemble. The
-        corrected image replaces the loaded one, so that `finish` post-processes with it."""
-        clock = time.perf_counter()
-        prepared = prepare_image(self.predictor, loaded.image, self.options.bias_correction,
-                                 [m.value for m in loaded.files.modalities])
-        corrected = time.perf_counter() - clock
-        loaded.image = prepared.image
-        loaded.warnings.extend(prepared.warnings)
-        prediction = self.predictor.predict_case(loaded.image, progress)
-        prediction.timings = {"bias_correction": corrected, **prediction.timings}
+        """`predict_corrected`; the corrected image replaces the loaded one, so that `finish`
+        post-processes (and draws the QC picture) with it."""
+        loaded.image, prediction = predict_corrected(self.predictor, loaded.image, self.options.bias_correction,
+                                                     [m.value for m in loaded.files.modalities], progress)
         return prediction
 
     def finish(self, loaded: LoadedCase, prediction: CasePrediction) -> CaseResult:

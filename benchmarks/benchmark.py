@@ -110,8 +110,8 @@ def _ensemble_for(spec: str, fold_spec: str, workdir: Path):
 
 
 def run_one(config: str, case_dir: Path, device: str, workdir: Path, label_out: Path) -> dict:
-    """Time one configuration in this process: read, bias correction (N4, the default; in the predict job it
-    overlaps the previous case's prediction), preprocess, network, fusion, postprocess, write."""
+    """Time one configuration in this process: read, bias correction (N4 with its tumour scout, the
+    default), preprocess, network, fusion, postprocess, write."""
     import numpy as np
     import torch
 
