@@ -3,8 +3,11 @@
 For each BraTS region the fold-averaged probabilities give an *expected Dice* of the predicted mask: if the
 probabilities were calibrated, a voxel of probability p is tumour with chance p, so the mask's expected
 overlap is the soft Dice 2 * sum_{mask} p / (sum p + |mask|). It falls when many voxels sit near 0.5 (the
-folds disagree or each is unsure) and when much probability lies outside the mask. The case's confidence is
-the mean over WT, TC and ET; below `LOW_CONFIDENCE` the per-case line and the report carry a warning. The
+folds disagree or each is unsure) and when much probability lies outside the mask. An empty mask scores the
+chance that the region is truly absent, 1 - (expected volume) / `EMPTY_REGION_VOXELS`, not the soft Dice,
+which is 0 as soon as any voxel is doubtful: post-processing step 3 empties ET on purpose when fewer than
+that many voxels are called, and a few hundred voxels at p = 0.2 do not make an absent ET wrong. The case's
+confidence is the mean over WT, TC and ET; below `LOW_CONFIDENCE` the per-case line and the report carry a warning. The
 threshold is calibrated on the out-of-distribution sweep by `benchmarks/calibrate_confidence.py` (README,
 Confidence): it is the value that best separates cases whose mean Dice is below 0.7 from the others.
 """
@@ -15,6 +18,7 @@ import numpy as np
 
 from .conventions import EDEMA, ENHANCING, NECROSIS
 from .fusion import TaskProbabilities, fusion_region
+from .options import MIN_ENHANCING_VOXELS
 
 # Below this mean expected Dice a case is flagged for review (calibrated: see the module docstring).
 LOW_CONFIDENCE = 0.69
@@ -22,6 +26,9 @@ LOW_CONFIDENCE_WARNING = "low confidence: review this segmentation"
 # Probabilities under this floor are ignored: thousands of voxels at p = 0.01 far from any tumour would
 # otherwise weigh as much as a real doubt at the border.
 _FLOOR = 0.1
+# An empty mask is as likely wrong as the expected volume outside it is large against this: the smallest
+# region post-processing keeps as real enhancement (step 3's default).
+EMPTY_REGION_VOXELS = MIN_ENHANCING_VOXELS
 
 
 def expected_dice(p: TaskProbabilities, labels: np.ndarray, region: np.ndarray | None = None) -> dict[str, float]:
@@ -42,10 +49,10 @@ def expected_dice(p: TaskProbabilities, labels: np.ndarray, region: np.ndarray |
 
 def _soft_dice(probability: np.ndarray, mask: np.ndarray) -> float:
     weights = np.where(probability >= _FLOOR, probability, 0.0)
-    total = float(weights.sum()) + float(mask.sum())
-    if total < 1.0:  # nothing predicted and nothing probable: confidently empty
-        return 1.0
-    return 2.0 * float(weights[mask].sum()) / total
+    expected_volume = float(weights.sum())
+    if not mask.any():  # the chance that the region is truly absent
+        return max(0.0, 1.0 - expected_volume / EMPTY_REGION_VOXELS)
+    return 2.0 * float(weights[mask].sum()) / (expected_volume + float(mask.sum()))
 
 
 def case_confidence(expected: dict[str, float]) -> float:

@@ -1,8 +1,9 @@
 import json
 
 import numpy as np
+import pytest
 
-from app.confidence import LOW_CONFIDENCE, LOW_CONFIDENCE_WARNING, case_confidence, expected_dice
+from app.confidence import EMPTY_REGION_VOXELS, LOW_CONFIDENCE, LOW_CONFIDENCE_WARNING, case_confidence, expected_dice
 from app.fusion import TaskProbabilities
 from app.inference import CasePrediction
 from app.io import find_cases, load_case
@@ -49,6 +50,18 @@ def test_an_empty_prediction_with_nothing_probable_is_confident():
     assert empty == {"WT": 1.0, "TC": 1.0, "ET": 1.0}
 
 
+def test_an_empty_mask_scores_the_chance_that_the_region_is_absent():
+    labels = _labels()
+    labels[labels == 3] = 1  # ET relabelled NCR, as post-processing step 3 does
+    p = _probabilities(_labels(), 1.0)
+    p.enhancing[:] = 0.0
+    p.enhancing[5, 6:9, 6:11] = 0.5  # 7.5 expected ET voxels inside the core: a doubt, not an ET
+    assert expected_dice(p, labels)["ET"] == pytest.approx(1.0 - 7.5 / EMPTY_REGION_VOXELS)
+    p.classes[1][labels > 0] = 0.9
+    p.enhancing[labels > 0] = 0.9  # 648 expected ET voxels, over the smallest ET kept: likely wrong
+    assert expected_dice(p, labels)["ET"] == 0.0
+
+
 def test_probability_outside_the_mask_lowers_confidence():
     labels = _labels()
     p = _probabilities(labels, 1.0)
@@ -80,7 +93,7 @@ def test_low_confidence_warns_in_the_case_line_and_report(tmp_path):
                              bias_correction=BiasCorrection.NONE)
     (tmp_path / "out").mkdir()
     confident = CaseRunner(_FixedPredictor(0.99), options).run(loaded)
-    doubtful = CaseRunner(_FixedPredictor(0.55), options).run(loaded)
+    doubtful = CaseRunner(_FixedPredictor(0.5), options).run(loaded)
     assert confident.confidence > LOW_CONFIDENCE and LOW_CONFIDENCE_WARNING not in confident.warnings
     assert doubtful.confidence < LOW_CONFIDENCE and LOW_CONFIDENCE_WARNING in doubtful.warnings
     assert set(doubtful.expected_dice) == {"WT", "TC", "ET"}
