@@ -13,7 +13,7 @@ import contextlib
 import copy
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -156,8 +156,12 @@ class EnsemblePredictor:
         if crop is None:
             return mask
         try:
-            probabilities = self._device_probabilities(crop.image, None, self.planner.segmented_region(crop.mask),
-                                                        self.models[:SCOUT_FOLDS])
+            # Always on the fast tiling's grid, whatever `tiling` the final pass uses: the scout only prepares
+            # the input, and the tiling knob must change nothing but the final pass (with a scout per
+            # tiling, `fast` and `paper` corrected a doubtful case differently: benchmarks/agreement.py).
+            planner = replace(self.planner, tiling=Tiling.FAST)
+            probabilities = self._device_probabilities(crop.image, None, planner.segmented_region(crop.mask),
+                                                        self.models[:SCOUT_FOLDS], planner)
         except DeviceOutOfMemory:
             return self._cpu_fallback().scout_tumour(image)
         mask[crop.box] = dilate(to_host(probabilities.tumour > 0.5) & crop.mask, SCOUT_DILATION)
@@ -214,12 +218,14 @@ class EnsemblePredictor:
 
     def _device_probabilities(self, image: np.ndarray, progress: Progress | None,
                               region: tuple[slice, ...] | None,
-                              models: Sequence[nn.Module] | None = None) -> TaskProbabilities:
+                              models: Sequence[nn.Module] | None = None,
+                              planner: TilePlanner | None = None) -> TaskProbabilities:
         if not self.models:
             raise RuntimeError("no models loaded: call load_models first")
         models = self.models if models is None else models
+        planner = self.planner if planner is None else planner
         shape = image.shape[1:]
-        plans = [self.planner.plan(shape, k, region) for k in range(len(models))]
+        plans = [planner.plan(shape, k, region) for k in range(len(models))]
         mirrors = [self.mirrors(k) for k in range(len(models))]
         tensor = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
         return TaskProbabilities(*self.runner.run(models, tensor, plans, mirrors, progress))
