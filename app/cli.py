@@ -120,12 +120,15 @@ def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None
     p.add_argument("--labels", default=AUTO_LABELS, choices=LABEL_CHOICES,
                    help="label encoding: auto follows the case layout (2023 files -> ET=3, others -> ET=4)")
     p.add_argument("--no-postprocess", action="store_true",
-                   help="skip all post-processing (the paper's two steps and --min-et-voxels)")
+                   help="skip all post-processing (the paper's two steps, --min-et-voxels and the core filling)")
     p.add_argument("--no-small-component-removal", action="store_true", help="skip post-processing step 1")
     p.add_argument("--no-edema-relabel", action="store_true", help="skip post-processing step 2 (K-means)")
     p.add_argument("--min-et-voxels", type=non_negative_int, default=MIN_ENHANCING_VOXELS,
                    help="post-processing step 3 (ours, not the paper's): a case with fewer ET voxels than this "
                         f"has them relabelled NCR/NET (default {MIN_ENHANCING_VOXELS}); 0 switches it off")
+    p.add_argument("--no-core-filling", action="store_true",
+                   help="skip post-processing step 4 (ours, not the paper's): by default non-tumour voxels that the "
+                        "tumour encloses in an axial, coronal or sagittal slice become NCR/NET")
     p.add_argument("--skip-existing", action="store_true",
                    help="skip cases whose complete label map is already in the output folder")
     p.add_argument("--save-probabilities", type=Path, default=None,
@@ -309,6 +312,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 remove_small_components=not (args.no_postprocess or args.no_small_component_removal),
                 relabel_dark_edema=not (args.no_postprocess or args.no_edema_relabel),
                 min_enhancing_voxels=0 if args.no_postprocess else args.min_et_voxels,
+                fill_enclosed_core=not (args.no_postprocess or args.no_core_filling),
             ),
             bias_correction=BiasCorrection(args.bias_correction), skip_existing=args.skip_existing,
             save_probabilities=args.save_probabilities, shard=shard,

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from app.conventions import Layout
+from app.conventions import Layout, Modality, from_file_labels
 from app.io import find_cases
+from app.postprocess import fill_enclosed_core
 
 from .helpers import python_cli, random_weights, run_cli, small_cases
 
@@ -55,6 +56,20 @@ def test_labels_flag_overrides_convention_and_report_is_written(tmp_path, weight
     data = json.loads(report.read_text())
     assert data["succeeded"] == 1 and data["failed"] == 0
     assert data["cases"][0]["status"] == "ok" and data["cases"][0]["seconds"] > 0
+
+
+def test_core_filling_is_the_last_step_and_can_be_switched_off(tmp_path, weights):
+    small_cases(tmp_path / "in", 1)
+    [case] = find_cases(tmp_path / "in").cases
+    outputs = {}
+    for name, flags in (("default", []), ("unfilled", ["--no-core-filling"])):
+        result = run_cli("--input", str(tmp_path / "in"), "--output", str(tmp_path / name), "--weights", str(weights),
+                         "--bias-correction", "none", *flags)
+        assert result.returncode == 0, result.stderr
+        path = tmp_path / name / f"{case.case_id}.nii.gz"
+        outputs[name] = from_file_labels(sitk.GetArrayFromImage(sitk.ReadImage(str(path))))
+    t1c = sitk.GetArrayFromImage(sitk.ReadImage(str(case.modalities[Modality.T1C])))
+    np.testing.assert_array_equal(outputs["default"], fill_enclosed_core(outputs["unfilled"], t1c != 0))
 
 
 def test_mlcube_form_and_parameters_file(tmp_path, weights):

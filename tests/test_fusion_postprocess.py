@@ -10,6 +10,7 @@ from app.metrics import region_dice
 from app.postprocess import (
     PostprocessConfig,
     drop_scant_enhancement,
+    fill_enclosed_core,
     postprocess,
     relabel_dark_edema,
     remove_small_components,
@@ -104,7 +105,7 @@ def test_postprocess_steps_can_be_switched_off():
     labels[0:2, 0:2, 0:2] = 2
     untouched = postprocess(labels, t1c, PostprocessConfig.off())
     np.testing.assert_array_equal(untouched, labels)
-    only_step1 = postprocess(labels, t1c, PostprocessConfig(True, False, 0))
+    only_step1 = postprocess(labels, t1c, PostprocessConfig(True, False, 0, False))
     assert not only_step1[0:2, 0:2, 0:2].any() and not (only_step1 == 1).any()
 
 
@@ -129,6 +130,40 @@ def test_scant_enhancement_becomes_necrosis_and_whole_tumour_and_core_stay():
     assert (postprocess(scant, t1c, PostprocessConfig(True, True, 0)) == 3).sum() == 120
     with pytest.raises(ValueError, match="min_enhancing_voxels"):
         PostprocessConfig(min_enhancing_voxels=-1)
+
+
+def _ring_tumour() -> tuple[np.ndarray, np.ndarray]:
+    """Edema with an ET rim around a 6x6x6 centre the network called brain (0), open to the outside
+    through a one-voxel channel along the first axis (so no 3D hole), beside a C-shaped edema open in every
+    slice."""
+    labels = np.zeros((30, 40, 40), np.uint8)
+    labels[5:25, 5:25, 5:25] = 2
+    labels[9:21, 9:21, 9:21] = 3
+    labels[12:18, 12:18, 12:18] = 0  # the centre
+    labels[0:12, 14, 14] = 0  # the channel
+    labels[5:25, 28:38, 28:38] = 2
+    labels[5:25, 30:36, 30:38] = 0  # the C: open towards the last axis' end
+    return labels, np.ones(labels.shape, np.float32)
+
+
+def test_enclosed_core_becomes_necrosis_and_nothing_else_moves():
+    labels, t1c = _ring_tumour()
+    out = fill_enclosed_core(labels, t1c != 0)
+    assert (out[12:18, 12:18, 12:18] == 1).all()  # the centre, although open in 3D
+    changed = out != labels
+    assert changed.sum() == 6 * 6 * 6 + 7  # and the channel's 7 voxels within the tumour (slices 5-11)
+    np.testing.assert_array_equal(out == 3, labels == 3)  # ET never changes
+    assert not out[5:25, 30:36, 30:38].any()  # the open C stays brain
+    assert (postprocess(labels, t1c)[12:18, 12:18, 12:18] == 1).all()  # on by default
+    off = PostprocessConfig(fill_enclosed_core=False)
+    assert not postprocess(labels, t1c, off)[12:18, 12:18, 12:18].any()
+
+
+def test_enclosed_background_outside_the_scan_is_not_filled():
+    labels, t1c = _ring_tumour()
+    t1c[12:18, 12:18, 12:18] = 0  # e.g. a resection cavity masked out of the images
+    out = fill_enclosed_core(labels, t1c != 0)
+    assert not out[12:18, 12:18, 12:18].any()
 
 
 @pytest.mark.parametrize("shape", [(37, 53, 41), (150, 170, 140)])
