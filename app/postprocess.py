@@ -8,9 +8,10 @@ steps and two of ours.
    become NCR/NET: a tumour without enhancement is common (low grade), and a few false ET voxels there cost
    the whole ET score, since BraTS scores an empty ET against an empty truth as 1 and anything else as 0.
    WT and TC never change in this step.
-4. (Ours.) Non-tumour voxels that the tumour encloses in an axial, coronal or sagittal slice become NCR/NET:
-   the network reads a cystic or necrotic centre without enhancement (dark on T1, T1c and FLAIR) as brain,
-   while a glioma's centre is its core. Only scanned voxels (T1c not 0) are filled; ET never changes.
+4. (Ours.) Non-tumour voxels that the tumour encloses in an axial, coronal or sagittal slice become NCR/NET
+   when their connected hole touches the predicted core: the network reads a necrotic centre that does not
+   enhance (dark on T1, T1c and FLAIR) as brain, while a glioma's centre is its core. Only scanned voxels
+   (T1c not 0) are filled; ET never changes.
 """
 
 from __future__ import annotations
@@ -134,15 +135,25 @@ def enclosed_in_a_slice(mask: np.ndarray) -> np.ndarray:
 
 
 def fill_enclosed_core(labels: np.ndarray, scanned: np.ndarray) -> np.ndarray:
-    """Step 4: ``scanned`` voxels that the tumour encloses in some slice become NCR/NET."""
+    """Step 4: ``scanned`` voxels that the tumour encloses in some slice become NCR/NET, one connected hole
+    at a time and only a hole that touches the predicted core (NCR/NET or ET). A necrotic centre lies
+    against its core; holes that only edema encloses are, off the training distribution, islands of cortex
+    inside a false edema (out-of-distribution sweep: filling those took a case's TC from 0.85 to 0.49)."""
     tumour = labels > 0
     if not tumour.any():
         return labels
-    # A hole lies within the tumour's bounding box; filling only there takes a few ms instead of ~0.4 s.
+    # A hole lies within the tumour's bounding box; working only there takes ms instead of ~0.4 s.
     box = tuple(slice(int(idx.min()), int(idx.max()) + 1) for idx in np.nonzero(tumour))
     holes = enclosed_in_a_slice(tumour[box]) & scanned[box]
     if not holes.any():
         return labels
+    components = cc3d.connected_components(holes, connectivity=CONNECTIVITY)
+    core = (labels[box] == NECROSIS) | (labels[box] == ENHANCING)
+    next_to_core = ndimage.binary_dilation(core, structure=np.ones((3,) * labels.ndim, bool))
+    touching = np.unique(components[next_to_core & holes])
+    fill = np.isin(components, touching[touching > 0])
+    if not fill.any():
+        return labels
     out = labels.copy()
-    out[box][holes] = NECROSIS
+    out[box][fill] = NECROSIS
     return out

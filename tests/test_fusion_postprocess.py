@@ -135,7 +135,7 @@ def test_scant_enhancement_becomes_necrosis_and_whole_tumour_and_core_stay():
 def _ring_tumour() -> tuple[np.ndarray, np.ndarray]:
     """Edema with an ET rim around a 6x6x6 centre the network called brain (0), open to the outside
     through a one-voxel channel along the first axis (so no 3D hole), beside a C-shaped edema open in every
-    slice."""
+    slice and an edema with a hole in every axial slice but no core."""
     labels = np.zeros((30, 40, 40), np.uint8)
     labels[5:25, 5:25, 5:25] = 2
     labels[9:21, 9:21, 9:21] = 3
@@ -143,6 +143,8 @@ def _ring_tumour() -> tuple[np.ndarray, np.ndarray]:
     labels[0:12, 14, 14] = 0  # the channel
     labels[5:25, 28:38, 28:38] = 2
     labels[5:25, 30:36, 30:38] = 0  # the C: open towards the last axis' end
+    labels[5:25, 28:38, 2:12] = 2
+    labels[5:25, 31:35, 5:9] = 0  # a hole only edema encloses, far from any core
     return labels, np.ones(labels.shape, np.float32)
 
 
@@ -154,6 +156,7 @@ def test_enclosed_core_becomes_necrosis_and_nothing_else_moves():
     assert changed.sum() == 6 * 6 * 6 + 7  # and the channel's 7 voxels within the tumour (slices 5-11)
     np.testing.assert_array_equal(out == 3, labels == 3)  # ET never changes
     assert not out[5:25, 30:36, 30:38].any()  # the open C stays brain
+    assert not out[5:25, 31:35, 5:9].any()  # and so does the hole that touches no core
     assert (postprocess(labels, t1c)[12:18, 12:18, 12:18] == 1).all()  # on by default
     off = PostprocessConfig(fill_enclosed_core=False)
     assert not postprocess(labels, t1c, off)[12:18, 12:18, 12:18].any()
