@@ -128,7 +128,8 @@ def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None
                         f"has them relabelled NCR/NET (default {MIN_ENHANCING_VOXELS}); 0 switches it off")
     p.add_argument("--no-core-filling", action="store_true",
                    help="skip post-processing step 4 (ours, not the paper's): by default non-tumour voxels that the "
-                        "tumour encloses in an axial, coronal or sagittal slice become NCR/NET")
+                        "tumour encloses in an axial, coronal or sagittal slice, in a hole touching the predicted "
+                        "core, become NCR/NET")
     p.add_argument("--skip-existing", action="store_true",
                    help="skip cases whose complete label map is already in the output folder")
     p.add_argument("--save-probabilities", type=Path, default=None,
