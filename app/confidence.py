@@ -8,8 +8,8 @@ chance that the region is truly absent, 1 - (expected volume) / `EMPTY_REGION_VO
 which is 0 as soon as any voxel is doubtful: post-processing step 3 empties ET on purpose when fewer than
 that many voxels are called, and a few hundred voxels at p = 0.2 do not make an absent ET wrong. The case's
 confidence is the mean over WT, TC and ET; below `LOW_CONFIDENCE` the per-case line and the report carry a
-warning. The threshold is calibrated on the out-of-distribution sweep by `benchmarks/calibrate_confidence.py` (README,
-Confidence): it is the value that best separates cases whose mean Dice is below 0.7 from the others.
+warning. The threshold is calibrated on the out-of-distribution sweep by `benchmarks/calibrate_confidence.py`
+(README, Confidence): it is the value that best separates cases whose mean Dice is below 0.7 from the others.
 """
 
 from __future__ import annotations

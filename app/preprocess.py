@@ -73,6 +73,8 @@ def crop_to_brain(image: np.ndarray, margin: int = CROP_MARGIN) -> BrainCrop | N
 N4_MAX_SHRINK = 8
 N4_MIN_SHRUNK_SIDE = 16
 N4_ITERATIONS = (50, 50, 50, 50)
+# Fewer positive brain voxels outside the tumour than this and a modality is left uncorrected.
+N4_MIN_FIT_VOXELS = 1000
 
 
 @dataclass
@@ -128,9 +130,9 @@ def correct_bias(image: np.ndarray, names: list[str] | None = None, exclude: np.
         channel = out[c][box]
         positive = brain[box] & (channel > 0)
         fit = positive & kept
-        if fit.sum() < 1000:
-            warnings.append(f"bias correction skipped for {names[c]}: fewer than 1000 positive brain voxels "
-                            "outside the tumour")
+        if fit.sum() < N4_MIN_FIT_VOXELS:
+            warnings.append(f"bias correction skipped for {names[c]}: fewer than {N4_MIN_FIT_VOXELS} positive "
+                            "brain voxels outside the tumour")
             continue
         try:
             field = n4_bias_field(channel, fit)
