@@ -129,7 +129,7 @@ def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None
     p.add_argument("--no-core-filling", action="store_true",
                    help="skip post-processing step 4 (ours, not the paper's): by default non-tumour voxels that the "
                         "tumour encloses in an axial, coronal or sagittal slice, in a hole touching the predicted "
-                        "core, become NCR/NET")
+                        "core, and then whatever the core encloses in such a slice, become NCR/NET")
     p.add_argument("--skip-existing", action="store_true",
                    help="skip cases whose complete label map is already in the output folder")
     p.add_argument("--save-probabilities", type=Path, default=None,

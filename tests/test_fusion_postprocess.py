@@ -162,6 +162,28 @@ def test_enclosed_core_becomes_necrosis_and_nothing_else_moves():
     assert not postprocess(labels, t1c, off)[12:18, 12:18, 12:18].any()
 
 
+def test_edema_inside_an_enhancing_rim_becomes_necrosis():
+    """Step 4b: a necrotic centre the network called edema (and brain within it), inside an ET rim open at
+    both ends of one axis (a tube: no 3D hole, enclosed in every axial slice), with edema around the rim
+    and, beside it, an edema lobe with no core at all."""
+    labels = np.zeros((30, 40, 40), np.uint8)
+    labels[2:28, 4:26, 4:26] = 2
+    labels[:, 8:22, 8:22] = 3
+    labels[:, 11:19, 11:19] = 2  # the centre, edema from end to end
+    labels[10:20, 13:17, 13:17] = 0  # with brain inside that touches no core (step 4a leaves it)
+    labels[5:25, 28:38, 28:38] = 2
+    t1c = np.ones(labels.shape, np.float32)
+    t1c[0, 11:19, 11:19] = 0  # one unscanned slice of the centre
+    out = fill_enclosed_core(labels, t1c != 0)
+    assert (out[1:, 11:19, 11:19] == 1).all()  # wherever scanned
+    assert (out[0, 11:19, 11:19] == 2).all()
+    changed = out != labels
+    assert changed.sum() == 29 * 8 * 8
+    np.testing.assert_array_equal(out == 3, labels == 3)  # ET never changes
+    assert (out[5:25, 28:38, 28:38] == 2).all()  # edema outside any core stays edema
+    assert (out[2:28, 4:8, 4:26] == 2).all()  # and so does the edema around the rim
+
+
 def test_enclosed_background_outside_the_scan_is_not_filled():
     labels, t1c = _ring_tumour()
     t1c[12:18, 12:18, 12:18] = 0  # e.g. a resection cavity masked out of the images
