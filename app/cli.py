@@ -21,6 +21,7 @@ from .options import (
     AugmentLevel,
     BiasCorrection,
     Device,
+    Fusion,
     Mirroring,
     Precision,
     Tiling,
@@ -88,7 +89,7 @@ def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None
         p.add_argument("--output_path", type=Path, required=True, help="folder for the label maps (MLCube form)")
         p.add_argument("--parameters_file", type=Path, default=None,
                        help="optional YAML with predict settings: "
-                            "folds, device, tiling, precision, tta, bias_correction, labels, postprocess")
+                            "folds, device, tiling, precision, tta, fusion, bias_correction, labels, postprocess")
         p.add_argument("--weights", type=Path, default=None, help=argparse.SUPPRESS)
         return
     p.add_argument("--input", type=Path, required=True, help="folder holding one folder (or four files) per case")
@@ -112,6 +113,10 @@ def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None
     p.add_argument("--tta", default=Mirroring.NONE.value, choices=choices(Mirroring),
                    help="test-time mirroring: none; folds = fold k sees the k-th of the 8 mirror images (no extra "
                         "cost); full = every fold sees all 8 (nnU-Net's, 8x the network time)")
+    p.add_argument("--fusion", default=Fusion.REGIONS.value, choices=choices(Fusion),
+                   help="how task 2's class probabilities label a voxel: regions (default) = tumour where "
+                        "NCR/NET + edema + ET is more likely than not, core where NCR/NET + ET is more likely than "
+                        "edema (BraTS's nested regions); paper = their argmax (the authors')")
     p.add_argument("--bias-correction", default=BiasCorrection.N4.value, choices=choices(BiasCorrection),
                    help="n4 (default): correct each modality's intensity non-uniformity before normalising "
                         "(SimpleITK N4, fitted inside the brain outside the tumour that two folds find first; "
@@ -249,7 +254,7 @@ def _set_threads(requested: int) -> None:
 
 
 # parameters.yaml keys that are predict flags with a fixed set of values (mlcube/workspace/parameters.yaml).
-MLCUBE_CHOICE_KEYS = ("device", "tiling", "precision", "tta", "bias_correction", "labels")
+MLCUBE_CHOICE_KEYS = ("device", "tiling", "precision", "tta", "fusion", "bias_correction", "labels")
 
 
 def _mlcube_to_predict(args: argparse.Namespace) -> argparse.Namespace:
@@ -306,7 +311,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if args.tile_margin is not None:
             tiles["margin"] = args.tile_margin
         predictor = EnsemblePredictor(device=args.device, tiling=args.tiling, precision=args.precision,
-                                      tta=args.tta, **tiles).load_models(models)
+                                      tta=args.tta, fusion=args.fusion, **tiles).load_models(models)
         options = PredictOptions(
             input_dir=args.input, output_dir=args.output, labels=args.labels,
             postprocess=PostprocessConfig(

@@ -18,6 +18,7 @@ from torch import nn
 
 from .conventions import EDEMA, ENHANCING, NECROSIS
 from .model import CORE_CLASSES, TUMOUR_CLASSES, task_outputs
+from .options import Fusion
 from .preprocess import bounding_box
 
 # Fusion step 2: the coarse whole tumour is dilated by this many voxels (a Euclidean ball).
@@ -69,14 +70,27 @@ def fusion_region(p: TaskProbabilities) -> np.ndarray:
     return dilate(p.tumour > 0.5, FUSION_DILATION)
 
 
-def fuse(p: TaskProbabilities, region: np.ndarray | None = None) -> np.ndarray:
-    """Internal labels 0/1/2/3: task 2 labels inside ``region`` (default `fusion_region`), task 3 splits
-    the predicted core into ET and NCR/NET."""
+def task2_masks(classes, rule: Fusion):
+    """(tumour, core) masks from task 2's (5, ...) class probabilities, numpy arrays or tensors alike."""
+    if rule is Fusion.PAPER:
+        winner = classes.argmax(0)
+        tumour = (winner == TUMOUR_CLASSES[0]) | (winner == TUMOUR_CLASSES[1]) | (winner == TUMOUR_CLASSES[2])
+        return tumour, (winner == CORE_CLASSES[0]) | (winner == CORE_CLASSES[1])
+    tumour_p = sum(classes[c] for c in TUMOUR_CLASSES)
+    core_p = sum(classes[c] for c in CORE_CLASSES)
+    tumour = tumour_p > 0.5
+    # Core more likely than edema, the tumour's other class: P(core) > P(tumour) - P(core).
+    return tumour, tumour & (2 * core_p > tumour_p)
+
+
+def fuse(p: TaskProbabilities, region: np.ndarray | None = None, rule: Fusion = Fusion.REGIONS) -> np.ndarray:
+    """Internal labels 0/1/2/3: task 2 labels inside ``region`` (default `fusion_region`) by ``rule``, task
+    3 splits the predicted core into ET and NCR/NET."""
     region = fusion_region(p) if region is None else region
-    task2 = np.argmax(p.classes, axis=0)
+    tumour, core = task2_masks(p.classes, rule)
     labels = np.zeros(region.shape, np.uint8)
-    labels[region & (task2 == EDEMA)] = EDEMA
-    core = region & np.isin(task2, CORE_CLASSES)
+    labels[region & tumour] = EDEMA
+    core = region & core
     labels[core] = np.where(p.enhancing[core] > 0.5, ENHANCING, NECROSIS)
     return labels
 
@@ -103,13 +117,13 @@ def dilate_tensor(mask: torch.Tensor, radius: int) -> torch.Tensor:
     return hits[0, 0] > 0.5
 
 
-def fuse_tensors(p: TaskProbabilities) -> tuple[torch.Tensor, torch.Tensor]:
+def fuse_tensors(p: TaskProbabilities, rule: Fusion = Fusion.REGIONS) -> tuple[torch.Tensor, torch.Tensor]:
     """`fuse` on the probabilities' device: (internal labels as uint8, the fusion region)."""
     region = dilate_tensor(p.tumour > 0.5, FUSION_DILATION)
-    task2 = torch.argmax(p.classes, dim=0)
-    core = region & torch.isin(task2, torch.tensor(CORE_CLASSES, device=task2.device))
+    tumour, core = task2_masks(p.classes, rule)
+    core = region & core
     labels = torch.zeros(region.shape, dtype=torch.uint8, device=region.device)
-    labels[region & (task2 == EDEMA)] = EDEMA
+    labels[region & tumour] = EDEMA
     labels[core] = NECROSIS
     labels[core & (p.enhancing > 0.5)] = ENHANCING
     return labels, region

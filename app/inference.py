@@ -22,7 +22,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .ensemble import MIRRORS, DeviceOutOfMemory, Progress, TiledEnsemble
 from .fusion import TaskProbabilities, dilate, fuse, fuse_tensors, fusion_region, omnet_probabilities, to_host
-from .options import Device, Mirroring, Precision, Tiling, parse_option
+from .options import Device, Fusion, Mirroring, Precision, Tiling, parse_option
 from .preprocess import CROP_MARGIN, crop_to_brain
 from .tiling import FAST_MARGIN, FAST_TILE, Tile, TilePlanner
 
@@ -101,12 +101,13 @@ class EnsemblePredictor:
 
     def __init__(self, device: str = "auto", tiling: str = "fast", max_tile: Sequence[int] = FAST_TILE,
                  margin: int = FAST_MARGIN, precision: str = "auto", crop_margin: int = CROP_MARGIN,
-                 shift_folds: bool = True, tta: str = "none"):
+                 shift_folds: bool = True, tta: str = "none", fusion: str = "regions"):
         self.device = resolve_device(device)
         self.tiling = parse_option(Tiling, tiling, "tiling")
         self.planner = TilePlanner(self.tiling, tuple(max_tile), margin, shift_folds)  # type: ignore[arg-type]
         self.crop_margin = crop_margin
         self.tta = parse_option(Mirroring, tta, "tta")
+        self.fusion = parse_option(Fusion, fusion, "fusion")
         self.precision = resolve_precision(precision, self.device)
         self._precision_option = precision  # the CPU fallback resolves it for the CPU
         self.runner = TiledEnsemble(self._reduce, self._batch_voxels())
@@ -184,7 +185,8 @@ class EnsemblePredictor:
         if self._fallback is None:
             self._fallback = EnsemblePredictor(
                 "cpu", self.tiling.value, self.planner.max_tile, self.planner.margin, self._precision_option,
-                self.crop_margin, self.planner.shift_folds, self.tta.value).load_models(self._source_models)
+                self.crop_margin, self.planner.shift_folds, self.tta.value, self.fusion.value,
+            ).load_models(self._source_models)
         return self._fallback
 
     @torch.inference_mode()
@@ -210,11 +212,11 @@ class EnsemblePredictor:
         """(labels, task-2 region) on the host, fused where the probabilities are: on a GPU only the
         results cross to the host."""
         if self.device.type == "cuda":
-            labels, region = fuse_tensors(probabilities)
+            labels, region = fuse_tensors(probabilities, self.fusion)
             return labels.cpu().numpy(), region.cpu().numpy()
         host = probabilities.to_numpy()
         region = fusion_region(host)
-        return fuse(host, region), region
+        return fuse(host, region, self.fusion), region
 
     def _device_probabilities(self, image: np.ndarray, progress: Progress | None,
                               region: tuple[slice, ...] | None,

@@ -60,6 +60,15 @@ class Mirroring(str, Enum):
     FULL = "full"
 
 
+class Fusion(str, Enum):
+    """How task 2's five class probabilities label a voxel inside the fusion region. PAPER: their argmax (the
+    authors'). REGIONS: BraTS's nested regions, decided in turn: tumour where NCR/NET + edema + ET is more
+    likely than not, core where NCR/NET + ET is more likely than edema (app.fusion.task2_masks)."""
+
+    PAPER = "paper"
+    REGIONS = "regions"
+
+
 class BiasCorrection(str, Enum):
     """Intensity non-uniformity correction before normalisation. NONE: the images as they are (the
     paper's path). N4: SimpleITK's N4 per modality inside the brain (app.preprocess.correct_bias)."""

@@ -7,6 +7,7 @@ from app.ensemble import MIRRORS
 from app.fusion import TaskProbabilities, dilate, dilate_tensor, fuse, fuse_tensors, fusion_region
 from app.inference import EnsemblePredictor
 from app.metrics import region_dice
+from app.options import Fusion
 from app.postprocess import (
     PostprocessConfig,
     drop_scant_enhancement,
@@ -332,10 +333,32 @@ def test_device_fusion_gives_the_numpy_fusion_labels(seed):
     tumour = np.clip(tumour, 0, 1)
     classes = rng.dirichlet(np.ones(5), size=shape).astype(np.float32)
     p = TaskProbabilities(tumour, np.moveaxis(classes, -1, 0).copy(), rng.random(shape).astype(np.float32))
-    labels, region = fuse_tensors(TaskProbabilities(*(torch.from_numpy(a) for a in (p.tumour, p.classes, p.enhancing))))
-    np.testing.assert_array_equal(region.numpy(), fusion_region(p))
-    np.testing.assert_array_equal(labels.numpy(), fuse(p))
+    on_device = TaskProbabilities(*(torch.from_numpy(a) for a in (p.tumour, p.classes, p.enhancing)))
+    for rule in Fusion:
+        labels, region = fuse_tensors(on_device, rule)
+        np.testing.assert_array_equal(region.numpy(), fusion_region(p))
+        np.testing.assert_array_equal(labels.numpy(), fuse(p, rule=rule))
     assert region.numpy().sum() > (tumour > 0.5).sum() > 0
+    assert (fuse(p, rule=Fusion.PAPER) != fuse(p, rule=Fusion.REGIONS)).any()  # the rules differ here
+
+
+def test_region_fusion_decides_tumour_then_core_where_the_argmax_does_not():
+    """A voxel whose likeliest single class is brain (0.40) while the tumour's classes hold 0.55, and whose
+    core (NCR 0.20 + ET 0.15) outweighs its edema (0.20); and one whose edema (0.30) beats each core class
+    (0.25, 0.20) but not the two together."""
+    tumour = np.full(SHAPE, 0.9, np.float32)
+    classes = np.zeros((5, *SHAPE), np.float32)
+    classes[:, 0] = np.array([0.05, 0.20, 0.20, 0.15, 0.40])[:, None, None]
+    classes[:, 1] = np.array([0.05, 0.25, 0.30, 0.20, 0.20])[:, None, None]
+    classes[:, 2:] = np.array([0.05, 0.05, 0.05, 0.05, 0.80])[:, None, None, None]
+    p = TaskProbabilities(tumour, classes, np.zeros(SHAPE, np.float32))
+    paper, regions = fuse(p, rule=Fusion.PAPER), fuse(p, rule=Fusion.REGIONS)
+    assert (paper[0] == 0).all() and (regions[0] == 1).all()
+    assert (paper[1] == 2).all() and (regions[1] == 1).all()
+    assert not paper[2:].any() and not regions[2:].any()
+    assert fuse(p)[0, 0, 0] == 1  # regions by default
+    with pytest.raises(ValueError, match="fusion must be one of"):
+        EnsemblePredictor(device="cpu", fusion="vote")
 
 
 def test_device_dilation_is_the_euclidean_ball():
