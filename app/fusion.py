@@ -70,17 +70,24 @@ def fusion_region(p: TaskProbabilities) -> np.ndarray:
     return dilate(p.tumour > 0.5, FUSION_DILATION)
 
 
-def task2_masks(classes, rule: Fusion):
+def task2_masks(classes: np.ndarray | torch.Tensor, rule: Fusion):
     """(tumour, core) masks from task 2's (5, ...) class probabilities, numpy arrays or tensors alike."""
     if rule is Fusion.PAPER:
         winner = classes.argmax(0)
-        tumour = (winner == TUMOUR_CLASSES[0]) | (winner == TUMOUR_CLASSES[1]) | (winner == TUMOUR_CLASSES[2])
-        return tumour, (winner == CORE_CLASSES[0]) | (winner == CORE_CLASSES[1])
+        return _one_of(winner, TUMOUR_CLASSES), _one_of(winner, CORE_CLASSES)
     tumour_p = sum(classes[c] for c in TUMOUR_CLASSES)
     core_p = sum(classes[c] for c in CORE_CLASSES)
     tumour = tumour_p > 0.5
     # Core more likely than edema, the tumour's other class: P(core) > P(tumour) - P(core).
     return tumour, tumour & (2 * core_p > tumour_p)
+
+
+def _one_of(winner, classes: tuple[int, ...]):
+    """Where ``winner`` (an array or tensor of class indices) is any of ``classes``."""
+    mask = winner == classes[0]
+    for c in classes[1:]:
+        mask = mask | (winner == c)
+    return mask
 
 
 def fuse(p: TaskProbabilities, region: np.ndarray | None = None, rule: Fusion = Fusion.REGIONS) -> np.ndarray:
