@@ -141,7 +141,7 @@ def fill_enclosed_core(labels: np.ndarray, scanned: np.ndarray) -> np.ndarray:
     become NCR/NET, one connected hole at a time and only a hole that touches the predicted core (NCR/NET or
     ET); (b) then whatever the core encloses in some slice (edema, or brain that only edema touches) becomes
     NCR/NET too. ET never changes."""
-    return _relabel_edema_inside_core(_fill_holes_touching_core(labels, scanned), scanned)
+    return _fill_inside_core(_fill_holes_touching_core(labels, scanned), scanned)
 
 
 def _fill_holes_touching_core(labels: np.ndarray, scanned: np.ndarray) -> np.ndarray:
@@ -168,7 +168,7 @@ def _fill_holes_touching_core(labels: np.ndarray, scanned: np.ndarray) -> np.nda
     return out
 
 
-def _relabel_edema_inside_core(labels: np.ndarray, scanned: np.ndarray) -> np.ndarray:
+def _fill_inside_core(labels: np.ndarray, scanned: np.ndarray) -> np.ndarray:
     """Step 4b. Edema lies around a core, not inside it: the network reads a large necrotic centre inside an
     enhancing rim as edema (tuning phantoms: P(edema) 0.3-0.65 and P(NCR) under 0.11 on the missed core), and
     a hole in that edema touches no core, so step 4a leaves it."""
@@ -182,4 +182,3 @@ def _relabel_edema_inside_core(labels: np.ndarray, scanned: np.ndarray) -> np.nd
     out = labels.copy()
     out[box][inside] = NECROSIS
     return out
-
