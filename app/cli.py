@@ -30,6 +30,10 @@ from .options import (
 )
 
 EXIT_OK, EXIT_CASE_FAILED, EXIT_USAGE = 0, 1, 2
+# parameters.yaml keys that are predict flags with a fixed set of values (mlcube/workspace/parameters.yaml),
+# and every key the file may hold; the --parameters_file help and the check both read these.
+MLCUBE_CHOICE_KEYS = ("device", "tiling", "precision", "tta", "fusion", "bias_correction", "labels")
+MLCUBE_KEYS = ("folds", *MLCUBE_CHOICE_KEYS, "postprocess")
 
 
 def int_list(count: int | None = None, *, distinct: bool = False) -> Callable[[str], tuple[int, ...]]:
@@ -88,8 +92,7 @@ def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None
         p.add_argument("--data_path", type=Path, required=True, help="folder of input cases (MLCube form)")
         p.add_argument("--output_path", type=Path, required=True, help="folder for the label maps (MLCube form)")
         p.add_argument("--parameters_file", type=Path, default=None,
-                       help="optional YAML with predict settings: "
-                            "folds, device, tiling, precision, tta, fusion, bias_correction, labels, postprocess")
+                       help=f"optional YAML with predict settings: {', '.join(MLCUBE_KEYS)}")
         p.add_argument("--weights", type=Path, default=None, help=argparse.SUPPRESS)
         return
     p.add_argument("--input", type=Path, required=True, help="folder holding one folder (or four files) per case")
@@ -253,10 +256,6 @@ def _set_threads(requested: int) -> None:
     torch.set_num_threads(requested if requested > 0 else cpu_quota())
 
 
-# parameters.yaml keys that are predict flags with a fixed set of values (mlcube/workspace/parameters.yaml).
-MLCUBE_CHOICE_KEYS = ("device", "tiling", "precision", "tta", "fusion", "bias_correction", "labels")
-
-
 def _mlcube_to_predict(args: argparse.Namespace) -> argparse.Namespace:
     """Map the MLCube form onto predict's flags, reading the optional parameters file."""
     settings: dict = {}
@@ -269,7 +268,7 @@ def _mlcube_to_predict(args: argparse.Namespace) -> argparse.Namespace:
             raise ValueError(f"cannot read --parameters_file {args.parameters_file}: {err}") from None
         if not isinstance(settings, dict):
             raise ValueError(f"--parameters_file {args.parameters_file} must hold a mapping")
-    allowed = {"folds", "postprocess", *MLCUBE_CHOICE_KEYS}
+    allowed = set(MLCUBE_KEYS)
     unknown = set(settings) - allowed
     if unknown:
         raise ValueError(f"--parameters_file: unknown keys {sorted(unknown)} (allowed: {sorted(allowed)})")
