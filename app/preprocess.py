@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 # Prediction keeps this many voxels of background around the brain's bounding box: the fast tiling reads
 # them as context for the brain's edge (docs/ALGORITHM.md, Inference).
@@ -142,3 +143,19 @@ def correct_bias(image: np.ndarray, names: list[str] | None = None, exclude: np.
             continue
         out[c][box] = np.where(positive, channel / field, channel)
     return BiasCorrected(out, warnings)
+
+
+def enclosed_in_a_slice(mask: np.ndarray) -> np.ndarray:
+    """Voxels outside ``mask`` that it encloses within at least one slice along some axis (2D holes).
+
+    Slices rather than 3D: a necrotic centre is often open to the outside through a gap of a voxel or two
+    somewhere on its surface, and a 3D fill then finds nothing (held-out phantoms: 3D filled 4% of what the
+    slice-wise fill did)."""
+    enclosed = np.zeros(mask.shape, bool)
+    for axis in range(mask.ndim):
+        structure = np.zeros((3,) * mask.ndim, bool)
+        plane = [slice(None)] * mask.ndim
+        plane[axis] = 1
+        structure[tuple(plane)] = ndimage.generate_binary_structure(mask.ndim - 1, 1)  # in-plane only
+        enclosed |= ndimage.binary_fill_holes(mask, structure=structure)
+    return enclosed & ~mask

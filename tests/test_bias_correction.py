@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from app.conventions import MODALITY_ORDER, Modality
-from app.inference import EnsemblePredictor
+from app.inference import SCOUT_DILATION, EnsemblePredictor, scout_mask
 from app.options import BiasCorrection
 from app.phantoms import _smooth_field, make_phantom
 from app.pipeline import segment_image
@@ -124,6 +124,23 @@ def test_the_scout_does_not_depend_on_the_tiling(tmp_path, phantom_image):
     scout = fast.scout_tumour(phantom_image)
     assert 0 < scout.sum() < scout.size
     np.testing.assert_array_equal(paper.scout_tumour(phantom_image), scout)
+
+
+def test_the_scout_keeps_a_core_it_encloses_out_of_the_fit():
+    """A core the network reads as brain, inside a ring of edema wider than the dilation reaches across, is
+    a hole of the scout in a slice: it joins the scout (N4 would flatten it otherwise). Brain outside the
+    tumour's reach and voxels outside the brain stay out."""
+    z, y, x = np.indices((24, 48, 48))
+    r = np.hypot(y - 24, x - 24)
+    ring = (r >= SCOUT_DILATION + 6) & (r < SCOUT_DILATION + 10) & (z > 4) & (z < 20)  # a tube, open at both ends
+    brain = np.ones(ring.shape, bool)
+    brain[:, :, :2] = False
+    mask = scout_mask(ring, brain)
+    assert mask[12, 24, 24] and mask[ring].all()  # the centre, SCOUT_DILATION + 6 voxels from the tube
+    assert not mask[12, 2, 24] and not mask[:, :, :2].any()
+    assert not scout_mask(np.zeros_like(ring), brain).any()
+    with pytest.raises(ValueError, match="differ in shape"):
+        scout_mask(ring, brain[:-1])
 
 
 def test_run_sh_with_n4_and_the_mlcube_parameter(tmp_path):
