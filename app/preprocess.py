@@ -152,10 +152,18 @@ def enclosed_in_a_slice(mask: np.ndarray) -> np.ndarray:
     somewhere on its surface, and a 3D fill then finds nothing (held-out phantoms: 3D filled 4% of what the
     slice-wise fill did)."""
     enclosed = np.zeros(mask.shape, bool)
+    if not mask.any():
+        return enclosed
+    # A hole lies inside its mask's bounding box: filling only there gives the same voxels, in a fraction
+    # of the time for a tumour-sized mask in a whole-brain volume.
+    box = bounding_box(mask)
+    inner = mask[box]
+    filled = np.zeros(inner.shape, bool)
     for axis in range(mask.ndim):
         structure = np.zeros((3,) * mask.ndim, bool)
         plane = [slice(None)] * mask.ndim
         plane[axis] = 1
         structure[tuple(plane)] = ndimage.generate_binary_structure(mask.ndim - 1, 1)  # in-plane only
-        enclosed |= ndimage.binary_fill_holes(mask, structure=structure)
-    return enclosed & ~mask
+        filled |= ndimage.binary_fill_holes(inner, structure=structure)
+    enclosed[box] = filled & ~inner
+    return enclosed
