@@ -45,16 +45,24 @@ class AugmentConfig:
     blur_sigma: tuple[float, float] = (0.5, 1.2)
     thick_slices: float = 0.15  # per channel: low resolution along one random axis
     thick_factor: tuple[int, int] = (2, 4)
+    # Per patch: blur and thick slices hit all channels alike (one sigma, one axis), as when a whole
+    # examination is acquired at low resolution; the per-channel draws above rarely pick all four at once.
+    acquisition: float = 0.0
 
     @classmethod
-    def for_level(cls, level: str | AugmentLevel) -> AugmentConfig | None:
+    def for_level(cls, level: str | AugmentLevel, acquisition: float = 0.0) -> AugmentConfig | None:
+        """The configuration of an augmentation level; ``acquisition`` sets the whole-examination
+        blur / thick-slice probability (0 for the levels as they were first shipped)."""
+        if not 0.0 <= acquisition <= 1.0:
+            raise ValueError(f"acquisition must be a probability in [0, 1], got {acquisition}")
         level = parse_option(AugmentLevel, level, "augment")
         if level is AugmentLevel.NONE:
             return None
         if level is AugmentLevel.DEFAULT:
-            return cls()
-        return replace(cls(), affine=0.5, rotate_degrees=25.0, scale=(0.75, 1.3), gamma=0.5, gamma_range=(0.5, 2.0),
-                       contrast=0.5, contrast_range=(0.6, 1.4), bias=0.5, bias_strength=0.3, noise=0.4,
+            return replace(cls(), acquisition=acquisition)
+        return replace(cls(), acquisition=acquisition, affine=0.5, rotate_degrees=25.0, scale=(0.75, 1.3),
+                       gamma=0.5, gamma_range=(0.5, 2.0), contrast=0.5, contrast_range=(0.6, 1.4), bias=0.5,
+                       bias_strength=0.3, noise=0.4,
                        noise_std=(0.0, 0.2), blur=0.3, blur_sigma=(0.5, 1.8), thick_slices=0.3, thick_factor=(2, 6))
 
 
@@ -171,19 +179,30 @@ def _intensity(raw: torch.Tensor, cfg: AugmentConfig, draw: _Draw) -> torch.Tens
         raw = _where_channels(draw.chosen(cfg.contrast, True), raw * factor[:, :, None, None, None], raw)
     if cfg.gamma > 0:
         raw = _where_channels(draw.chosen(cfg.gamma, True), _gamma(raw, cfg, draw), raw)
-    if cfg.blur > 0:
-        chosen = draw.chosen(cfg.blur, True)
+    if cfg.blur > 0 or cfg.acquisition > 0:
+        chosen, whole = draw.chosen(cfg.blur, True), _whole_examination(cfg, draw)
+        chosen = chosen | whole[:, None]
         if not draw.lazy or chosen.any():
             sigma = draw.uniform((b, c), *cfg.blur_sigma)
+            if cfg.acquisition > 0:  # one sigma for the whole examination (no extra draws otherwise)
+                sigma = torch.where(whole[:, None], sigma[:, :1], sigma)
             raw = _where_channels(chosen, _blur(raw, sigma, radius=max(1, math.ceil(2 * cfg.blur_sigma[1]))), raw)
-    if cfg.thick_slices > 0:
-        chosen = draw.chosen(cfg.thick_slices, True)
+    if cfg.thick_slices > 0 or cfg.acquisition > 0:
+        chosen = draw.chosen(cfg.thick_slices, True) | _whole_examination(cfg, draw)[:, None]
         if not draw.lazy or chosen.any():
             raw = _where_channels(chosen, _thick_slices(raw, cfg, draw), raw)
     if cfg.noise > 0:
         std = draw.uniform((b, 1), *cfg.noise_std) * draw.chosen(cfg.noise)[:, None]
         raw = raw + std[:, :, None, None, None] * draw.normal(raw.shape)
     return raw
+
+
+def _whole_examination(cfg: AugmentConfig, draw: _Draw) -> torch.Tensor:
+    """Per patch: whether a transform hits every channel; draws nothing when switched off, so runs
+    without it draw exactly what they drew before it existed."""
+    if cfg.acquisition <= 0:
+        return torch.zeros(draw.batch, dtype=torch.bool, device=draw.device)
+    return draw.chosen(cfg.acquisition)
 
 
 def _where_channels(chosen: torch.Tensor, changed: torch.Tensor, original: torch.Tensor) -> torch.Tensor:

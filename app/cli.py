@@ -209,6 +209,9 @@ def _add_train_flags(tr: argparse.ArgumentParser) -> None:
     tr.add_argument("--augment", default=AugmentLevel.DEFAULT.value, choices=choices(AugmentLevel),
                     help="training augmentation (app/augment.py): flips, rotation/scaling, gamma, contrast, bias "
                          "field, noise, blur, thick slices; none switches it off")
+    tr.add_argument("--augment-acquisition", type=bounded_float(0.0, 1.0), default=0.0,
+                    help="probability per patch that blur and thick slices hit all four modalities alike, as when "
+                         "a whole examination is acquired at low resolution (0: the per-modality draws only)")
     tr.add_argument("--rare-case-weight", type=bounded_float(0.0, 100.0, low_open=True), default=1.0,
                     help="draw cases of a rare tumour kind (no enhancing rim, solidly enhancing, or a small core) "
                          "this many times as often as others (1: uniform, as the paper)")
@@ -360,6 +363,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         momentum=args.momentum, weight_decay=args.weight_decay, lr_halve_every=args.lr_halve_every,
         validate_every=args.validate_every, val_cases=args.val_cases, seed=args.seed, device=args.device,
         init_from=str(args.init_from) if args.init_from else None, augment=args.augment,
+        augment_acquisition=args.augment_acquisition,
         rare_case_weight=args.rare_case_weight, task1_tumour_fraction=args.task1_tumour_fraction,
     )
     if args.phantoms is not None:

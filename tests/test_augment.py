@@ -70,3 +70,26 @@ def test_levels_are_validated():
     assert AugmentConfig.for_level("strong").bias_strength > AugmentConfig.for_level("default").bias_strength
     with pytest.raises(ValueError, match="augment must be one of"):
         AugmentConfig.for_level("heavy")
+
+
+def test_whole_examination_blur_and_thick_slices_hit_every_channel_alike():
+    # The channels are scaled copies of one map and both transforms are linear: applied alike (one sigma,
+    # one axis), the scaled-back channels stay equal; drawn per channel, the sigmas differ.
+    x, y, offset = _batch(6)
+    scales = torch.tensor([1.0, 0.5, -0.5, 2.0])[None, :, None, None, None]
+    whole = replace(OFF, acquisition=1.0)
+    xa, _ = augment_batch(x, y, offset, whole, torch.Generator().manual_seed(7), np.random.default_rng(7))
+    unscaled = xa / scales
+    assert not torch.allclose(xa, x)
+    for c in range(1, 4):
+        torch.testing.assert_close(unscaled[:, c], unscaled[:, 0], rtol=1e-4, atol=1e-4)
+    per_channel = replace(OFF, blur=1.0)
+    xa, _ = augment_batch(x, y, offset, per_channel, torch.Generator().manual_seed(7), np.random.default_rng(7))
+    assert not torch.allclose((xa / scales)[:, 1], (xa / scales)[:, 0], rtol=1e-3, atol=1e-3)
+
+
+def test_whole_examination_probability_is_validated():
+    assert AugmentConfig.for_level("strong", acquisition=0.2).acquisition == 0.2
+    assert AugmentConfig.for_level("default").acquisition == 0.0
+    with pytest.raises(ValueError, match="acquisition must be a probability"):
+        AugmentConfig.for_level("default", acquisition=1.5)
