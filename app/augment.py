@@ -62,8 +62,8 @@ class AugmentConfig:
             return replace(cls(), acquisition=acquisition)
         return replace(cls(), acquisition=acquisition, affine=0.5, rotate_degrees=25.0, scale=(0.75, 1.3),
                        gamma=0.5, gamma_range=(0.5, 2.0), contrast=0.5, contrast_range=(0.6, 1.4), bias=0.5,
-                       bias_strength=0.3, noise=0.4,
-                       noise_std=(0.0, 0.2), blur=0.3, blur_sigma=(0.5, 1.8), thick_slices=0.3, thick_factor=(2, 6))
+                       bias_strength=0.3, noise=0.4, noise_std=(0.0, 0.2), blur=0.3, blur_sigma=(0.5, 1.8),
+                       thick_slices=0.3, thick_factor=(2, 6))
 
 
 def augment_batch(x: torch.Tensor, y: torch.Tensor, offset: torch.Tensor, cfg: AugmentConfig,
