@@ -132,8 +132,9 @@ def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None
     p.add_argument("--no-small-component-removal", action="store_true", help="skip post-processing step 1")
     p.add_argument("--no-edema-relabel", action="store_true", help="skip post-processing step 2 (K-means)")
     p.add_argument("--min-et-voxels", type=non_negative_int, default=MIN_ENHANCING_VOXELS,
-                   help="post-processing step 3 (ours, not the paper's): a case with fewer ET voxels than this "
-                        f"has them relabelled NCR/NET (default {MIN_ENHANCING_VOXELS}); 0 switches it off")
+                   help="post-processing step 3 (ours, not the paper's): a case whose largest ET component has "
+                        f"fewer voxels than this has all its ET relabelled NCR/NET (default {MIN_ENHANCING_VOXELS}); "
+                        "0 switches it off")
     p.add_argument("--no-core-filling", action="store_true",
                    help="skip post-processing step 4 (ours, not the paper's): by default non-tumour voxels that the "
                         "tumour encloses in an axial, coronal or sagittal slice, in a hole touching the predicted "

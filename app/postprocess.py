@@ -4,10 +4,10 @@ steps and two of ours.
 1. Remove connected tumour components smaller than min(2000, 0.1 x Vmax) voxels.
 2. When the case has little ET (vol_e / vol_t < 0.1), split the edema of ET-poor components into two
    K-means clusters; the cluster darker on T1c becomes NCR/NET. WT and ET never change in this step.
-3. (Ours, not the paper's.) When the whole case has fewer than ``min_enhancing_voxels`` ET voxels, they
-   become NCR/NET: a tumour without enhancement is common (low grade), and a few false ET voxels there cost
-   the whole ET score, since BraTS scores an empty ET against an empty truth as 1 and anything else as 0.
-   WT and TC never change in this step.
+3. (Ours, not the paper's.) When the case's largest ET component has fewer than ``min_enhancing_voxels``
+   voxels, all its ET becomes NCR/NET: a tumour without enhancement is common (low grade), and a few false
+   ET voxels there cost the whole ET score, since BraTS scores an empty ET against an empty truth as 1 and
+   anything else as 0. WT and TC never change in this step.
 4. (Ours.) A tumour's centre is its core: (a) non-tumour voxels that the tumour encloses in an axial,
    coronal or sagittal slice become NCR/NET when their connected hole touches the predicted core (the
    network reads a necrotic centre that does not enhance, dark on T1, T1c and FLAIR, as brain); (b) what
@@ -110,14 +110,20 @@ def postprocess(labels: np.ndarray, t1c: np.ndarray, config: PostprocessConfig =
 
 
 def drop_scant_enhancement(labels: np.ndarray, min_voxels: int) -> np.ndarray:
-    """Step 3: a case with fewer than ``min_voxels`` ET voxels in all has them relabelled NCR/NET."""
+    """Step 3: a case whose largest ET component has fewer than ``min_voxels`` voxels has all its ET
+    relabelled NCR/NET. The largest component rather than the total: an enhancing rim is one connected
+    structure, while false enhancement in a non-enhancing tumour can come as several specks."""
     enhancing = labels == ENHANCING
-    count = int(enhancing.sum())
-    if count == 0 or count >= min_voxels:
+    if not enhancing.any() or int(enhancing.sum()) >= min_voxels and _largest_component(enhancing) >= min_voxels:
         return labels
     out = labels.copy()
     out[enhancing] = NECROSIS
     return out
+
+
+def _largest_component(mask: np.ndarray) -> int:
+    box = bounding_box(mask)
+    return int(np.bincount(cc3d.connected_components(mask[box], connectivity=CONNECTIVITY).ravel())[1:].max())
 
 
 def fill_enclosed_core(labels: np.ndarray, scanned: np.ndarray) -> np.ndarray:

@@ -133,6 +133,23 @@ def test_scant_enhancement_becomes_necrosis_and_whole_tumour_and_core_stay():
         PostprocessConfig(min_enhancing_voxels=-1)
 
 
+def test_enhancement_in_specks_only_becomes_necrosis():
+    """Step 3 counts the largest ET component: 400 ET voxels as four separate specks of 100 go, one rim
+    of 400 stays."""
+    labels = np.zeros((40, 40, 40), np.uint8)
+    labels[5:35, 5:35, 5:35] = 2
+    labels[10:30, 10:30, 10:30] = 1
+    specks = labels.copy()
+    for corner in ((10, 10), (10, 25), (25, 10), (25, 25)):
+        specks[15:19, corner[0]:corner[0] + 5, corner[1]:corner[1] + 5] = 3  # 4 x 5 x 5 = 100 voxels
+    assert (specks == 3).sum() == 400
+    out = drop_scant_enhancement(specks, 300)
+    assert not (out == 3).any() and (out == 1).sum() == (specks == 1).sum() + 400
+    rim = labels.copy()
+    rim[15:19, 10:30, 10:15] = 3  # one component of 400
+    np.testing.assert_array_equal(drop_scant_enhancement(rim, 300), rim)
+
+
 def _ring_tumour() -> tuple[np.ndarray, np.ndarray]:
     """Edema with an ET rim around a 6x6x6 centre the network called brain (0), open to the outside
     through a one-voxel channel along the first axis (so no 3D hole), beside a C-shaped edema open in every
