@@ -114,7 +114,7 @@ def drop_scant_enhancement(labels: np.ndarray, min_voxels: int) -> np.ndarray:
     relabelled NCR/NET. The largest component rather than the total: an enhancing rim is one connected
     structure, while false enhancement in a non-enhancing tumour can come as several specks."""
     enhancing = labels == ENHANCING
-    if not enhancing.any() or int(enhancing.sum()) >= min_voxels and _largest_component(enhancing) >= min_voxels:
+    if not enhancing.any() or _largest_component(enhancing) >= min_voxels:
         return labels
     out = labels.copy()
     out[enhancing] = NECROSIS
