@@ -7,6 +7,7 @@ import os
 import shutil
 import struct
 import tempfile
+import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -307,6 +308,25 @@ def check_nifti_integrity(path: Path) -> int:
     return int(voxels.size - np.count_nonzero(np.isfinite(voxels)))
 
 
+# ITK's file readers and writers are not safe to run concurrently: four NIfTI reads in parallel threads
+# fail rarely, with a corrupt string or a crash (SimpleITK issue #74, ITK issue #2003; seen here as "unreadable
+# NIfTI: basic_string::_S_create" on a valid file). Every SimpleITK file call in the process takes this lock;
+# the gzip integrity pass before a read (most of a read's time) still runs in parallel.
+_SITK_FILE_LOCK = threading.Lock()
+
+
+def sitk_read(path: Path) -> sitk.Image:
+    """``sitk.ReadImage``, one at a time in this process."""
+    with _SITK_FILE_LOCK:
+        return sitk.ReadImage(str(path))
+
+
+def sitk_write(image: sitk.Image, path: Path, compress: bool = True) -> None:
+    """``sitk.WriteImage``, one at a time in this process."""
+    with _SITK_FILE_LOCK:
+        sitk.WriteImage(image, str(path), compress)
+
+
 def read_image(path: Path, case_id: str, warnings: list[str] | None = None) -> sitk.Image:
     """Read one modality, checking integrity first; errors name the case and file.
 
@@ -314,7 +334,7 @@ def read_image(path: Path, case_id: str, warnings: list[str] | None = None) -> s
     """
     try:
         nonfinite = check_nifti_integrity(path)
-        image = sitk.ReadImage(str(path))
+        image = sitk_read(path)
     except (ValueError, RuntimeError, OSError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CaseError(case_id, path, f"unreadable NIfTI: {reason}") from None
@@ -352,8 +372,9 @@ def load_case(case: CaseFiles) -> LoadedCase:
     reference: sitk.Image | None = None
     channels = []
     paths = list(case.modalities.values())
-    # The four files decode in parallel (zlib and ITK release the GIL): 1.6x faster on 2 cores. Results and
-    # the first error come back in modality order, as a sequential loop would give them.
+    # The four files' integrity passes (zlib releases the GIL) run in parallel; their ITK reads take turns
+    # (see _SITK_FILE_LOCK). Results and the first error come back in modality order, as a sequential loop
+    # would give them.
     with ThreadPoolExecutor(max_workers=len(paths)) as pool:
         notes: list[list[str]] = [[] for _ in paths]
         images = pool.map(read_image, paths, [case.case_id] * len(paths), notes)
@@ -415,7 +436,7 @@ def write_image_atomic(image: sitk.Image, destination: Path) -> None:
     destination = Path(destination)
     with tempfile.TemporaryDirectory(prefix="omnet-write-") as staging:
         staged = Path(staging) / destination.name
-        sitk.WriteImage(image, str(staged), True)
+        sitk_write(image, staged)
         try:
             os.replace(staged, destination)
             return

@@ -284,11 +284,13 @@ def make_phantom(seed: int, index: int, size: tuple[int, int, int] = DEFAULT_SIZ
 def _write(array: np.ndarray, path: Path) -> None:
     import SimpleITK as sitk  # only writing needs it (generation runs where SimpleITK is absent)
 
+    from .io import sitk_write
+
     image = sitk.GetImageFromArray(array)
     image.SetSpacing((1.0, 1.0, 1.0))
     image.SetOrigin(BRATS_ORIGIN)
     image.SetDirection(BRATS_DIRECTION)
-    sitk.WriteImage(image, str(path), True)
+    sitk_write(image, path)
 
 
 def case_id_for(layout: Layout, seed: int, index: int) -> str:

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from PIL import Image, ImageDraw, ImageFont
 
 from .conventions import EDEMA, ENHANCING, NECROSIS, LabelConvention, Modality, from_file_labels
-from .io import LoadedCase, find_cases, load_case
+from .io import LoadedCase, find_cases, load_case, sitk_read
 
 COLOURS = {EDEMA: (0, 200, 0), NECROSIS: (40, 90, 255), ENHANCING: (255, 30, 30)}
 LEGEND = ((EDEMA, "edema (ED)"), (NECROSIS, "NCR/NET"), (ENHANCING, "enhancing (ET)"))
@@ -120,8 +120,8 @@ def save_evaluation_pictures(pred_dir: Path, gt_dir: Path, folder: Path) -> list
         if case.segmentation is None or not pred_path.is_file():
             continue
         loaded = load_case(case)
-        pred = from_file_labels(sitk.GetArrayFromImage(sitk.ReadImage(str(pred_path))))
-        truth = from_file_labels(sitk.GetArrayFromImage(sitk.ReadImage(str(case.segmentation))))
+        pred = from_file_labels(sitk.GetArrayFromImage(sitk_read(pred_path)))
+        truth = from_file_labels(sitk.GetArrayFromImage(sitk_read(case.segmentation)))
         images = _modalities(loaded)
         rows = [("prediction", "FLAIR", pred), ("ground truth", "FLAIR", truth),
                 ("prediction", "T1c", pred), ("ground truth", "T1c", truth)]

@@ -177,3 +177,43 @@ def test_load_case_reports_the_first_bad_modality_in_channel_order(tmp_path):
     with pytest.raises(CaseError, match="unreadable") as caught:
         load_case(case)
     assert "c-t2w.nii.gz" in str(caught.value)
+
+
+def test_simpleitk_file_calls_never_overlap(tmp_path, monkeypatch):
+    """ITK's NIfTI reader fails rarely when threads read at once (SimpleITK #74): a case's four parallel
+    reads and a concurrent label write must reach SimpleITK one at a time."""
+    import threading
+    import time
+
+    import app.io as io
+
+    rng = np.random.default_rng(0)
+    for name in LAYOUT_FILES["2023"]:
+        _write(tmp_path / "c" / name.format(id="c"), rng.random((6, 7, 8)).astype(np.float32) + 1)
+    [case] = find_cases(tmp_path).cases
+    inside, most, guard = [0], [0], threading.Lock()
+
+    def tracked(call):
+        def wrapper(*args, **kwargs):
+            with guard:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            time.sleep(0.02)  # long enough for any unguarded overlap to show
+            try:
+                return call(*args, **kwargs)
+            finally:
+                with guard:
+                    inside[0] -= 1
+        return wrapper
+
+    monkeypatch.setattr(io.sitk, "ReadImage", tracked(sitk.ReadImage))
+    monkeypatch.setattr(io.sitk, "WriteImage", tracked(sitk.WriteImage))
+    labels = np.zeros((6, 7, 8), np.uint8)
+    writer = threading.Thread(target=lambda: [write_image_atomic(
+        label_image(labels, io.sitk_read(case.reference)), tmp_path / f"out{i}.nii.gz") for i in range(5)])
+    writer.start()
+    loaded = [load_case(case) for _ in range(3)]
+    writer.join()
+    assert most[0] == 1
+    assert all(np.array_equal(loaded[0].image, other.image) for other in loaded[1:])
+    assert len(list(tmp_path.glob("out*.nii.gz"))) == 5
