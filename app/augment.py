@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .conventions import EDEMA, ENHANCING, NECROSIS
 from .options import AugmentLevel, parse_option
 
 
@@ -48,19 +49,28 @@ class AugmentConfig:
     # Per patch: blur and thick slices hit all channels alike (one sigma, one axis), as when a whole
     # examination is acquired at low resolution; the per-channel draws above rarely pick all four at once.
     acquisition: float = 0.0
+    # Per channel: each tumour sub-region (NCR, edema, ET) brightened or darkened by its own factor, so that
+    # the network cannot lean on one edema-to-grey-matter ratio of our generator (scanners and sequences
+    # differ there); the factor map is smoothed over 3 voxels so that no edge marks the label boundary.
+    tumour_contrast: float = 0.0
+    tumour_contrast_range: tuple[float, float] = (0.85, 1.2)
 
     @classmethod
-    def for_level(cls, level: str | AugmentLevel, acquisition: float = 0.0) -> AugmentConfig | None:
+    def for_level(cls, level: str | AugmentLevel, acquisition: float = 0.0,
+                  tumour_contrast: float = 0.0) -> AugmentConfig | None:
         """The configuration of an augmentation level; ``acquisition`` sets the whole-examination
-        blur / thick-slice probability (0 for the levels as they were first shipped)."""
-        if not 0.0 <= acquisition <= 1.0:
-            raise ValueError(f"acquisition must be a probability in [0, 1], got {acquisition}")
+        blur / thick-slice probability and ``tumour_contrast`` the per-sub-region contrast probability
+        (both 0 for the levels as they were first shipped)."""
+        for name, value in (("acquisition", acquisition), ("tumour_contrast", tumour_contrast)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
         level = parse_option(AugmentLevel, level, "augment")
         if level is AugmentLevel.NONE:
             return None
+        extra = {"acquisition": acquisition, "tumour_contrast": tumour_contrast}
         if level is AugmentLevel.DEFAULT:
-            return replace(cls(), acquisition=acquisition)
-        return replace(cls(), acquisition=acquisition, affine=0.5, rotate_degrees=25.0, scale=(0.75, 1.3),
+            return replace(cls(), **extra)
+        return replace(cls(), **extra, affine=0.5, rotate_degrees=25.0, scale=(0.75, 1.3),
                        gamma=0.5, gamma_range=(0.5, 2.0), contrast=0.5, contrast_range=(0.6, 1.4), bias=0.5,
                        bias_strength=0.3, noise=0.4, noise_std=(0.0, 0.2), blur=0.3, blur_sigma=(0.5, 1.8),
                        thick_slices=0.3, thick_factor=(2, 6))
@@ -83,7 +93,7 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, offset: torch.Tensor, cfg: A
     x, y = _spatial(x, y, cfg, draw)
     background = x == 0
     raw = x + offset[:, :, None, None, None]
-    raw = _intensity(raw, cfg, draw)
+    raw = _intensity(raw, y, cfg, draw)
     x = (raw - offset[:, :, None, None, None]).masked_fill(background, 0.0)
     return x.contiguous(memory_format=torch.channels_last_3d), y
 
@@ -170,8 +180,10 @@ def _rotation_matrices(angles: torch.Tensor) -> torch.Tensor:
 # -------------------------------------------------------------------------------------------- intensity
 
 
-def _intensity(raw: torch.Tensor, cfg: AugmentConfig, draw: _Draw) -> torch.Tensor:
+def _intensity(raw: torch.Tensor, y: torch.Tensor, cfg: AugmentConfig, draw: _Draw) -> torch.Tensor:
     b, c = raw.shape[:2]
+    if cfg.tumour_contrast > 0:  # first: a property of the tissue, before the scanner's effects
+        raw = _where_channels(draw.chosen(cfg.tumour_contrast, True), raw * _tumour_factors(y, c, cfg, draw), raw)
     if cfg.bias > 0:
         raw = _where_channels(draw.chosen(cfg.bias, True), raw * _bias_field(raw.shape, cfg, draw), raw)
     if cfg.contrast > 0:
@@ -203,6 +215,17 @@ def _whole_examination(cfg: AugmentConfig, draw: _Draw) -> torch.Tensor:
     if cfg.acquisition <= 0:
         return torch.zeros(draw.batch, dtype=torch.bool, device=draw.device)
     return draw.chosen(cfg.acquisition)
+
+
+def _tumour_factors(y: torch.Tensor, channels: int, cfg: AugmentConfig, draw: _Draw) -> torch.Tensor:
+    """(B, C, D, H, W) multiplicative map: 1 outside the tumour, a log-uniform factor per patch, channel
+    and sub-region inside it, averaged over 3x3x3 voxels (partial volume at the boundary)."""
+    lo, hi = (math.log(v) for v in cfg.tumour_contrast_range)
+    log_factor = torch.zeros((y.shape[0], channels, *y.shape[1:]), device=y.device)
+    for region in (NECROSIS, EDEMA, ENHANCING):
+        inside = (y == region)[:, None].float()
+        log_factor = log_factor + inside * draw.uniform((y.shape[0], channels), lo, hi)[:, :, None, None, None]
+    return torch.exp(F.avg_pool3d(log_factor, 3, stride=1, padding=1, count_include_pad=False))
 
 
 def _where_channels(chosen: torch.Tensor, changed: torch.Tensor, original: torch.Tensor) -> torch.Tensor:

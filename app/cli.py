@@ -213,6 +213,10 @@ def _add_train_flags(tr: argparse.ArgumentParser) -> None:
     tr.add_argument("--augment-acquisition", type=bounded_float(0.0, 1.0), default=0.0,
                     help="probability per patch that blur and thick slices hit all four modalities alike, as when "
                          "a whole examination is acquired at low resolution (0: the per-modality draws only)")
+    tr.add_argument("--augment-tumour-contrast", type=bounded_float(0.0, 1.0), default=0.0,
+                    help="probability per patch and modality that NCR, edema and ET each get their own contrast "
+                         "factor (0.85-1.2, smoothed over 3 voxels), so that no one tumour-to-brain intensity "
+                         "ratio is learnt (0: off)")
     tr.add_argument("--rare-case-weight", type=bounded_float(0.0, 100.0, low_open=True), default=1.0,
                     help="draw cases of a rare tumour kind (no enhancing rim, solidly enhancing, or a small core) "
                          "this many times as often as others (1: uniform, as the paper)")
@@ -365,6 +369,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         validate_every=args.validate_every, val_cases=args.val_cases, seed=args.seed, device=args.device,
         init_from=str(args.init_from) if args.init_from else None, augment=args.augment,
         augment_acquisition=args.augment_acquisition,
+        augment_tumour_contrast=args.augment_tumour_contrast,
         rare_case_weight=args.rare_case_weight, task1_tumour_fraction=args.task1_tumour_fraction,
     )
     if args.phantoms is not None:

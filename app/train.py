@@ -69,6 +69,7 @@ class TrainConfig:
     init_from: str | None = None  # safetensors model weights to start from (fine-tuning, warm starts)
     augment: str = AugmentLevel.DEFAULT.value  # app.options.AugmentLevel (app/augment.py)
     augment_acquisition: float = 0.0  # per patch: blur / thick slices on all channels alike (AugmentConfig)
+    augment_tumour_contrast: float = 0.0  # per channel: each tumour sub-region's own contrast (AugmentConfig)
     # Our additions (the paper draws cases uniformly and task-1 centres uniformly over the brain; 1.0 and
     # 0.0 keep that): how much more often a case of a rare tumour kind is drawn (`case_probabilities`),
     # and the fraction of task-1 patches centred near the tumour instead of anywhere in the brain.
@@ -513,7 +514,7 @@ def _train_loop(cfg: TrainConfig, model: nn.Module, optimizer, data: Sequence[Tr
     # bf16 autocast only where bf16 is native on a GPU (emulated bf16 on pre-Ampere GPUs is slower than
     # fp32); CPU training stays fp32: bf16 steps were 1.34x faster there, but their convergence is untested.
     use_amp = device.type == "cuda" and native_bf16(device)
-    augment = AugmentConfig.for_level(cfg.augment, cfg.augment_acquisition)
+    augment = AugmentConfig.for_level(cfg.augment, cfg.augment_acquisition, cfg.augment_tumour_contrast)
     probabilities = case_probabilities(data, cfg.rare_case_weight)
     if probabilities is not None:
         log.info("fold %d: %d of %d training cases of a rare tumour kind, drawn %gx as often", fold,
@@ -696,6 +697,7 @@ def write_ensemble_manifest(out_dir: Path, cfg: TrainConfig, data: dict[str, Any
             folds.append({"fold": result["fold"], "file": file, "best_step": result["best_step"],
                           "steps": result["steps"], "augment": own.get("augment", cfg.augment),
                           "augment_acquisition": own.get("augment_acquisition", 0.0),
+                          "augment_tumour_contrast": own.get("augment_tumour_contrast", 0.0),
                           "validation_dice": result["best_dice"], "validation_cases": result["val_cases"]})
     extra = {"training": {"config": _jsonable(asdict(cfg)), "data": data}}
     return write_manifest(out_dir, cfg.variant, cfg.width, folds, extra)

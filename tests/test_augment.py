@@ -57,7 +57,7 @@ def test_intensity_transforms_keep_the_background_zero_and_change_the_brain():
 
 def test_each_transform_alone_runs_and_is_reproducible():
     x, y, offset = _batch(4)
-    for name in ("flip", "affine", "gamma", "contrast", "bias", "noise", "blur", "thick_slices"):
+    for name in ("flip", "affine", "gamma", "contrast", "bias", "noise", "blur", "thick_slices", "tumour_contrast"):
         cfg = replace(OFF, **{name: 1.0})
         runs = [augment_batch(x, y, offset, cfg, torch.Generator().manual_seed(5), np.random.default_rng(5))
                 for _ in range(2)]
@@ -93,3 +93,26 @@ def test_whole_examination_probability_is_validated():
     assert AugmentConfig.for_level("default").acquisition == 0.0
     with pytest.raises(ValueError, match="acquisition must be a probability"):
         AugmentConfig.for_level("default", acquisition=1.5)
+    assert AugmentConfig.for_level("default", tumour_contrast=0.3).tumour_contrast == 0.3
+    with pytest.raises(ValueError, match="tumour_contrast must be a probability"):
+        AugmentConfig.for_level("default", tumour_contrast=-0.1)
+
+
+def test_tumour_contrast_changes_each_sub_region_on_its_own_and_leaves_the_brain():
+    y = torch.full((4, 16, 16, 16), 4)  # normal brain
+    y[:, 4:8, 4:12, 4:12], y[:, 9:13, 4:12, 4:12] = 2, 3  # an edema slab and an ET slab
+    x = torch.ones((4, 4, 16, 16, 16))
+    offset = torch.zeros((4, 4))
+    cfg = replace(OFF, tumour_contrast=1.0)
+    xa, ya = augment_batch(x, y, offset, cfg, torch.Generator().manual_seed(3), np.random.default_rng(3))
+    assert torch.equal(ya, y)
+    torch.testing.assert_close(xa[:, :, :, 14:], x[:, :, :, 14:])  # brain two voxels from the tumour
+    edema, enhancing = xa[:, :, 5:7, 6:10, 6:10], xa[:, :, 10:12, 6:10, 6:10]
+    for region in (edema, enhancing):  # one factor per patch and channel, inside the drawn range
+        flat = region.flatten(2)
+        torch.testing.assert_close(flat, flat[:, :, :1].expand_as(flat))
+        assert flat.min() >= 0.85 - 1e-5 and flat.max() <= 1.2 + 1e-5
+    assert not torch.allclose(edema[:, :, 0, 0, 0], enhancing[:, :, 0, 0, 0])
+    boundary = xa[:, :, 3, 6:10, 6:10]  # half a voxel of partial volume: between brain and edema
+    inner = edema[:, :, 0, :1, :1]
+    assert torch.all((boundary - 1).abs() < (inner - 1).abs()) and torch.all((boundary - 1) * (inner - 1) > 0)
