@@ -230,7 +230,8 @@ def _add_train_flags(tr: argparse.ArgumentParser) -> None:
     tr.add_argument("--time-limit", type=float, default=None,
                     help="seconds per fold after which training stops at the next step (validated and saved)")
     tr.add_argument("--init-from", type=Path, default=None,
-                    help="start from these model weights (safetensors, same variant and width), e.g. to fine-tune")
+                    help="start from these model weights (same variant and width), e.g. to fine-tune: a safetensors "
+                         "file, or a weights folder whose fold K each trained fold K starts from")
     tr.add_argument("--manifest-only", action="store_true",
                     help="only rewrite manifest.json from the folds already finished in --out "
                          "(after separate fold jobs)")
@@ -359,6 +360,7 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from .phantoms import GENERATOR_VERSION
     from .train import TrainConfig, folder_cases, phantom_cases, prepare_all, train_ensemble, write_ensemble_manifest
+    from .weights import WeightsError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     _set_threads(args.threads)
@@ -391,9 +393,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         manifest = write_ensemble_manifest(args.out, cfg, data)
         print(f"weights folder {args.out}: {len(manifest['folds'])} fold(s)", file=sys.stderr)
         return EXIT_OK
-    manifest = train_ensemble(cfg, cases, args.out, args.fold, data, progress=not args.quiet,
-                              cache_dir=args.cache, time_limit=args.time_limit,
-                              prepare_workers=args.prepare_workers)
+    try:
+        manifest = train_ensemble(cfg, cases, args.out, args.fold, data, progress=not args.quiet,
+                                  cache_dir=args.cache, time_limit=args.time_limit,
+                                  prepare_workers=args.prepare_workers)
+    except (WeightsError, FileNotFoundError) as err:  # --init-from names no usable weights
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     print(f"weights folder {args.out}: {len(manifest['folds'])} fold(s)", file=sys.stderr)
     return EXIT_OK
 

@@ -35,7 +35,7 @@ from .model import CORE_CLASSES, TUMOUR_CLASSES, build_model
 from .options import AugmentLevel, Device, Variant
 from .preprocess import TRAINING_CROP_MARGIN, crop_to_brain
 from .tiling import FAST_TILE
-from .weights import save_state, write_json_atomic, write_manifest
+from .weights import read_manifest, save_state, select_folds, write_json_atomic, write_manifest
 
 log = logging.getLogger("omnet.train")
 
@@ -66,7 +66,9 @@ class TrainConfig:
     seed: int = 0
     device: str = Device.AUTO.value
     max_tile: tuple[int, int, int] = FAST_TILE  # validation uses predict's default fast tiling
-    init_from: str | None = None  # safetensors model weights to start from (fine-tuning, warm starts)
+    # Model weights to start from (fine-tuning, warm starts): a safetensors file, or a weights folder whose
+    # fold K each fold K starts from (`initial_weights`).
+    init_from: str | None = None
     augment: str = AugmentLevel.DEFAULT.value  # app.options.AugmentLevel (app/augment.py)
     augment_acquisition: float = 0.0  # per patch: blur / thick slices on all channels alike (AugmentConfig)
     augment_tumour_contrast: float = 0.0  # per channel: each tumour sub-region's own contrast (AugmentConfig)
@@ -418,6 +420,19 @@ def validation_dice(model: nn.Module, cases: Sequence[ValidationCase], cfg: Trai
     return {k: float(np.mean([s[k] for s in scores])) for k in ("WT", "TC", "ET")}
 
 
+def initial_weights(init_from: str, fold: int) -> str:
+    """The file fold ``fold`` starts from: ``init_from`` itself, or, when it is a weights folder, that
+    folder's fold ``fold`` (checked against its manifest), so that one process can fine-tune every fold of
+    an ensemble. Raises `WeightsError` naming the folder when it lacks the fold."""
+    path = Path(init_from)
+    if not path.is_dir():
+        if not path.is_file():
+            raise FileNotFoundError(f"--init-from {init_from}: no such file or weights folder")
+        return init_from
+    [entry] = select_folds(read_manifest(path), [fold])
+    return str(entry.path)
+
+
 def train_fold(cfg: TrainConfig, train_cases: Sequence[CaseFiles | CaseHandle],
                val_cases: Sequence[CaseFiles | CaseHandle], fold_dir: Path, fold: int, progress: bool = True,
                cache_dir: Path | None = None, time_limit: float | None = None,
@@ -439,8 +454,9 @@ def train_fold(cfg: TrainConfig, train_cases: Sequence[CaseFiles | CaseHandle],
     rng = np.random.default_rng([cfg.seed, fold])
     state = _FoldState(fold_dir)
     if cfg.init_from and not state.meta_path.is_file():
-        model.load_state_dict(load_file(cfg.init_from, device=str(device)), strict=True)
-        log.info("fold %d: initialised from %s", fold, cfg.init_from)
+        start = initial_weights(cfg.init_from, fold)
+        model.load_state_dict(load_file(start, device=str(device)), strict=True)
+        log.info("fold %d: initialised from %s", fold, start)
     state.resume(model, optimizer, rng, device)
     if state.meta["step"] >= cfg.total_steps:
         return state.result(fold, val_cases)
@@ -646,18 +662,21 @@ def train_ensemble(cfg: TrainConfig, cases: Path | Sequence[CaseHandle], out_dir
         cases = folder_cases(Path(cases))
     by_id = {c.case_id: c for c in cases}
     splits = split_folds(list(by_id), cfg.folds, cfg.seed)
+    if only_fold is None:
+        fold_numbers: Sequence[int] = range(cfg.folds)
+    else:
+        fold_numbers = [only_fold] if isinstance(only_fold, int) else list(only_fold)
+    for fold in fold_numbers:  # checked before any preparation: a bad fold stops the run at once, not hours in
+        if not 0 <= fold < cfg.folds:
+            raise ValueError(f"fold {fold} outside 0..{cfg.folds - 1}")
+        if cfg.init_from:
+            initial_weights(cfg.init_from, fold)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cache_dir is not None and prepare_workers > 1:
         prepare_all(list(by_id.values()), cache_dir, prepare_workers)
     prepared: dict[str, TrainingCase] = {}  # cases stay on the device from one fold to the next
-    if only_fold is None:
-        fold_numbers: Sequence[int] = range(cfg.folds)
-    else:
-        fold_numbers = [only_fold] if isinstance(only_fold, int) else list(only_fold)
     for fold in fold_numbers:
-        if not 0 <= fold < cfg.folds:
-            raise ValueError(f"fold {fold} outside 0..{cfg.folds - 1}")
         held_out = splits[fold]
         val_ids = held_out[: cfg.val_cases] if cfg.val_cases else held_out
         train_ids = [i for k, s in enumerate(splits) if k != fold for i in s]

@@ -8,6 +8,9 @@
 #   4. weights returned as two tarballs (each under the 16 MB a session can return); logs; a short CUDA
 #      benchmark of the new ensemble and of width 32 if time is left
 # Settings come from the environment; DEVICE=cpu N_TRAIN=6 SIZE=96,96,64 FOLDS=2 FOLD_SECONDS=10 dry-runs it.
+# To fine-tune an ensemble instead of training from scratch: INIT_FROM=weights (each fold K starts from its
+# fold K) with STAGES=0,0,100000 and any further train flags in TRAIN_EXTRA, e.g. the CPU rounds' recipe
+# TRAIN_EXTRA="--rare-case-weight 2 --task1-tumour-fraction 0.3" LR=2e-3 SEED=404 (a series never trained on).
 # Even folds train with --augment default, odd folds with strong (a measured comparison inside one ensemble).
 set -u
 OUT="${OUT:-/tmp/gpu_out}"; mkdir -p "$OUT"
@@ -19,6 +22,7 @@ BATCH="${BATCH:-20}"; VALIDATE="${VALIDATE:-400}"; HALVE="${HALVE:-1200}"; LR="$
 AUGMENT_EVEN="${AUGMENT_EVEN:-default}"; AUGMENT_ODD="${AUGMENT_ODD:-strong}"; WORKERS="${WORKERS:-16}"; VAL_CASES="${VAL_CASES:-4}"
 BENCH="${BENCH:-shipped-fast-all,shipped-paper-all,w32-fast-all}"; BENCH_SECONDS="${BENCH_SECONDS:-100}"
 WORK="${WORK:-/tmp/omnet_work}"; mkdir -p "$WORK"
+INIT_FROM="${INIT_FROM:-}"; read -r -a extra <<< "${TRAIN_EXTRA:-}"
 # Carried packages: .whl/*.whl installed as they are, .whl/*.tar.xz = wheels unpacked and recompressed
 # (SimpleITK's 52 MB wheel is 28 MB so), extracted straight into the target folder.
 if ls .whl/*.whl .whl/*.tar.xz >/dev/null 2>&1; then
@@ -36,7 +40,8 @@ train_args=(--phantoms "$N_TRAIN" --phantom-seed "$SEED" --phantom-size "$SIZE" 
             --folds "$FOLDS" --stage-steps "$STAGES" --batch "$BATCH" --lr "$LR" --momentum 0.9
             --validate-every "$VALIDATE" --lr-halve-every "$HALVE" --val-cases "$VAL_CASES"
             --device "$DEVICE" --cache "$WORK/cache" --threads 4 --quiet
-            --data-note "phantoms generated in memory: app.phantoms generator 2, seed $SEED, $N_TRAIN cases, size $SIZE")
+            --data-note "phantoms generated in memory: app.phantoms generator 2, seed $SEED, $N_TRAIN cases, size $SIZE"
+            ${INIT_FROM:+--init-from "$INIT_FROM"} "${extra[@]}")
 log "preparing $N_TRAIN phantoms (seed $SEED, size $SIZE) with $WORKERS workers"
 python3 -m app train "${train_args[@]}" --prepare-workers "$WORKERS" --prepare-only 2>&1 | tail -n 2
 # The folds share what is left of the deadline (about 5 s per fold go to loading and the last validation).

@@ -260,3 +260,26 @@ def test_train_cli_on_generated_phantoms_prepares_then_trains(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["training"]["data"]["phantoms"]["n"] == 4
     assert [(f["fold"], f["augment"]) for f in manifest["folds"]] == [(0, "strong"), (1, "strong")]
+
+
+def test_init_from_a_weights_folder_starts_every_fold_from_its_own_fold(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    args = ["train", "--phantoms", "4", "--phantom-seed", "45", "--phantom-size", "64,64,48", "--width", "4",
+            "--folds", "2", "--stage-steps", "1,1,1", "--batch", "2", "--validate-every", "3", "--quiet",
+            "--device", "cpu", "--cache", str(tmp_path / "cache"), "--fold", "0,1"]
+    assert python_cli(*args, "--out", str(first)).returncode == 0
+    # lr 0: the networks' weights stay where they started, so each fold must equal its starting fold.
+    resumed = python_cli(*args, "--out", str(second), "--init-from", str(first), "--lr", "0")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "initialised from" in resumed.stderr and str(first / "fold_1.safetensors") in resumed.stderr
+    convs = [k for k, v in load_file(str(first / "fold_0.safetensors")).items() if v.ndim == 5]
+    start = [load_file(str(first / f"fold_{k}.safetensors")) for k in (0, 1)]
+    trained = [load_file(str(second / f"fold_{k}.safetensors")) for k in (0, 1)]
+    for k in (0, 1):
+        assert all(torch.equal(trained[k][name], start[k][name]) for name in convs)
+    assert not all(torch.equal(start[0][name], start[1][name]) for name in convs)
+    # A folder without the fold asked for stops the run before anything is prepared or trained.
+    (first / "fold_1.safetensors").unlink()
+    broken = python_cli(*args, "--out", str(tmp_path / "third"), "--init-from", str(first))
+    assert broken.returncode == 2 and "fold_1.safetensors" in broken.stderr.splitlines()[-1]
+    assert not (tmp_path / "third").exists()
