@@ -75,3 +75,34 @@ def test_confidence_calibration_finds_the_threshold_that_separates_poor_cases(tm
     best = max(threshold_rows(confidence, dice, poor=0.7), key=lambda r: (r["youden"], -r["flagged"]))
     assert best["flagged"] == 3 and best["sensitivity"] == 1.0 and best["specificity"] == 1.0
     assert 0.6 < best["threshold"] <= 0.8
+
+
+def test_ensemble_analysis_scores_steps_folds_and_candidates_and_resumes(tmp_path):
+    """benchmarks/ensemble_analysis.py as a user runs it: the shipped ensemble and one candidate folder on a
+    small phantom case, then again (the case is skipped), then the summary alone."""
+    import json
+    import subprocess
+
+    from app.phantoms import generate
+
+    from .helpers import ROOT, random_weights
+
+    generate(tmp_path / "cases", 1, seed=61, size=(96, 112, 64))
+    candidate = random_weights(tmp_path / "random", width=4, folds=2)
+    jsonl = tmp_path / "analysis.jsonl"
+    command = [sys.executable, str(ROOT / "benchmarks" / "ensemble_analysis.py"), "--input", str(tmp_path / "cases"),
+               "--jsonl", str(jsonl), "--candidate", f"random={candidate}", "--threads", "2"]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    [row] = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    ensemble = row["ensemble"]
+    assert ensemble["default post-processing"][0] > 0.5, ensemble  # the shipped ensemble finds the tumour
+    assert {"without step 1", "without step 4", "random ensemble, no post-processing"} <= set(ensemble)
+    assert len(row["single"]) == 12 and set(row["swap"]) == {"random:0", "random:1"}
+    assert all(0.0 <= d <= 1.0 for v in row["single"].values() for d in v)
+    assert "| fold | shipped | random |" in first.stdout
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and len(jsonl.read_text().splitlines()) == 1 and again.stderr == ""
+    alone = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ensemble_analysis.py"), "--summary", str(jsonl)],
+                           capture_output=True, text=True, timeout=60)
+    assert alone.returncode == 0 and "1 case(s)" in alone.stdout
