@@ -35,7 +35,7 @@ from .model import CORE_CLASSES, TUMOUR_CLASSES, build_model
 from .options import AugmentLevel, Device, Variant
 from .preprocess import TRAINING_CROP_MARGIN, crop_to_brain
 from .tiling import FAST_TILE
-from .weights import read_manifest, save_state, select_folds, write_json_atomic, write_manifest
+from .weights import WeightsError, read_manifest, save_state, select_folds, write_json_atomic, write_manifest
 
 log = logging.getLogger("omnet.train")
 
@@ -423,11 +423,11 @@ def validation_dice(model: nn.Module, cases: Sequence[ValidationCase], cfg: Trai
 def initial_weights(init_from: str, fold: int) -> str:
     """The file fold ``fold`` starts from: ``init_from`` itself, or, when it is a weights folder, that
     folder's fold ``fold`` (checked against its manifest), so that one process can fine-tune every fold of
-    an ensemble. Raises `WeightsError` naming the folder when it lacks the fold."""
+    an ensemble. Raises `WeightsError` when ``init_from`` is neither, or the folder lacks the fold."""
     path = Path(init_from)
     if not path.is_dir():
         if not path.is_file():
-            raise FileNotFoundError(f"--init-from {init_from}: no such file or weights folder")
+            raise WeightsError(f"--init-from {init_from}: no such file or weights folder")
         return init_from
     [entry] = select_folds(read_manifest(path), [fold])
     return str(entry.path)

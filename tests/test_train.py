@@ -283,3 +283,5 @@ def test_init_from_a_weights_folder_starts_every_fold_from_its_own_fold(tmp_path
     broken = python_cli(*args, "--out", str(tmp_path / "third"), "--init-from", str(first))
     assert broken.returncode == 2 and "fold_1.safetensors" in broken.stderr.splitlines()[-1]
     assert not (tmp_path / "third").exists()
+    nowhere = python_cli(*args, "--out", str(tmp_path / "third"), "--init-from", str(tmp_path / "nowhere"))
+    assert nowhere.returncode == 2 and "no such file or weights folder" in nowhere.stderr.splitlines()[-1]
