@@ -69,9 +69,13 @@ def average(parts: list[TaskProbabilities]) -> TaskProbabilities:
                                for name in ("tumour", "classes", "enhancing")))
 
 
-def scores(p: TaskProbabilities, truth: np.ndarray, brain: np.ndarray, t1c: np.ndarray,
+def fused(p: TaskProbabilities, brain: np.ndarray) -> np.ndarray:
+    return (fuse(p) * brain).astype(np.uint8)
+
+
+def scores(labels: np.ndarray, truth: np.ndarray, t1c: np.ndarray,
            post: PostprocessConfig | None = None) -> list[float]:
-    labels = (fuse(p) * brain).astype(np.uint8)
+    """Dice WT, TC, ET of fused ``labels``, post-processed by ``post`` first when given."""
     if post is not None:
         labels = postprocess(labels, t1c, post)
     dice = region_dice(labels, truth)
@@ -92,23 +96,24 @@ def analyse_case(case, folders: dict[str, list[torch.nn.Module]], predictor: Ens
     probabilities = {(name, k): fold_probabilities(predictor, model, k, crop.image, region)
                      for name, models in folders.items() for k, model in enumerate(models)}
     shipped = [probabilities[(SHIPPED, k)] for k in range(len(folders[SHIPPED]))]
-    ensemble = average(shipped)
+    ensemble = fused(average(shipped), crop.mask)  # fused once, post-processed every way below
     row: dict = {"case": case.case_id, "ensemble": {}, "single": {}, "swap": {}}
-    row["ensemble"]["no post-processing"] = scores(ensemble, truth, crop.mask, t1c)
-    row["ensemble"]["default post-processing"] = scores(ensemble, truth, crop.mask, t1c, PostprocessConfig())
+    row["ensemble"]["no post-processing"] = scores(ensemble, truth, t1c)
+    row["ensemble"]["default post-processing"] = scores(ensemble, truth, t1c, PostprocessConfig())
     for label, config in STEPS_OFF.items():
-        row["ensemble"][label] = scores(ensemble, truth, crop.mask, t1c, config)
+        row["ensemble"][label] = scores(ensemble, truth, t1c, config)
     for (name, k), p in probabilities.items():
-        row["single"][f"{name}:{k}"] = scores(p, truth, crop.mask, t1c)
+        row["single"][f"{name}:{k}"] = scores(fused(p, crop.mask), truth, t1c)
         if name != SHIPPED and k < len(shipped):
-            row["swap"][f"{name}:{k}"] = scores(average(shipped[:k] + [p] + shipped[k + 1:]), truth, crop.mask, t1c)
+            swapped = average(shipped[:k] + [p] + shipped[k + 1:])
+            row["swap"][f"{name}:{k}"] = scores(fused(swapped, crop.mask), truth, t1c)
     for name, models in folders.items():
         if name != SHIPPED:
             mine = average([probabilities[(name, k)] for k in range(len(models))])
-            row["ensemble"][f"{name} ensemble, no post-processing"] = scores(mine, truth, crop.mask, t1c)
+            row["ensemble"][f"{name} ensemble, no post-processing"] = scores(fused(mine, crop.mask), truth, t1c)
     if len(folders) > 1:
-        everything = average(list(probabilities.values()))
-        row["ensemble"]["every network, default post-processing"] = scores(everything, truth, crop.mask, t1c,
+        everything = fused(average(list(probabilities.values())), crop.mask)
+        row["ensemble"]["every network, default post-processing"] = scores(everything, truth, t1c,
                                                                           PostprocessConfig())
     return row
 
