@@ -204,6 +204,10 @@ def _add_train_flags(tr: argparse.ArgumentParser) -> None:
     tr.add_argument("--val-cases", type=int, default=0, help="held-out cases used for validation (0 = all)")
     tr.add_argument("--seed", type=int, default=0, help="seed of the fold split and of sampling")
     tr.add_argument("--device", default=Device.AUTO.value, choices=choices(Device), help="training device")
+    tr.add_argument("--precision", default=Precision.AUTO.value, choices=choices(Precision),
+                    help="training arithmetic: bf16 autocast (loss and weights stay fp32) or fp32; auto = bf16 only "
+                         "on a GPU that computes it natively, so a CPU trains in fp32 unless bf16 is asked for "
+                         "(~1.3x faster steps on an AVX512-BF16 CPU)")
     tr.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: the CPU quota)")
     tr.add_argument("--cache", type=Path, default=None,
                     help="folder for prepared training arrays (.npy, memory-mapped; shared by concurrent fold jobs)")
@@ -369,7 +373,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         curriculum=not args.no_curriculum, transfer=not args.no_transfer, batch=args.batch, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, lr_halve_every=args.lr_halve_every,
         validate_every=args.validate_every, val_cases=args.val_cases, seed=args.seed, device=args.device,
-        init_from=str(args.init_from) if args.init_from else None, augment=args.augment,
+        init_from=str(args.init_from) if args.init_from else None, augment=args.augment, precision=args.precision,
         augment_acquisition=args.augment_acquisition,
         augment_tumour_contrast=args.augment_tumour_contrast,
         rare_case_weight=args.rare_case_weight, task1_tumour_fraction=args.task1_tumour_fraction,

@@ -27,6 +27,7 @@ from app.train import (
     split_folds,
     train_fold,
     train_step,
+    training_autocast,
     transfer_masks,
     validation_dice,
 )
@@ -194,11 +195,12 @@ def test_train_cli_writes_a_weights_folder_predict_can_load(cases, tmp_path):
     out = tmp_path / "weights"
     args = ["train", "--data", str(data), "--out", str(out), "--width", "4", "--folds", "2", "--stage-steps", "2,2,2",
             "--batch", "2", "--validate-every", "3", "--quiet", "--device", "cpu", "--variant", "omnet"]
-    for fold in ("0", "1"):  # as two separate cluster jobs
-        result = python_cli(*args, "--fold", fold)
+    for fold, precision in (("0", "fp32"), ("1", "bf16")):  # as two separate cluster jobs
+        result = python_cli(*args, "--fold", fold, "--precision", precision)
         assert result.returncode == 0, result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert [f["fold"] for f in manifest["folds"]] == [0, 1]
+    assert [f["precision"] for f in manifest["folds"]] == ["fp32", "bf16"]
     assert manifest["training"]["config"]["variant"] == "omnet"
     loaded, models = load_ensemble(out)
     assert loaded.variant == "omnet" and len(models) == 2
@@ -236,6 +238,31 @@ def test_augmentation_is_part_of_the_step(cases):
                          torch.device("cpu"), False, augment, torch.Generator().manual_seed(0))
         losses[level] = float(out["loss_task1"])
     assert losses["none"] != losses["strong"]
+
+
+def test_bf16_precision_changes_the_training_arithmetic_and_auto_keeps_a_cpu_in_fp32(cases):
+    cpu = torch.device("cpu")
+    assert not training_autocast("auto", cpu) and not training_autocast("fp32", cpu)
+    assert training_autocast("bf16", cpu)
+    with pytest.raises(ValueError, match="precision"):
+        training_autocast("fp16", cpu)
+    torch.set_num_threads(1)
+    data = [prepare_case(c) for c in cases[:2]]
+    cfg = replace(TINY, stage_steps=(0, 0, 3))
+    weights = {}
+    for name, amp in (("fp32", False), ("fp32 again", False), ("bf16", True)):
+        torch.manual_seed(0)
+        model = build_model(cfg.variant, cfg.width).to(memory_format=torch.channels_last_3d)
+        optimizer = make_optimizer(model, cfg)
+        rng = np.random.default_rng(0)
+        for step in range(3):
+            losses = train_step(model, optimizer, data, cfg, step, rng, cpu, amp)
+        assert all(torch.isfinite(v) for v in losses.values())
+        weights[name] = torch.cat([p.detach().flatten() for p in model.parameters()])
+        assert weights[name].dtype == torch.float32  # autocast leaves the weights in fp32
+    torch.testing.assert_close(weights["fp32"], weights["fp32 again"])
+    difference = (weights["bf16"] - weights["fp32"]).abs().max()
+    assert 0 < difference < 0.1 * weights["fp32"].abs().max()
 
 
 def test_masked_loss_equals_the_loss_of_the_chosen_patches():
