@@ -205,9 +205,8 @@ def _add_train_flags(tr: argparse.ArgumentParser) -> None:
     tr.add_argument("--seed", type=int, default=0, help="seed of the fold split and of sampling")
     tr.add_argument("--device", default=Device.AUTO.value, choices=choices(Device), help="training device")
     tr.add_argument("--precision", default=Precision.AUTO.value, choices=choices(Precision),
-                    help="training arithmetic: bf16 autocast (loss and weights stay fp32) or fp32; auto = bf16 only "
-                         "on a GPU that computes it natively, so a CPU trains in fp32 unless bf16 is asked for "
-                         "(~1.3x faster steps on an AVX512-BF16 CPU)")
+                    help="training arithmetic: bf16 autocast (loss and weights stay fp32) or fp32; auto = bf16 on a "
+                         "GPU that computes it natively, else fp32; bf16 is refused on a CPU (NaN gradients)")
     tr.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: the CPU quota)")
     tr.add_argument("--cache", type=Path, default=None,
                     help="folder for prepared training arrays (.npy, memory-mapped; shared by concurrent fold jobs)")
@@ -363,7 +362,15 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .phantoms import GENERATOR_VERSION
-    from .train import TrainConfig, folder_cases, phantom_cases, prepare_all, train_ensemble, write_ensemble_manifest
+    from .train import (
+        TrainConfig,
+        TrainingSetupError,
+        folder_cases,
+        phantom_cases,
+        prepare_all,
+        train_ensemble,
+        write_ensemble_manifest,
+    )
     from .weights import WeightsError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -401,7 +408,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         manifest = train_ensemble(cfg, cases, args.out, args.fold, data, progress=not args.quiet,
                                   cache_dir=args.cache, time_limit=args.time_limit,
                                   prepare_workers=args.prepare_workers)
-    except WeightsError as err:  # --init-from names no usable weights
+    except (WeightsError, TrainingSetupError) as err:  # --init-from, --fold or --precision cannot be used
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
     print(f"weights folder {args.out}: {len(manifest['folds'])} fold(s)", file=sys.stderr)

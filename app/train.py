@@ -39,6 +39,11 @@ from .weights import WeightsError, read_manifest, save_state, select_folds, writ
 
 log = logging.getLogger("omnet.train")
 
+
+class TrainingSetupError(ValueError):
+    """A training request that cannot run (a fold outside the ensemble, an arithmetic the device cannot
+    train in); raised before any case is prepared."""
+
 PATCH = (16, 32, 32)
 # Task-2 centres lie in the ground-truth whole tumour dilated by this many voxels.
 TASK2_DILATION = 5
@@ -573,15 +578,18 @@ def _train_loop(cfg: TrainConfig, model: nn.Module, optimizer, data: Sequence[Tr
 
 
 def training_autocast(precision: str, device: torch.device) -> bool:
-    """Whether training steps run under bf16 autocast. ``auto`` means only on a GPU with native bf16
-    (emulated bf16 on pre-Ampere GPUs is slower than fp32); a CPU trains in fp32 unless ``bf16`` is asked
-    for (on an AVX512-BF16/AMX CPU a step is ~1.3x faster: README, Training on a CPU). The loss and the
-    optimizer stay fp32 either way."""
+    """Whether training steps run under bf16 autocast (the loss and the weights stay fp32). ``auto``
+    means only on a GPU with native bf16 (emulated bf16 on pre-Ampere GPUs is slower than fp32).
+
+    Raises `TrainingSetupError` for bf16 on a CPU: oneDNN's bf16 convolution backward returned NaN weight
+    gradients (deepest encoder stage) within 35-90 steps from scratch in three runs here (torch 2.13,
+    AVX512-BF16), where fp32 trains; a ~1.3x faster step is not worth a run that silently dies."""
     chosen = parse_option(Precision, precision, "precision")
     if chosen is Precision.AUTO:
         return device.type == "cuda" and native_bf16(device)
-    if chosen is Precision.BF16 and not native_bf16(device):
-        log.warning("--precision bf16: %s computes bf16 by emulation, slower than fp32", device.type)
+    if chosen is Precision.BF16 and device.type == "cpu":
+        raise TrainingSetupError("--precision bf16 is refused on a CPU (oneDNN's bf16 convolution backward returned "
+                                 "NaN gradients within 100 steps); train with fp32 or on a GPU")
     return chosen is Precision.BF16
 
 
@@ -678,9 +686,10 @@ def train_ensemble(cfg: TrainConfig, cases: Path | Sequence[CaseHandle], out_dir
         fold_numbers: Sequence[int] = range(cfg.folds)
     else:
         fold_numbers = [only_fold] if isinstance(only_fold, int) else list(only_fold)
+    training_autocast(cfg.precision, resolve_device(cfg.device))
     for fold in fold_numbers:  # checked before any preparation: a bad fold stops the run at once, not hours in
         if not 0 <= fold < cfg.folds:
-            raise ValueError(f"fold {fold} outside 0..{cfg.folds - 1}")
+            raise TrainingSetupError(f"--fold {fold} outside 0..{cfg.folds - 1}")
         if cfg.init_from:
             initial_weights(cfg.init_from, fold)
     out_dir = Path(out_dir)

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from app.augment import AugmentConfig, augment_batch  # noqa: E402
-from app.inference import native_bf16, resolve_device  # noqa: E402
+from app.inference import resolve_device  # noqa: E402
 from app.model import build_model  # noqa: E402
 from app.train import (  # noqa: E402
     TrainConfig,
@@ -32,6 +32,7 @@ from app.train import (  # noqa: E402
     prepare_case,
     to_device,
     train_step,
+    training_autocast,
 )
 
 
@@ -48,7 +49,7 @@ def time_steps(width: int, augment: str, batch: int, steps: int, data, device: t
     rng = np.random.default_rng(0)
     level = AugmentConfig.for_level(augment)
     generator = torch.Generator(device=device).manual_seed(0)
-    use_amp = device.type == "cuda" and native_bf16(device)
+    use_amp = training_autocast("auto", device)
     for step in range(steps + 3):
         if step == 3:
             _sync(device)
