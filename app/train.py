@@ -582,7 +582,7 @@ def training_autocast(precision: str, device: torch.device) -> bool:
     means only on a GPU with native bf16 (emulated bf16 on pre-Ampere GPUs is slower than fp32).
 
     Raises `TrainingSetupError` for bf16 on a CPU: oneDNN's bf16 convolution backward returned NaN weight
-    gradients (deepest encoder stage) within 35-90 steps from scratch in three runs here (torch 2.13,
+    gradients (deepest encoder stage) within 35-150 steps from scratch in four runs here (torch 2.13,
     AVX512-BF16), where fp32 trains; a ~1.3x faster step is not worth a run that silently dies."""
     chosen = parse_option(Precision, precision, "precision")
     if chosen is Precision.AUTO:
