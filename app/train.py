@@ -44,6 +44,7 @@ class TrainingSetupError(ValueError):
     """A training request that cannot run (a fold outside the ensemble, an arithmetic the device cannot
     train in); raised before any case is prepared."""
 
+
 PATCH = (16, 32, 32)
 # Task-2 centres lie in the ground-truth whole tumour dilated by this many voxels.
 TASK2_DILATION = 5
@@ -589,7 +590,7 @@ def training_autocast(precision: str, device: torch.device) -> bool:
         return device.type == "cuda" and native_bf16(device)
     if chosen is Precision.BF16 and device.type == "cpu":
         raise TrainingSetupError("--precision bf16 is refused on a CPU (oneDNN's bf16 convolution backward returned "
-                                 "NaN gradients within 100 steps); train with fp32 or on a GPU")
+                                 "NaN gradients within 150 steps); train with fp32 or on a GPU")
     return chosen is Precision.BF16
 
 
