@@ -687,7 +687,11 @@ def train_ensemble(cfg: TrainConfig, cases: Path | Sequence[CaseHandle], out_dir
         fold_numbers: Sequence[int] = range(cfg.folds)
     else:
         fold_numbers = [only_fold] if isinstance(only_fold, int) else list(only_fold)
-    training_autocast(cfg.precision, resolve_device(cfg.device))
+    try:
+        device = resolve_device(cfg.device)
+    except ValueError as err:  # --device cuda on a machine without CUDA: a setup error, not a crash
+        raise TrainingSetupError(f"--device {cfg.device}: {err}") from err
+    training_autocast(cfg.precision, device)
     for fold in fold_numbers:  # checked before any preparation: a bad fold stops the run at once, not hours in
         if not 0 <= fold < cfg.folds:
             raise TrainingSetupError(f"--fold {fold} outside 0..{cfg.folds - 1}")

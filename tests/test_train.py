@@ -241,7 +241,7 @@ def test_augmentation_is_part_of_the_step(cases):
     assert losses["none"] != losses["strong"]
 
 
-def test_training_precision_auto_keeps_a_cpu_in_fp32_and_bf16_is_refused_there(tmp_path):
+def test_training_precision_auto_is_fp32_on_a_cpu_and_setup_errors_end_in_one_line(tmp_path):
     cpu = torch.device("cpu")
     assert not training_autocast("auto", cpu) and not training_autocast("fp32", cpu)
     with pytest.raises(TrainingSetupError, match="bf16"):
@@ -256,6 +256,12 @@ def test_training_precision_auto_keeps_a_cpu_in_fp32_and_bf16_is_refused_there(t
     run = python_cli("train", "--phantoms", "2", "--phantom-size", "48,48,32", "--out", str(out), "--width", "4",
                      "--folds", "2", "--fold", "2", "--device", "cpu", "--quiet")
     assert run.returncode == 2 and "--fold 2 outside 0..1" in run.stderr and "Traceback" not in run.stderr, run.stderr
+    if not torch.cuda.is_available():
+        run = python_cli("train", "--phantoms", "2", "--phantom-size", "48,48,32", "--out", str(out), "--width", "4",
+                         "--folds", "2", "--device", "cuda", "--quiet")
+        assert run.returncode == 2 and "CUDA is not available" in run.stderr, run.stderr
+        assert "Traceback" not in run.stderr
+        assert not out.exists()
 
 
 def test_masked_loss_equals_the_loss_of_the_chosen_patches():
