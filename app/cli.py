@@ -408,7 +408,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         manifest = train_ensemble(cfg, cases, args.out, args.fold, data, progress=not args.quiet,
                                   cache_dir=args.cache, time_limit=args.time_limit,
                                   prepare_workers=args.prepare_workers)
-    except (WeightsError, TrainingSetupError) as err:  # --init-from, --fold or --precision cannot be used
+    except (WeightsError, TrainingSetupError) as err:  # --init-from, --fold, --precision or --device cannot be used
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
     print(f"weights folder {args.out}: {len(manifest['folds'])} fold(s)", file=sys.stderr)
