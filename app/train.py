@@ -41,8 +41,8 @@ log = logging.getLogger("omnet.train")
 
 
 class TrainingSetupError(ValueError):
-    """A training request that cannot run (a fold outside the ensemble, an arithmetic the device cannot
-    train in); raised before any case is prepared."""
+    """A training request that cannot run (a fold outside the ensemble, a device that is not there, an
+    arithmetic the device cannot train in); raised before any case is prepared."""
 
 
 PATCH = (16, 32, 32)
