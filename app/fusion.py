@@ -25,6 +25,23 @@ from .preprocess import bounding_box
 FUSION_DILATION = 5
 
 
+@dataclass(frozen=True)
+class FusionThresholds:
+    """The region fusion's decision thresholds (`Fusion.REGIONS`; the argmax rule reads only
+    ``enhancing``). The defaults are the even odds of each decision; `benchmarks/fusion_grid.py` measures
+    others on cases with ground truth."""
+
+    tumour: float = 0.5  # task 2's P(NCR/NET) + P(edema) + P(ET) above this: tumour
+    core: float = 0.5  # core where P(NCR/NET) + P(ET) exceeds this share of the tumour probability
+    enhancing: float = 0.5  # task 3's P(ET) above this, inside the core: ET
+
+    def __post_init__(self):
+        for name in ("tumour", "core", "enhancing"):
+            value = getattr(self, name)
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"fusion threshold {name} must be in (0, 1), got {value}")
+
+
 @dataclass
 class TaskProbabilities:
     """Fold-averaged probabilities over a crop: task 1 tumour, task 2 five classes, task 3 ET (numpy
@@ -70,16 +87,16 @@ def fusion_region(p: TaskProbabilities) -> np.ndarray:
     return dilate(p.tumour > 0.5, FUSION_DILATION)
 
 
-def task2_masks(classes: np.ndarray | torch.Tensor, rule: Fusion):
+def task2_masks(classes: np.ndarray | torch.Tensor, rule: Fusion, thresholds: FusionThresholds = FusionThresholds()):
     """(tumour, core) masks from task 2's (5, ...) class probabilities, numpy arrays or tensors alike."""
     if rule is Fusion.PAPER:
         winner = classes.argmax(0)
         return _one_of(winner, TUMOUR_CLASSES), _one_of(winner, CORE_CLASSES)
     tumour_p = sum(classes[c] for c in TUMOUR_CLASSES)
     core_p = sum(classes[c] for c in CORE_CLASSES)
-    tumour = tumour_p > 0.5
-    # Core more likely than edema, the tumour's other class: P(core) > P(tumour) - P(core).
-    return tumour, tumour & (2 * core_p > tumour_p)
+    tumour = tumour_p > thresholds.tumour
+    # At the default share 0.5: core more likely than edema, the tumour's other class.
+    return tumour, tumour & (core_p > thresholds.core * tumour_p)
 
 
 def _one_of(winner, classes: tuple[int, ...]):
@@ -90,15 +107,16 @@ def _one_of(winner, classes: tuple[int, ...]):
     return mask
 
 
-def fuse(p: TaskProbabilities, region: np.ndarray | None = None, rule: Fusion = Fusion.REGIONS) -> np.ndarray:
+def fuse(p: TaskProbabilities, region: np.ndarray | None = None, rule: Fusion = Fusion.REGIONS,
+         thresholds: FusionThresholds = FusionThresholds()) -> np.ndarray:
     """Internal labels 0/1/2/3: task 2 labels inside ``region`` (default `fusion_region`) by ``rule``, task
     3 splits the predicted core into ET and NCR/NET."""
     region = fusion_region(p) if region is None else region
-    tumour, core = task2_masks(p.classes, rule)
+    tumour, core = task2_masks(p.classes, rule, thresholds)
     labels = np.zeros(region.shape, np.uint8)
     labels[region & tumour] = EDEMA
     core = region & core
-    labels[core] = np.where(p.enhancing[core] > 0.5, ENHANCING, NECROSIS)
+    labels[core] = np.where(p.enhancing[core] > thresholds.enhancing, ENHANCING, NECROSIS)
     return labels
 
 
@@ -124,13 +142,14 @@ def dilate_tensor(mask: torch.Tensor, radius: int) -> torch.Tensor:
     return hits[0, 0] > 0.5
 
 
-def fuse_tensors(p: TaskProbabilities, rule: Fusion = Fusion.REGIONS) -> tuple[torch.Tensor, torch.Tensor]:
+def fuse_tensors(p: TaskProbabilities, rule: Fusion = Fusion.REGIONS,
+                 thresholds: FusionThresholds = FusionThresholds()) -> tuple[torch.Tensor, torch.Tensor]:
     """`fuse` on the probabilities' device: (internal labels as uint8, the fusion region)."""
     region = dilate_tensor(p.tumour > 0.5, FUSION_DILATION)
-    tumour, core = task2_masks(p.classes, rule)
+    tumour, core = task2_masks(p.classes, rule, thresholds)
     core = region & core
     labels = torch.zeros(region.shape, dtype=torch.uint8, device=region.device)
     labels[region & tumour] = EDEMA
     labels[core] = NECROSIS
-    labels[core & (p.enhancing > 0.5)] = ENHANCING
+    labels[core & (p.enhancing > thresholds.enhancing)] = ENHANCING
     return labels, region

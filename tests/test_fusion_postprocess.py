@@ -4,7 +4,15 @@ import torch
 from torch import nn
 
 from app.ensemble import MIRRORS
-from app.fusion import TaskProbabilities, dilate, dilate_tensor, fuse, fuse_tensors, fusion_region
+from app.fusion import (
+    FusionThresholds,
+    TaskProbabilities,
+    dilate,
+    dilate_tensor,
+    fuse,
+    fuse_tensors,
+    fusion_region,
+)
 from app.inference import EnsemblePredictor
 from app.metrics import region_dice
 from app.options import Fusion
@@ -352,9 +360,10 @@ def test_device_fusion_gives_the_numpy_fusion_labels(seed):
     p = TaskProbabilities(tumour, np.moveaxis(classes, -1, 0).copy(), rng.random(shape).astype(np.float32))
     on_device = TaskProbabilities(*(torch.from_numpy(a) for a in (p.tumour, p.classes, p.enhancing)))
     for rule in Fusion:
-        labels, region = fuse_tensors(on_device, rule)
-        np.testing.assert_array_equal(region.numpy(), fusion_region(p))
-        np.testing.assert_array_equal(labels.numpy(), fuse(p, rule=rule))
+        for thresholds in (FusionThresholds(), FusionThresholds(tumour=0.3, core=0.6, enhancing=0.4)):
+            labels, region = fuse_tensors(on_device, rule, thresholds)
+            np.testing.assert_array_equal(region.numpy(), fusion_region(p))
+            np.testing.assert_array_equal(labels.numpy(), fuse(p, rule=rule, thresholds=thresholds))
     assert region.numpy().sum() > (tumour > 0.5).sum() > 0
     assert (fuse(p, rule=Fusion.PAPER) != fuse(p, rule=Fusion.REGIONS)).any()  # the rules differ here
 
@@ -384,3 +393,25 @@ def test_device_dilation_is_the_euclidean_ball():
     mask[0, 14, 3] = True
     for radius in (0, 1, 2, 5):
         np.testing.assert_array_equal(dilate_tensor(torch.from_numpy(mask), radius).numpy(), dilate(mask, radius))
+
+
+def test_fusion_thresholds_move_each_decision_and_are_validated():
+    """A voxel with tumour 0.55 of which core 0.25 (NCR 0.15 + ET 0.10), task 3 ET 0.45: edema at the even
+    odds; core once the core share drops to 0.4; ET once task 3's threshold drops to 0.4; not tumour once the
+    tumour threshold rises to 0.6."""
+    tumour = np.zeros(SHAPE, np.float32)
+    tumour[5:10, 10:20, 10:20] = 0.9
+    classes = np.zeros((5, *SHAPE), np.float32)
+    classes[0] = 1.0
+    voxel = (7, 15, 15)
+    classes[(slice(None), *voxel)] = [0.45, 0.15, 0.30, 0.10, 0.0]
+    enhancing = np.zeros(SHAPE, np.float32)
+    enhancing[voxel] = 0.45
+    p = TaskProbabilities(tumour, classes, enhancing)
+    assert fuse(p)[voxel] == 2
+    assert fuse(p, thresholds=FusionThresholds(core=0.4))[voxel] == 1
+    assert fuse(p, thresholds=FusionThresholds(core=0.4, enhancing=0.4))[voxel] == 3
+    assert fuse(p, thresholds=FusionThresholds(tumour=0.6))[voxel] == 0
+    for bad in ({"tumour": 0.0}, {"core": 1.0}, {"enhancing": -0.1}):
+        with pytest.raises(ValueError, match="fusion threshold"):
+            FusionThresholds(**bad)
