@@ -5,9 +5,13 @@ For every case the product's own path runs once (N4 outside the tumour scout, th
 `app.fusion.FusionThresholds` in ``SETTINGS`` (task 1's fusion region unchanged), post-processed with the
 defaults and scored (Dice WT, TC, ET). One JSON line per case goes to ``--jsonl`` (a case already there is
 skipped, so a killed run resumes); the table is printed from every line in the file(s), with how many cases
-each setting moved by more than 0.01 either way.
+each setting moved by more than 0.01 either way. With ``--probabilities DIR`` each case's crop (fold-averaged
+probabilities, fusion region, brain, corrected T1c, truth) is kept there as ``<ID>.npz`` and read back on a
+later run instead of running the network again: a new grid over the same cases costs only the fusion and
+the post-processing.
 
     python3 benchmarks/fusion_grid.py --input DIR --jsonl OUT.jsonl [--weights weights] [--threads N]
+        [--probabilities DIR]
     python3 benchmarks/fusion_grid.py --summary OUT.jsonl [MORE.jsonl ...]
 """
 
@@ -26,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from app.conventions import Modality, from_file_labels  # noqa: E402
-from app.fusion import FusionThresholds, fuse  # noqa: E402
+from app.fusion import FusionThresholds, TaskProbabilities, fuse  # noqa: E402
 from app.inference import EnsemblePredictor  # noqa: E402
 from app.io import find_cases, load_case, load_segmentation  # noqa: E402
 from app.metrics import region_dice  # noqa: E402
@@ -46,31 +50,50 @@ SETTINGS = {
     "core 0.4": FusionThresholds(core=0.4),
     "core 0.6": FusionThresholds(core=0.6),
     "core 0.7": FusionThresholds(core=0.7),
+    "enhancing 0.3": FusionThresholds(enhancing=0.3),
     "enhancing 0.4": FusionThresholds(enhancing=0.4),
     "enhancing 0.6": FusionThresholds(enhancing=0.6),
+    "tumour 0.4, enhancing 0.4": FusionThresholds(tumour=0.4, enhancing=0.4),
     "tumour 0.6, core 0.6": FusionThresholds(tumour=0.6, core=0.6),
     "tumour 0.7, core 0.6": FusionThresholds(tumour=0.7, core=0.6),
 }
 
 
-def analyse_case(case, predictor: EnsemblePredictor) -> dict:
+def case_crop(case, predictor: EnsemblePredictor, store: Path | None) -> dict[str, np.ndarray]:
+    """What the grid reads of a case, over its brain crop: the product's fold-averaged probabilities and
+    fusion region, the brain, the corrected T1c and the truth; from ``store`` when kept there before."""
+    kept = None if store is None else store / f"{case.case_id}.npz"
+    if kept is not None and kept.is_file():
+        with np.load(kept) as arrays:
+            return dict(arrays)
     loaded = load_case(case)
     truth = from_file_labels(load_segmentation(case, loaded.reference))
     names = [m.value for m in case.modalities]
     corrected, prediction = predict_corrected(predictor, loaded.image, BiasCorrection.N4, names)
-    row: dict = {"case": case.case_id, "scores": {}}
     if prediction.box is None:
         raise ValueError(f"{case.case_id}: empty brain")
     box = prediction.box
-    brain = brain_mask(corrected)[box]
-    t1c = corrected[names.index(Modality.T1C.value)][box]
+    p = prediction.probabilities
+    crop = {"tumour": p.tumour, "classes": p.classes, "enhancing": p.enhancing, "region": prediction.region,
+            "brain": brain_mask(corrected)[box], "t1c": corrected[names.index(Modality.T1C.value)][box],
+            "truth_crop": truth[box], "truth_outside": np.array(int((truth > 0).sum() - (truth[box] > 0).sum()))}
+    if kept is not None:
+        store.mkdir(parents=True, exist_ok=True)
+        partial = kept.with_suffix(".tmp.npz")
+        np.savez_compressed(partial, **crop)
+        partial.replace(kept)
+    return crop
+
+
+def analyse_case(case, predictor: EnsemblePredictor, store: Path | None = None) -> dict:
+    crop = case_crop(case, predictor, store)
+    if int(crop["truth_outside"]):
+        raise ValueError(f"{case.case_id}: tumour outside the brain crop")
+    p = TaskProbabilities(crop["tumour"], crop["classes"], crop["enhancing"])
+    row: dict = {"case": case.case_id, "scores": {}}
     for name, thresholds in SETTINGS.items():
-        labels = (fuse(prediction.probabilities, prediction.region, predictor.fusion, thresholds) * brain)
-        labels = postprocess(labels.astype(np.uint8), t1c, PostprocessConfig())
-        # Tumour outside the brain crop counts as missed: score over the whole volume.
-        whole = np.zeros(truth.shape, np.uint8)
-        whole[box] = labels
-        dice = region_dice(whole, truth)
+        labels = (fuse(p, crop["region"], predictor.fusion, thresholds) * crop["brain"]).astype(np.uint8)
+        dice = region_dice(postprocess(labels, crop["t1c"], PostprocessConfig()), crop["truth_crop"])
         row["scores"][name] = [round(dice[r], 4) for r in REGIONS]
     return row
 
@@ -101,6 +124,8 @@ def main() -> int:
                         help="the ensemble measured (default: weights/)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--summary", type=Path, nargs="+", help="only print the table from these JSONL files")
+    parser.add_argument("--probabilities", type=Path, default=None,
+                        help="keep each case's crop here (about 30 MB) and reuse it on later runs")
     args = parser.parse_args()
     if args.summary:
         summary(args.summary)
@@ -117,7 +142,7 @@ def main() -> int:
         if case.case_id in done:
             continue
         clock = time.perf_counter()
-        row = analyse_case(case, predictor)
+        row = analyse_case(case, predictor, args.probabilities)
         with args.jsonl.open("a") as out:
             out.write(json.dumps(row) + "\n")
         print(f"{case.case_id}: {time.perf_counter() - clock:.0f} s", file=sys.stderr, flush=True)
