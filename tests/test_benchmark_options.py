@@ -106,3 +106,46 @@ def test_ensemble_analysis_scores_steps_folds_and_candidates_and_resumes(tmp_pat
     alone = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ensemble_analysis.py"), "--summary", str(jsonl)],
                            capture_output=True, text=True, timeout=60)
     assert alone.returncode == 0 and "1 case(s)" in alone.stdout
+
+
+def test_fusion_grid_default_row_is_the_products_score_and_kept_crops_are_reused(tmp_path):
+    """benchmarks/fusion_grid.py on a small phantom with the shipped ensemble: its default row equals the
+    Dice of `predict`'s own label map; a second grid into a new file reads the kept crop and scores alike."""
+    import json
+    import subprocess
+
+    import SimpleITK as sitk
+
+    from app.conventions import from_file_labels
+    from app.io import find_cases, load_case, load_segmentation
+    from app.metrics import region_dice
+    from app.phantoms import generate
+
+    from .helpers import ROOT
+
+    generate(tmp_path / "cases", 1, seed=62, size=(96, 112, 64))
+    [case] = find_cases(tmp_path / "cases").cases
+    predicted = subprocess.run([sys.executable, "-m", "app", "predict", "--input", str(tmp_path / "cases"),
+                                "--output", str(tmp_path / "out"), "--quiet", "--threads", "2"],
+                               capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert predicted.returncode == 0, predicted.stderr
+    loaded = load_case(case)
+    truth = from_file_labels(load_segmentation(case, loaded.reference))
+    label_map = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / f"{case.case_id}.nii.gz")))
+    product = region_dice(from_file_labels(label_map), truth)
+
+    def grid(jsonl):
+        command = [sys.executable, str(ROOT / "benchmarks" / "fusion_grid.py"), "--input", str(tmp_path / "cases"),
+                   "--jsonl", str(jsonl), "--probabilities", str(tmp_path / "crops"), "--threads", "2"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        [row] = [json.loads(line) for line in jsonl.read_text().splitlines()]
+        return row["scores"], done.stdout
+
+    first, table = grid(tmp_path / "first.jsonl")
+    assert first["default (0.5 / 0.5 / 0.5)"] == pytest.approx([product[r] for r in ("WT", "TC", "ET")], abs=1e-4)
+    assert first["default (0.5 / 0.5 / 0.5)"][0] > 0.5  # the shipped ensemble finds the tumour
+    assert "| tumour 0.4 |" in table and first["tumour 0.4"] != first["tumour 0.6"]
+    assert [p.name for p in (tmp_path / "crops").iterdir()] == [f"{case.case_id}.npz"]
+    second, _ = grid(tmp_path / "second.jsonl")
+    assert second == first
