@@ -22,9 +22,7 @@ summary table is printed from every line in the file(s).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -34,10 +32,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from case_rows import add_arguments, read_rows, score_cases  # noqa: E402
+
 from app.conventions import Modality, from_file_labels  # noqa: E402
 from app.fusion import TaskProbabilities, fuse  # noqa: E402
 from app.inference import EnsemblePredictor  # noqa: E402
-from app.io import find_cases, load_case, load_segmentation  # noqa: E402
+from app.io import load_case, load_segmentation  # noqa: E402
 from app.metrics import region_dice  # noqa: E402
 from app.options import BiasCorrection  # noqa: E402
 from app.pipeline import prepare_image  # noqa: E402
@@ -119,7 +119,7 @@ def analyse_case(case, folders: dict[str, list[torch.nn.Module]], predictor: Ens
 
 
 def summary(paths: list[Path]) -> None:
-    rows = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
+    rows = read_rows(paths)
     if not rows:
         print("no cases")
         return
@@ -154,15 +154,10 @@ def summary(paths: list[Path]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", type=Path, help="folder of cases with ground truth (e.g. held-out phantoms)")
-    parser.add_argument("--jsonl", type=Path, help="per-case results, appended (cases already there are skipped)")
-    parser.add_argument("--weights", type=Path, default=ROOT / "weights",
-                        help="the ensemble analysed (default: weights/)")
+    add_arguments(parser, "the ensemble analysed (default: weights/)")
     parser.add_argument("--candidate", action="append", default=[], metavar="NAME=DIR",
                         help="another weights folder with the same folds, e.g. an earlier fine-tuning round "
                              "(repeatable)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    parser.add_argument("--summary", type=Path, nargs="+", help="only print the table from these JSONL files")
     args = parser.parse_args()
     if args.summary:
         summary(args.summary)
@@ -177,17 +172,7 @@ def main() -> int:
     folders = {SHIPPED: load_ensemble(args.weights)[1]}
     folders.update({name: load_ensemble(path)[1] for name, path in candidates.items()})
     predictor = EnsemblePredictor(device="cpu").load_models(folders[SHIPPED])
-    done = set()
-    if args.jsonl.is_file():
-        done = {json.loads(line)["case"] for line in args.jsonl.read_text().splitlines() if line.strip()}
-    for case in find_cases(args.input).cases:
-        if case.case_id in done:
-            continue
-        clock = time.perf_counter()
-        row = analyse_case(case, folders, predictor)
-        with args.jsonl.open("a") as out:
-            out.write(json.dumps(row) + "\n")
-        print(f"{case.case_id}: {time.perf_counter() - clock:.0f} s", file=sys.stderr, flush=True)
+    score_cases(args.input, args.jsonl, lambda case: analyse_case(case, folders, predictor))
     summary([args.jsonl])
     return 0
 

@@ -18,9 +18,7 @@ the post-processing.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +27,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from case_rows import add_arguments, read_rows, score_cases  # noqa: E402
+
 from app.conventions import Modality, from_file_labels  # noqa: E402
 from app.fusion import FusionThresholds, TaskProbabilities, fuse  # noqa: E402
 from app.inference import EnsemblePredictor  # noqa: E402
-from app.io import find_cases, load_case, load_segmentation  # noqa: E402
+from app.io import load_case, load_segmentation  # noqa: E402
 from app.metrics import region_dice  # noqa: E402
 from app.options import BiasCorrection  # noqa: E402
 from app.pipeline import predict_corrected  # noqa: E402
@@ -99,7 +99,7 @@ def analyse_case(case, predictor: EnsemblePredictor, store: Path | None = None) 
 
 
 def summary(paths: list[Path]) -> None:
-    rows = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
+    rows = read_rows(paths)
     if not rows:
         print("no cases")
         return
@@ -118,34 +118,19 @@ def summary(paths: list[Path]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", type=Path, help="folder of cases with ground truth (e.g. held-out phantoms)")
-    parser.add_argument("--jsonl", type=Path, help="per-case results, appended (cases already there are skipped)")
-    parser.add_argument("--weights", type=Path, default=ROOT / "weights",
-                        help="the ensemble measured (default: weights/)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    parser.add_argument("--summary", type=Path, nargs="+", help="only print the table from these JSONL files")
+    add_arguments(parser, "the ensemble measured (default: weights/)")
     parser.add_argument("--probabilities", type=Path, default=None,
-                        help="keep each case's crop here (about 30 MB) and reuse it on later runs")
+                        help="keep each case's crop here (about 80 MB) and reuse it on later runs")
     args = parser.parse_args()
     if args.summary:
         summary(args.summary)
         return 0
     if args.input is None or args.jsonl is None:
-        parser.error("--input and --jsonl are required unless --summary is given")
+        parser.error("--input and --jsonl are needed (or --summary FILES)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    done = set()
-    if args.jsonl.exists():
-        done = {json.loads(line)["case"] for line in args.jsonl.read_text().splitlines() if line.strip()}
     predictor = EnsemblePredictor(device="cpu").load_models(load_ensemble(args.weights)[1])
-    for case in find_cases(args.input).cases:
-        if case.case_id in done:
-            continue
-        clock = time.perf_counter()
-        row = analyse_case(case, predictor, args.probabilities)
-        with args.jsonl.open("a") as out:
-            out.write(json.dumps(row) + "\n")
-        print(f"{case.case_id}: {time.perf_counter() - clock:.0f} s", file=sys.stderr, flush=True)
+    score_cases(args.input, args.jsonl, lambda case: analyse_case(case, predictor, args.probabilities))
     summary([args.jsonl])
     return 0
 
