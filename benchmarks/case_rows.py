@@ -27,15 +27,15 @@ def add_arguments(parser: argparse.ArgumentParser, weights_help: str) -> None:
 
 
 def read_rows(paths: list[Path]) -> list[dict]:
-    """Every row of these JSONL files, in order."""
-    return [json.loads(line) for path in paths if path.is_file()
-            for line in path.read_text().splitlines() if line.strip()]
+    """Every row of these JSONL files, in order (a missing file is an error: a mistyped --summary path must
+    not print an empty table)."""
+    return [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
 
 
 def score_cases(input_dir: Path, jsonl: Path, analyse: Callable[[CaseFiles], dict]) -> None:
     """``analyse`` every case of ``input_dir`` not yet in ``jsonl`` and append its row (which names it under
     "case"), with one timing line per case on stderr."""
-    done = {row["case"] for row in read_rows([jsonl])}
+    done = {row["case"] for row in read_rows([jsonl])} if jsonl.is_file() else set()
     for case in find_cases(input_dir).cases:
         if case.case_id in done:
             continue
