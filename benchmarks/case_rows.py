@@ -1,6 +1,7 @@
 """Per-case result rows as JSON Lines, for the benchmarks that score every case of a folder with ground truth
 (`ensemble_analysis.py`, `fusion_grid.py`): one line per case is appended as soon as it is scored, a case
-already in the file is skipped (a killed run resumes), and the summary reads every line of one or more files."""
+already in the file is skipped (a killed run resumes), and the summary reads every line of one or more files.
+`scores` gives the Dice WT, TC, ET that a row holds."""
 
 from __future__ import annotations
 
@@ -14,7 +15,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
+
 from app.io import CaseFiles, find_cases  # noqa: E402
+from app.metrics import region_dice  # noqa: E402
+from app.postprocess import PostprocessConfig, postprocess  # noqa: E402
+
+REGIONS = ("WT", "TC", "ET")
 
 
 def add_arguments(parser: argparse.ArgumentParser, weights_help: str) -> None:
@@ -44,3 +51,12 @@ def score_cases(input_dir: Path, jsonl: Path, analyse: Callable[[CaseFiles], dic
         with jsonl.open("a") as out:
             out.write(json.dumps(row) + "\n")
         print(f"{case.case_id}: {time.perf_counter() - clock:.0f} s", file=sys.stderr, flush=True)
+
+
+def scores(labels: np.ndarray, truth: np.ndarray, t1c: np.ndarray,
+           post: PostprocessConfig | None = None) -> list[float]:
+    """Dice WT, TC, ET of fused ``labels``, post-processed by ``post`` first when given."""
+    if post is not None:
+        labels = postprocess(labels, t1c, post)
+    dice = region_dice(labels, truth)
+    return [round(dice[r], 4) for r in REGIONS]

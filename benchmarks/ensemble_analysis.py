@@ -32,21 +32,19 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from case_rows import add_arguments, read_rows, score_cases  # noqa: E402
+from case_rows import add_arguments, read_rows, score_cases, scores  # noqa: E402
 
 from app.conventions import Modality, from_file_labels  # noqa: E402
 from app.fusion import TaskProbabilities, fuse  # noqa: E402
 from app.inference import EnsemblePredictor  # noqa: E402
 from app.io import load_case, load_segmentation  # noqa: E402
-from app.metrics import region_dice  # noqa: E402
 from app.options import BiasCorrection  # noqa: E402
 from app.pipeline import prepare_image  # noqa: E402
-from app.postprocess import PostprocessConfig, postprocess  # noqa: E402
+from app.postprocess import PostprocessConfig  # noqa: E402
 from app.preprocess import crop_to_brain  # noqa: E402
 from app.weights import load_ensemble  # noqa: E402
 
 SHIPPED = "shipped"
-REGIONS = ("WT", "TC", "ET")
 STEPS_OFF = {
     "without step 1": PostprocessConfig(remove_small_components=False),
     "without step 2": PostprocessConfig(relabel_dark_edema=False),
@@ -71,15 +69,6 @@ def average(parts: list[TaskProbabilities]) -> TaskProbabilities:
 
 def fused(p: TaskProbabilities, brain: np.ndarray) -> np.ndarray:
     return (fuse(p) * brain).astype(np.uint8)
-
-
-def scores(labels: np.ndarray, truth: np.ndarray, t1c: np.ndarray,
-           post: PostprocessConfig | None = None) -> list[float]:
-    """Dice WT, TC, ET of fused ``labels``, post-processed by ``post`` first when given."""
-    if post is not None:
-        labels = postprocess(labels, t1c, post)
-    dice = region_dice(labels, truth)
-    return [round(dice[r], 4) for r in REGIONS]
 
 
 def analyse_case(case, folders: dict[str, list[torch.nn.Module]], predictor: EnsemblePredictor) -> dict:

@@ -27,20 +27,18 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from case_rows import add_arguments, read_rows, score_cases  # noqa: E402
+from case_rows import add_arguments, read_rows, score_cases, scores  # noqa: E402
 
 from app.conventions import Modality, from_file_labels  # noqa: E402
 from app.fusion import FusionThresholds, TaskProbabilities, fuse  # noqa: E402
 from app.inference import EnsemblePredictor  # noqa: E402
 from app.io import load_case, load_segmentation  # noqa: E402
-from app.metrics import region_dice  # noqa: E402
 from app.options import BiasCorrection  # noqa: E402
 from app.pipeline import predict_corrected  # noqa: E402
-from app.postprocess import PostprocessConfig, postprocess  # noqa: E402
+from app.postprocess import PostprocessConfig  # noqa: E402
 from app.preprocess import brain_mask  # noqa: E402
 from app.weights import load_ensemble  # noqa: E402
 
-REGIONS = ("WT", "TC", "ET")
 DEFAULT = "default (0.5 / 0.5 / 0.5)"
 SETTINGS = {
     DEFAULT: FusionThresholds(),
@@ -93,8 +91,7 @@ def analyse_case(case, predictor: EnsemblePredictor, store: Path | None = None) 
     row: dict = {"case": case.case_id, "scores": {}}
     for name, thresholds in SETTINGS.items():
         labels = (fuse(p, crop["region"], predictor.fusion, thresholds) * crop["brain"]).astype(np.uint8)
-        dice = region_dice(postprocess(labels, crop["t1c"], PostprocessConfig()), crop["truth_crop"])
-        row["scores"][name] = [round(dice[r], 4) for r in REGIONS]
+        row["scores"][name] = scores(labels, crop["truth_crop"], crop["t1c"], PostprocessConfig())
     return row
 
 
