@@ -6,6 +6,7 @@ the same weights, applies the default post-processing, and reports each tiling's
 paper tiling and every tiling's Dice against the ground truth.
 
     python3 benchmarks/agreement.py [--cases 4] [--seed 1000] [--tilings fast,fastfixed] [--weights DIR]
+        [--tta none|folds|full]
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from benchmark import predictor_options  # noqa: E402
 
+from app.options import Mirroring, choices  # noqa: E402
+
 REGIONS = ("WT", "TC", "ET")
 
 
-def case_rows(case, models, tilings: list[str], device: str, precision: str) -> list[dict]:
-    """One row per tiling (paper first): agreement with paper and Dice against the truth."""
+def case_rows(case, models, tilings: list[str], device: str, precision: str, tta: str = "none") -> list[dict]:
+    """One row per tiling (paper first), every tiling under the same ``tta``: agreement with paper and Dice
+    against the truth."""
     from app.conventions import Modality, from_file_labels
     from app.inference import EnsemblePredictor
     from app.io import load_case, load_segmentation
@@ -39,7 +43,7 @@ def case_rows(case, models, tilings: list[str], device: str, precision: str) -> 
     t1c = list(case.modalities).index(Modality.T1C)
     masks = {}
     for tiling in ["paper", *tilings]:
-        predictor = EnsemblePredictor(device=device, precision=precision, **predictor_options(tiling))
+        predictor = EnsemblePredictor(device=device, precision=precision, tta=tta, **predictor_options(tiling))
         predictor.load_models(models)
         masks[tiling] = segment_image(predictor, loaded.image, t1c, PostprocessConfig()).labels
     rows = []
@@ -71,6 +75,8 @@ def main() -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device to run on")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="network arithmetic")
     parser.add_argument("--workdir", type=Path, default=None, help="where the phantoms go (default: temporary)")
+    parser.add_argument("--tta", default="none", choices=choices(Mirroring),
+                        help="test-time mirroring, the same for every tiling (predict's --tta)")
     args = parser.parse_args()
     if args.cases < 1:
         parser.error("--cases must be at least 1")
@@ -98,7 +104,7 @@ def main() -> int:
     _, models = load_ensemble(args.weights or DEFAULT_WEIGHTS_DIR, None)
     rows = []
     for case in find_cases(cases_dir).cases:
-        rows.extend(case_rows(case, models, tilings, args.device, args.precision))
+        rows.extend(case_rows(case, models, tilings, args.device, args.precision, args.tta))
         print(f"{case.case_id} done", file=sys.stderr, flush=True)
     columns = ["case", "tiling", *(f"vs paper {r}" for r in REGIONS), *(f"vs truth {r}" for r in REGIONS)]
     print("| " + " | ".join(columns) + " |")
