@@ -23,6 +23,7 @@ from .options import (
     Device,
     Fusion,
     Mirroring,
+    PhantomPreset,
     Precision,
     Tiling,
     Variant,
@@ -174,6 +175,10 @@ def _add_phantoms_flags(ph: argparse.ArgumentParser) -> None:
     ph.add_argument("--convention", default=Layout.BRATS2023.value, choices=choices(Layout), help="file naming layout")
     ph.add_argument("--size", type=int_list(3), default="240,240,155",
                     help="X,Y,Z voxels (1 mm); anatomy scales with it")
+    ph.add_argument("--ranges", default=PhantomPreset.TRAINING.value, choices=choices(PhantomPreset),
+                    help="training: the generator's ranges, which the shipped weights were trained on; wide: "
+                         "anatomy and appearance stretched beyond them (thicker cortex, brighter grey matter, "
+                         "stronger bias, more noise, blur and thick slices), an out-of-distribution set")
 
 
 def _add_train_flags(tr: argparse.ArgumentParser) -> None:
@@ -353,9 +358,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_phantoms(args: argparse.Namespace) -> int:
     from .conventions import Layout
-    from .phantoms import generate
+    from .phantoms import RANGE_PRESETS, generate
 
-    folders = generate(args.out, args.n, args.seed, Layout(args.convention), args.size, args.start)  # type: ignore[arg-type]
+    folders = generate(args.out, args.n, args.seed, Layout(args.convention), args.size, args.start,  # type: ignore[arg-type]
+                       RANGE_PRESETS[PhantomPreset(args.ranges)])
     print(f"wrote {len(folders)} phantom case(s) to {args.out}", file=sys.stderr)
     return EXIT_OK
 

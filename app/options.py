@@ -86,6 +86,16 @@ class AugmentLevel(str, Enum):
     STRONG = "strong"
 
 
+class PhantomPreset(str, Enum):
+    """Which ranges `python -m app phantoms` draws from (app.phantoms.RANGE_PRESETS). TRAINING: the ranges
+    the shipped weights were trained on. WIDE: every appearance and anatomy range stretched beyond them
+    where scanners and brains reach (thicker cortex, brighter grey matter, stronger bias, more noise, blur
+    and thick slices): a held-out set outside the training distribution."""
+
+    TRAINING = "training"
+    WIDE = "wide"
+
+
 class Variant(str, Enum):
     """Network variants of the paper's Table I. SINGLE is one task's network, the cascade's building block
     (not trained or shipped on its own)."""

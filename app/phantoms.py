@@ -25,6 +25,7 @@ import torch
 from scipy import ndimage
 
 from .conventions import EDEMA, ENHANCING, NECROSIS, LabelConvention, Layout, Modality, to_file_labels
+from .options import PhantomPreset
 
 GENERATOR_VERSION = "2.0"
 DEFAULT_SIZE = (240, 240, 155)  # x, y, z as BraTS stores it (1 mm isotropic)
@@ -85,6 +86,28 @@ class PhantomRanges:
 
 
 DEFAULT_RANGES = PhantomRanges()
+# Every range of DEFAULT_RANGES that an appearance or an anatomy can leave, stretched beyond it towards
+# what other scanners and brains give (the tumour's own ranges stay): uniform draws put about half of each
+# such property outside training, so a case mixes several at once, as another site does.
+# `benchmarks/ood_sweep.py` moves one factor at a time instead.
+WIDE_RANGES = DEFAULT_RANGES.widened(
+    cortex_thickness=(2.5, 7.5),
+    sulcal_depth=(10.0, 30.0),
+    fold_frequency=(16.0, 36.0),
+    sulcal_csf=(0.3, 2.2),
+    ventricle_scale=(0.45, 2.3),
+    deep_grey_scale=(0.7, 1.3),
+    contrast={m: {**t, _GM: (t[_GM][0], round(t[_GM][1] + (0.2 if m in (Modality.FLAIR, Modality.T2) else 0.05), 2))}
+              for m, t in _RELATIVE_CONTRAST.items()},
+    texture=(0.01, 0.12),
+    blur_sigma=(0.3, 1.6),
+    bias_strength=(0.0, 0.35),
+    noise=(0.005, 0.1),
+    thick_slice_probability=0.5,
+    thick_slice_factor=(2.0, 6.5),
+    scale=(50.0, 8000.0),
+)
+RANGE_PRESETS = {PhantomPreset.TRAINING: DEFAULT_RANGES, PhantomPreset.WIDE: WIDE_RANGES}
 
 
 @dataclass

@@ -102,3 +102,50 @@ def test_generator_2_spans_real_anatomy_and_its_ranges_can_be_moved():
     thick = make_phantom(12, 0, size, ranges=DEFAULT_RANGES.widened(cortex_thickness=(8.0, 9.0)))
     thin = make_phantom(12, 0, size, ranges=DEFAULT_RANGES.widened(cortex_thickness=(2.0, 2.5)))
     assert (thick.tissue == GREY_MATTER).sum() > 1.3 * (thin.tissue == GREY_MATTER).sum()
+
+
+def test_wide_ranges_contain_the_training_ranges_and_leave_them():
+    """The `wide` preset keeps every training range inside its own and stretches the appearance and anatomy
+    beyond it; the tumour's own ranges stay."""
+    from dataclasses import fields
+
+    from app.phantoms import WIDE_RANGES
+
+    stretched = []
+    for f in fields(DEFAULT_RANGES):
+        train, wide = getattr(DEFAULT_RANGES, f.name), getattr(WIDE_RANGES, f.name)
+        if f.name == "contrast":
+            for m in train:
+                for tissue, (low, high) in train[m].items():
+                    assert wide[m][tissue][0] <= low and wide[m][tissue][1] >= high, (m, tissue)
+                    if wide[m][tissue] != (low, high):
+                        stretched.append((m.value, tissue))
+        elif isinstance(train, tuple):
+            assert wide[0] <= train[0] and wide[1] >= train[1], f.name
+            if wide != train:
+                stretched.append(f.name)
+        elif wide != train:
+            stretched.append(f.name)
+    assert {"cortex_thickness", "bias_strength", "noise", "blur_sigma", "thick_slice_probability"} <= set(stretched)
+    assert ("flair", GREY_MATTER) in stretched and ("t2", GREY_MATTER) in stretched
+    assert WIDE_RANGES.tumour_core_radius == DEFAULT_RANGES.tumour_core_radius
+
+
+def test_phantoms_command_writes_the_wide_preset_deterministically(tmp_path):
+    """`python -m app phantoms --ranges wide`: the same seed gives the same cases again, other cases than
+    the training ranges give, with labels the product reads."""
+    from .helpers import python_cli
+
+    runs = {}
+    for name, ranges in [("wide_a", "wide"), ("wide_b", "wide"), ("training", "training")]:
+        result = python_cli("phantoms", "--out", str(tmp_path / name), "--n", "1", "--seed", "9", "--size",
+                            "64,64,40", "--ranges", ranges)
+        assert result.returncode == 0, result.stderr
+        [case] = find_cases(tmp_path / name).cases
+        runs[name] = (sitk.GetArrayFromImage(sitk.ReadImage(str(case.modalities[Modality.FLAIR]))),
+                      load_segmentation(case))
+    assert np.array_equal(runs["wide_a"][0], runs["wide_b"][0])
+    assert np.array_equal(runs["wide_a"][1], runs["wide_b"][1])
+    assert not np.array_equal(runs["wide_a"][0], runs["training"][0])
+    bad = python_cli("phantoms", "--out", str(tmp_path / "bad"), "--n", "1", "--ranges", "widest")
+    assert bad.returncode == 2 and "--ranges" in bad.stderr
