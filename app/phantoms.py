@@ -12,7 +12,8 @@ ET or without NCR. Tissue means are drawn relative to white matter with wide, ov
 contrasts MRI fixes are kept (edema brighter than white matter on FLAIR and T2, ET brighter on T1c, NCR
 darker on T1c, CSF bright on T2 and dark on FLAIR), so grey matter can be as bright as edema on FLAIR and a
 model must read the four modalities together and the shape. `PhantomRanges` holds every range, so held-out
-series can be drawn outside the training ranges (benchmarks/ood_sweep.py).
+series can be drawn outside the training ranges: `WIDE_RANGES` stretches them all at once (`python -m app
+phantoms --ranges wide`), benchmarks/ood_sweep.py one factor at a time.
 """
 
 from __future__ import annotations
