@@ -187,6 +187,9 @@ def _add_train_flags(tr: argparse.ArgumentParser) -> None:
     source.add_argument("--phantoms", type=int, metavar="N",
                         help="train on N generated phantoms made in memory (no NIfTI files), series --phantom-seed")
     tr.add_argument("--phantom-seed", type=int, default=1, help="series seed of --phantoms")
+    tr.add_argument("--phantom-ranges", default=PhantomPreset.TRAINING.value, choices=choices(PhantomPreset),
+                    help="ranges --phantoms are drawn from (the phantoms command's --ranges): training, or wide "
+                         "(anatomy and appearance stretched beyond them)")
     tr.add_argument("--phantom-size", type=int_list(3), default="240,240,155",
                     help="X,Y,Z voxels of --phantoms")
     tr.add_argument("--out", type=Path, required=True, help="weights folder to (re)write; resumes if it has runs/")
@@ -358,10 +361,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_phantoms(args: argparse.Namespace) -> int:
     from .conventions import Layout
-    from .phantoms import RANGE_PRESETS, generate
+    from .phantoms import generate
 
     folders = generate(args.out, args.n, args.seed, Layout(args.convention), args.size, args.start,  # type: ignore[arg-type]
-                       RANGE_PRESETS[PhantomPreset(args.ranges)])
+                       PhantomPreset(args.ranges))
     print(f"wrote {len(folders)} phantom case(s) to {args.out}", file=sys.stderr)
     return EXIT_OK
 
@@ -392,9 +395,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         rare_case_weight=args.rare_case_weight, task1_tumour_fraction=args.task1_tumour_fraction,
     )
     if args.phantoms is not None:
-        cases = phantom_cases(args.phantoms, args.phantom_seed, args.phantom_size)
+        preset = PhantomPreset(args.phantom_ranges)
+        cases = phantom_cases(args.phantoms, args.phantom_seed, args.phantom_size, preset)
         data = {"phantoms": {"n": args.phantoms, "seed": args.phantom_seed, "size": list(args.phantom_size),
-                             "generator_version": GENERATOR_VERSION}, "note": args.data_note}
+                             "ranges": preset.value, "generator_version": GENERATOR_VERSION},
+                "note": args.data_note}
     else:
         cases = args.data
         data = {"path": str(args.data), "note": args.data_note}

@@ -317,10 +317,16 @@ def _write(array: np.ndarray, path: Path) -> None:
     sitk_write(image, path)
 
 
-def case_id_for(layout: Layout, seed: int, index: int) -> str:
+# The case ID says which ranges a phantom was drawn from, so that a prepared-case cache (`train --cache`)
+# or an output folder never mixes a training-range case with a wide one of the same seed and index.
+_ID_TAGS = {PhantomPreset.TRAINING: "A", PhantomPreset.WIDE: "W"}
+
+
+def case_id_for(layout: Layout, seed: int, index: int, preset: PhantomPreset = PhantomPreset.TRAINING) -> str:
+    tag = _ID_TAGS[preset]
     if layout is Layout.BRATS2023:
-        return f"BraTS-PHA-{seed:03d}{index:02d}-000"
-    return f"Phantom_{seed:03d}_{index:03d}"
+        return f"BraTS-PH{tag}-{seed:03d}{index:02d}-000"
+    return f"Phantom{'' if preset is PhantomPreset.TRAINING else tag}_{seed:03d}_{index:03d}"
 
 
 def write_phantom(phantom: Phantom, out_dir: Path, layout: Layout) -> Path:
@@ -345,12 +351,12 @@ def write_phantom(phantom: Phantom, out_dir: Path, layout: Layout) -> Path:
 
 def generate(out_dir: Path, n: int, seed: int, layout: Layout = Layout.BRATS2023,
              size: tuple[int, int, int] = DEFAULT_SIZE, start: int = 0,
-             ranges: PhantomRanges = DEFAULT_RANGES) -> list[Path]:
-    """Write ``n`` phantom cases (indices start .. start+n-1) into ``out_dir``."""
+             preset: PhantomPreset = PhantomPreset.TRAINING) -> list[Path]:
+    """Write ``n`` phantom cases (indices start .. start+n-1) drawn from ``preset``'s ranges into ``out_dir``."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     folders = []
     for index in range(start, start + n):
-        phantom = make_phantom(seed, index, size, case_id_for(layout, seed, index), ranges)
+        phantom = make_phantom(seed, index, size, case_id_for(layout, seed, index, preset), RANGE_PRESETS[preset])
         folders.append(write_phantom(phantom, out_dir, layout))
     return folders

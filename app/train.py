@@ -32,7 +32,7 @@ from .inference import EnsemblePredictor, native_bf16, resolve_device
 from .io import CaseFiles, find_cases, load_case, load_segmentation
 from .metrics import region_dice
 from .model import CORE_CLASSES, TUMOUR_CLASSES, build_model
-from .options import AugmentLevel, Device, Precision, Variant, parse_option
+from .options import AugmentLevel, Device, PhantomPreset, Precision, Variant, parse_option
 from .preprocess import TRAINING_CROP_MARGIN, crop_to_brain
 from .tiling import FAST_TILE
 from .weights import WeightsError, read_manifest, save_state, select_folds, write_json_atomic, write_manifest
@@ -120,11 +120,12 @@ def _load_files(case: CaseFiles) -> tuple[np.ndarray, np.ndarray]:
     return loaded.image, from_file_labels(load_segmentation(case, loaded.reference))
 
 
-def _load_phantom(seed: int, index: int, size: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+def _load_phantom(seed: int, index: int, size: tuple[int, int, int],
+                  preset: PhantomPreset) -> tuple[np.ndarray, np.ndarray]:
     from .conventions import MODALITY_ORDER
-    from .phantoms import make_phantom
+    from .phantoms import RANGE_PRESETS, make_phantom
 
-    phantom = make_phantom(seed, index, size)
+    phantom = make_phantom(seed, index, size, ranges=RANGE_PRESETS[preset])
     return np.stack([phantom.images[m].astype(np.float32) for m in MODALITY_ORDER]), phantom.labels
 
 
@@ -145,14 +146,16 @@ def folder_cases(data_dir: Path) -> list[CaseHandle]:
     return cases
 
 
-def phantom_cases(n: int, seed: int, size: tuple[int, int, int]) -> list[CaseHandle]:
-    """``n`` generated phantoms of series ``seed``, made in memory when first needed (no NIfTI files)."""
+def phantom_cases(n: int, seed: int, size: tuple[int, int, int],
+                  preset: PhantomPreset = PhantomPreset.TRAINING) -> list[CaseHandle]:
+    """``n`` generated phantoms of series ``seed`` drawn from ``preset``'s ranges, made in memory when first
+    needed (no NIfTI files)."""
     from .phantoms import case_id_for
 
     if n < 1:
         raise ValueError(f"need at least one phantom, got {n}")
-    return [CaseHandle(case_id_for(Layout.BRATS2023, seed, i), partial(_load_phantom, seed, i, tuple(size)))
-            for i in range(n)]
+    return [CaseHandle(case_id_for(Layout.BRATS2023, seed, i, preset),
+                       partial(_load_phantom, seed, i, tuple(size), preset)) for i in range(n)]
 
 
 @dataclass

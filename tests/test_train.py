@@ -285,7 +285,29 @@ def test_train_cli_on_generated_phantoms_prepares_then_trains(tmp_path):
     assert trained.returncode == 0, trained.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["training"]["data"]["phantoms"]["n"] == 4
+    assert manifest["training"]["data"]["phantoms"]["ranges"] == "training"
     assert [(f["fold"], f["augment"]) for f in manifest["folds"]] == [(0, "strong"), (1, "strong")]
+
+
+def test_wide_phantoms_train_from_their_own_cases_and_are_recorded(tmp_path):
+    """`train --phantoms N --phantom-ranges wide`: the wide cases are made (and cached) under their own IDs,
+    not the training-range cases of the same seed, and the manifest says which ranges were used."""
+    from app.options import PhantomPreset
+    from app.train import phantom_cases
+
+    training, wide = (phantom_cases(1, 45, (48, 48, 32), preset) for preset in PhantomPreset)
+    assert training[0].case_id != wide[0].case_id
+    assert not np.array_equal(training[0].load()[0], wide[0].load()[0])
+    out, cache = tmp_path / "weights", tmp_path / "cache"
+    trained = python_cli("train", "--phantoms", "2", "--phantom-seed", "45", "--phantom-size", "48,48,32",
+                         "--phantom-ranges", "wide", "--out", str(out), "--width", "4", "--folds", "2",
+                         "--stage-steps", "1,1,1", "--batch", "2", "--validate-every", "3", "--quiet",
+                         "--device", "cpu", "--cache", str(cache), "--fold", "0")
+    assert trained.returncode == 0, trained.stderr
+    assert sorted(p.name.split(".")[0] for p in cache.glob("*.image.npy")) == [
+        c.case_id for c in phantom_cases(2, 45, (48, 48, 32), PhantomPreset.WIDE)]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["training"]["data"]["phantoms"]["ranges"] == "wide"
 
 
 def test_init_from_a_weights_folder_starts_every_fold_from_its_own_fold(tmp_path):
