@@ -91,6 +91,9 @@ DEFAULT_RANGES = PhantomRanges()
 # what other scanners and brains give (the tumour's own ranges stay): uniform draws put about half of each
 # such property outside training, so a case mixes several at once, as another site does.
 # `benchmarks/ood_sweep.py` moves one factor at a time instead.
+# Grey matter up to this multiple of white matter: brighter on FLAIR and T2 (issue 13's failure: cortex read
+# as edema), closer to white matter on T1 and T1c.
+_WIDE_GREY_MATTER_TOP = {Modality.FLAIR: 1.75, Modality.T1: 0.95, Modality.T1C: 0.97, Modality.T2: 1.9}
 WIDE_RANGES = DEFAULT_RANGES.widened(
     cortex_thickness=(2.5, 7.5),
     sulcal_depth=(10.0, 30.0),
@@ -98,8 +101,7 @@ WIDE_RANGES = DEFAULT_RANGES.widened(
     sulcal_csf=(0.3, 2.2),
     ventricle_scale=(0.45, 2.3),
     deep_grey_scale=(0.7, 1.3),
-    contrast={m: {**t, _GM: (t[_GM][0], round(t[_GM][1] + (0.2 if m in (Modality.FLAIR, Modality.T2) else 0.05), 2))}
-              for m, t in _RELATIVE_CONTRAST.items()},
+    contrast={m: {**t, _GM: (t[_GM][0], _WIDE_GREY_MATTER_TOP[m])} for m, t in _RELATIVE_CONTRAST.items()},
     texture=(0.01, 0.12),
     blur_sigma=(0.3, 1.6),
     bias_strength=(0.0, 0.35),
