@@ -87,13 +87,13 @@ class PhantomRanges:
 
 
 DEFAULT_RANGES = PhantomRanges()
+# Grey matter up to this multiple of white matter in WIDE_RANGES: brighter on FLAIR and T2 (issue 13's
+# failure: cortex read as edema), closer to white matter on T1 and T1c.
+_WIDE_GREY_MATTER_TOP = {Modality.FLAIR: 1.75, Modality.T1: 0.95, Modality.T1C: 0.97, Modality.T2: 1.9}
 # Every range of DEFAULT_RANGES that an appearance or an anatomy can leave, stretched beyond it towards
 # what other scanners and brains give (the tumour's own ranges stay): uniform draws put about half of each
 # such property outside training, so a case mixes several at once, as another site does.
 # `benchmarks/ood_sweep.py` moves one factor at a time instead.
-# Grey matter up to this multiple of white matter: brighter on FLAIR and T2 (issue 13's failure: cortex read
-# as edema), closer to white matter on T1 and T1c.
-_WIDE_GREY_MATTER_TOP = {Modality.FLAIR: 1.75, Modality.T1: 0.95, Modality.T1C: 0.97, Modality.T2: 1.9}
 WIDE_RANGES = DEFAULT_RANGES.widened(
     cortex_thickness=(2.5, 7.5),
     sulcal_depth=(10.0, 30.0),
