@@ -87,10 +87,10 @@ class AugmentLevel(str, Enum):
 
 
 class PhantomPreset(str, Enum):
-    """Which ranges `python -m app phantoms` draws from (app.phantoms.RANGE_PRESETS). TRAINING: the ranges
-    the shipped weights were trained on. WIDE: every appearance and anatomy range stretched beyond them
-    where scanners and brains reach (thicker cortex, brighter grey matter, stronger bias, more noise, blur
-    and thick slices): a held-out set outside the training distribution."""
+    """Which ranges generated phantoms are drawn from (`phantoms --ranges`, `train --phantom-ranges`;
+    app.phantoms.RANGE_PRESETS). TRAINING: the generator's own ranges. WIDE: every appearance and anatomy
+    range stretched beyond them where scanners and brains reach (thicker cortex, brighter grey matter,
+    stronger bias, more noise, blur and thick slices): a set outside those ranges, to test on or to train on."""
 
     TRAINING = "training"
     WIDE = "wide"
