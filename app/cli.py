@@ -164,7 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(sub.add_parser("train", help="train a k-fold ensemble into a weights folder",
                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     _add_evaluate_flags(sub.add_parser("evaluate", help="BraTS metrics of predictions against ground truth"))
+    _add_average_flags(sub.add_parser("average", help="interpolate two weights folders fold by fold (WiSE-FT)"))
     return parser
+
+
+def _add_average_flags(av: argparse.ArgumentParser) -> None:
+    av.add_argument("--base", type=Path, required=True, help="weights folder before fine-tuning")
+    av.add_argument("--tuned", type=Path, required=True,
+                    help="weights folder fine-tuned from --base (same variant, width and folds)")
+    av.add_argument("--alpha", type=float, default=0.5,
+                    help="share of --tuned: each tensor becomes (1 - alpha) * base + alpha * tuned")
+    av.add_argument("--out", type=Path, required=True, help="new weights folder (manifest records both inputs)")
 
 
 def _add_phantoms_flags(ph: argparse.ArgumentParser) -> None:
@@ -432,6 +442,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return evaluate_folder(args.pred, args.gt, args.csv, args.labels, args.qc)
 
 
+def cmd_average(args: argparse.Namespace) -> int:
+    from .weights import WeightsError, average_ensembles
+
+    try:
+        manifest = average_ensembles(args.base, args.tuned, args.out, args.alpha)
+    except (WeightsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"weights folder {args.out}: {len(manifest['folds'])} fold(s), alpha {args.alpha}", file=sys.stderr)
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "infer":
@@ -441,5 +463,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_USAGE
         return cmd_predict(args)
-    handlers = {"predict": cmd_predict, "phantoms": cmd_phantoms, "train": cmd_train, "evaluate": cmd_evaluate}
+    handlers = {"predict": cmd_predict, "phantoms": cmd_phantoms, "train": cmd_train, "evaluate": cmd_evaluate,
+                "average": cmd_average}
     return handlers[args.command](args)

@@ -137,3 +137,63 @@ def load_ensemble(folder: Path | str, folds: list[int] | None = None) -> tuple[M
     manifest = read_manifest(folder)
     entries = select_folds(manifest, folds)
     return manifest, [load_fold(manifest, e) for e in entries]
+
+
+def average_ensembles(base: Path | str, tuned: Path | str, out: Path | str, alpha: float) -> dict[str, Any]:
+    """Write, fold by fold, ``(1 - alpha) * base + alpha * tuned`` into a new weights folder (WiSE-FT).
+
+    Every floating-point tensor is interpolated, BatchNorm running statistics included; integer tensors
+    (BatchNorm's step counters) come from ``tuned``. Each fold of ``tuned`` needs the same fold in ``base``
+    with the same variant, width and tensor shapes: averaging only makes sense between a network and its own
+    fine-tune. The new manifest keeps ``tuned``'s fold records and adds an ``averaged`` record naming both
+    inputs, ``alpha`` and each input file's sha256, so the result can be rebuilt and checked.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    base_manifest, tuned_manifest = read_manifest(base), read_manifest(tuned)
+    out = Path(out)
+    if out.resolve() in {base_manifest.folder.resolve(), tuned_manifest.folder.resolve()}:
+        raise ValueError(f"output folder {out} must differ from both inputs")
+    for key in ("variant", "width"):
+        if getattr(base_manifest, key) != getattr(tuned_manifest, key):
+            raise WeightsError(f"{key} differs: {base_manifest.folder} has {getattr(base_manifest, key)}, "
+                               f"{tuned_manifest.folder} has {getattr(tuned_manifest, key)}")
+    tuned_entries = select_folds(tuned_manifest, None)
+    base_entries = {e.fold: e for e in select_folds(base_manifest, [e.fold for e in tuned_entries])}
+    out.mkdir(parents=True, exist_ok=True)
+    fold_records, sources = [], []
+    for entry in tuned_entries:
+        mixed = _interpolate(load_file(str(base_entries[entry.fold].path)), load_file(str(entry.path)), alpha,
+                             f"fold {entry.fold}")
+        name = f"fold_{entry.fold}.safetensors"
+        save_state(mixed, out / name)
+        record = next(f for f in tuned_manifest.raw["folds"] if int(f["fold"]) == entry.fold)
+        fold_records.append({**{k: v for k, v in record.items() if k != "sha256"}, "file": name})
+        sources.append({"fold": entry.fold, "base_sha256": base_entries[entry.fold].sha256,
+                        "tuned_sha256": entry.sha256})
+    kept = {k: v for k, v in tuned_manifest.raw.items() if k not in {"format", "variant", "width", "folds"}}
+    averaged = {"base": str(base_manifest.folder), "tuned": str(tuned_manifest.folder), "alpha": alpha,
+                "rule": "(1 - alpha) * base + alpha * tuned, every floating-point tensor (BatchNorm statistics "
+                        "too); integer tensors from tuned",
+                "sources": sources}
+    return write_manifest(out, tuned_manifest.variant, tuned_manifest.width, fold_records,
+                          {**kept, "averaged": averaged})
+
+
+def _interpolate(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], alpha: float,
+                 what: str) -> dict[str, torch.Tensor]:
+    if base.keys() != tuned.keys():
+        only = sorted(set(base) ^ set(tuned))
+        raise WeightsError(f"{what}: the two networks' tensors differ (e.g. {only[0]})")
+    mixed = {}
+    for key, tuned_tensor in tuned.items():
+        base_tensor = base[key]
+        if base_tensor.shape != tuned_tensor.shape:
+            raise WeightsError(f"{what}: {key} has shape {tuple(base_tensor.shape)} in base and "
+                               f"{tuple(tuned_tensor.shape)} in tuned")
+        if tuned_tensor.is_floating_point():
+            # Interpolate in fp32 whatever the stored dtype, then store as the base does.
+            mixed[key] = ((1 - alpha) * base_tensor.float() + alpha * tuned_tensor.float()).to(base_tensor.dtype)
+        else:
+            mixed[key] = tuned_tensor
+    return mixed
