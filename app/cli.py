@@ -188,7 +188,8 @@ def _add_phantoms_flags(ph: argparse.ArgumentParser) -> None:
     ph.add_argument("--ranges", default=PhantomPreset.TRAINING.value, choices=choices(PhantomPreset),
                     help="training: the generator's ranges, which the shipped weights were trained on; wide: "
                          "anatomy and appearance stretched beyond them (thicker cortex, brighter grey matter, "
-                         "stronger bias, more noise, blur and thick slices), an out-of-distribution set")
+                         "stronger bias, more noise, blur and thick slices), an out-of-distribution set; mixed: "
+                         "the two alternating (even case indices training, odd wide)")
 
 
 def _add_train_flags(tr: argparse.ArgumentParser) -> None:
@@ -198,8 +199,8 @@ def _add_train_flags(tr: argparse.ArgumentParser) -> None:
                         help="train on N generated phantoms made in memory (no NIfTI files), series --phantom-seed")
     tr.add_argument("--phantom-seed", type=int, default=1, help="series seed of --phantoms")
     tr.add_argument("--phantom-ranges", default=PhantomPreset.TRAINING.value, choices=choices(PhantomPreset),
-                    help="ranges --phantoms are drawn from (the phantoms command's --ranges): training, or wide "
-                         "(anatomy and appearance stretched beyond them)")
+                    help="ranges --phantoms are drawn from (the phantoms command's --ranges): training, wide "
+                         "(anatomy and appearance stretched beyond them) or mixed (the two alternating case by case)")
     tr.add_argument("--phantom-size", type=int_list(3), default="240,240,155",
                     help="X,Y,Z voxels of --phantoms")
     tr.add_argument("--out", type=Path, required=True, help="weights folder to (re)write; resumes if it has runs/")

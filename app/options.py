@@ -90,10 +90,13 @@ class PhantomPreset(str, Enum):
     """Which ranges generated phantoms are drawn from (`phantoms --ranges`, `train --phantom-ranges`;
     app.phantoms.RANGE_PRESETS). TRAINING: the generator's own ranges. WIDE: every appearance and anatomy
     range stretched beyond them where scanners and brains reach (thicker cortex, brighter grey matter,
-    stronger bias, more noise, blur and thick slices): a set outside those ranges, to test on or to train on."""
+    stronger bias, more noise, blur and thick slices): a set outside those ranges, to test on or to train on.
+    MIXED: the two alternating case by case (even indices TRAINING, odd WIDE), so a fine-tune on the wide
+    ranges keeps seeing the training ranges it started from."""
 
     TRAINING = "training"
     WIDE = "wide"
+    MIXED = "mixed"
 
 
 class Variant(str, Enum):

@@ -113,6 +113,13 @@ WIDE_RANGES = DEFAULT_RANGES.widened(
 RANGE_PRESETS = {PhantomPreset.TRAINING: DEFAULT_RANGES, PhantomPreset.WIDE: WIDE_RANGES}
 
 
+def preset_of_case(preset: PhantomPreset, index: int) -> PhantomPreset:
+    """The ranges case ``index`` of a series is drawn from: MIXED alternates TRAINING (even) and WIDE (odd)."""
+    if preset is PhantomPreset.MIXED:
+        return PhantomPreset.TRAINING if index % 2 == 0 else PhantomPreset.WIDE
+    return preset
+
+
 @dataclass
 class Phantom:
     """One generated case: images (array order z, y, x) and internal labels 0/1/2/3."""
@@ -325,6 +332,7 @@ _ID_TAGS = {PhantomPreset.TRAINING: "A", PhantomPreset.WIDE: "W"}
 
 
 def case_id_for(layout: Layout, seed: int, index: int, preset: PhantomPreset = PhantomPreset.TRAINING) -> str:
+    preset = preset_of_case(preset, index)
     tag = _ID_TAGS[preset]
     if layout is Layout.BRATS2023:
         return f"BraTS-PH{tag}-{seed:03d}{index:02d}-000"
@@ -359,6 +367,7 @@ def generate(out_dir: Path, n: int, seed: int, layout: Layout = Layout.BRATS2023
         raise ValueError(f"n must be >= 1, got {n}")
     folders = []
     for index in range(start, start + n):
-        phantom = make_phantom(seed, index, size, case_id_for(layout, seed, index, preset), RANGE_PRESETS[preset])
+        phantom = make_phantom(seed, index, size, case_id_for(layout, seed, index, preset),
+                               RANGE_PRESETS[preset_of_case(preset, index)])
         folders.append(write_phantom(phantom, out_dir, layout))
     return folders

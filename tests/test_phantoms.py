@@ -149,3 +149,9 @@ def test_phantoms_command_writes_the_wide_preset_deterministically(tmp_path):
     assert not np.array_equal(runs["wide_a"][0], runs["training"][0])
     bad = python_cli("phantoms", "--out", str(tmp_path / "bad"), "--n", "1", "--ranges", "widest")
     assert bad.returncode == 2 and "--ranges" in bad.stderr
+    mixed = python_cli("phantoms", "--out", str(tmp_path / "mixed"), "--n", "2", "--seed", "9", "--size",
+                       "64,64,40", "--ranges", "mixed")
+    assert mixed.returncode == 0, mixed.stderr
+    by_id = {case.case_id: case for case in find_cases(tmp_path / "mixed").cases}
+    assert sorted(by_id) == ["BraTS-PHA-00900-000", "BraTS-PHW-00901-000"]
+    assert np.array_equal(load_segmentation(by_id["BraTS-PHA-00900-000"]), runs["training"][1])

@@ -295,7 +295,7 @@ def test_wide_phantoms_train_from_their_own_cases_and_are_recorded(tmp_path):
     from app.options import PhantomPreset
     from app.train import phantom_cases
 
-    training, wide = (phantom_cases(1, 45, (48, 48, 32), preset) for preset in PhantomPreset)
+    training, wide = (phantom_cases(1, 45, (48, 48, 32), p) for p in (PhantomPreset.TRAINING, PhantomPreset.WIDE))
     assert training[0].case_id != wide[0].case_id
     assert not np.array_equal(training[0].load()[0], wide[0].load()[0])
     out, cache = tmp_path / "weights", tmp_path / "cache"
@@ -308,6 +308,22 @@ def test_wide_phantoms_train_from_their_own_cases_and_are_recorded(tmp_path):
         c.case_id for c in phantom_cases(2, 45, (48, 48, 32), PhantomPreset.WIDE)]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["training"]["data"]["phantoms"]["ranges"] == "wide"
+
+
+def test_mixed_phantoms_alternate_the_training_and_wide_cases_of_one_series():
+    """`--phantom-ranges mixed`: case i is the training-range case i for even i and the wide case i for odd
+    i, same ID and same voxels, so it shares their cache entries."""
+    from app.options import PhantomPreset
+    from app.train import phantom_cases
+
+    size = (48, 48, 32)
+    mixed = phantom_cases(4, 45, size, PhantomPreset.MIXED)
+    training = phantom_cases(4, 45, size, PhantomPreset.TRAINING)
+    wide = phantom_cases(4, 45, size, PhantomPreset.WIDE)
+    expected = [training[0], wide[1], training[2], wide[3]]
+    assert [c.case_id for c in mixed] == [c.case_id for c in expected]
+    for index in (0, 1):
+        assert np.array_equal(mixed[index].load()[0], expected[index].load()[0])
 
 
 def test_init_from_a_weights_folder_starts_every_fold_from_its_own_fold(tmp_path):
