@@ -114,10 +114,15 @@ RANGE_PRESETS = {PhantomPreset.TRAINING: DEFAULT_RANGES, PhantomPreset.WIDE: WID
 
 
 def preset_of_case(preset: PhantomPreset, index: int) -> PhantomPreset:
-    """The ranges case ``index`` of a series is drawn from: MIXED alternates TRAINING (even) and WIDE (odd)."""
+    """The preset case ``index`` of a series is drawn from: MIXED alternates TRAINING (even) and WIDE (odd)."""
     if preset is PhantomPreset.MIXED:
         return PhantomPreset.TRAINING if index % 2 == 0 else PhantomPreset.WIDE
     return preset
+
+
+def ranges_of_case(preset: PhantomPreset, index: int) -> PhantomRanges:
+    """The ranges case ``index`` of a ``preset`` series is drawn from (one place resolves MIXED)."""
+    return RANGE_PRESETS[preset_of_case(preset, index)]
 
 
 @dataclass
@@ -368,6 +373,6 @@ def generate(out_dir: Path, n: int, seed: int, layout: Layout = Layout.BRATS2023
     folders = []
     for index in range(start, start + n):
         phantom = make_phantom(seed, index, size, case_id_for(layout, seed, index, preset),
-                               RANGE_PRESETS[preset_of_case(preset, index)])
+                               ranges_of_case(preset, index))
         folders.append(write_phantom(phantom, out_dir, layout))
     return folders

@@ -123,9 +123,9 @@ def _load_files(case: CaseFiles) -> tuple[np.ndarray, np.ndarray]:
 def _load_phantom(seed: int, index: int, size: tuple[int, int, int],
                   preset: PhantomPreset) -> tuple[np.ndarray, np.ndarray]:
     from .conventions import MODALITY_ORDER
-    from .phantoms import RANGE_PRESETS, make_phantom, preset_of_case
+    from .phantoms import make_phantom, ranges_of_case
 
-    phantom = make_phantom(seed, index, size, ranges=RANGE_PRESETS[preset_of_case(preset, index)])
+    phantom = make_phantom(seed, index, size, ranges=ranges_of_case(preset, index))
     return np.stack([phantom.images[m].astype(np.float32) for m in MODALITY_ORDER]), phantom.labels
 
 
