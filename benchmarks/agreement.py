@@ -5,8 +5,11 @@ to case. For each case it runs the paper tiling and every other TILING token (be
 the same weights, applies the default post-processing, and reports each tiling's mask agreement with the
 paper tiling and every tiling's Dice against the ground truth.
 
-    python3 benchmarks/agreement.py [--cases 4] [--seed 1000] [--tilings fast,fastfixed] [--weights DIR]
-        [--tta none|folds|full]
+    python3 benchmarks/agreement.py [--cases 4] [--seed 1000] [--ranges training|wide|mixed]
+        [--tilings fast,fastfixed] [--weights DIR] [--tta none|folds|full]
+
+`--ranges wide` draws the phantoms outside the training ranges (the phantoms command's `--ranges`): where
+the network is unsure, tile borders move the mask most, so agreement there is the harder number.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from benchmark import predictor_options  # noqa: E402
 
-from app.options import Mirroring, choices  # noqa: E402
+from app.options import Mirroring, PhantomPreset, choices, parse_option  # noqa: E402
 
 REGIONS = ("WT", "TC", "ET")
 
@@ -65,10 +68,25 @@ def mean_rows(rows: list[dict], tilings: list[str]) -> list[dict]:
     return means
 
 
+def phantom_cases(workdir: Path, cases: int, seed: int, preset: PhantomPreset,
+                  size: tuple[int, int, int] | None = None) -> Path:
+    """The folder of ``cases`` phantoms of series ``seed`` from ``preset``'s ranges under ``workdir``,
+    generated unless a previous run left it there (full BraTS size unless ``size``)."""
+    from app.phantoms import DEFAULT_SIZE, generate
+
+    size = size or DEFAULT_SIZE
+    cases_dir = workdir / f"phantoms_{preset.value}_seed{seed}_n{cases}_{'x'.join(map(str, size))}"
+    if not cases_dir.exists():
+        generate(cases_dir, cases, seed=seed, size=size, preset=preset)
+    return cases_dir
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=4, help="number of 240x240x155 phantom cases to generate")
     parser.add_argument("--seed", type=int, default=1000, help="phantom series seed")
+    parser.add_argument("--ranges", default=PhantomPreset.TRAINING.value, choices=choices(PhantomPreset),
+                        help="phantom ranges: training, wide (outside them) or mixed (the phantoms command's --ranges)")
     parser.add_argument("--tilings", default="fast,fastfixed",
                         help="comma-separated TILING tokens of benchmark.py to compare with paper")
     parser.add_argument("--weights", type=Path, default=None, help="weights folder (default: the shipped weights/)")
@@ -93,14 +111,11 @@ def main() -> int:
 
     from app.cli import cpu_quota
     from app.io import find_cases
-    from app.phantoms import generate
     from app.weights import DEFAULT_WEIGHTS_DIR, load_ensemble
 
     torch.set_num_threads(cpu_quota())
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="omnet-agreement-"))
-    cases_dir = workdir / f"phantoms_seed{args.seed}_n{args.cases}"
-    if not cases_dir.exists():
-        generate(cases_dir, args.cases, seed=args.seed)
+    cases_dir = phantom_cases(workdir, args.cases, args.seed, parse_option(PhantomPreset, args.ranges, "ranges"))
     _, models = load_ensemble(args.weights or DEFAULT_WEIGHTS_DIR, None)
     rows = []
     for case in find_cases(cases_dir).cases:

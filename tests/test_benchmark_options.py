@@ -149,3 +149,21 @@ def test_fusion_grid_default_row_is_the_products_score_and_kept_crops_are_reused
     assert [p.name for p in (tmp_path / "crops").iterdir()] == [f"{case.case_id}.npz"]
     second, _ = grid(tmp_path / "second.jsonl")
     assert second == first
+
+
+def test_agreement_draws_its_phantoms_from_the_ranges_asked_for(tmp_path):
+    """agreement.py --ranges wide measures on phantoms outside the training ranges (IDs PHW), and a second
+    run reuses the folder the first left."""
+    from agreement import phantom_cases
+
+    from app.io import find_cases
+    from app.options import PhantomPreset
+
+    wide = phantom_cases(tmp_path, 1, 61, PhantomPreset.WIDE, size=(48, 48, 32))
+    training = phantom_cases(tmp_path, 1, 61, PhantomPreset.TRAINING, size=(48, 48, 32))
+    assert wide != training
+    assert [c.case_id for c in find_cases(wide).cases] == ["BraTS-PHW-06100-000"]
+    assert [c.case_id for c in find_cases(training).cases] == ["BraTS-PHA-06100-000"]
+    stamp = next(wide.rglob("*-t2f.nii.gz")).stat().st_mtime_ns
+    assert phantom_cases(tmp_path, 1, 61, PhantomPreset.WIDE, size=(48, 48, 32)) == wide
+    assert next(wide.rglob("*-t2f.nii.gz")).stat().st_mtime_ns == stamp
