@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from benchmark import predictor_options  # noqa: E402
 
-from app.options import Mirroring, PhantomPreset, choices, parse_option  # noqa: E402
+from app.options import Mirroring, PhantomPreset, choices  # noqa: E402
 
 REGIONS = ("WT", "TC", "ET")
 
@@ -115,7 +115,7 @@ def main() -> int:
 
     torch.set_num_threads(cpu_quota())
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="omnet-agreement-"))
-    cases_dir = phantom_cases(workdir, args.cases, args.seed, parse_option(PhantomPreset, args.ranges, "ranges"))
+    cases_dir = phantom_cases(workdir, args.cases, args.seed, PhantomPreset(args.ranges))
     _, models = load_ensemble(args.weights or DEFAULT_WEIGHTS_DIR, None)
     rows = []
     for case in find_cases(cases_dir).cases:
