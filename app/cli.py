@@ -245,6 +245,11 @@ def _add_train_flags(tr: argparse.ArgumentParser) -> None:
     tr.add_argument("--task1-tumour-fraction", type=bounded_float(0.0, 1.0), default=0.0,
                     help="fraction of task-1 patches centred near the tumour rather than anywhere in the brain "
                          "(0: the paper's uniform draw)")
+    tr.add_argument("--hard-case-power", type=bounded_float(0.0, 4.0), default=0.0,
+                    help="draw each case by its running task-1 patch loss over the cases' mean, to this power "
+                         "(the weight clipped to 0.25-4x; combines with --rare-case-weight), so that the cases the "
+                         "network reads worst come back more often; reading the losses syncs a GPU every step "
+                         "(0: off)")
     tr.add_argument("--prepare-workers", type=int, default=0,
                     help="with --cache: prepare (and generate) every case in this many processes before training")
     tr.add_argument("--prepare-only", action="store_true",
@@ -404,6 +409,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         augment_acquisition=args.augment_acquisition,
         augment_tumour_contrast=args.augment_tumour_contrast,
         rare_case_weight=args.rare_case_weight, task1_tumour_fraction=args.task1_tumour_fraction,
+        hard_case_power=args.hard_case_power,
     )
     if args.phantoms is not None:
         preset = PhantomPreset(args.phantom_ranges)

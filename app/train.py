@@ -84,6 +84,7 @@ class TrainConfig:
     # and the fraction of task-1 patches centred near the tumour instead of anywhere in the brain.
     rare_case_weight: float = 1.0
     task1_tumour_fraction: float = 0.0
+    hard_case_power: float = 0.0  # 0: off; else cases drawn by their running task-1 loss (`CaseDifficulty`)
 
     @property
     def total_steps(self) -> int:
@@ -260,16 +261,20 @@ def to_device(case: TrainingCase, device: torch.device) -> TrainingCase:
 
 
 def sample_patches(cases: Sequence[TrainingCase], task: int, count: int, rng: np.random.Generator,
-                   with_offsets: bool = False, case_probabilities: np.ndarray | None = None):
+                   with_offsets: bool = False, case_probabilities: np.ndarray | None = None,
+                   with_cases: bool = False):
     """``count`` patches whose centres lie in ``task``'s region of randomly chosen cases: (images, targets),
     numpy arrays or device tensors as the cases hold them; with ``with_offsets`` also each patch's case
-    offset (count, 4). ``case_probabilities`` (one per case) replaces the uniform choice of cases."""
-    images, targets, offsets = [], [], []
+    offset (count, 4), with ``with_cases`` then each patch's case index (count,). ``case_probabilities``
+    (one per case) replaces the uniform choice of cases."""
+    images, targets, offsets, chosen = [], [], [], []
     for _ in range(count):
         if case_probabilities is None:
-            case = cases[rng.integers(len(cases))]
+            index = int(rng.integers(len(cases)))
         else:
-            case = cases[rng.choice(len(cases), p=case_probabilities)]
+            index = int(rng.choice(len(cases), p=case_probabilities))
+        case = cases[index]
+        chosen.append(index)
         flat = case.centres[task][rng.integers(len(case.centres[task]))]
         centre = np.unravel_index(flat, tuple(case.target.shape))
         window = tuple(slice(int(c) - p // 2, int(c) - p // 2 + p) for c, p in zip(centre, PATCH))
@@ -277,9 +282,8 @@ def sample_patches(cases: Sequence[TrainingCase], task: int, count: int, rng: np
         targets.append(case.target[window])
         offsets.append(case.offset)
     stack = torch.stack if isinstance(images[0], torch.Tensor) else np.stack
-    if with_offsets:
-        return stack(images), stack(targets), stack(offsets)
-    return stack(images), stack(targets)
+    out = (stack(images), stack(targets)) + ((stack(offsets),) if with_offsets else ())
+    return out + ((np.array(chosen, np.int64),) if with_cases else ())
 
 
 # A case is of a rare kind when its core has (almost) no enhancing rim, is (almost) solidly enhancing, or
@@ -309,6 +313,54 @@ def case_probabilities(cases: Sequence[TrainingCase], rare_weight: float) -> np.
         return None
     weights = np.where(rare, rare_weight, 1.0)
     return weights / weights.sum()
+
+
+# Hard-case sampling (ours, `--hard-case-power`): each case's draw weight is multiplied by (its running
+# task-1 patch loss / the mean over the cases seen) ** power, clipped to HARD_CASE_CLIP, so that the cases
+# the network reads worst are drawn more often (on phantoms: edema that intensity cannot tell from grey
+# matter, docs/EXPERIMENTS.md). The running loss of a case is an exponential moving average over its patches.
+HARD_CASE_MOMENTUM = 0.9
+HARD_CASE_CLIP = (0.25, 4.0)
+
+
+@dataclass
+class CaseDifficulty:
+    """Running task-1 loss per training case (NaN until a case is first drawn) and the draw it implies."""
+
+    power: float
+    losses: np.ndarray
+
+    @classmethod
+    def start(cls, power: float, n_cases: int, saved: Sequence[float | None] | None = None) -> CaseDifficulty:
+        """Equal difficulty for ``n_cases``, or the ``saved`` running losses of a resumed run (None = NaN)."""
+        if power <= 0:
+            raise ValueError(f"hard_case_power must be positive, got {power}")
+        losses = np.full(n_cases, np.nan)
+        if saved is not None:
+            if len(saved) != n_cases:
+                raise ValueError(f"{len(saved)} saved case losses for {n_cases} training cases")
+            losses = np.array([np.nan if v is None else v for v in saved], np.float64)
+        return cls(power, losses)
+
+    def update(self, cases: np.ndarray, losses: np.ndarray) -> None:
+        """Fold patch ``losses`` into the running loss of their ``cases`` (indices), one patch at a time."""
+        for case, loss in zip(cases.tolist(), losses.tolist()):
+            old = self.losses[case]
+            self.losses[case] = loss if np.isnan(old) else HARD_CASE_MOMENTUM * old + (1 - HARD_CASE_MOMENTUM) * loss
+
+    def probabilities(self, base: np.ndarray | None) -> np.ndarray:
+        """The draw: ``base`` (None: uniform) times each case's clipped relative difficulty (1 if unseen)."""
+        seen = ~np.isnan(self.losses)
+        relative = np.ones(len(self.losses))
+        if seen.any() and self.losses[seen].mean() > 0:
+            relative[seen] = self.losses[seen] / self.losses[seen].mean()
+        weights = np.clip(relative ** self.power, *HARD_CASE_CLIP)
+        weights = weights * (np.full(len(weights), 1.0) if base is None else base)
+        return weights / weights.sum()
+
+    def saved(self) -> list[float | None]:
+        """The running losses as JSON can hold them (the fold's checkpoint)."""
+        return [None if np.isnan(v) else round(float(v), 6) for v in self.losses]
 
 
 def task_targets(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -543,6 +595,10 @@ def _train_loop(cfg: TrainConfig, model: nn.Module, optimizer, data: Sequence[Tr
     if probabilities is not None:
         log.info("fold %d: %d of %d training cases of a rare tumour kind, drawn %gx as often", fold,
                  int(np.sum(probabilities > probabilities.min())), len(data), cfg.rare_case_weight)
+    difficulty = None
+    if cfg.hard_case_power > 0:
+        difficulty = CaseDifficulty.start(cfg.hard_case_power, len(data), state.meta.get("case_losses"))
+        log.info("fold %d: cases drawn by their running task-1 loss to the power %g", fold, cfg.hard_case_power)
     # The augmentation's generator is reseeded from ``rng`` after every validation, so a resumed run
     # draws exactly what the uninterrupted one would.
     generator = torch.Generator(device=device)
@@ -553,7 +609,8 @@ def _train_loop(cfg: TrainConfig, model: nn.Module, optimizer, data: Sequence[Tr
     counted = 0
     for step in range(state.meta["step"], cfg.total_steps):
         lr = set_learning_rate(optimizer, cfg, step)
-        losses = train_step(model, optimizer, data, cfg, step, rng, device, use_amp, augment, generator, probabilities)
+        losses = train_step(model, optimizer, data, cfg, step, rng, device, use_amp, augment, generator, probabilities,
+                            difficulty)
         for key, value in losses.items():
             sums[key] = sums.get(key, 0) + value
         counted += 1
@@ -572,6 +629,8 @@ def _train_loop(cfg: TrainConfig, model: nn.Module, optimizer, data: Sequence[Tr
         log.info("fold %d step %d: loss %.4f dice WT %.3f TC %.3f ET %.3f", fold, done, running,
                  dice["WT"], dice["TC"], dice["ET"])
         bar.set_postfix(loss=f"{running:.3f}", lr=f"{lr:.1e}", tasks=len(cfg.active_tasks(step)))
+        if difficulty is not None:
+            state.meta["case_losses"] = difficulty.saved()
         state.record(model, optimizer, rng, entry, dice, out_of_time and done < cfg.total_steps)
         sums, counted = {}, 0
         generator.manual_seed(int(rng.integers(2**62)))
@@ -599,12 +658,14 @@ def training_autocast(precision: str, device: torch.device) -> bool:
 
 def train_step(model, optimizer, data, cfg: TrainConfig, step: int, rng, device, use_amp: bool,
                augment: AugmentConfig | None = None, generator: torch.Generator | None = None,
-               probabilities: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+               probabilities: np.ndarray | None = None,
+               difficulty: CaseDifficulty | None = None) -> dict[str, torch.Tensor]:
     """One SGD step on a fresh batch of the active tasks' patches (cases drawn with ``probabilities``, see
-    `case_probabilities`); returns each task's loss as a detached device tensor (reading it would wait for
-    the device)."""
+    `case_probabilities`, reweighted by ``difficulty`` when given, which the step's task-1 losses then
+    update); returns each task's loss as a detached device tensor (reading it would wait for the device)."""
     tasks = cfg.active_tasks(step)
-    x, y, origin, offsets = _batch(data, tasks, cfg.batch, rng, device, probabilities, cfg.task1_tumour_fraction)
+    draw = probabilities if difficulty is None else difficulty.probabilities(probabilities)
+    x, y, origin, offsets, cases = _batch(data, tasks, cfg.batch, rng, device, draw, cfg.task1_tumour_fraction)
     if augment is not None:
         x, y = augment_batch(x, y, offsets, augment, generator, rng)
     cascade = Variant(cfg.variant) is Variant.CASCADE
@@ -621,9 +682,15 @@ def train_step(model, optimizer, data, cfg: TrainConfig, step: int, rng, device,
     for task in tasks:
         chosen = selected[task]
         if cascade:
-            task_loss = F.cross_entropy(outputs[task].float(), per_task_targets[task][chosen])
+            per_patch = _patch_cross_entropy(outputs[task], per_task_targets[task][chosen])
+            task_loss = per_patch.mean()
         else:
-            task_loss = _masked_cross_entropy(outputs[task], per_task_targets[task], chosen)
+            per_patch = _patch_cross_entropy(outputs[task], per_task_targets[task])
+            task_loss = _masked_mean(per_patch, chosen)
+        if task == 0 and difficulty is not None:
+            # Task 1's own patches are the batch's first block in both variants (`_batch`); reading their
+            # losses waits for the device, the price of the option.
+            difficulty.update(cases[:cfg.batch], to_host(per_patch[:cfg.batch].detach()))
         loss = loss + task_loss
         losses[f"loss_task{task + 1}"] = task_loss.detach()
     optimizer.zero_grad(set_to_none=True)
@@ -632,10 +699,14 @@ def train_step(model, optimizer, data, cfg: TrainConfig, step: int, rng, device,
     return losses
 
 
-def _masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-    """Mean voxel-wise cross-entropy over the ``chosen`` patches only: the same value as indexing them out,
-    without the host waiting for the device to count them."""
-    per_patch = F.cross_entropy(logits.float(), target, reduction="none").flatten(1).mean(1)
+def _patch_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean voxel-wise cross-entropy of each patch: (B,)."""
+    return F.cross_entropy(logits.float(), target, reduction="none").flatten(1).mean(1)
+
+
+def _masked_mean(per_patch: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """Mean of the ``chosen`` patches' losses only: the same value as indexing them out, without the host
+    waiting for the device to count them."""
     weights = chosen.float()
     return (per_patch * weights).sum() / weights.sum().clamp_min(1.0)
 
@@ -643,25 +714,26 @@ def _masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, chosen: to
 def _batch(data: Sequence[TrainingCase], tasks: Sequence[int], batch: int, rng: np.random.Generator,
            device: torch.device, case_probabilities: np.ndarray | None = None, task1_tumour_fraction: float = 0.0):
     """Patches of every active task, concatenated: images (channels-last), long labels, each patch's
-    stream and its case's offsets, all on ``device``. A ``task1_tumour_fraction`` of task 1's patches are
-    centred where task 2's are (near the tumour)."""
-    images, targets, offsets = [], [], []
+    stream and its case's offsets, all on ``device``, and each patch's case index (numpy). A
+    ``task1_tumour_fraction`` of task 1's patches are centred where task 2's are (near the tumour)."""
+    images, targets, offsets, cases = [], [], [], []
     for task in tasks:
         near = int(rng.binomial(batch, task1_tumour_fraction)) if task == 0 and task1_tumour_fraction > 0 else 0
         for stream, count in ((task, batch - near), (1, near)):
             if count == 0:
                 continue
-            x, y, off = sample_patches(data, stream, count, rng, with_offsets=True,
-                                       case_probabilities=case_probabilities)
+            x, y, off, index = sample_patches(data, stream, count, rng, with_offsets=True,
+                                              case_probabilities=case_probabilities, with_cases=True)
             images.append(torch.as_tensor(x))
             targets.append(torch.as_tensor(y))
             offsets.append(off)
+            cases.append(index)
     x = torch.cat(images).to(device, torch.float32, non_blocking=True)
     y = torch.cat(targets).to(device, torch.long, non_blocking=True)
     # Active tasks are always (0,), (0, 1) or (0, 1, 2), so a patch's stream is its block number.
     origin = torch.arange(len(tasks), device=device).repeat_interleave(batch)
     offsets = torch.cat([torch.as_tensor(o) for o in offsets]).to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last_3d), y, origin, offsets
+    return x.contiguous(memory_format=torch.channels_last_3d), y, origin, offsets, np.concatenate(cases)
 
 
 def _progress_bar(total: int, initial: int, desc: str, enabled: bool):

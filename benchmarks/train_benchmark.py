@@ -64,7 +64,7 @@ def time_augmentation(augment: str, batch: int, steps: int, data, device: torch.
     rng = np.random.default_rng(0)
     cfg = AugmentConfig.for_level(augment)
     generator = torch.Generator(device=device).manual_seed(0)
-    x, y, _, offsets = _batch(data, (0, 1, 2), batch, rng, device)
+    x, y, _, offsets, _ = _batch(data, (0, 1, 2), batch, rng, device)
     augment_batch(x, y, offsets, cfg, generator, rng)
     _sync(device)
     started = time.perf_counter()
@@ -101,7 +101,7 @@ def time_monai(batch: int, steps: int, data, device: torch.device) -> float | No
     if pipeline is None:
         return None
     pipeline.set_random_state(0)
-    x, y, _, _ = _batch(data, (0, 1, 2), batch, np.random.default_rng(0), device)
+    x, y, _, _, _ = _batch(data, (0, 1, 2), batch, np.random.default_rng(0), device)
     started = time.perf_counter()
     for _ in range(steps):
         out = [pipeline({"image": x[i], "label": y[i][None]}) for i in range(x.shape[0])]

@@ -14,11 +14,13 @@ from app.model import build_model
 from app.phantoms import generate
 from app.train import (
     PATCH,
+    CaseDifficulty,
     TrainConfig,
     TrainingCase,
     TrainingSetupError,
     _batch,
-    _masked_cross_entropy,
+    _masked_mean,
+    _patch_cross_entropy,
     case_probabilities,
     is_rare_kind,
     load_validation,
@@ -119,13 +121,51 @@ def test_rare_cases_are_drawn_by_their_weight():
     assert 0.68 < share < 0.82, share
 
 
+def test_hard_cases_are_drawn_by_their_running_loss_clipped_and_resumable():
+    difficulty = CaseDifficulty.start(1.0, 3)
+    assert np.allclose(difficulty.probabilities(None), 1 / 3)  # nothing seen yet: the uniform draw
+    difficulty.update(np.array([0, 1, 1]), np.array([1.0, 3.0, 3.0]))
+    assert difficulty.losses[0] == 1.0 and difficulty.losses[1] == pytest.approx(3.0)  # first sight, then EMA
+    p = difficulty.probabilities(None)  # relative 0.5, 1.5 and unseen 1
+    assert np.allclose(p, np.array([0.5, 1.5, 1.0]) / 3.0)
+    assert np.allclose(difficulty.probabilities(np.array([0.5, 0.25, 0.25])), np.array([0.25, 0.375, 0.25]) / 0.875)
+    steep = CaseDifficulty(8.0, np.array([0.01, 1.0, 100.0]))
+    weights = steep.probabilities(None) / steep.probabilities(None).min()
+    assert weights.max() == pytest.approx(16.0)  # 4x and 0.25x are the limits
+    saved = CaseDifficulty.start(1.0, 3).saved()
+    assert saved == [None, None, None]
+    restored = CaseDifficulty.start(2.0, 3, difficulty.saved())
+    assert np.allclose(np.nan_to_num(restored.losses, nan=-1), np.nan_to_num(difficulty.losses, nan=-1))
+    with pytest.raises(ValueError, match="3 training cases"):
+        CaseDifficulty.start(1.0, 3, [1.0])
+    with pytest.raises(ValueError, match="hard_case_power"):
+        CaseDifficulty.start(0.0, 3)
+
+
+def test_hard_case_training_tracks_case_losses_through_the_step_and_the_checkpoint(cases, tmp_path):
+    cfg = replace(TINY, stage_steps=(0, 0, 12), validate_every=6, hard_case_power=2.0)
+    data = [prepare_case(c) for c in cases[:3]]
+    model = build_model(cfg.variant, cfg.width)
+    difficulty = CaseDifficulty.start(cfg.hard_case_power, len(data))
+    for step in range(6):
+        train_step(model, make_optimizer(model, cfg), data, cfg, step, np.random.default_rng(step),
+                   torch.device("cpu"), False, difficulty=difficulty)
+    assert not np.isnan(difficulty.losses).all() and (difficulty.losses[~np.isnan(difficulty.losses)] > 0).all()
+    # through the real loop: the running losses are checkpointed, so a resumed run continues them
+    result = train_fold(cfg, cases[:2], cases[3:], tmp_path / "hard", 0, False)
+    meta = json.loads((tmp_path / "hard" / "last.json").read_text())
+    assert result.steps == 12 and len(meta["case_losses"]) == 2
+    assert all(v is None or v > 0 for v in meta["case_losses"]) and any(v is not None for v in meta["case_losses"])
+    assert result.config["hard_case_power"] == 2.0
+
+
 def test_task1_tumour_fraction_centres_task1_patches_near_the_tumour():
     target = np.full((40, 60, 60), 4, np.uint8)
     target[18:22, 5:10, 5:10] = 1  # a small core in a large brain
     case = _case_with(target, 0.0)
     centre = (slice(None), *(p // 2 for p in PATCH))
     for fraction, low, high in ((0.0, 0.0, 0.05), (0.5, 0.3, 0.7), (1.0, 1.0, 1.0)):
-        _, y, origin, _ = _batch([case], (0, 1), 50, np.random.default_rng(1), torch.device("cpu"),
+        _, y, origin, _, _ = _batch([case], (0, 1), 50, np.random.default_rng(1), torch.device("cpu"),
                                  task1_tumour_fraction=fraction)
         assert origin.tolist() == [0] * 50 + [1] * 50  # the streams keep their blocks
         near = (y[:50][centre] == 1).float().mean().item()
@@ -133,7 +173,7 @@ def test_task1_tumour_fraction_centres_task1_patches_near_the_tumour():
 
 
 def test_training_flags_reject_out_of_range_sampling_numbers(tmp_path):
-    for flag, value in (("--rare-case-weight", "0"), ("--task1-tumour-fraction", "1.5")):
+    for flag, value in (("--rare-case-weight", "0"), ("--task1-tumour-fraction", "1.5"), ("--hard-case-power", "5")):
         run = python_cli("train", "--phantoms", "2", "--out", str(tmp_path), flag, value)
         assert run.returncode == 2 and flag in run.stderr, run.stderr
 
@@ -167,9 +207,10 @@ def test_curriculum_switches_stages_as_configured():
     assert replace(cfg, curriculum=False).active_tasks(0) == (0, 1, 2)
 
 
-def test_resumed_run_continues_from_the_saved_step_and_matches_a_straight_run(cases, tmp_path):
+@pytest.mark.parametrize("hard_case_power", [0.0, 2.0])  # with hard cases the running losses resume too
+def test_resumed_run_continues_from_the_saved_step_and_matches_a_straight_run(cases, tmp_path, hard_case_power):
     torch.set_num_threads(1)
-    cfg = replace(TINY, stage_steps=(4, 4, 12), validate_every=10, batch=2)
+    cfg = replace(TINY, stage_steps=(4, 4, 12), validate_every=10, batch=2, hard_case_power=hard_case_power)
     straight = train_fold(cfg, cases[:2], cases[3:], tmp_path / "straight", fold=0, progress=False)
     first = train_fold(replace(cfg, stage_steps=(4, 4, 2)), cases[:2], cases[3:], tmp_path / "resumed", 0, False)
     assert first.steps == 10
@@ -269,8 +310,9 @@ def test_masked_loss_equals_the_loss_of_the_chosen_patches():
     logits, target = torch.randn(5, 3, 4, 4, 4), torch.randint(0, 3, (5, 4, 4, 4))
     chosen = torch.tensor([True, False, True, True, False])
     expected = F.cross_entropy(logits[chosen], target[chosen])
-    torch.testing.assert_close(_masked_cross_entropy(logits, target, chosen), expected)
-    assert float(_masked_cross_entropy(logits, target, torch.zeros(5, dtype=torch.bool))) == 0.0
+    per_patch = _patch_cross_entropy(logits, target)
+    torch.testing.assert_close(_masked_mean(per_patch, chosen), expected)
+    assert float(_masked_mean(per_patch, torch.zeros(5, dtype=torch.bool))) == 0.0
 
 
 def test_train_cli_on_generated_phantoms_prepares_then_trains(tmp_path):
