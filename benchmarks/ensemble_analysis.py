@@ -129,7 +129,7 @@ def summary(paths: list[Path]) -> None:
     folds = sorted({int(key.split(":")[1]) for key in single})
     print("\nmean Dice of each network alone (no post-processing); in brackets, the ensemble's mean Dice change "
           "when that version replaces the shipped fold")
-    print("\n| fold | " + " | ".join(names) + " |\n|---" * (len(names) + 1) + "|")
+    print("\n| fold | " + " | ".join(names) + " |\n" + "|---" * (len(names) + 1) + "|")
     for k in folds:
         cells = []
         for name in names:

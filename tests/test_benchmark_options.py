@@ -100,7 +100,7 @@ def test_ensemble_analysis_scores_steps_folds_and_candidates_and_resumes(tmp_pat
     assert {"without step 1", "without step 4", "random ensemble, no post-processing"} <= set(ensemble)
     assert len(row["single"]) == 12 and set(row["swap"]) == {"random:0", "random:1"}
     assert all(0.0 <= d <= 1.0 for v in row["single"].values() for d in v)
-    assert "| fold | shipped | random |" in first.stdout
+    assert "| fold | shipped | random |\n|---|---|---|\n| 0 | " in first.stdout  # a well-formed table
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and len(jsonl.read_text().splitlines()) == 1 and again.stderr == ""
     alone = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ensemble_analysis.py"), "--summary", str(jsonl)],
