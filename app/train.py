@@ -355,7 +355,8 @@ class CaseDifficulty:
         if seen.any() and self.losses[seen].mean() > 0:
             relative[seen] = self.losses[seen] / self.losses[seen].mean()
         weights = np.clip(relative ** self.power, *HARD_CASE_CLIP)
-        weights = weights * (np.full(len(weights), 1.0) if base is None else base)
+        if base is not None:
+            weights = weights * base
         return weights / weights.sum()
 
     def saved(self) -> list[float | None]:
