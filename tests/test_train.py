@@ -166,7 +166,7 @@ def test_task1_tumour_fraction_centres_task1_patches_near_the_tumour():
     centre = (slice(None), *(p // 2 for p in PATCH))
     for fraction, low, high in ((0.0, 0.0, 0.05), (0.5, 0.3, 0.7), (1.0, 1.0, 1.0)):
         _, y, origin, _, _ = _batch([case], (0, 1), 50, np.random.default_rng(1), torch.device("cpu"),
-                                 task1_tumour_fraction=fraction)
+                                    task1_tumour_fraction=fraction)
         assert origin.tolist() == [0] * 50 + [1] * 50  # the streams keep their blocks
         near = (y[:50][centre] == 1).float().mean().item()
         assert low <= near <= high, (fraction, near)
