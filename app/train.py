@@ -360,8 +360,9 @@ class CaseDifficulty:
         return weights / weights.sum()
 
     def saved(self) -> list[float | None]:
-        """The running losses as JSON can hold them (the fold's checkpoint)."""
-        return [None if np.isnan(v) else round(float(v), 6) for v in self.losses]
+        """The running losses as JSON can hold them (the fold's checkpoint), unrounded: a resumed run must
+        draw from exactly the probabilities the uninterrupted one would."""
+        return [None if np.isnan(v) else float(v) for v in self.losses]
 
 
 def task_targets(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
