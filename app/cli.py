@@ -21,6 +21,7 @@ from .options import (
     AugmentLevel,
     BiasCorrection,
     Device,
+    EdemaRelabel,
     Fusion,
     Mirroring,
     PhantomPreset,
@@ -33,7 +34,8 @@ from .options import (
 EXIT_OK, EXIT_CASE_FAILED, EXIT_USAGE = 0, 1, 2
 # parameters.yaml keys that are predict flags with a fixed set of values (mlcube/workspace/parameters.yaml),
 # and every key the file may hold; the --parameters_file help and the check both read these.
-MLCUBE_CHOICE_KEYS = ("device", "tiling", "precision", "tta", "fusion", "bias_correction", "labels")
+MLCUBE_CHOICE_KEYS = ("device", "tiling", "precision", "tta", "fusion", "bias_correction", "edema_relabel",
+                      "labels")
 MLCUBE_KEYS = ("folds", *MLCUBE_CHOICE_KEYS, "postprocess")
 
 
@@ -131,7 +133,11 @@ def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None
     p.add_argument("--no-postprocess", action="store_true",
                    help="skip all post-processing (the paper's two steps, --min-et-voxels and the core filling)")
     p.add_argument("--no-small-component-removal", action="store_true", help="skip post-processing step 1")
-    p.add_argument("--no-edema-relabel", action="store_true", help="skip post-processing step 2 (K-means)")
+    p.add_argument("--edema-relabel", default=EdemaRelabel.NON_ENHANCING.value, choices=choices(EdemaRelabel),
+                   help="when post-processing step 2 (K-means: edema dark on T1c -> NCR/NET) runs: non-enhancing "
+                        "(default) = in a case with little ET whose largest ET component is also under "
+                        f"{MIN_ENHANCING_VOXELS} voxels; paper = in every case with little ET (the authors'); off")
+    p.add_argument("--no-edema-relabel", action="store_true", help="skip post-processing step 2 (--edema-relabel off)")
     p.add_argument("--min-et-voxels", type=non_negative_int, default=MIN_ENHANCING_VOXELS,
                    help="post-processing step 3 (ours, not the paper's): a case whose largest ET component has "
                         f"fewer voxels than this has all its ET relabelled NCR/NET (default {MIN_ENHANCING_VOXELS}); "
@@ -351,7 +357,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             input_dir=args.input, output_dir=args.output, labels=args.labels,
             postprocess=PostprocessConfig(
                 remove_small_components=not (args.no_postprocess or args.no_small_component_removal),
-                relabel_dark_edema=not (args.no_postprocess or args.no_edema_relabel),
+                edema_relabel=(EdemaRelabel.OFF if args.no_postprocess or args.no_edema_relabel
+                               else EdemaRelabel(args.edema_relabel)),
                 min_enhancing_voxels=0 if args.no_postprocess else args.min_et_voxels,
                 fill_enclosed_core=not (args.no_postprocess or args.no_core_filling),
             ),

@@ -27,6 +27,16 @@ def parse_option(enum: type[E_], value: str | E_, name: str) -> E_:
 MIN_ENHANCING_VOXELS = 300
 
 
+class EdemaRelabel(str, Enum):
+    """When post-processing step 2 (app.postprocess.relabel_dark_edema) runs. PAPER: in every case with
+    little ET (the authors' rule). NON_ENHANCING: only in such a case whose largest ET component is also
+    under MIN_ENHANCING_VOXELS, i.e. a tumour that does not enhance (ours). OFF: never."""
+
+    NON_ENHANCING = "non-enhancing"
+    PAPER = "paper"
+    OFF = "off"
+
+
 class Device(str, Enum):
     """Where the networks run."""
 

@@ -38,7 +38,7 @@ from app.conventions import Modality, from_file_labels  # noqa: E402
 from app.fusion import TaskProbabilities, fuse  # noqa: E402
 from app.inference import EnsemblePredictor  # noqa: E402
 from app.io import load_case, load_segmentation  # noqa: E402
-from app.options import BiasCorrection  # noqa: E402
+from app.options import BiasCorrection, EdemaRelabel  # noqa: E402
 from app.pipeline import prepare_image  # noqa: E402
 from app.postprocess import PostprocessConfig  # noqa: E402
 from app.preprocess import crop_to_brain  # noqa: E402
@@ -47,7 +47,8 @@ from app.weights import load_ensemble  # noqa: E402
 SHIPPED = "shipped"
 STEPS_OFF = {
     "without step 1": PostprocessConfig(remove_small_components=False),
-    "without step 2": PostprocessConfig(relabel_dark_edema=False),
+    "without step 2": PostprocessConfig(edema_relabel=EdemaRelabel.OFF),
+    "step 2 by the paper's rule": PostprocessConfig(edema_relabel=EdemaRelabel.PAPER),
     "without step 3": PostprocessConfig(min_enhancing_voxels=0),
     "without step 4": PostprocessConfig(fill_enclosed_core=False),
 }

@@ -75,7 +75,7 @@ def test_core_filling_is_the_last_step_and_can_be_switched_off(tmp_path, weights
 def test_mlcube_form_and_parameters_file(tmp_path, weights):
     small_cases(tmp_path / "data", 1)
     params = tmp_path / "parameters.yaml"
-    params.write_text("folds: [1]\ntiling: fast\nprecision: fp32\nlabels: '2018'\n")
+    params.write_text("folds: [1]\ntiling: fast\nprecision: fp32\nedema_relabel: paper\nlabels: '2018'\n")
     result = run_cli("infer", f"--data_path={tmp_path / 'data'}", f"--output_path={tmp_path / 'preds'}",
                      f"--parameters_file={params}", "--weights", str(weights))
     assert result.returncode == 0, result.stderr

@@ -15,7 +15,7 @@ from app.fusion import (
 )
 from app.inference import EnsemblePredictor
 from app.metrics import region_dice
-from app.options import Fusion
+from app.options import EdemaRelabel, Fusion
 from app.postprocess import (
     PostprocessConfig,
     drop_scant_enhancement,
@@ -109,12 +109,36 @@ def test_dark_edema_untouched_when_case_has_enough_et():
     np.testing.assert_array_equal(out, labels)
 
 
+@pytest.mark.parametrize("mode, relabelled", [("non-enhancing", False), ("paper", True), ("off", False)])
+def test_step2_by_default_leaves_a_tumour_that_enhances(mode, relabelled):
+    # 729 ET voxels in one block of an 18,000-voxel tumour: little ET by the paper's rule (ratio 0.04, under
+    # 1,000 voxels), yet an enhancing tumour (its largest ET component has >= 300 voxels).
+    labels, t1c = _edema_case(et_voxels=0)
+    labels[5:14, 20:29, 20:29] = 3
+    config = PostprocessConfig(remove_small_components=False, edema_relabel=mode, min_enhancing_voxels=0,
+                               fill_enclosed_core=False)
+    out = postprocess(labels, t1c, config)
+    dark = (labels == 2) & (t1c == 100.0)
+    assert (out[dark] == 1).all() if relabelled else (out == labels).all()
+
+
+def test_step2_by_default_still_relabels_a_tumour_without_enhancement():
+    labels, t1c = _edema_case(et_voxels=3)  # 3 ET voxels: no enhancing tumour
+    config = PostprocessConfig(remove_small_components=False, min_enhancing_voxels=0, fill_enclosed_core=False)
+    assert config.edema_relabel is EdemaRelabel.NON_ENHANCING
+    np.testing.assert_array_equal(postprocess(labels, t1c, config), relabel_dark_edema(labels, t1c))
+    assert (postprocess(labels, t1c, config) == 1).any()
+    with pytest.raises(ValueError, match="edema_relabel must be one of"):
+        PostprocessConfig(edema_relabel="always")
+
+
 def test_postprocess_steps_can_be_switched_off():
     labels, t1c = _edema_case(et_voxels=3)
     labels[0:2, 0:2, 0:2] = 2
     untouched = postprocess(labels, t1c, PostprocessConfig.off())
     np.testing.assert_array_equal(untouched, labels)
-    only_step1 = postprocess(labels, t1c, PostprocessConfig(True, False, 0, False))
+    only_step1 = postprocess(labels, t1c, PostprocessConfig(edema_relabel=EdemaRelabel.OFF, min_enhancing_voxels=0,
+                                                            fill_enclosed_core=False))
     assert not only_step1[0:2, 0:2, 0:2].any() and not (only_step1 == 1).any()
 
 
@@ -136,7 +160,7 @@ def test_scant_enhancement_becomes_necrosis_and_whole_tumour_and_core_stay():
     np.testing.assert_array_equal(drop_scant_enhancement(enough, 300), enough)
     t1c = np.ones(scant.shape, np.float32)
     assert not (postprocess(scant, t1c) == 3).any()  # on by default
-    assert (postprocess(scant, t1c, PostprocessConfig(True, True, 0)) == 3).sum() == 120
+    assert (postprocess(scant, t1c, PostprocessConfig(min_enhancing_voxels=0)) == 3).sum() == 120
     with pytest.raises(ValueError, match="min_enhancing_voxels"):
         PostprocessConfig(min_enhancing_voxels=-1)
 
