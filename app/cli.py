@@ -13,6 +13,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .conventions import AUTO_LABELS, LABEL_CHOICES, Layout
 from .options import (
@@ -30,6 +31,9 @@ from .options import (
     Variant,
     choices,
 )
+
+if TYPE_CHECKING:  # the real import is deferred: it pulls in scikit-learn, and --help must stay fast
+    from .postprocess import PostprocessConfig
 
 EXIT_OK, EXIT_CASE_FAILED, EXIT_USAGE = 0, 1, 2
 # parameters.yaml keys that are predict flags with a fixed set of values (mlcube/workspace/parameters.yaml),
@@ -334,10 +338,22 @@ def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
     raise SystemExit(128 + signum)
 
 
+def postprocess_config(args: argparse.Namespace) -> PostprocessConfig:
+    """The post-processing predict's flags ask for (``--no-postprocess`` overrides every step's own flag)."""
+    from .postprocess import PostprocessConfig  # noqa: F811 (the TYPE_CHECKING import above is for the hint)
+
+    off = args.no_postprocess
+    return PostprocessConfig(
+        remove_small_components=not (off or args.no_small_component_removal),
+        edema_relabel=EdemaRelabel.OFF if off or args.no_edema_relabel else EdemaRelabel(args.edema_relabel),
+        min_enhancing_voxels=0 if off else args.min_et_voxels,
+        fill_enclosed_core=not (off or args.no_core_filling),
+    )
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from .inference import EnsemblePredictor
     from .pipeline import CaseStatus, PredictOptions, UsageError, parse_shard, run_predict
-    from .postprocess import PostprocessConfig
     from .weights import DEFAULT_WEIGHTS_DIR, WeightsError, load_ensemble
 
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -355,13 +371,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                                       tta=args.tta, fusion=args.fusion, **tiles).load_models(models)
         options = PredictOptions(
             input_dir=args.input, output_dir=args.output, labels=args.labels,
-            postprocess=PostprocessConfig(
-                remove_small_components=not (args.no_postprocess or args.no_small_component_removal),
-                edema_relabel=(EdemaRelabel.OFF if args.no_postprocess or args.no_edema_relabel
-                               else EdemaRelabel(args.edema_relabel)),
-                min_enhancing_voxels=0 if args.no_postprocess else args.min_et_voxels,
-                fill_enclosed_core=not (args.no_postprocess or args.no_core_filling),
-            ),
+            postprocess=postprocess_config(args),
             bias_correction=BiasCorrection(args.bias_correction), skip_existing=args.skip_existing,
             save_probabilities=args.save_probabilities, shard=shard,
             report=args.report, qc_dir=args.qc, progress=not args.quiet and sys.stderr.isatty(),

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from app.cli import build_parser, postprocess_config
 from app.conventions import Layout, Modality, from_file_labels
 from app.io import find_cases
-from app.postprocess import fill_enclosed_core
+from app.options import EdemaRelabel
+from app.postprocess import PostprocessConfig, fill_enclosed_core
 
 from .helpers import python_cli, random_weights, run_cli, small_cases
 
@@ -72,6 +74,20 @@ def test_core_filling_is_the_last_step_and_can_be_switched_off(tmp_path, weights
     np.testing.assert_array_equal(outputs["default"], fill_enclosed_core(outputs["unfilled"], t1c != 0))
 
 
+@pytest.mark.parametrize("flags, expected", [
+    ([], PostprocessConfig()),
+    (["--edema-relabel", "paper"], PostprocessConfig(edema_relabel=EdemaRelabel.PAPER)),
+    (["--no-edema-relabel"], PostprocessConfig(edema_relabel=EdemaRelabel.OFF)),
+    (["--edema-relabel", "paper", "--no-edema-relabel"], PostprocessConfig(edema_relabel=EdemaRelabel.OFF)),
+    (["--no-small-component-removal", "--min-et-voxels", "50", "--no-core-filling"],
+     PostprocessConfig(remove_small_components=False, min_enhancing_voxels=50, fill_enclosed_core=False)),
+    (["--no-postprocess", "--edema-relabel", "paper"], PostprocessConfig.off()),
+])
+def test_postprocess_flags_make_the_config(flags, expected):
+    args = build_parser().parse_args(["predict", "--input", "in", "--output", "out", *flags])
+    assert postprocess_config(args) == expected
+
+
 def test_mlcube_form_and_parameters_file(tmp_path, weights):
     small_cases(tmp_path / "data", 1)
     params = tmp_path / "parameters.yaml"
@@ -84,6 +100,10 @@ def test_mlcube_form_and_parameters_file(tmp_path, weights):
     bad = run_cli("infer", f"--data_path={tmp_path / 'data'}", f"--output_path={tmp_path / 'p2'}",
                   f"--parameters_file={params}", "--weights", str(weights))
     assert bad.returncode == 2 and "unknown keys" in bad.stderr
+    params.write_text("edema_relabel: always\n")
+    bad = run_cli("infer", f"--data_path={tmp_path / 'data'}", f"--output_path={tmp_path / 'p3'}",
+                  f"--parameters_file={params}", "--weights", str(weights))
+    assert bad.returncode == 2 and "--edema-relabel" in bad.stderr
 
 
 def test_shards_split_the_cohort_without_overlap(tmp_path, weights):
