@@ -340,7 +340,7 @@ def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
 
 def postprocess_config(args: argparse.Namespace) -> PostprocessConfig:
     """The post-processing predict's flags ask for (``--no-postprocess`` overrides every step's own flag)."""
-    from .postprocess import PostprocessConfig  # noqa: F811 (the TYPE_CHECKING import above is for the hint)
+    from .postprocess import PostprocessConfig
 
     off = args.no_postprocess
     return PostprocessConfig(

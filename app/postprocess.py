@@ -117,13 +117,12 @@ def postprocess(labels: np.ndarray, t1c: np.ndarray, config: PostprocessConfig =
 def _relabels_edema(mode: EdemaRelabel, labels: np.ndarray) -> bool:
     """Whether step 2 runs on these (step-1) labels; the case's own ET condition is checked inside it."""
     if mode is EdemaRelabel.NON_ENHANCING:
-        return not has_enhancing_tumour(labels, MIN_ENHANCING_VOXELS)
+        return not has_enhancing_tumour(labels == ENHANCING, MIN_ENHANCING_VOXELS)
     return mode is EdemaRelabel.PAPER
 
 
-def has_enhancing_tumour(labels: np.ndarray, min_voxels: int) -> bool:
-    """Whether the largest ET component has at least ``min_voxels`` voxels."""
-    enhancing = labels == ENHANCING
+def has_enhancing_tumour(enhancing: np.ndarray, min_voxels: int) -> bool:
+    """Whether the largest component of the ET mask ``enhancing`` has at least ``min_voxels`` voxels."""
     return bool(enhancing.any()) and _largest_component(enhancing) >= min_voxels
 
 
@@ -132,7 +131,7 @@ def drop_scant_enhancement(labels: np.ndarray, min_voxels: int) -> np.ndarray:
     relabelled NCR/NET. The largest component rather than the total: an enhancing rim is one connected
     structure, while false enhancement in a non-enhancing tumour can come as several specks."""
     enhancing = labels == ENHANCING
-    if not enhancing.any() or has_enhancing_tumour(labels, min_voxels):
+    if not enhancing.any() or has_enhancing_tumour(enhancing, min_voxels):
         return labels
     out = labels.copy()
     out[enhancing] = NECROSIS
