@@ -135,7 +135,8 @@ def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None
     p.add_argument("--labels", default=AUTO_LABELS, choices=LABEL_CHOICES,
                    help="label encoding: auto follows the case layout (2023 files -> ET=3, others -> ET=4)")
     p.add_argument("--no-postprocess", action="store_true",
-                   help="skip all post-processing (the paper's two steps, --min-et-voxels and the core filling)")
+                   help="skip all post-processing (the paper's two steps, --min-et-voxels, the core filling and the "
+                        "doubtful-component removal)")
     p.add_argument("--no-small-component-removal", action="store_true", help="skip post-processing step 1")
     p.add_argument("--edema-relabel", default=EdemaRelabel.NON_ENHANCING.value, choices=choices(EdemaRelabel),
                    help="when post-processing step 2 (K-means: edema dark on T1c -> NCR/NET) runs: non-enhancing "
@@ -150,6 +151,10 @@ def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None
                    help="skip post-processing step 4 (ours, not the paper's): by default non-tumour voxels that the "
                         "tumour encloses in an axial, coronal or sagittal slice, in a hole touching the predicted "
                         "core, and then whatever the core encloses in such a slice, become NCR/NET")
+    p.add_argument("--keep-doubtful-components", action="store_true",
+                   help="skip post-processing step 5 (ours, not the paper's): by default a tumour component other "
+                        "than the largest whose mean fold-averaged task-1 tumour probability is under 0.5 is "
+                        "removed")
     p.add_argument("--skip-existing", action="store_true",
                    help="skip cases whose complete label map is already in the output folder")
     p.add_argument("--save-probabilities", type=Path, default=None,
@@ -348,6 +353,7 @@ def postprocess_config(args: argparse.Namespace) -> PostprocessConfig:
         edema_relabel=EdemaRelabel.OFF if off or args.no_edema_relabel else EdemaRelabel(args.edema_relabel),
         min_enhancing_voxels=0 if off else args.min_et_voxels,
         fill_enclosed_core=not (off or args.no_core_filling),
+        drop_doubtful_components=not (off or args.keep_doubtful_components),
     )
 
 

@@ -82,6 +82,14 @@ class CasePrediction:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     warnings: list[str] = field(default_factory=list)
 
+    def tumour_probability(self) -> np.ndarray:
+        """Task 1's fold-averaged tumour probability over the whole volume (0 outside the brain crop), for
+        post-processing step 5."""
+        full = np.zeros(self.labels.shape, np.float32)
+        if self.probabilities is not None:
+            full[self.box] = self.probabilities.tumour
+        return full
+
 
 CPU_FALLBACK_WARNING = "out of GPU memory even for one tile: this case ran on the CPU"
 # The tumour scout (`EnsemblePredictor.scout_tumour`): this many folds (a fifth of the shipped ensemble's

@@ -204,7 +204,8 @@ def prepare_image(predictor: EnsemblePredictor, image: np.ndarray, bias_correcti
 def complete_segmentation(prediction: CasePrediction, t1c: np.ndarray, post: PostprocessConfig) -> Segmentation:
     """The CPU half of `segment_image`: post-processing and the confidence of a fused prediction."""
     clock = time.perf_counter()
-    internal = postprocess(prediction.labels, t1c, post)
+    probability = prediction.tumour_probability() if post.drop_doubtful_components else None
+    internal = postprocess(prediction.labels, t1c, post, probability)
     timings = {**prediction.timings, "postprocess": time.perf_counter() - clock}
     result = Segmentation(internal, prediction.box, prediction.probabilities, timings=timings,
                           warnings=list(prediction.warnings))

@@ -53,10 +53,11 @@ def score_cases(input_dir: Path, jsonl: Path, analyse: Callable[[CaseFiles], dic
         print(f"{case.case_id}: {time.perf_counter() - clock:.0f} s", file=sys.stderr, flush=True)
 
 
-def scores(labels: np.ndarray, truth: np.ndarray, t1c: np.ndarray,
-           post: PostprocessConfig | None = None) -> list[float]:
-    """Dice WT, TC, ET of fused ``labels``, post-processed by ``post`` first when given."""
+def scores(labels: np.ndarray, truth: np.ndarray, t1c: np.ndarray, post: PostprocessConfig | None = None,
+           tumour_probability: np.ndarray | None = None) -> list[float]:
+    """Dice WT, TC, ET of fused ``labels``, post-processed by ``post`` first when given (step 5 reads the
+    ensemble's task-1 ``tumour_probability``)."""
     if post is not None:
-        labels = postprocess(labels, t1c, post)
+        labels = postprocess(labels, t1c, post, tumour_probability)
     dice = region_dice(labels, truth)
     return [round(dice[r], 4) for r in REGIONS]

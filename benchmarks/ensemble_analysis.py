@@ -51,6 +51,7 @@ STEPS_OFF = {
     "step 2 by the paper's rule": PostprocessConfig(edema_relabel=EdemaRelabel.PAPER),
     "without step 3": PostprocessConfig(min_enhancing_voxels=0),
     "without step 4": PostprocessConfig(fill_enclosed_core=False),
+    "without step 5": PostprocessConfig(drop_doubtful_components=False),
 }
 
 
@@ -86,12 +87,13 @@ def analyse_case(case, folders: dict[str, list[torch.nn.Module]], predictor: Ens
     probabilities = {(name, k): fold_probabilities(predictor, model, k, crop.image, region)
                      for name, models in folders.items() for k, model in enumerate(models)}
     shipped = [probabilities[(SHIPPED, k)] for k in range(len(folders[SHIPPED]))]
-    ensemble = fused(average(shipped), crop.mask)  # fused once, post-processed every way below
+    mean = average(shipped)
+    ensemble = fused(mean, crop.mask)  # fused once, post-processed every way below
     row: dict = {"case": case.case_id, "ensemble": {}, "single": {}, "swap": {}}
     row["ensemble"]["no post-processing"] = scores(ensemble, truth, t1c)
-    row["ensemble"]["default post-processing"] = scores(ensemble, truth, t1c, PostprocessConfig())
+    row["ensemble"]["default post-processing"] = scores(ensemble, truth, t1c, PostprocessConfig(), mean.tumour)
     for label, config in STEPS_OFF.items():
-        row["ensemble"][label] = scores(ensemble, truth, t1c, config)
+        row["ensemble"][label] = scores(ensemble, truth, t1c, config, mean.tumour)
     for (name, k), p in probabilities.items():
         row["single"][f"{name}:{k}"] = scores(fused(p, crop.mask), truth, t1c)
         if name != SHIPPED and k < len(shipped):
@@ -102,9 +104,9 @@ def analyse_case(case, folders: dict[str, list[torch.nn.Module]], predictor: Ens
             mine = average([probabilities[(name, k)] for k in range(len(models))])
             row["ensemble"][f"{name} ensemble, no post-processing"] = scores(fused(mine, crop.mask), truth, t1c)
     if len(folders) > 1:
-        everything = fused(average(list(probabilities.values())), crop.mask)
-        row["ensemble"]["every network, default post-processing"] = scores(everything, truth, t1c,
-                                                                          PostprocessConfig())
+        every = average(list(probabilities.values()))
+        row["ensemble"]["every network, default post-processing"] = scores(fused(every, crop.mask), truth, t1c,
+                                                                          PostprocessConfig(), every.tumour)
     return row
 
 

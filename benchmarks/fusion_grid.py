@@ -91,7 +91,7 @@ def analyse_case(case, predictor: EnsemblePredictor, store: Path | None = None) 
     row: dict = {"case": case.case_id, "scores": {}}
     for name, thresholds in SETTINGS.items():
         labels = (fuse(p, crop["region"], predictor.fusion, thresholds) * crop["brain"]).astype(np.uint8)
-        row["scores"][name] = scores(labels, crop["truth_crop"], crop["t1c"], PostprocessConfig())
+        row["scores"][name] = scores(labels, crop["truth_crop"], crop["t1c"], PostprocessConfig(), p.tumour)
     return row
 
 

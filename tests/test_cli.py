@@ -11,7 +11,7 @@ from app.cli import build_parser, postprocess_config
 from app.conventions import Layout, Modality, from_file_labels
 from app.io import find_cases
 from app.options import EdemaRelabel
-from app.postprocess import PostprocessConfig, fill_enclosed_core
+from app.postprocess import PostprocessConfig, drop_doubtful_components, fill_enclosed_core
 
 from .helpers import python_cli, random_weights, run_cli, small_cases
 
@@ -60,18 +60,26 @@ def test_labels_flag_overrides_convention_and_report_is_written(tmp_path, weight
     assert data["cases"][0]["status"] == "ok" and data["cases"][0]["seconds"] > 0
 
 
-def test_core_filling_is_the_last_step_and_can_be_switched_off(tmp_path, weights):
+def test_core_filling_then_doubtful_components_end_the_post_processing(tmp_path, weights):
+    """Steps 4 and 5 are the last two and each can be switched off: the default output is step 5 applied to
+    the output without it (with the probabilities predict saved), which is step 4 applied to the output
+    without either."""
     small_cases(tmp_path / "in", 1)
     [case] = find_cases(tmp_path / "in").cases
     outputs = {}
-    for name, flags in (("default", []), ("unfilled", ["--no-core-filling"])):
+    runs = (("default", []), ("kept", ["--keep-doubtful-components", "--save-probabilities", str(tmp_path / "p")]),
+            ("unfilled", ["--keep-doubtful-components", "--no-core-filling"]))
+    for name, flags in runs:
         result = run_cli("--input", str(tmp_path / "in"), "--output", str(tmp_path / name), "--weights", str(weights),
                          "--bias-correction", "none", *flags)
         assert result.returncode == 0, result.stderr
         path = tmp_path / name / f"{case.case_id}.nii.gz"
         outputs[name] = from_file_labels(sitk.GetArrayFromImage(sitk.ReadImage(str(path))))
     t1c = sitk.GetArrayFromImage(sitk.ReadImage(str(case.modalities[Modality.T1C])))
-    np.testing.assert_array_equal(outputs["default"], fill_enclosed_core(outputs["unfilled"], t1c != 0))
+    saved = sitk.ReadImage(str(tmp_path / "p" / f"{case.case_id}_probabilities.nii.gz"))
+    tumour = sitk.GetArrayFromImage(saved)[..., 0]  # component 0: task 1's tumour probability
+    np.testing.assert_array_equal(outputs["kept"], fill_enclosed_core(outputs["unfilled"], t1c != 0))
+    np.testing.assert_array_equal(outputs["default"], drop_doubtful_components(outputs["kept"], tumour))
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -81,6 +89,7 @@ def test_core_filling_is_the_last_step_and_can_be_switched_off(tmp_path, weights
     (["--edema-relabel", "paper", "--no-edema-relabel"], PostprocessConfig(edema_relabel=EdemaRelabel.OFF)),
     (["--no-small-component-removal", "--min-et-voxels", "50", "--no-core-filling"],
      PostprocessConfig(remove_small_components=False, min_enhancing_voxels=50, fill_enclosed_core=False)),
+    (["--keep-doubtful-components"], PostprocessConfig(drop_doubtful_components=False)),
     (["--no-postprocess", "--edema-relabel", "paper"], PostprocessConfig.off()),
 ])
 def test_postprocess_flags_make_the_config(flags, expected):

@@ -13,11 +13,13 @@ from app.fusion import (
     fuse_tensors,
     fusion_region,
 )
-from app.inference import EnsemblePredictor
+from app.inference import CasePrediction, EnsemblePredictor
 from app.metrics import region_dice
 from app.options import EdemaRelabel, Fusion
+from app.pipeline import complete_segmentation
 from app.postprocess import (
     PostprocessConfig,
+    drop_doubtful_components,
     drop_scant_enhancement,
     fill_enclosed_core,
     postprocess,
@@ -116,7 +118,7 @@ def test_step2_by_default_leaves_a_tumour_that_enhances(mode, relabelled):
     labels, t1c = _edema_case(et_voxels=0)
     labels[5:14, 20:29, 20:29] = 3
     config = PostprocessConfig(remove_small_components=False, edema_relabel=mode, min_enhancing_voxels=0,
-                               fill_enclosed_core=False)
+                               fill_enclosed_core=False, drop_doubtful_components=False)
     out = postprocess(labels, t1c, config)
     dark = (labels == 2) & (t1c == 100.0)
     assert (out[dark] == 1).all() if relabelled else (out == labels).all()
@@ -124,7 +126,8 @@ def test_step2_by_default_leaves_a_tumour_that_enhances(mode, relabelled):
 
 def test_step2_by_default_still_relabels_a_tumour_without_enhancement():
     labels, t1c = _edema_case(et_voxels=3)  # 3 ET voxels: no enhancing tumour
-    config = PostprocessConfig(remove_small_components=False, min_enhancing_voxels=0, fill_enclosed_core=False)
+    config = PostprocessConfig(remove_small_components=False, min_enhancing_voxels=0, fill_enclosed_core=False,
+                               drop_doubtful_components=False)
     assert config.edema_relabel is EdemaRelabel.NON_ENHANCING
     out = postprocess(labels, t1c, config)
     np.testing.assert_array_equal(out, relabel_dark_edema(labels, t1c))
@@ -139,7 +142,7 @@ def test_postprocess_steps_can_be_switched_off():
     untouched = postprocess(labels, t1c, PostprocessConfig.off())
     np.testing.assert_array_equal(untouched, labels)
     only_step1 = postprocess(labels, t1c, PostprocessConfig(edema_relabel=EdemaRelabel.OFF, min_enhancing_voxels=0,
-                                                            fill_enclosed_core=False))
+                                                            fill_enclosed_core=False, drop_doubtful_components=False))
     assert not only_step1[0:2, 0:2, 0:2].any() and not (only_step1 == 1).any()
 
 
@@ -160,8 +163,8 @@ def test_scant_enhancement_becomes_necrosis_and_whole_tumour_and_core_stay():
     enough = _tumour_with_enhancement(400)
     np.testing.assert_array_equal(drop_scant_enhancement(enough, 300), enough)
     t1c = np.ones(scant.shape, np.float32)
-    assert not (postprocess(scant, t1c) == 3).any()  # on by default
-    assert (postprocess(scant, t1c, PostprocessConfig(min_enhancing_voxels=0)) == 3).sum() == 120
+    assert not (postprocess(scant, t1c, tumour_probability=_certain(scant)) == 3).any()  # on by default
+    assert (postprocess(scant, t1c, PostprocessConfig(min_enhancing_voxels=0), _certain(scant)) == 3).sum() == 120
     with pytest.raises(ValueError, match="min_enhancing_voxels"):
         PostprocessConfig(min_enhancing_voxels=-1)
 
@@ -208,9 +211,9 @@ def test_enclosed_core_becomes_necrosis_and_nothing_else_moves():
     np.testing.assert_array_equal(out == 3, labels == 3)  # ET never changes
     assert not out[5:25, 30:36, 30:38].any()  # the open C stays brain
     assert not out[5:25, 31:35, 5:9].any()  # and so does the hole that touches no core
-    assert (postprocess(labels, t1c)[12:18, 12:18, 12:18] == 1).all()  # on by default
+    assert (postprocess(labels, t1c, tumour_probability=_certain(labels))[12:18, 12:18, 12:18] == 1).all()  # default
     off = PostprocessConfig(fill_enclosed_core=False)
-    assert not postprocess(labels, t1c, off)[12:18, 12:18, 12:18].any()
+    assert not postprocess(labels, t1c, off, _certain(labels))[12:18, 12:18, 12:18].any()
 
 
 def test_edema_inside_an_enhancing_rim_becomes_necrosis():
@@ -233,6 +236,68 @@ def test_edema_inside_an_enhancing_rim_becomes_necrosis():
     np.testing.assert_array_equal(out == 3, labels == 3)  # ET never changes
     assert (out[5:25, 28:38, 28:38] == 2).all()  # edema outside any core stays edema
     assert (out[2:28, 4:8, 4:26] == 2).all()  # and so does the edema around the rim
+
+
+def _certain(labels: np.ndarray) -> np.ndarray:
+    """A task-1 tumour probability of 1 everywhere: step 5 keeps every component."""
+    return np.ones(labels.shape, np.float32)
+
+
+def _three_components() -> tuple[np.ndarray, np.ndarray]:
+    """A large tumour the ensemble doubts (mean task-1 probability 0.3), an edema lobe it doubts (0.45) and
+    a small core it believes (0.8), each a separate component."""
+    labels = np.zeros((30, 40, 40), np.uint8)
+    probability = np.zeros(labels.shape, np.float32)
+    labels[2:20, 2:20, 2:20] = 2
+    labels[8:14, 8:14, 8:14] = 3
+    probability[2:20, 2:20, 2:20] = 0.3
+    labels[2:10, 25:35, 25:35] = 2
+    probability[2:10, 25:35, 25:35] = 0.45
+    probability[2:10, 25:35, 25] = 0.9  # one brighter slice does not lift the mean (0.495) to even odds
+    labels[22:28, 25:31, 2:8] = 1
+    probability[22:28, 25:31, 2:8] = 0.8
+    return labels, probability
+
+
+def test_doubtful_components_go_and_the_largest_stays():
+    labels, probability = _three_components()
+    out = drop_doubtful_components(labels, probability)
+    assert not out[2:10, 25:35, 25:35].any()  # mean 0.495 < 0.5
+    np.testing.assert_array_equal(out[2:20, 2:20, 2:20], labels[2:20, 2:20, 2:20])  # largest, however doubtful
+    np.testing.assert_array_equal(out[22:28, 25:31, 2:8], labels[22:28, 25:31, 2:8])  # believed
+    assert (out != labels).sum() == 8 * 10 * 10
+    np.testing.assert_array_equal(drop_doubtful_components(labels, _certain(labels)), labels)
+    empty = np.zeros_like(labels)
+    np.testing.assert_array_equal(drop_doubtful_components(empty, probability), empty)
+
+
+def test_step5_is_on_by_default_and_needs_the_probability():
+    labels, probability = _three_components()
+    t1c = np.ones(labels.shape, np.float32)
+    assert not postprocess(labels, t1c, tumour_probability=probability)[2:10, 25:35, 25:35].any()
+    kept = postprocess(labels, t1c, PostprocessConfig(drop_doubtful_components=False))
+    assert (kept[2:10, 25:35, 25:35] == 2).all()
+    with pytest.raises(ValueError, match="needs the task-1 tumour probability"):
+        postprocess(labels, t1c)
+    with pytest.raises(ValueError, match="tumour probability"):
+        postprocess(labels, t1c, tumour_probability=probability[:-1])
+
+
+def test_the_pipeline_reads_step5s_probability_from_the_prediction_box():
+    """`complete_segmentation` hands post-processing task 1's probability, placed at the prediction's brain
+    box within the whole volume."""
+    labels, probability = _three_components()
+    volume = np.zeros((40, 50, 48), np.uint8)
+    box = (slice(5, 35), slice(6, 46), slice(4, 44))
+    volume[box] = labels
+    classes = np.zeros((5, *labels.shape), np.float32)
+    p = TaskProbabilities(tumour=probability, classes=classes, enhancing=np.zeros(labels.shape, np.float32))
+    t1c = np.ones(volume.shape, np.float32)
+    config = PostprocessConfig(remove_small_components=False, edema_relabel=EdemaRelabel.OFF, min_enhancing_voxels=0,
+                               fill_enclosed_core=False)
+    out = complete_segmentation(CasePrediction(volume, box, p, None), t1c, config).labels
+    np.testing.assert_array_equal(out[box], drop_doubtful_components(labels, probability))
+    assert (out[box] != labels).any() and not out[tuple(slice(0, s.start) for s in box)].any()
 
 
 def test_enclosed_background_outside_the_scan_is_not_filled():

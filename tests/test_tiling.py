@@ -43,8 +43,8 @@ def test_fast_and_paper_tilings_agree(shipped_fold, small_phantom):
     t1c = image[MODALITY_ORDER.index(Modality.T1C)]
     masks = {}
     for tiling in ("fast", "paper"):
-        labels = EnsemblePredictor(device="cpu", tiling=tiling).load_models(shipped_fold).predict_labels(image)
-        masks[tiling] = postprocess(labels, t1c)
+        prediction = EnsemblePredictor(device="cpu", tiling=tiling).load_models(shipped_fold).predict_case(image)
+        masks[tiling] = postprocess(prediction.labels, t1c, tumour_probability=prediction.tumour_probability())
     assert masks["fast"].any() and masks["paper"].any(), "a tiling found no tumour on the phantom"
     assert region_dice(masks["fast"], masks["paper"])["WT"] > 0.5, "the tilings found different tumours"
     fast, paper = region_dice(masks["fast"], phantom.labels), region_dice(masks["paper"], phantom.labels)
