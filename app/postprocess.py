@@ -19,9 +19,9 @@ steps and three of ours.
    enhancing rim as edema). Only scanned voxels (T1c not 0) change; ET never changes.
 5. (Ours.) A tumour component other than the largest whose mean task-1 tumour probability (fold-averaged)
    is under even odds is removed: task 2, which decides within 5 voxels of task 1's tumour, called it
-   tumour, but the ensemble's whole-brain task reads its voxels as more likely brain than tumour. Such
-   components are grey matter or a sulcus called edema off the training distribution (tuning phantoms: 16
-   such components removed, none that held tumour; WT +0.012, docs/EXPERIMENTS.md).
+   tumour, but the ensemble's whole-brain task reads its voxels as more likely brain than tumour (tuning
+   phantoms: 16 such components removed, none holding tumour, 12 of them all edema; WT +0.012,
+   docs/EXPERIMENTS.md).
 """
 
 from __future__ import annotations
