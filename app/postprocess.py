@@ -97,21 +97,18 @@ def relabel_dark_edema(labels: np.ndarray, t1c: np.ndarray, seed: int = 0) -> np
     out = labels.copy()
     if vol_t == 0 or vol_e / vol_t >= CASE_ET_RATIO:
         return out
-    components = cc3d.connected_components(tumour, connectivity=CONNECTIVITY)
-    for n in range(1, int(components.max()) + 1):
-        member = components == n
-        comp_t = int(member.sum())
-        comp_e = int((member & (labels == ENHANCING)).sum())
-        if not (comp_e / comp_t < COMPONENT_ET_RATIO and comp_e < COMPONENT_ET_MAX):
-            continue
-        edema = member & (labels == EDEMA)
-        values = t1c[edema].astype(np.float64).reshape(-1, 1)
+    box, components, sizes = _components(tumour)
+    inside, dark, relabelled = labels[box], t1c[box], out[box]  # `relabelled` is a view: writes reach `out`
+    enhancing = np.bincount(components[inside == ENHANCING], minlength=len(sizes) + 1)[1:]
+    for n in np.flatnonzero((enhancing / sizes < COMPONENT_ET_RATIO) & (enhancing < COMPONENT_ET_MAX)) + 1:
+        edema = (components == n) & (inside == EDEMA)
+        values = dark[edema].astype(np.float64).reshape(-1, 1)
         if len(values) < 2 or np.ptp(values) == 0:
             continue
         clusters = KMeans(n_clusters=2, n_init=10, random_state=seed).fit(values)
         darker = int(np.argmin(clusters.cluster_centers_.ravel()))
-        coords = np.flatnonzero(edema.ravel())
-        out.ravel()[coords[clusters.labels_ == darker]] = NECROSIS
+        where = np.nonzero(edema)
+        relabelled[tuple(axis[clusters.labels_ == darker] for axis in where)] = NECROSIS
     return out
 
 
