@@ -3,7 +3,9 @@
 The speed benchmark measures agreement on one case; this script shows how much that number moves from case
 to case. For each case it runs the paper tiling and every other TILING token (benchmark.py's tokens) with
 the same weights, applies the default post-processing, and reports each tiling's mask agreement with the
-paper tiling and every tiling's Dice against the ground truth.
+paper tiling and every tiling's Dice against the ground truth; the "raw" columns are the agreement of the
+fused labels before any post-processing, which tells the network's own instability from what
+post-processing adds to it (a step that switches on in one tiling and not the other moves a whole region).
 
     python3 benchmarks/agreement.py [--cases 4] [--seed 1000] [--ranges training|wide|mixed]
         [--tilings fast,fastfixed] [--weights DIR] [--tta none|folds|full]
@@ -32,29 +34,34 @@ REGIONS = ("WT", "TC", "ET")
 
 
 def case_rows(case, models, tilings: list[str], device: str, precision: str, tta: str = "none") -> list[dict]:
-    """One row per tiling (paper first), every tiling under the same ``tta``: agreement with paper and Dice
-    against the truth."""
+    """One row per tiling (paper first), every tiling under the same ``tta``: agreement with paper (after the
+    default post-processing, and raw) and Dice against the truth."""
     from app.conventions import Modality, from_file_labels
     from app.inference import EnsemblePredictor
     from app.io import load_case, load_segmentation
     from app.metrics import region_dice
-    from app.pipeline import segment_image
+    from app.options import BiasCorrection
+    from app.pipeline import complete_segmentation, predict_corrected
     from app.postprocess import PostprocessConfig
 
     loaded = load_case(case)
     truth = from_file_labels(load_segmentation(case, loaded.reference))
     t1c = list(case.modalities).index(Modality.T1C)
-    masks = {}
+    masks, raw = {}, {}
     for tiling in ["paper", *tilings]:
         predictor = EnsemblePredictor(device=device, precision=precision, tta=tta, **predictor_options(tiling))
         predictor.load_models(models)
-        masks[tiling] = segment_image(predictor, loaded.image, t1c, PostprocessConfig()).labels
+        corrected, prediction = predict_corrected(predictor, loaded.image, BiasCorrection.N4)
+        masks[tiling] = complete_segmentation(prediction, corrected[t1c], PostprocessConfig()).labels
+        raw[tiling] = prediction.labels
     rows = []
     for tiling, mask in masks.items():
         agreement = region_dice(mask, masks["paper"])
+        raw_agreement = region_dice(raw[tiling], raw["paper"])
         accuracy = region_dice(mask, truth)
         rows.append({"case": case.case_id, "tiling": tiling,
                      **{f"vs paper {r}": agreement[r] for r in REGIONS},
+                     **{f"raw vs paper {r}": raw_agreement[r] for r in REGIONS},
                      **{f"vs truth {r}": accuracy[r] for r in REGIONS}})
     return rows
 
@@ -121,7 +128,7 @@ def main() -> int:
     for case in find_cases(cases_dir).cases:
         rows.extend(case_rows(case, models, tilings, args.device, args.precision, args.tta))
         print(f"{case.case_id} done", file=sys.stderr, flush=True)
-    columns = ["case", "tiling", *(f"vs paper {r}" for r in REGIONS), *(f"vs truth {r}" for r in REGIONS)]
+    columns = ["case", "tiling", *(f"{kind} {r}" for kind in ("vs paper", "raw vs paper", "vs truth") for r in REGIONS)]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for row in rows + mean_rows(rows, tilings):
