@@ -100,8 +100,9 @@ def relabel_dark_edema(labels: np.ndarray, t1c: np.ndarray, seed: int = 0) -> np
     box, components, sizes = _components(tumour)
     inside, dark, relabelled = labels[box], t1c[box], out[box]  # `relabelled` is a view: writes reach `out`
     enhancing = np.bincount(components[inside == ENHANCING], minlength=len(sizes) + 1)[1:]
+    all_edema = inside == EDEMA
     for n in np.flatnonzero((enhancing / sizes < COMPONENT_ET_RATIO) & (enhancing < COMPONENT_ET_MAX)) + 1:
-        edema = (components == n) & (inside == EDEMA)
+        edema = (components == n) & all_edema
         values = dark[edema].astype(np.float64).reshape(-1, 1)
         if len(values) < 2 or np.ptp(values) == 0:
             continue
