@@ -30,6 +30,7 @@ from .options import (
     Tiling,
     Variant,
     choices,
+    parse_scales,
 )
 
 if TYPE_CHECKING:  # the real import is deferred: it pulls in scikit-learn, and --help must stay fast
@@ -40,7 +41,7 @@ EXIT_OK, EXIT_CASE_FAILED, EXIT_USAGE = 0, 1, 2
 # and every key the file may hold; the --parameters_file help and the check both read these.
 MLCUBE_CHOICE_KEYS = ("device", "tiling", "precision", "tta", "fusion", "bias_correction", "edema_relabel",
                       "labels")
-MLCUBE_KEYS = ("folds", *MLCUBE_CHOICE_KEYS, "postprocess")
+MLCUBE_KEYS = ("folds", "scales", *MLCUBE_CHOICE_KEYS, "postprocess")
 
 
 def int_list(count: int | None = None, *, distinct: bool = False) -> Callable[[str], tuple[int, ...]]:
@@ -76,6 +77,14 @@ def non_negative_int(text: str) -> int:
     if values[0] < 0:
         raise argparse.ArgumentTypeError(f"needs an integer >= 0, got {text!r}")
     return values[0]
+
+
+def scale_list(text: str) -> tuple[float, ...]:
+    """An argparse ``type`` for --scales: distinct comma-separated numbers within SCALE_RANGE."""
+    try:
+        return parse_scales([float(part) for part in text.split(",") if part.strip()])
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"needs comma-separated numbers: {err} (got {text!r})") from None
 
 
 def bounded_float(low: float, high: float, *, low_open: bool = False) -> Callable[[str], float]:
@@ -123,6 +132,10 @@ def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None
     p.add_argument("--tta", default=Mirroring.NONE.value, choices=choices(Mirroring),
                    help="test-time mirroring: none; folds = fold k sees the k-th of the 8 mirror images (no extra "
                         "cost); full = every fold sees all 8 (nnU-Net's, 8x the network time)")
+    p.add_argument("--scales", type=scale_list, default=(1.0,),
+                   help="test-time scaling: comma-separated factors; the ensemble also runs on the brain crop "
+                        "resampled by each factor other than 1, and the probabilities of all passes are averaged "
+                        "(1,1.25: about 3x the network time; default 1 = one pass)")
     p.add_argument("--fusion", default=Fusion.REGIONS.value, choices=choices(Fusion),
                    help="how task 2's class probabilities label a voxel: regions (default) = tumour where "
                         "NCR/NET + edema + ET is more likely than not, core where NCR/NET + ET is more likely than "
@@ -326,9 +339,10 @@ def _mlcube_to_predict(args: argparse.Namespace) -> argparse.Namespace:
     argv = ["predict", "--input", str(args.data_path), "--output", str(args.output_path), "--quiet"]
     if args.weights is not None:
         argv += ["--weights", str(args.weights)]
-    folds = settings.get("folds")
-    if folds is not None:
-        argv += ["--folds", ",".join(map(str, folds)) if isinstance(folds, list) else str(folds)]
+    for key in ("folds", "scales"):  # a YAML list or a comma-separated string
+        value = settings.get(key)
+        if value is not None:
+            argv += [f"--{key}", ",".join(map(str, value)) if isinstance(value, list) else str(value)]
     for key in MLCUBE_CHOICE_KEYS:  # their values are checked by predict's parser (its choices)
         if key in settings:
             argv += [f"--{key.replace('_', '-')}", str(settings[key])]
@@ -374,7 +388,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if args.tile_margin is not None:
             tiles["margin"] = args.tile_margin
         predictor = EnsemblePredictor(device=args.device, tiling=args.tiling, precision=args.precision,
-                                      tta=args.tta, fusion=args.fusion, **tiles).load_models(models)
+                                      tta=args.tta, fusion=args.fusion, scales=args.scales,
+                                      **tiles).load_models(models)
         options = PredictOptions(
             input_dir=args.input, output_dir=args.output, labels=args.labels,
             postprocess=postprocess_config(args),

@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .ensemble import MIRRORS, DeviceOutOfMemory, Progress, TiledEnsemble
 from .fusion import TaskProbabilities, dilate, fuse, fuse_tensors, fusion_region, omnet_probabilities, to_host
-from .options import Device, Fusion, Mirroring, Precision, Tiling, parse_option
+from .options import Device, Fusion, Mirroring, Precision, Tiling, parse_option, parse_scales
 from .preprocess import CROP_MARGIN, crop_to_brain, enclosed_in_a_slice
 from .tiling import FAST_MARGIN, FAST_TILE, Tile, TilePlanner
 
@@ -71,6 +74,44 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
+def resample(volume: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """A (C, D, H, W) or (D, H, W) tensor resampled trilinearly to spatial ``shape`` (voxel centres kept
+    at their physical places: align_corners=False)."""
+    batch = volume[None, None] if volume.ndim == 3 else volume[None]
+    out = F.interpolate(batch.float(), size=tuple(shape), mode="trilinear", align_corners=False)[0]
+    return out[0] if volume.ndim == 3 else out
+
+
+def scaled_input(image: torch.Tensor, region: tuple[slice, ...] | None,
+                 scale: float) -> tuple[torch.Tensor, tuple[slice, ...] | None]:
+    """A normalised (C, D, H, W) crop enlarged (``scale`` > 1) or shrunk by ``scale``, with the region its
+    windows must cover scaled alike. The brain (any channel non-zero) is resampled too and everything
+    outside it set to 0, as in a crop the network reads at scale 1."""
+    if scale == 1.0:
+        return image, region
+    shape = [max(1, round(n * scale)) for n in image.shape[1:]]
+    brain = resample((image != 0).any(0).float(), shape) > 0.5
+    zoomed = (resample(image, shape) * brain).contiguous()
+    if region is not None:  # one voxel wider per side: resampling back reads a voxel's neighbours
+        factors = [m / n for m, n in zip(shape, image.shape[1:])]
+        region = tuple(slice(max(0, math.floor(s.start * f) - 1), min(m, math.ceil(s.stop * f) + 1))
+                       for s, f, m in zip(region, factors, shape))
+    return zoomed, region
+
+
+def within(volume: torch.Tensor, region: tuple[slice, ...] | None) -> torch.Tensor:
+    """``volume`` (spatial axes last) with everything outside ``region`` set to 0 (None: all of it)."""
+    if region is None:
+        return volume
+    kept = torch.zeros_like(volume)
+    kept[(..., *region)] = volume[(..., *region)]
+    return kept
+
+
+def _offset_progress(progress: Progress, before: int, total: int, done: int, _pass_total: int) -> None:
+    progress(before + done, total)
+
+
 @dataclass
 class CasePrediction:
     """The ensemble's answer for one case before post-processing."""
@@ -116,18 +157,21 @@ class EnsemblePredictor:
     The constructor takes the knobs; `load_models` (or the CLI's weight loader) supplies the networks;
     `predict_case` does the work (`predict_probabilities` for a crop, `predict_labels` for labels alone).
     With the fast tiling each fold has its own tile grid (`TilePlanner.grid_shift`); ``shift_folds=False``
-    gives every fold fold 0's grid.
+    gives every fold fold 0's grid. ``scales`` other than 1 run the ensemble again on the crop resampled by
+    that factor; each pass's probabilities are resampled back and all passes averaged (test-time scaling).
     """
 
     def __init__(self, device: str = "auto", tiling: str = "fast", max_tile: Sequence[int] = FAST_TILE,
                  margin: int = FAST_MARGIN, precision: str = "auto", crop_margin: int = CROP_MARGIN,
-                 shift_folds: bool = True, tta: str = "none", fusion: str = "regions"):
+                 shift_folds: bool = True, tta: str = "none", fusion: str = "regions",
+                 scales: Sequence[float] = (1.0,)):
         self.device = resolve_device(device)
         self.tiling = parse_option(Tiling, tiling, "tiling")
         self.planner = TilePlanner(self.tiling, tuple(max_tile), margin, shift_folds)  # type: ignore[arg-type]
         self.crop_margin = crop_margin
         self.tta = parse_option(Mirroring, tta, "tta")
         self.fusion = parse_option(Fusion, fusion, "fusion")
+        self.scales = parse_scales(scales)
         self.precision = resolve_precision(precision, self.device)
         self._precision_option = precision  # the CPU fallback resolves it for the CPU
         self.runner = TiledEnsemble(self._reduce, self._batch_voxels())
@@ -159,8 +203,8 @@ class EnsemblePredictor:
     @torch.inference_mode()
     def predict_probabilities(self, image: np.ndarray, progress: Progress | None = None,
                               region: tuple[slice, ...] | None = None) -> TaskProbabilities:
-        """Fold-averaged task probabilities for a normalised (4, D, H, W) crop, computed over ``region`` of
-        it (default: all of it; elsewhere every probability is 0)."""
+        """Fold-averaged (and scale-averaged) task probabilities for a normalised (4, D, H, W) crop, computed
+        over ``region`` of it (default: all of it; elsewhere every probability is 0)."""
         return self._device_probabilities(image, progress, region).to_numpy()
 
     def predict_labels(self, image: np.ndarray, progress: Progress | None = None) -> np.ndarray:
@@ -182,7 +226,7 @@ class EnsemblePredictor:
             # tiling, `fast` and `paper` corrected a doubtful case differently: benchmarks/agreement.py).
             planner = replace(self.planner, tiling=Tiling.FAST)
             probabilities = self._device_probabilities(crop.image, None, planner.segmented_region(crop.mask),
-                                                        self.models[:SCOUT_FOLDS], planner)
+                                                        self.models[:SCOUT_FOLDS], planner, scales=(1.0,))
         except DeviceOutOfMemory:
             return self._cpu_fallback().scout_tumour(image)
         mask[crop.box] = scout_mask(to_host(probabilities.tumour > 0.5), crop.mask)
@@ -205,7 +249,7 @@ class EnsemblePredictor:
         if self._fallback is None:
             self._fallback = EnsemblePredictor(
                 "cpu", self.tiling.value, self.planner.max_tile, self.planner.margin, self._precision_option,
-                self.crop_margin, self.planner.shift_folds, self.tta.value, self.fusion.value,
+                self.crop_margin, self.planner.shift_folds, self.tta.value, self.fusion.value, self.scales,
             ).load_models(self._source_models)
         return self._fallback
 
@@ -241,16 +285,30 @@ class EnsemblePredictor:
     def _device_probabilities(self, image: np.ndarray, progress: Progress | None,
                               region: tuple[slice, ...] | None,
                               models: Sequence[nn.Module] | None = None,
-                              planner: TilePlanner | None = None) -> TaskProbabilities:
+                              planner: TilePlanner | None = None,
+                              scales: Sequence[float] | None = None) -> TaskProbabilities:
+        """The ensemble's task probabilities over ``image``, a pass per scale, averaged, on the device.
+        The scout runs at scale 1 only: like the tiling, the scales change nothing but the final pass."""
         if not self.models:
             raise RuntimeError("no models loaded: call load_models first")
         models = self.models if models is None else models
         planner = self.planner if planner is None else planner
-        shape = image.shape[1:]
-        plans = [planner.plan(shape, k, region) for k in range(len(models))]
+        scales = self.scales if scales is None else scales
+        crop = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
+        passes = [scaled_input(crop, region, s) for s in scales]
+        plans = [[planner.plan(x.shape[1:], k, r) for k in range(len(models))] for x, r in passes]
         mirrors = [self.mirrors(k) for k in range(len(models))]
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
-        return TaskProbabilities(*self.runner.run(models, tensor, plans, mirrors, progress))
+        total, before = sum(len(p) for per_pass in plans for p in per_pass), 0
+        sums: list[torch.Tensor] | None = None
+        for (x, _), per_pass in zip(passes, plans):
+            report = None if progress is None else partial(_offset_progress, progress, before, total)
+            outputs = self.runner.run(models, x, per_pass, mirrors, report)
+            if x.shape[1:] != crop.shape[1:]:  # back onto the crop, 0 where a pass at scale 1 leaves 0
+                outputs = [within(resample(o, crop.shape[1:]), region) for o in outputs]
+            sums = outputs if sums is None else [a + b for a, b in zip(sums, outputs)]
+            before += sum(len(p) for p in per_pass)
+        assert sums is not None
+        return TaskProbabilities(*(s / len(scales) if len(scales) > 1 else s for s in sums))
 
     def _reduce(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         with self._autocast():

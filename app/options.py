@@ -3,6 +3,7 @@ all read them here. Nothing heavy is imported, so `--help` stays fast."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import Enum
 from typing import TypeVar
 
@@ -20,6 +21,26 @@ def parse_option(enum: type[E_], value: str | E_, name: str) -> E_:
         return enum(value)
     except ValueError:
         raise ValueError(f"{name} must be one of {choices(enum)}, got {value!r}") from None
+
+
+# Test-time scales (`app.inference.EnsemblePredictor`'s ``scales``, `--scales`) must lie in this range: the
+# training augmentation scales patches by 0.85-1.15 (the wide recipe's by 0.75-1.3), and beyond 2x a case
+# is no longer a brain the network has seen.
+SCALE_RANGE = (0.5, 2.0)
+
+
+def parse_scales(scales: Sequence[float]) -> tuple[float, ...]:
+    """``scales`` as a tuple, checked: at least one, none repeated, each within SCALE_RANGE."""
+    values = tuple(float(s) for s in scales)
+    low, high = SCALE_RANGE
+    if not values:
+        raise ValueError("scales needs at least one value (1 = the case as it is)")
+    if len(set(values)) != len(values):
+        raise ValueError(f"scales must be distinct, got {values}")
+    outside = [s for s in values if not low <= s <= high]
+    if outside:
+        raise ValueError(f"scales must lie in [{low:g}, {high:g}], got {outside}")
+    return values
 
 
 # The default of post-processing step 3 (app.postprocess.drop_scant_enhancement), here so that `--help`

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from app.cli import build_parser, postprocess_config
+from app.cli import _mlcube_to_predict, build_parser, postprocess_config
 from app.conventions import Layout, Modality, from_file_labels
 from app.io import find_cases
 from app.options import EdemaRelabel
@@ -97,10 +97,20 @@ def test_postprocess_flags_make_the_config(flags, expected):
     assert postprocess_config(args) == expected
 
 
+@pytest.mark.parametrize("written, expected", [("[1, 1.25]", (1.0, 1.25)), ("'0.8,1'", (0.8, 1.0)), (None, (1.0,))])
+def test_mlcube_scales_become_the_scales_flag(tmp_path, written, expected):
+    params = tmp_path / "parameters.yaml"
+    params.write_text("" if written is None else f"scales: {written}\n")
+    infer = build_parser().parse_args(["infer", "--data_path", "d", "--output_path", "o",
+                                       "--parameters_file", str(params)])
+    assert _mlcube_to_predict(infer).scales == expected
+
+
 def test_mlcube_form_and_parameters_file(tmp_path, weights):
     small_cases(tmp_path / "data", 1)
     params = tmp_path / "parameters.yaml"
-    params.write_text("folds: [1]\ntiling: fast\nprecision: fp32\nedema_relabel: paper\nlabels: '2018'\n")
+    params.write_text("folds: [1]\nscales: [1, 1.25]\ntiling: fast\nprecision: fp32\nedema_relabel: paper\n"
+                      "labels: '2018'\n")
     result = run_cli("infer", f"--data_path={tmp_path / 'data'}", f"--output_path={tmp_path / 'preds'}",
                      f"--parameters_file={params}", "--weights", str(weights))
     assert result.returncode == 0, result.stderr
@@ -127,10 +137,11 @@ def test_shards_split_the_cohort_without_overlap(tmp_path, weights):
     assert len(outputs[0]) == 2 and len(outputs[1]) == 1 and not outputs[0] & outputs[1]
 
 
-def test_save_probabilities_writes_seven_components(tmp_path, weights):
+@pytest.mark.parametrize("scales", ["1", "1,1.25"])
+def test_save_probabilities_writes_seven_components(tmp_path, weights, scales):
     small_cases(tmp_path / "in", 1)
     result = run_cli("--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--weights", str(weights),
-                     "--save-probabilities", str(tmp_path / "probs"))
+                     "--save-probabilities", str(tmp_path / "probs"), "--scales", scales)
     assert result.returncode == 0, result.stderr
     [prob] = list((tmp_path / "probs").iterdir())
     image = sitk.ReadImage(str(prob))
@@ -154,6 +165,8 @@ def test_usage_errors_exit_2(tmp_path, weights):
         (["--input", str(empty), "--folds", "0,0"], "argument --folds: needs distinct numbers"),
         (["--input", str(empty), "--tile", "16,32"], "argument --tile: needs 3 comma-separated integers"),
         (["--input", str(empty), "--min-et-voxels", "-1"], "argument --min-et-voxels: needs an integer >= 0"),
+        (["--input", str(empty), "--scales", "1,3"], "argument --scales: needs comma-separated numbers: scales must"),
+        (["--input", str(empty), "--scales", "1,x"], "argument --scales: needs comma-separated numbers"),
     ]:
         result = run_cli(*args, "--output", str(tmp_path / "out"), "--weights", str(weights))
         assert result.returncode == 2, (args, result.stderr)

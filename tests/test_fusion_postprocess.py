@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 from torch import nn
 
 from app.ensemble import MIRRORS
@@ -433,6 +434,53 @@ def test_mirroring_leaves_a_pointwise_network_unchanged_and_folds_take_turns():
     assert [folds.mirrors(k) for k in (0, 1, 9)] == [(MIRRORS[0],), (MIRRORS[1],), (MIRRORS[1],)]
     with pytest.raises(ValueError, match="tta must be one of"):
         EnsemblePredictor(device="cpu", tta="sometimes")
+
+
+def _zoom(volume: np.ndarray, shape) -> np.ndarray:
+    """Trilinear resampling of the spatial (last three) axes to ``shape``, by scipy (voxel centres kept)."""
+    factors = [1.0] * (volume.ndim - 3) + [m / n for m, n in zip(shape, volume.shape[-3:])]
+    return ndimage.zoom(volume, factors, order=1, grid_mode=True, mode="nearest")
+
+
+def test_scales_average_a_pass_on_the_enlarged_crop_resampled_back():
+    rng = np.random.default_rng(4)
+    image = np.zeros((4, 16, 24, 24), np.float32)
+    image[:, 2:14, 3:21, 4:20] = rng.normal(size=(4, 12, 18, 16))  # the brain; 0 outside, as normalised
+    region = (slice(2, 14), slice(3, 21), slice(4, 20))
+    models = [_ContextNet(5)]
+    options = {"device": "cpu", "max_tile": (16, 24, 24), "margin": 2, "precision": "fp32"}
+    plain = EnsemblePredictor(**options).load_models(models)
+    scaled = EnsemblePredictor(**options, scales=(1.0, 1.25)).load_models(models)
+    calls = []
+    got = scaled.predict_probabilities(image, progress=lambda done, total: calls.append((done, total)),
+                                       region=region)
+    large = (20, 30, 30)
+    brain = _zoom((image != 0).any(0).astype(np.float32), large) > 0.5
+    enlarged = plain.predict_probabilities(np.ascontiguousarray(_zoom(image, large) * brain))
+    at_one = plain.predict_probabilities(image, region=region)
+    for name in ("tumour", "classes", "enhancing"):
+        want = (getattr(at_one, name) + _zoom(getattr(enlarged, name), image.shape[1:])) / 2
+        np.testing.assert_allclose(getattr(got, name)[(..., *region)], want[(..., *region)], atol=1e-5)
+        outside = getattr(got, name).copy()
+        outside[(..., *region)] = 0
+        assert not outside.any(), "probabilities outside the region must stay 0, as at scale 1"
+    assert not np.allclose(got.classes, at_one.classes, atol=1e-3), "the enlarged pass should matter here"
+    # One progress count over both passes, ending at the total.
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls) and calls[-1][0] == calls[-1][1]
+    assert len({t for _, t in calls}) == 1 and calls[-1][1] > len(plain.plan(image.shape[1:], 0, region))
+
+
+def test_the_scout_runs_at_scale_one_and_bad_scales_are_refused():
+    image = np.zeros((4, 16, 24, 24), np.float32)
+    image[:, 2:14, 3:21, 4:20] = np.random.default_rng(5).normal(5, 1, size=(4, 12, 18, 16))
+    options = {"device": "cpu", "max_tile": (16, 24, 24), "precision": "fp32"}
+    models = [_ContextNet(1), _ContextNet(2)]
+    scaled = EnsemblePredictor(**options, scales=(1.0, 1.5)).load_models(models)
+    plain = EnsemblePredictor(**options).load_models(models)
+    np.testing.assert_array_equal(scaled.scout_tumour(image), plain.scout_tumour(image))
+    for scales, message in [((), "at least one"), ((1.0, 1.0), "distinct"), ((1.0, 2.5), r"\[0.5, 2\]")]:
+        with pytest.raises(ValueError, match=message):
+            EnsemblePredictor(device="cpu", scales=scales)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
