@@ -60,13 +60,22 @@ def predictor_options(tiling: str) -> dict:
     """EnsemblePredictor knobs for a TILING token: fast (the default), whole (whole-brain tiles), paper,
     tDxHxWmM (fast tiling with tiles up to DxHxW and margin M, e.g. t16x48x48m2), or papershiftN (the paper
     tiling with its grid moved N voxels along every axis: how much the paper tiling disagrees with itself).
-    A fast token ending in ``fixed`` (fastfixed, t24x48x48m2fixed) gives every fold the same tile grid."""
+    A fast token ending in ``fixed`` (fastfixed, t24x48x48m2fixed) gives every fold the same tile grid. Each
+    ``@S`` after a token adds test-time scale S to scale 1 (fast@1.25 = predict's --scales 1,1.25)."""
+    from app.options import parse_scales
+
+    tiling, *extra = tiling.split("@")
     fixed = tiling.endswith("fixed")
     options = _token_options(tiling.removesuffix("fixed") if fixed else tiling)
     if fixed:
         if options["tiling"] != "fast":
             raise ValueError(f"tiling must be a fast token to take 'fixed', got {tiling!r}")
         options["shift_folds"] = False
+    if extra:
+        try:
+            options["scales"] = parse_scales([1.0, *(float(s) for s in extra)])
+        except ValueError as err:
+            raise ValueError(f"bad @scale in tiling token: {err}") from None
     return options
 
 

@@ -20,6 +20,8 @@ from app.preprocess import CROP_MARGIN  # noqa: E402
     ("t24x48x64m3", {"tiling": "fast", "max_tile": (24, 48, 64), "margin": 3}),
     ("papershift2", {"tiling": "paper", "crop_margin": CROP_MARGIN + 2}),
     ("fastfixed", {"tiling": "fast", "shift_folds": False}),
+    ("fast@1.25", {"tiling": "fast", "scales": (1.0, 1.25)}),
+    ("paper@0.8@1.2", {"tiling": "paper", "scales": (1.0, 0.8, 1.2)}),
     ("t16x32x32m2fixed", {"tiling": "fast", "max_tile": (16, 32, 32), "margin": 2, "shift_folds": False}),
 ])
 def test_tokens_become_predictor_knobs(token, expected):
@@ -29,6 +31,7 @@ def test_tokens_become_predictor_knobs(token, expected):
     assert predictor.tiling.value == options["tiling"]
     assert predictor.planner.shift_folds == options.get("shift_folds", True)
     assert predictor.crop_margin == options.get("crop_margin", CROP_MARGIN)
+    assert predictor.scales == options.get("scales", (1.0,))
     if "max_tile" in options:
         assert (predictor.planner.max_tile, predictor.planner.margin) == (options["max_tile"], options["margin"])
 
@@ -36,6 +39,12 @@ def test_tokens_become_predictor_knobs(token, expected):
 @pytest.mark.parametrize("token", ["t16x32m2", "tiles", "papershift", "t16x32x32", "fixed", "paperfixed"])
 def test_unknown_tokens_are_refused(token):
     with pytest.raises(ValueError, match="tiling must be"):
+        predictor_options(token)
+
+
+@pytest.mark.parametrize("token", ["fast@3", "fast@1", "fast@x"])
+def test_bad_scales_in_tokens_are_refused(token):
+    with pytest.raises(ValueError):
         predictor_options(token)
 
 
