@@ -133,9 +133,9 @@ def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None
                    help="test-time mirroring: none; folds = fold k sees the k-th of the 8 mirror images (no extra "
                         "cost); full = every fold sees all 8 (nnU-Net's, 8x the network time)")
     p.add_argument("--scales", type=scale_list, default=(1.0,),
-                   help="test-time scaling: comma-separated factors; the ensemble also runs on the brain crop "
-                        "resampled by each factor other than 1, and the probabilities of all passes are averaged "
-                        "(1,1.25: about 3x the network time; default 1 = one pass)")
+                   help="test-time scaling: comma-separated factors in [0.5, 2]; the ensemble runs once on the "
+                        "brain crop resampled by each (1 = as it is), and the passes' probabilities, resampled "
+                        "back, are averaged (1,1.25: about 3x the network time; default 1 = one pass)")
     p.add_argument("--fusion", default=Fusion.REGIONS.value, choices=choices(Fusion),
                    help="how task 2's class probabilities label a voxel: regions (default) = tumour where "
                         "NCR/NET + edema + ET is more likely than not, core where NCR/NET + ET is more likely than "

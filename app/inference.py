@@ -157,8 +157,8 @@ class EnsemblePredictor:
     The constructor takes the knobs; `load_models` (or the CLI's weight loader) supplies the networks;
     `predict_case` does the work (`predict_probabilities` for a crop, `predict_labels` for labels alone).
     With the fast tiling each fold has its own tile grid (`TilePlanner.grid_shift`); ``shift_folds=False``
-    gives every fold fold 0's grid. ``scales`` other than 1 run the ensemble again on the crop resampled by
-    that factor; each pass's probabilities are resampled back and all passes averaged (test-time scaling).
+    gives every fold fold 0's grid. ``scales``: the ensemble runs once on the crop resampled by each factor
+    (1 = as it is), each pass's probabilities are resampled back and the passes averaged (test-time scaling).
     """
 
     def __init__(self, device: str = "auto", tiling: str = "fast", max_tile: Sequence[int] = FAST_TILE,
