@@ -82,30 +82,42 @@ def resample(volume: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return out[0] if volume.ndim == 3 else out
 
 
-def scaled_input(image: torch.Tensor, region: tuple[slice, ...] | None,
-                 scale: float) -> tuple[torch.Tensor, tuple[slice, ...] | None]:
-    """A normalised (C, D, H, W) crop enlarged (``scale`` > 1) or shrunk by ``scale``, with the region its
-    windows must cover scaled alike. The brain (any channel non-zero) is resampled too and everything
-    outside it set to 0, as in a crop the network reads at scale 1."""
-    if scale == 1.0:
-        return image, region
-    shape = [max(1, round(n * scale)) for n in image.shape[1:]]
+def scaled_shape(shape: Sequence[int], scale: float) -> tuple[int, ...]:
+    """The spatial shape a crop of ``shape`` has once resampled by ``scale`` (at least one voxel per axis)."""
+    return tuple(max(1, round(n * scale)) for n in shape)
+
+
+def scaled_region(region: tuple[slice, ...] | None, shape: Sequence[int],
+                  scaled: Sequence[int]) -> tuple[slice, ...] | None:
+    """``region`` of a crop of ``shape`` carried onto the crop resampled to ``scaled``, one voxel wider per
+    side (resampling back reads a voxel's neighbours)."""
+    if region is None or tuple(shape) == tuple(scaled):
+        return region
+    factors = [m / n for m, n in zip(scaled, shape)]
+    return tuple(slice(max(0, math.floor(s.start * f) - 1), min(m, math.ceil(s.stop * f) + 1))
+                 for s, f, m in zip(region, factors, scaled))
+
+
+def scaled_input(image: torch.Tensor, scale: float) -> torch.Tensor:
+    """A normalised (C, D, H, W) crop enlarged (``scale`` > 1) or shrunk by ``scale``. The brain (any channel
+    non-zero) is resampled too and everything outside it set to 0, as in a crop the network reads at scale 1."""
+    shape = scaled_shape(image.shape[1:], scale)
+    if shape == tuple(image.shape[1:]):
+        return image
     brain = resample((image != 0).any(0).float(), shape) > 0.5
-    zoomed = (resample(image, shape) * brain).contiguous()
-    if region is not None:  # one voxel wider per side: resampling back reads a voxel's neighbours
-        factors = [m / n for m, n in zip(shape, image.shape[1:])]
-        region = tuple(slice(max(0, math.floor(s.start * f) - 1), min(m, math.ceil(s.stop * f) + 1))
-                       for s, f, m in zip(region, factors, shape))
-    return zoomed, region
+    return (resample(image, shape) * brain).contiguous()
 
 
-def within(volume: torch.Tensor, region: tuple[slice, ...] | None) -> torch.Tensor:
-    """``volume`` (spatial axes last) with everything outside ``region`` set to 0 (None: all of it)."""
+def zero_outside_(volume: torch.Tensor, region: tuple[slice, ...] | None) -> torch.Tensor:
+    """``volume`` (spatial axes last) with everything outside ``region`` set to 0 in place (None: nothing)."""
     if region is None:
         return volume
-    kept = torch.zeros_like(volume)
-    kept[(..., *region)] = volume[(..., *region)]
-    return kept
+    for axis, window in enumerate(region, start=volume.ndim - len(region)):
+        size = volume.shape[axis]
+        start, stop, _ = window.indices(size)
+        volume.narrow(axis, 0, start).zero_()
+        volume.narrow(axis, stop, size - stop).zero_()
+    return volume
 
 
 def _offset_progress(progress: Progress, before: int, total: int, done: int, _pass_total: int) -> None:
@@ -295,17 +307,26 @@ class EnsemblePredictor:
         planner = self.planner if planner is None else planner
         scales = self.scales if scales is None else scales
         crop = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
-        passes = [scaled_input(crop, region, s) for s in scales]
-        plans = [[planner.plan(x.shape[1:], k, r) for k in range(len(models))] for x, r in passes]
+        # Plans come from the shapes alone; each pass's resampled input is built when its turn comes and
+        # freed after it, so at most one enlarged crop is held at a time.
+        shapes = [scaled_shape(crop.shape[1:], s) for s in scales]
+        regions = [scaled_region(region, crop.shape[1:], shape) for shape in shapes]
+        plans = [[planner.plan(shape, k, r) for k in range(len(models))] for shape, r in zip(shapes, regions)]
         mirrors = [self.mirrors(k) for k in range(len(models))]
         total, before = sum(len(p) for per_pass in plans for p in per_pass), 0
         sums: list[torch.Tensor] | None = None
-        for (x, _), per_pass in zip(passes, plans):
+        for scale, per_pass in zip(scales, plans):
             report = None if progress is None else partial(_offset_progress, progress, before, total)
-            outputs = self.runner.run(models, x, per_pass, mirrors, report)
-            if x.shape[1:] != crop.shape[1:]:  # back onto the crop, 0 where a pass at scale 1 leaves 0
-                outputs = [within(resample(o, crop.shape[1:]), region) for o in outputs]
-            sums = outputs if sums is None else [a + b for a, b in zip(sums, outputs)]
+            outputs = self.runner.run(models, scaled_input(crop, scale), per_pass, mirrors, report)
+            if outputs[0].shape[-3:] != crop.shape[1:]:  # back onto the crop, 0 where a pass at scale 1 leaves 0
+                for i, output in enumerate(outputs):  # one at a time: each enlarged output goes once resampled
+                    outputs[i] = zero_outside_(resample(output, crop.shape[1:]), region)
+                del output
+            if sums is None:
+                sums = outputs
+            else:
+                for running, o in zip(sums, outputs):
+                    running += o
             before += sum(len(p) for p in per_pass)
         assert sums is not None
         return TaskProbabilities(*(s / len(scales) if len(scales) > 1 else s for s in sums))

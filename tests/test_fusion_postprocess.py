@@ -14,7 +14,7 @@ from app.fusion import (
     fuse_tensors,
     fusion_region,
 )
-from app.inference import CasePrediction, EnsemblePredictor
+from app.inference import CasePrediction, EnsemblePredictor, scaled_input, scaled_region, scaled_shape
 from app.metrics import region_dice
 from app.options import EdemaRelabel, Fusion
 from app.pipeline import complete_segmentation
@@ -468,6 +468,26 @@ def test_scales_average_a_pass_on_the_enlarged_crop_resampled_back():
     # One progress count over both passes, ending at the total.
     assert [d for d, _ in calls] == sorted(d for d, _ in calls) and calls[-1][0] == calls[-1][1]
     assert len({t for _, t in calls}) == 1 and calls[-1][1] > len(plain.plan(image.shape[1:], 0, region))
+
+
+def test_a_scaled_pass_is_planned_from_shapes_alone():
+    """The passes are planned before any crop is resampled (one enlarged crop held at a time), so the shape
+    and region computed from the crop's shape must be those of the crop really resampled."""
+    image = torch.zeros((4, 16, 24, 24))
+    image[:, 2:14, 3:21, 4:20] = 1.0
+    region = (slice(2, 14), slice(3, 21), slice(4, 20))
+    for scale in (0.5, 1.0, 1.25, 2.0):
+        shape = scaled_shape(image.shape[1:], scale)
+        resampled = scaled_input(image, scale)
+        assert tuple(resampled.shape) == (4, *shape)
+        carried = scaled_region(region, image.shape[1:], shape)
+        brain = resampled.any(0)
+        outside = brain.clone()
+        outside[carried] = False
+        assert brain.any() and not outside.any(), f"scale {scale}: the carried region must hold the brain"
+    assert scaled_input(image, 1.0) is image and scaled_region(region, (16, 24, 24), (16, 24, 24)) == region
+    assert scaled_region(None, (16, 24, 24), (20, 30, 30)) is None
+    assert scaled_region(region, (16, 24, 24), (20, 30, 30)) == (slice(1, 19), slice(2, 28), slice(4, 26))
 
 
 def test_the_scout_runs_at_scale_one_and_bad_scales_are_refused():
