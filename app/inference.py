@@ -26,7 +26,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from .ensemble import MIRRORS, DeviceOutOfMemory, Progress, TiledEnsemble
 from .fusion import TaskProbabilities, dilate, fuse, fuse_tensors, fusion_region, omnet_probabilities, to_host
 from .options import Device, Fusion, Mirroring, Precision, Tiling, parse_option, parse_scales
-from .preprocess import CROP_MARGIN, crop_to_brain, enclosed_in_a_slice
+from .preprocess import CROP_MARGIN, brain_mask, crop_to_brain, enclosed_in_a_slice
 from .tiling import FAST_MARGIN, FAST_TILE, Tile, TilePlanner
 
 
@@ -99,12 +99,12 @@ def scaled_region(region: tuple[slice, ...] | None, shape: Sequence[int],
 
 
 def scaled_input(image: torch.Tensor, scale: float) -> torch.Tensor:
-    """A normalised (C, D, H, W) crop enlarged (``scale`` > 1) or shrunk by ``scale``. The brain (any channel
-    non-zero) is resampled too and everything outside it set to 0, as in a crop the network reads at scale 1."""
+    """A normalised (C, D, H, W) crop enlarged (``scale`` > 1) or shrunk by ``scale``. The brain (`brain_mask`)
+    is resampled too and everything outside it set to 0, as in a crop the network reads at scale 1."""
     shape = scaled_shape(image.shape[1:], scale)
     if shape == tuple(image.shape[1:]):
         return image
-    brain = resample((image != 0).any(0).float(), shape) > 0.5
+    brain = resample(brain_mask(image).float(), shape) > 0.5
     return (resample(image, shape) * brain).contiguous()
 
 

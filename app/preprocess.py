@@ -7,9 +7,15 @@ the normalised image is 0, which is also what the network sees beyond the crop (
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 from scipy import ndimage
+
+if TYPE_CHECKING:
+    import torch
+
+Volume = TypeVar("Volume", np.ndarray, "torch.Tensor")
 
 # Prediction keeps this many voxels of background around the brain's bounding box: the fast tiling reads
 # them as context for the brain's edge (docs/ALGORITHM.md, Inference).
@@ -29,9 +35,10 @@ class BrainCrop:
     mask: np.ndarray
 
 
-def brain_mask(image: np.ndarray) -> np.ndarray:
-    """Voxels inside the skull-stripped brain: nonzero in any modality."""
-    return np.any(image != 0, axis=0)
+def brain_mask(image: Volume) -> Volume:
+    """Voxels inside the skull-stripped brain: nonzero in any modality (channels first). A numpy array or a
+    torch tensor, returned as the same kind: test-time scaling resamples the brain of a crop on the device."""
+    return (image != 0).any(0)
 
 
 def normalise(image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
