@@ -120,29 +120,6 @@ def zero_outside_(volume: torch.Tensor, region: tuple[slice, ...] | None) -> tor
     return volume
 
 
-# The passes at factors other than 1 refine the tumour that the scale-1 pass found: they run over its box
-# with this margin (voxels of the crop; the fusion region reaches FUSION_DILATION beyond the tumour) and
-# elsewhere scale 1 stands alone.
-REFINEMENT_MARGIN = 16
-
-
-def refinement_box(tumour: torch.Tensor, region: tuple[slice, ...] | None,
-                   margin: int = REFINEMENT_MARGIN) -> tuple[slice, ...] | None:
-    """The box of task 1's tumour (P > 0.5) in a (D, H, W) probability, ``margin`` voxels wider per side and
-    inside ``region`` (None: the whole volume); None when there is no tumour."""
-    found = tumour > 0.5
-    if not found.any():
-        return None
-    box = []
-    for axis, size in enumerate(found.shape):
-        hits = torch.nonzero(found.movedim(axis, 0).reshape(size, -1).any(1)).flatten()
-        low, high = max(0, int(hits[0]) - margin), min(size, int(hits[-1]) + 1 + margin)
-        if region is not None:
-            low, high = max(low, region[axis].start), min(high, region[axis].stop)
-        box.append(slice(low, max(low, high)))
-    return tuple(box)
-
-
 def _offset_progress(progress: Progress, before: int, total: int, done: int, _pass_total: int) -> None:
     progress(before + done, total)
 
@@ -330,48 +307,29 @@ class EnsemblePredictor:
         planner = self.planner if planner is None else planner
         scales = self.scales if scales is None else scales
         crop = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
-        # Scale 1 first: where it runs, it decides where the other factors' passes run (`refinement_box`).
-        scales = sorted(scales, key=lambda s: s != 1.0)
+        # Plans come from the shapes alone; each pass's resampled input is built when its turn comes and
+        # freed after it, so at most one enlarged crop is held at a time.
+        shapes = [scaled_shape(crop.shape[1:], s) for s in scales]
+        regions = [scaled_region(region, crop.shape[1:], shape) for shape in shapes]
+        plans = [[planner.plan(shape, k, r) for k in range(len(models))] for shape, r in zip(shapes, regions)]
         mirrors = [self.mirrors(k) for k in range(len(models))]
-        plans = [self._plan_pass(planner, crop.shape[1:], s, region, len(models)) for s in scales]
-        done, ran, window = 0, 0, region  # the passes average over `window`
+        total, before = sum(len(p) for per_pass in plans for p in per_pass), 0
         sums: list[torch.Tensor] | None = None
-        for index, scale in enumerate(scales):
-            if sums is not None and index == 1 and scales[0] == 1.0:
-                window = refinement_box(sums[0], region)
-                if window is None:  # no tumour at scale 1: nothing for the other factors to refine
-                    break
-                plans[1:] = [self._plan_pass(planner, crop.shape[1:], s, window, len(models)) for s in scales[1:]]
-            total = done + sum(len(p) for per_pass in plans[index:] for p in per_pass)
-            report = None if progress is None else partial(_offset_progress, progress, done, total)
-            # Each pass's resampled input is built when its turn comes and freed after it.
-            outputs = self.runner.run(models, scaled_input(crop, scale), plans[index], mirrors, report)
-            if index > 0 or outputs[0].shape[-3:] != crop.shape[1:]:  # onto the crop, 0 outside the window
+        for scale, per_pass in zip(scales, plans):
+            report = None if progress is None else partial(_offset_progress, progress, before, total)
+            outputs = self.runner.run(models, scaled_input(crop, scale), per_pass, mirrors, report)
+            if outputs[0].shape[-3:] != crop.shape[1:]:  # back onto the crop, 0 where a pass at scale 1 leaves 0
                 for i, output in enumerate(outputs):  # one at a time: each enlarged output goes once resampled
-                    on_crop = output if output.shape[-3:] == crop.shape[1:] else resample(output, crop.shape[1:])
-                    outputs[i] = zero_outside_(on_crop, window)
-                del output, on_crop
+                    outputs[i] = zero_outside_(resample(output, crop.shape[1:]), region)
+                del output
             if sums is None:
                 sums = outputs
             else:
                 for running, o in zip(sums, outputs):
                     running += o
-            done += sum(len(p) for p in plans[index])
-            ran += 1
+            before += sum(len(p) for p in per_pass)
         assert sums is not None
-        if ran > 1:
-            inside = (...,) if window is None else (..., *window)
-            for running in sums:  # in place; outside a refinement box scale 1 stands alone
-                running[inside] /= ran
-        return TaskProbabilities(*sums)
-
-    @staticmethod
-    def _plan_pass(planner: TilePlanner, shape: Sequence[int], scale: float, region: tuple[slice, ...] | None,
-                   folds: int) -> list[list[Tile]]:
-        """Every fold's tiles for the pass at ``scale`` over ``region`` of a crop of ``shape``, planned from
-        the shapes alone (no resampled crop is needed yet)."""
-        scaled = scaled_shape(shape, scale)
-        return [planner.plan(scaled, k, scaled_region(region, shape, scaled)) for k in range(folds)]
+        return TaskProbabilities(*(s / len(scales) if len(scales) > 1 else s for s in sums))
 
     def _reduce(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         with self._autocast():

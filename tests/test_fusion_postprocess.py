@@ -14,14 +14,7 @@ from app.fusion import (
     fuse_tensors,
     fusion_region,
 )
-from app.inference import (
-    REFINEMENT_MARGIN,
-    CasePrediction,
-    EnsemblePredictor,
-    scaled_input,
-    scaled_region,
-    scaled_shape,
-)
+from app.inference import CasePrediction, EnsemblePredictor, scaled_input, scaled_region, scaled_shape
 from app.metrics import region_dice
 from app.options import EdemaRelabel, Fusion
 from app.pipeline import complete_segmentation
@@ -475,52 +468,6 @@ def test_scales_average_a_pass_on_the_enlarged_crop_resampled_back():
     # One progress count over both passes, ending at the total.
     assert [d for d, _ in calls] == sorted(d for d, _ in calls) and calls[-1][0] == calls[-1][1]
     assert len({t for _, t in calls}) == 1 and calls[-1][1] > len(plain.plan(image.shape[1:], 0, region))
-
-
-class _BlobNet(_ContextNet):
-    """A `_ContextNet` whose task 1 calls tumour only where channel 0 is bright (over about 5)."""
-
-    def forward(self, x):
-        task1, task2, task3 = super().forward(x)
-        background = 20.0 - 4.0 * x[:, :1]  # task 1's class 0 (brain)
-        return torch.cat([task1[:, :1] + background, task1[:, 1:]], 1), task2, task3
-
-
-def test_other_scales_refine_only_the_box_of_the_tumour_found_at_scale_one():
-    rng = np.random.default_rng(6)
-    image = np.zeros((4, 48, 56, 56), np.float32)
-    image[:, 2:46, 3:53, 4:52] = np.clip(rng.normal(size=(4, 44, 50, 48)), -2, 2)
-    image[0, 6:10, 7:11, 8:12] = 8.0  # the tumour
-    region = (slice(2, 46), slice(3, 53), slice(4, 52))
-    models = [_BlobNet(5)]
-    options = {"device": "cpu", "max_tile": (24, 32, 32), "margin": 2, "precision": "fp32"}
-    plain = EnsemblePredictor(**options).load_models(models)
-    scaled = EnsemblePredictor(**options, scales=(1.25, 1.0)).load_models(models)  # 1 runs first anyway
-    calls = []
-    got = scaled.predict_probabilities(image, progress=lambda done, total: calls.append((done, total)),
-                                       region=region)
-    at_one = plain.predict_probabilities(image, region=region)
-    found = np.argwhere(at_one.tumour > 0.5)
-    assert len(found) and (found.min(0) >= (6, 7, 8)).all() and (found.max(0) <= (9, 10, 11)).all()
-    box = (slice(2, 9 + 1 + REFINEMENT_MARGIN), slice(3, 10 + 1 + REFINEMENT_MARGIN),
-           slice(4, 11 + 1 + REFINEMENT_MARGIN))
-    large = (60, 70, 70)
-    brain = _zoom((image != 0).any(0).astype(np.float32), large) > 0.5
-    enlarged = plain.predict_probabilities(np.ascontiguousarray(_zoom(image, large) * brain))
-    outside = np.ones(image.shape[1:], bool)
-    outside[box] = False
-    for name in ("tumour", "classes", "enhancing"):
-        want = (getattr(at_one, name) + _zoom(getattr(enlarged, name), image.shape[1:])) / 2
-        np.testing.assert_allclose(getattr(got, name)[(..., *box)], want[(..., *box)], atol=1e-5)
-        np.testing.assert_array_equal(getattr(got, name)[..., outside], getattr(at_one, name)[..., outside])
-    assert not np.allclose(got.classes[(..., *box)], at_one.classes[(..., *box)], atol=1e-3)
-    # The progress total shrinks to the refinement's tiles once they are planned, and is reached.
-    assert [d for d, _ in calls] == sorted(d for d, _ in calls) and calls[-1][0] == calls[-1][1]
-    assert calls[0][1] > calls[-1][1] > len(plain.plan(image.shape[1:], 0, region))
-    # Without a tumour at scale 1 the other factors have nothing to refine: scale 1 alone.
-    image[0, 6:10, 7:11, 8:12] = 0.0
-    alone = scaled.predict_probabilities(image, region=region)
-    np.testing.assert_array_equal(alone.classes, plain.predict_probabilities(image, region=region).classes)
 
 
 def test_a_scaled_pass_is_planned_from_shapes_alone():
