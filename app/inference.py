@@ -329,7 +329,10 @@ class EnsemblePredictor:
                     running += o
             before += sum(len(p) for p in per_pass)
         assert sums is not None
-        return TaskProbabilities(*(s / len(scales) if len(scales) > 1 else s for s in sums))
+        if len(scales) > 1:
+            for running in sums:  # in place, like the sums
+                running /= len(scales)
+        return TaskProbabilities(*sums)
 
     def _reduce(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         with self._autocast():
