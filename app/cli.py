@@ -278,6 +278,10 @@ def _add_train_flags(tr: argparse.ArgumentParser) -> None:
                          "(the weight clipped to 0.25-4x; combines with --rare-case-weight), so that the cases the "
                          "network reads worst come back more often; reading the losses syncs a GPU every step "
                          "(0: off)")
+    tr.add_argument("--average-from", type=int, default=-1, metavar="STEP",
+                    help="from this training step on, keep a uniform running average of the weights after every "
+                         "step (stochastic weight averaging), validate it beside the model, and publish it instead "
+                         "of the best-validating snapshot; on resume the average continues (-1: off)")
     tr.add_argument("--prepare-workers", type=int, default=0,
                     help="with --cache: prepare (and generate) every case in this many processes before training")
     tr.add_argument("--prepare-only", action="store_true",
@@ -447,7 +451,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         augment_acquisition=args.augment_acquisition,
         augment_tumour_contrast=args.augment_tumour_contrast,
         rare_case_weight=args.rare_case_weight, task1_tumour_fraction=args.task1_tumour_fraction,
-        hard_case_power=args.hard_case_power,
+        hard_case_power=args.hard_case_power, average_from=args.average_from,
     )
     if args.phantoms is not None:
         preset = PhantomPreset(args.phantom_ranges)

@@ -7,6 +7,7 @@ they are. Step counts replace the paper's epochs (an epoch of random patches has
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -85,6 +87,9 @@ class TrainConfig:
     rare_case_weight: float = 1.0
     task1_tumour_fraction: float = 0.0
     hard_case_power: float = 0.0  # 0: off; else cases drawn by their running task-1 loss (`CaseDifficulty`)
+    # -1: off; else from this step on a uniform running average of the weights after every step is kept,
+    # validated beside the model, and published instead of the best snapshot (`WeightAverage`).
+    average_from: int = -1
 
     @property
     def total_steps(self) -> int:
@@ -414,6 +419,59 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: 
     return lr
 
 
+# -------------------------------------------------------------------------------- weight averaging
+
+
+class WeightAverage:
+    """A uniform running average of a model's weights over training steps (stochastic weight averaging,
+    Izmailov et al. 2018; ours, `--average-from`).
+
+    Why: fine-tunes of these folds trade one validation case for another from snapshot to snapshot, and an
+    average over the trajectory sits in a flatter region of the loss than any one snapshot, which is what
+    generalises to appearances outside the training data. BatchNorm running statistics are averaged like
+    the weights (the average is a model of the same kind, folded at inference as any other); integer
+    buffers take the latest value.
+    """
+
+    def __init__(self, state: dict[str, torch.Tensor] | None = None, count: int = 0):
+        self.state = state
+        self.count = count
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        current = model.state_dict()
+        if self.state is None or self.count == 0:
+            self.state = {k: v.detach().clone() for k, v in current.items()}
+        else:
+            for key, value in current.items():
+                kept = self.state[key]
+                if kept.is_floating_point():
+                    kept.add_(value.detach() - kept, alpha=1.0 / (self.count + 1))
+                else:
+                    kept.copy_(value)
+        self.count += 1
+
+    def model_like(self, model: nn.Module) -> nn.Module:
+        """A copy of ``model`` holding the averaged weights (for validation and publishing)."""
+        if self.state is None:
+            raise ValueError("no weights averaged yet")
+        averaged = copy.deepcopy(model)
+        averaged.load_state_dict(self.state, strict=True)
+        return averaged
+
+    def save(self, path: Path) -> None:
+        if self.state is not None:
+            save_state(self.state, path, metadata={"averaged_steps": str(self.count)})
+
+    @classmethod
+    def load(cls, path: Path, device: torch.device) -> WeightAverage:
+        if not path.is_file():
+            return cls()
+        with safe_open(str(path), framework="pt") as f:
+            count = int((f.metadata() or {}).get("averaged_steps", "0"))
+        return cls(load_file(str(path), device=str(device)), count)
+
+
 # ------------------------------------------------------------------------------------- checkpoints
 
 
@@ -451,6 +509,8 @@ class FoldResult:
     val_cases: list[str]
     history: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)  # the fold's own settings (jobs may differ)
+    averaged_steps: int = 0  # with `--average-from`: steps in the published weight average
+    average_dice: dict[str, float] = field(default_factory=dict)  # its validation at the last check
 
 
 def split_folds(case_ids: Sequence[str], folds: int, seed: int) -> list[list[str]]:
@@ -558,6 +618,7 @@ class _FoldState:
     def __init__(self, fold_dir: Path):
         self.state_path, self.meta_path = fold_dir / "last.safetensors", fold_dir / "last.json"
         self.best_path = fold_dir / "best.safetensors"
+        self.average_path = fold_dir / "average.safetensors"
         self.meta: dict[str, Any] = {"step": 0, "best_score": -1.0, "best_step": -1, "best_dice": {}, "history": []}
 
     def resume(self, model: nn.Module, optimizer, rng: np.random.Generator, device: torch.device) -> None:
@@ -570,8 +631,12 @@ class _FoldState:
         log.info("resumed %s at step %d", self.meta_path.parent, self.meta["step"])
 
     def record(self, model: nn.Module, optimizer, rng: np.random.Generator, entry: dict[str, Any],
-               dice: dict[str, float], stopped_early: bool) -> None:
+               dice: dict[str, float], stopped_early: bool, average: WeightAverage | None = None,
+               average_dice: dict[str, float] | None = None) -> None:
         score = float(np.mean(list(dice.values())))
+        if average is not None and average.count:
+            average.save(self.average_path)
+            self.meta.update(averaged_steps=average.count, average_dice=average_dice)
         self.meta["history"].append(entry)
         if score > self.meta["best_score"]:
             self.meta.update(best_score=score, best_step=entry["step"], best_dice=dice)
@@ -584,7 +649,8 @@ class _FoldState:
     def result(self, fold: int, val_cases: Sequence[Any]) -> FoldResult:
         m = self.meta
         return FoldResult(fold, m["best_score"], m["best_step"], m["best_dice"], m["step"],
-                          [c.case_id for c in val_cases], m["history"])
+                          [c.case_id for c in val_cases], m["history"],
+                          averaged_steps=m.get("averaged_steps", 0), average_dice=m.get("average_dice") or {})
 
 
 def _train_loop(cfg: TrainConfig, model: nn.Module, optimizer, data: Sequence[TrainingCase],
@@ -605,6 +671,7 @@ def _train_loop(cfg: TrainConfig, model: nn.Module, optimizer, data: Sequence[Tr
     # draws exactly what the uninterrupted one would.
     generator = torch.Generator(device=device)
     generator.manual_seed(int(rng.integers(2**62)))
+    average = WeightAverage.load(state.average_path, device) if cfg.average_from >= 0 else None
     bar = _progress_bar(cfg.total_steps, state.meta["step"], f"fold {fold}", progress)
     running = state.meta.get("running")
     sums: dict[str, torch.Tensor] = {}  # losses stay on the device between validations (no sync per step)
@@ -616,6 +683,8 @@ def _train_loop(cfg: TrainConfig, model: nn.Module, optimizer, data: Sequence[Tr
         for key, value in losses.items():
             sums[key] = sums.get(key, 0) + value
         counted += 1
+        if average is not None and step >= cfg.average_from:
+            average.update(model)
         bar.update(1)
         done = step + 1
         out_of_time = time_limit is not None and time.monotonic() - started > time_limit
@@ -625,15 +694,20 @@ def _train_loop(cfg: TrainConfig, model: nn.Module, optimizer, data: Sequence[Tr
         total = sum(v for k, v in means.items() if k.startswith("loss_task"))
         running = total if running is None else 0.5 * running + 0.5 * total
         dice = validation_dice(model, validation, cfg, device)
+        average_dice = None
+        if average is not None and average.count:
+            average_dice = validation_dice(average.model_like(model), validation, cfg, device)
         entry = {"step": done, "loss": round(running, 5), **{k: round(v, 4) for k, v in means.items()},
                  **{f"dice_{k}": round(v, 4) for k, v in dice.items()},
+                 **{f"average_dice_{k}": round(v, 4) for k, v in (average_dice or {}).items()},
                  "seconds": round(time.monotonic() - started, 1)}
         log.info("fold %d step %d: loss %.4f dice WT %.3f TC %.3f ET %.3f", fold, done, running,
                  dice["WT"], dice["TC"], dice["ET"])
         bar.set_postfix(loss=f"{running:.3f}", lr=f"{lr:.1e}", tasks=len(cfg.active_tasks(step)))
         if difficulty is not None:
             state.meta["case_losses"] = difficulty.saved()
-        state.record(model, optimizer, rng, entry, dice, out_of_time and done < cfg.total_steps)
+        state.record(model, optimizer, rng, entry, dice, out_of_time and done < cfg.total_steps, average,
+                     average_dice)
         sums, counted = {}, 0
         generator.manual_seed(int(rng.integers(2**62)))
         if out_of_time:
@@ -769,6 +843,9 @@ def train_ensemble(cfg: TrainConfig, cases: Path | Sequence[CaseHandle], out_dir
     except ValueError as err:  # --device cuda on a machine without CUDA: a setup error, not a crash
         raise TrainingSetupError(f"--device {cfg.device}: {err}") from err
     training_autocast(cfg.precision, device)
+    if not -1 <= cfg.average_from < cfg.total_steps:
+        raise TrainingSetupError(f"--average-from {cfg.average_from}: must be -1 (off) or a step in "
+                                 f"0..{cfg.total_steps - 1}")
     for fold in fold_numbers:  # checked before any preparation: a bad fold stops the run at once, not hours in
         if not 0 <= fold < cfg.folds:
             raise TrainingSetupError(f"--fold {fold} outside 0..{cfg.folds - 1}")
@@ -791,9 +868,11 @@ def train_ensemble(cfg: TrainConfig, cases: Path | Sequence[CaseHandle], out_dir
 
 
 def _publish_fold(out_dir: Path, fold: int, result: FoldResult) -> None:
-    best = out_dir / "runs" / f"fold_{fold}" / "best.safetensors"
+    """The fold's weights for `predict`: its weight average when one was kept, else its best snapshot."""
+    run = out_dir / "runs" / f"fold_{fold}"
+    source = run / ("average.safetensors" if result.averaged_steps else "best.safetensors")
     target = out_dir / f"fold_{fold}.safetensors"
-    save_state(compact_state(load_file(str(best))), target, metadata={"fold": str(fold)})
+    save_state(compact_state(load_file(str(source))), target, metadata={"fold": str(fold)})
     write_json_atomic(asdict(result), out_dir / "runs" / f"fold_{fold}" / "result.json")
 
 
@@ -821,9 +900,18 @@ def write_ensemble_manifest(out_dir: Path, cfg: TrainConfig, data: dict[str, Any
                           "augment_acquisition": own.get("augment_acquisition", 0.0),
                           "augment_tumour_contrast": own.get("augment_tumour_contrast", 0.0),
                           "precision": own.get("precision", Precision.AUTO.value),
-                          "validation_dice": result["best_dice"], "validation_cases": result["val_cases"]})
+                          "validation_dice": result["best_dice"], "validation_cases": result["val_cases"],
+                          **_published(result)})
     extra = {"training": {"config": _jsonable(asdict(cfg)), "data": data}}
     return write_manifest(out_dir, cfg.variant, cfg.width, folds, extra)
+
+
+def _published(result: dict[str, Any]) -> dict[str, Any]:
+    """Which weights a fold's file holds, for its manifest row."""
+    if not result.get("averaged_steps"):
+        return {"published": "best"}
+    return {"published": "average", "averaged_steps": result["averaged_steps"],
+            "average_validation_dice": result.get("average_dice", {})}
 
 
 def _jsonable(value: Any) -> Any:

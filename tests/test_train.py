@@ -18,6 +18,7 @@ from app.train import (
     TrainConfig,
     TrainingCase,
     TrainingSetupError,
+    WeightAverage,
     _batch,
     _masked_mean,
     _patch_cross_entropy,
@@ -207,10 +208,13 @@ def test_curriculum_switches_stages_as_configured():
     assert replace(cfg, curriculum=False).active_tasks(0) == (0, 1, 2)
 
 
-@pytest.mark.parametrize("hard_case_power", [0.0, 2.0])  # with hard cases the running losses resume too
-def test_resumed_run_continues_from_the_saved_step_and_matches_a_straight_run(cases, tmp_path, hard_case_power):
+# With hard cases the running losses resume too; with a weight average (from step 6) the average does.
+@pytest.mark.parametrize(("hard_case_power", "average_from"), [(0.0, -1), (2.0, -1), (0.0, 6)])
+def test_resumed_run_continues_from_the_saved_step_and_matches_a_straight_run(cases, tmp_path, hard_case_power,
+                                                                             average_from):
     torch.set_num_threads(1)
-    cfg = replace(TINY, stage_steps=(4, 4, 12), validate_every=10, batch=2, hard_case_power=hard_case_power)
+    cfg = replace(TINY, stage_steps=(4, 4, 12), validate_every=10, batch=2, hard_case_power=hard_case_power,
+                  average_from=average_from)
     straight = train_fold(cfg, cases[:2], cases[3:], tmp_path / "straight", fold=0, progress=False)
     first = train_fold(replace(cfg, stage_steps=(4, 4, 2)), cases[:2], cases[3:], tmp_path / "resumed", 0, False)
     assert first.steps == 10
@@ -222,6 +226,41 @@ def test_resumed_run_continues_from_the_saved_step_and_matches_a_straight_run(ca
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
     assert straight.history[-1]["loss"] == pytest.approx(resumed.history[-1]["loss"], rel=1e-3)
+    if average_from >= 0:  # 14 steps averaged (6..19), the same average either way
+        assert straight.averaged_steps == resumed.averaged_steps == 14
+        a = load_file(str(tmp_path / "straight" / "average.safetensors"))
+        b = load_file(str(tmp_path / "resumed" / "average.safetensors"))
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+        assert set(resumed.average_dice) == {"WT", "TC", "ET"}
+        assert {"average_dice_WT", "dice_WT"} <= set(resumed.history[-1])
+    else:
+        assert not (tmp_path / "straight" / "average.safetensors").exists() and straight.averaged_steps == 0
+
+
+def test_weight_average_is_the_uniform_mean_of_the_models_it_saw(tmp_path):
+    models = [build_model("omnet_cga", 4) for _ in range(3)]
+    for k, model in enumerate(models):
+        for buffer in model.buffers():
+            if not buffer.is_floating_point():
+                buffer.fill_(k)  # BatchNorm's num_batches_tracked: the latest is kept
+    average = WeightAverage()
+    for model in models:
+        average.update(model)
+    states = [m.state_dict() for m in models]
+    for key, value in average.state.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, sum(s[key] for s in states) / 3)
+        else:
+            assert torch.equal(value, states[-1][key])
+    average.save(tmp_path / "average.safetensors")
+    again = WeightAverage.load(tmp_path / "average.safetensors", torch.device("cpu"))
+    assert again.count == 3 and again.state.keys() == average.state.keys()
+    out = average.model_like(models[0])
+    key = next(k for k, v in average.state.items() if v.is_floating_point())
+    assert out is not models[0] and torch.equal(out.state_dict()[key], average.state[key])
+    with pytest.raises(ValueError, match="no weights averaged"):
+        WeightAverage().model_like(models[0])
 
 
 def test_folds_are_disjoint_and_cover_every_case():
@@ -246,6 +285,25 @@ def test_train_cli_writes_a_weights_folder_predict_can_load(cases, tmp_path):
     assert manifest["training"]["config"]["variant"] == "omnet"
     loaded, models = load_ensemble(out)
     assert loaded.variant == "omnet" and len(models) == 2
+    assert [f["published"] for f in manifest["folds"]] == ["best", "best"]
+
+
+def test_train_cli_publishes_the_weight_average_when_asked(cases, tmp_path):
+    data = cases[0].reference.parent.parent
+    out = tmp_path / "weights"
+    args = ["train", "--data", str(data), "--out", str(out), "--width", "4", "--folds", "2", "--stage-steps", "2,2,4",
+            "--batch", "2", "--validate-every", "4", "--quiet", "--device", "cpu", "--fold", "0"]
+    refused = python_cli(*args, "--average-from", "8")  # beyond the last step: nothing would be averaged
+    assert refused.returncode == 2 and "--average-from 8" in refused.stderr
+    result = python_cli(*args, "--average-from", "5")
+    assert result.returncode == 0, result.stderr
+    [fold] = json.loads((out / "manifest.json").read_text())["folds"]
+    assert fold["published"] == "average" and fold["averaged_steps"] == 3
+    assert set(fold["average_validation_dice"]) == {"WT", "TC", "ET"}
+    published = load_file(str(out / "fold_0.safetensors"))
+    average = load_file(str(out / "runs" / "fold_0" / "average.safetensors"))
+    for key, value in average.items():  # published in float16, as every fold
+        torch.testing.assert_close(published[key].to(value.dtype), value, rtol=1e-3, atol=1e-3)
 
 
 def test_cascade_networks_train_only_on_their_own_tasks_patches(cases):
