@@ -672,6 +672,9 @@ def _train_loop(cfg: TrainConfig, model: nn.Module, optimizer, data: Sequence[Tr
     generator = torch.Generator(device=device)
     generator.manual_seed(int(rng.integers(2**62)))
     average = WeightAverage.load(state.average_path, device) if cfg.average_from >= 0 else None
+    if average is None:  # a run resumed without --average-from publishes its best snapshot, not a stale average
+        state.meta.pop("averaged_steps", None)
+        state.meta.pop("average_dice", None)
     bar = _progress_bar(cfg.total_steps, state.meta["step"], f"fold {fold}", progress)
     running = state.meta.get("running")
     sums: dict[str, torch.Tensor] = {}  # losses stay on the device between validations (no sync per step)

@@ -304,6 +304,11 @@ def test_train_cli_publishes_the_weight_average_when_asked(cases, tmp_path):
     average = load_file(str(out / "runs" / "fold_0" / "average.safetensors"))
     for key, value in average.items():  # published in float16, as every fold
         torch.testing.assert_close(published[key].to(value.dtype), value, rtol=1e-3, atol=1e-3)
+    # Resumed for more steps without the flag: the run stops averaging and publishes its best snapshot.
+    longer = [a if a != "2,2,4" else "2,2,8" for a in args]
+    assert python_cli(*longer).returncode == 0
+    [fold] = json.loads((out / "manifest.json").read_text())["folds"]
+    assert fold["published"] == "best" and fold["steps"] == 12
 
 
 def test_cascade_networks_train_only_on_their_own_tasks_patches(cases):
