@@ -876,7 +876,7 @@ def _publish_fold(out_dir: Path, fold: int, result: FoldResult) -> None:
     source = run / ("average.safetensors" if result.averaged_steps else "best.safetensors")
     target = out_dir / f"fold_{fold}.safetensors"
     save_state(compact_state(load_file(str(source))), target, metadata={"fold": str(fold)})
-    write_json_atomic(asdict(result), out_dir / "runs" / f"fold_{fold}" / "result.json")
+    write_json_atomic(asdict(result), run / "result.json")
 
 
 # Largest magnitude float16 holds with margin; tensors beyond it stay float32.

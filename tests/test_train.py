@@ -220,22 +220,23 @@ def test_resumed_run_continues_from_the_saved_step_and_matches_a_straight_run(ca
     assert first.steps == 10
     resumed = train_fold(cfg, cases[:2], cases[3:], tmp_path / "resumed", fold=0, progress=False)
     assert [h["step"] for h in resumed.history] == [10, 20] and resumed.steps == 20
-    a = load_file(str(tmp_path / "straight" / "last.safetensors"))
-    b = load_file(str(tmp_path / "resumed" / "last.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    _assert_same_tensors(tmp_path / "straight" / "last.safetensors", tmp_path / "resumed" / "last.safetensors")
     assert straight.history[-1]["loss"] == pytest.approx(resumed.history[-1]["loss"], rel=1e-3)
     if average_from >= 0:  # 14 steps averaged (6..19), the same average either way
         assert straight.averaged_steps == resumed.averaged_steps == 14
-        a = load_file(str(tmp_path / "straight" / "average.safetensors"))
-        b = load_file(str(tmp_path / "resumed" / "average.safetensors"))
-        for key in a:
-            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+        _assert_same_tensors(tmp_path / "straight" / "average.safetensors",
+                             tmp_path / "resumed" / "average.safetensors")
         assert set(resumed.average_dice) == {"WT", "TC", "ET"}
         assert {"average_dice_WT", "dice_WT"} <= set(resumed.history[-1])
     else:
         assert not (tmp_path / "straight" / "average.safetensors").exists() and straight.averaged_steps == 0
+
+
+def _assert_same_tensors(path_a, path_b):
+    a, b = load_file(str(path_a)), load_file(str(path_b))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
 
 
 def test_weight_average_is_the_uniform_mean_of_the_models_it_saw(tmp_path):
