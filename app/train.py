@@ -436,6 +436,7 @@ class WeightAverage:
     def __init__(self, state: dict[str, torch.Tensor] | None = None, count: int = 0):
         self.state = state
         self.count = count
+        self._model: nn.Module | None = None  # one copy reloaded at each validation, made on first use
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
@@ -452,30 +453,20 @@ class WeightAverage:
         self.count += 1
 
     def model_like(self, model: nn.Module) -> nn.Module:
-        """A copy of ``model`` holding the averaged weights (for validation and publishing)."""
+        """A model of ``model``'s kind holding the averaged weights (for validation); not ``model`` itself."""
         if self.state is None:
             raise ValueError("no weights averaged yet")
-        averaged = copy.deepcopy(model)
-        averaged.load_state_dict(self.state, strict=True)
-        return averaged
-
-    def save(self, path: Path) -> None:
-        if self.state is not None:
-            save_state(self.state, path, metadata={"averaged_steps": str(self.count)})
-
-    @classmethod
-    def load(cls, path: Path, device: torch.device) -> WeightAverage:
-        if not path.is_file():
-            return cls()
-        with safe_open(str(path), framework="pt") as f:
-            count = int((f.metadata() or {}).get("averaged_steps", "0"))
-        return cls(load_file(str(path), device=str(device)), count)
+        if self._model is None:
+            self._model = copy.deepcopy(model)
+        self._model.load_state_dict(self.state, strict=True)
+        return self._model
 
 
 # ------------------------------------------------------------------------------------- checkpoints
 
 
-def _checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+def _checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                      average: WeightAverage | None) -> dict[str, torch.Tensor]:
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     names = {id(p): n for n, p in model.named_parameters()}
     for group in optimizer.param_groups:
@@ -483,17 +474,22 @@ def _checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dic
             buf = optimizer.state.get(param, {}).get("momentum_buffer")
             if buf is not None:
                 state[f"momentum.{names[id(param)]}"] = buf
+    if average is not None and average.count:
+        state.update({f"average.{k}": v for k, v in average.state.items()})
     return state
 
 
-def _restore_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path, device) -> None:
-    state = load_file(str(path), device=str(device))
+def _restore_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, torch.Tensor],
+                        average: WeightAverage | None, averaged_steps: int) -> None:
     weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     model.load_state_dict(weights, strict=True)
     params = dict(model.named_parameters())
     for key, value in state.items():
         if key.startswith("momentum."):
             optimizer.state[params[key[9:]]]["momentum_buffer"] = value
+    kept = {k.removeprefix("average."): v for k, v in state.items() if k.startswith("average.")}
+    if average is not None and kept and averaged_steps:
+        average.state, average.count = kept, averaged_steps
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -577,18 +573,19 @@ def train_fold(cfg: TrainConfig, train_cases: Sequence[CaseFiles | CaseHandle],
     optimizer = make_optimizer(model, cfg)
     rng = np.random.default_rng([cfg.seed, fold])
     state = _FoldState(fold_dir)
-    if cfg.init_from and not state.meta_path.is_file():
+    if cfg.init_from and not state.started:
         start = initial_weights(cfg.init_from, fold)
         model.load_state_dict(load_file(start, device=str(device)), strict=True)
         log.info("fold %d: initialised from %s", fold, start)
-    state.resume(model, optimizer, rng, device)
+    average = WeightAverage() if cfg.average_from >= 0 else None
+    state.resume(model, optimizer, rng, device, average)
     if state.meta["step"] >= cfg.total_steps:
         return state.result(fold, val_cases)
     log.info("fold %d: preparing %d training cases", fold, len(train_cases))
     prepared = {} if prepared is None else prepared
     data = [_on_device(c, cache_dir, device, prepared) for c in train_cases]
     validation = [validation_case(prepare_case(c, cache_dir)) for c in val_cases]
-    _train_loop(cfg, model, optimizer, data, validation, state, rng, device, fold, progress, time_limit)
+    _train_loop(cfg, model, optimizer, data, validation, state, rng, device, fold, progress, time_limit, average)
     result = state.result(fold, val_cases)
     result.config = _jsonable(asdict(cfg))
     return result
@@ -613,7 +610,14 @@ def validation_case(case: TrainingCase) -> ValidationCase:
 
 class _FoldState:
     """A fold's progress on disk: the step reached, the best validation so far and the history, written
-    (with the model, optimiser and random states) after every validation so a killed run resumes."""
+    (with the model, optimiser, weight average and random states) after every validation so a killed run
+    resumes.
+
+    Why one file: the progress record rides in the checkpoint's metadata, so the weights, the average and
+    the step they belong to are replaced together by one rename; a kill between two files cannot pair one
+    step's weights with another's record. ``last.json`` is a readable copy, and ``average.safetensors`` the
+    average exported for publishing.
+    """
 
     def __init__(self, fold_dir: Path):
         self.state_path, self.meta_path = fold_dir / "last.safetensors", fold_dir / "last.json"
@@ -621,11 +625,24 @@ class _FoldState:
         self.average_path = fold_dir / "average.safetensors"
         self.meta: dict[str, Any] = {"step": 0, "best_score": -1.0, "best_step": -1, "best_dice": {}, "history": []}
 
-    def resume(self, model: nn.Module, optimizer, rng: np.random.Generator, device: torch.device) -> None:
-        if not (self.meta_path.is_file() and self.state_path.is_file()):
+    @property
+    def started(self) -> bool:
+        return self.state_path.is_file()
+
+    def resume(self, model: nn.Module, optimizer, rng: np.random.Generator, device: torch.device,
+               average: WeightAverage | None) -> None:
+        """Continue from the checkpoint, if any. With ``average`` None a kept average is dropped, so a run
+        resumed without ``--average-from`` publishes its best snapshot, not a stale average."""
+        if not self.started:
             return
-        self.meta = json.loads(self.meta_path.read_text())
-        _restore_checkpoint(model, optimizer, self.state_path, device)
+        with safe_open(str(self.state_path), framework="pt") as f:
+            saved = (f.metadata() or {}).get("progress")
+        self.meta = json.loads(saved if saved is not None else self.meta_path.read_text())
+        _restore_checkpoint(model, optimizer, load_file(str(self.state_path), device=str(device)), average,
+                            self.meta.get("averaged_steps", 0))
+        if average is None:
+            self.meta.pop("averaged_steps", None)
+            self.meta.pop("average_dice", None)
         rng.bit_generator.state = self.meta["rng"]
         torch.set_rng_state(torch.tensor(self.meta["torch_rng"], dtype=torch.uint8))
         log.info("resumed %s at step %d", self.meta_path.parent, self.meta["step"])
@@ -635,15 +652,16 @@ class _FoldState:
                average_dice: dict[str, float] | None = None) -> None:
         score = float(np.mean(list(dice.values())))
         if average is not None and average.count:
-            average.save(self.average_path)
             self.meta.update(averaged_steps=average.count, average_dice=average_dice)
+            save_state(average.state, self.average_path)  # before the checkpoint, which commits the step
         self.meta["history"].append(entry)
         if score > self.meta["best_score"]:
             self.meta.update(best_score=score, best_step=entry["step"], best_dice=dice)
             save_state(model.state_dict(), self.best_path)
         self.meta.update(step=entry["step"], running=entry["loss"], rng=rng.bit_generator.state,
                          torch_rng=torch.get_rng_state().tolist(), stopped_early=stopped_early)
-        save_state(_checkpoint_state(model, optimizer), self.state_path)
+        save_state(_checkpoint_state(model, optimizer, average), self.state_path,
+                   metadata={"progress": json.dumps(self.meta)})
         write_json_atomic(self.meta, self.meta_path)
 
     def result(self, fold: int, val_cases: Sequence[Any]) -> FoldResult:
@@ -655,7 +673,8 @@ class _FoldState:
 
 def _train_loop(cfg: TrainConfig, model: nn.Module, optimizer, data: Sequence[TrainingCase],
                 validation: Sequence[ValidationCase], state: _FoldState, rng: np.random.Generator,
-                device: torch.device, fold: int, progress: bool, time_limit: float | None) -> None:
+                device: torch.device, fold: int, progress: bool, time_limit: float | None,
+                average: WeightAverage | None) -> None:
     started = time.monotonic()
     use_amp = training_autocast(cfg.precision, device)
     augment = AugmentConfig.for_level(cfg.augment, cfg.augment_acquisition, cfg.augment_tumour_contrast)
@@ -671,10 +690,6 @@ def _train_loop(cfg: TrainConfig, model: nn.Module, optimizer, data: Sequence[Tr
     # draws exactly what the uninterrupted one would.
     generator = torch.Generator(device=device)
     generator.manual_seed(int(rng.integers(2**62)))
-    average = WeightAverage.load(state.average_path, device) if cfg.average_from >= 0 else None
-    if average is None:  # a run resumed without --average-from publishes its best snapshot, not a stale average
-        state.meta.pop("averaged_steps", None)
-        state.meta.pop("average_dice", None)
     bar = _progress_bar(cfg.total_steps, state.meta["step"], f"fold {fold}", progress)
     running = state.meta.get("running")
     sums: dict[str, torch.Tensor] = {}  # losses stay on the device between validations (no sync per step)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from scipy import ndimage
 
 from app.augment import AugmentConfig
@@ -218,6 +218,8 @@ def test_resumed_run_continues_from_the_saved_step_and_matches_a_straight_run(ca
     straight = train_fold(cfg, cases[:2], cases[3:], tmp_path / "straight", fold=0, progress=False)
     first = train_fold(replace(cfg, stage_steps=(4, 4, 2)), cases[:2], cases[3:], tmp_path / "resumed", 0, False)
     assert first.steps == 10
+    # killed after the checkpoint's rename but before its readable copy: the checkpoint alone resumes
+    (tmp_path / "resumed" / "last.json").write_text("{}")
     resumed = train_fold(cfg, cases[:2], cases[3:], tmp_path / "resumed", fold=0, progress=False)
     assert [h["step"] for h in resumed.history] == [10, 20] and resumed.steps == 20
     _assert_same_tensors(tmp_path / "straight" / "last.safetensors", tmp_path / "resumed" / "last.safetensors")
@@ -230,6 +232,17 @@ def test_resumed_run_continues_from_the_saved_step_and_matches_a_straight_run(ca
         assert {"average_dice_WT", "dice_WT"} <= set(resumed.history[-1])
     else:
         assert not (tmp_path / "straight" / "average.safetensors").exists() and straight.averaged_steps == 0
+
+
+def test_checkpoint_without_its_progress_record_resumes_from_last_json(cases, tmp_path):
+    # checkpoints written before the progress record moved into them carry none: last.json is read instead
+    torch.set_num_threads(1)
+    cfg = replace(TINY, stage_steps=(2, 2, 6), validate_every=5, batch=2)
+    train_fold(replace(cfg, stage_steps=(2, 2, 1)), cases[:2], cases[3:], tmp_path, 0, False)
+    checkpoint = tmp_path / "last.safetensors"
+    save_file(load_file(str(checkpoint)), str(checkpoint))  # the same tensors, no metadata
+    resumed = train_fold(cfg, cases[:2], cases[3:], tmp_path, 0, False)
+    assert [h["step"] for h in resumed.history] == [5, 10] and resumed.steps == 10
 
 
 def _assert_same_tensors(path_a, path_b):
@@ -254,12 +267,12 @@ def test_weight_average_is_the_uniform_mean_of_the_models_it_saw(tmp_path):
             torch.testing.assert_close(value, sum(s[key] for s in states) / 3)
         else:
             assert torch.equal(value, states[-1][key])
-    average.save(tmp_path / "average.safetensors")
-    again = WeightAverage.load(tmp_path / "average.safetensors", torch.device("cpu"))
-    assert again.count == 3 and again.state.keys() == average.state.keys()
+    assert average.count == 3
     out = average.model_like(models[0])
     key = next(k for k, v in average.state.items() if v.is_floating_point())
     assert out is not models[0] and torch.equal(out.state_dict()[key], average.state[key])
+    average.update(models[0])  # one copy, reloaded with the latest average at each call
+    assert average.model_like(models[0]) is out and torch.equal(out.state_dict()[key], average.state[key])
     with pytest.raises(ValueError, match="no weights averaged"):
         WeightAverage().model_like(models[0])
 
