@@ -433,9 +433,9 @@ class WeightAverage:
     buffers take the latest value.
     """
 
-    def __init__(self, state: dict[str, torch.Tensor] | None = None, count: int = 0):
-        self.state = state
-        self.count = count
+    def __init__(self) -> None:
+        self.state: dict[str, torch.Tensor] | None = None  # restored from a checkpoint by `_FoldState.resume`
+        self.count = 0
         self._model: nn.Module | None = None  # one copy reloaded at each validation, made on first use
 
     @torch.no_grad()
@@ -635,11 +635,11 @@ class _FoldState:
         resumed without ``--average-from`` publishes its best snapshot, not a stale average."""
         if not self.started:
             return
-        with safe_open(str(self.state_path), framework="pt") as f:
+        with safe_open(str(self.state_path), framework="pt", device=str(device)) as f:  # one read
             saved = (f.metadata() or {}).get("progress")
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
         self.meta = json.loads(saved if saved is not None else self.meta_path.read_text())
-        _restore_checkpoint(model, optimizer, load_file(str(self.state_path), device=str(device)), average,
-                            self.meta.get("averaged_steps", 0))
+        _restore_checkpoint(model, optimizer, tensors, average, self.meta.get("averaged_steps", 0))
         if average is None:
             self.meta.pop("averaged_steps", None)
             self.meta.pop("average_dice", None)
