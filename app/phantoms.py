@@ -9,9 +9,9 @@ atrophy (wider sulci), patchy tissue texture, partial-volume blur, bias fields u
 thick-slice acquisitions along any axis, intensity scale and stored dtype. Tumours sit anywhere in the
 parenchyma (touching the cortex and the ventricles), tiny to huge, sometimes multifocal, sometimes without
 ET or without NCR. Tissue means are drawn relative to white matter with wide, overlapping ranges: only the
-contrasts MRI fixes are kept (edema brighter than white matter on FLAIR and T2, ET brighter on T1c, NCR
-darker on T1c, CSF bright on T2 and dark on FLAIR), so grey matter can be as bright as edema on FLAIR and a
-model must read the four modalities together and the shape. `PhantomRanges` holds every range, so held-out
+contrasts MRI fixes are kept (edema brighter than white matter on FLAIR and T2 and brighter than grey matter
+on T2, ET brighter on T1c, NCR darker on T1c, CSF bright on T2 and dark on FLAIR), so grey matter can be as
+bright as edema on FLAIR and a model must read the four modalities together and the shape. `PhantomRanges` holds every range, so held-out
 series can be drawn outside the training ranges: `WIDE_RANGES` stretches them all at once (`python -m app
 phantoms --ranges wide`), benchmarks/ood_sweep.py one factor at a time.
 """
@@ -28,7 +28,7 @@ from scipy import ndimage
 from .conventions import EDEMA, ENHANCING, NECROSIS, LabelConvention, Layout, Modality, to_file_labels
 from .options import PhantomPreset
 
-GENERATOR_VERSION = "2.0"
+GENERATOR_VERSION = "2.1"
 DEFAULT_SIZE = (240, 240, 155)  # x, y, z as BraTS stores it (1 mm isotropic)
 # BraTS volumes are LPS-oriented with this origin once read by SimpleITK.
 BRATS_DIRECTION = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
@@ -49,6 +49,10 @@ _RELATIVE_CONTRAST: dict[Modality, dict[int, Range]] = {
     Modality.T1C: {_GM: (0.6, 0.92), _CSF: (0.1, 0.45), _NCR: (0.15, 0.75), _ED: (0.55, 0.95), _ET: (1.35, 2.6)},
     Modality.T2: {_GM: (1.15, 1.7), _CSF: (2.0, 4.0), _NCR: (1.6, 3.6), _ED: (1.5, 3.0), _ET: (1.1, 2.4)},
 }
+# Edema's water has a longer T2 than grey matter's on every scanner, so on T2 edema is drawn at least this
+# multiple of the case's grey matter (generator 2.0 let the two ranges overlap, and wide-range edema could be
+# darker than the cortex on T2: a case no scanner produces, which taught a model to read FLAIR alone there).
+_EDEMA_OVER_GREY_MATTER = {Modality.T2: 1.2}
 _FILE_TOKENS = {
     Layout.BRATS2023: {Modality.FLAIR: "t2f", Modality.T1: "t1n", Modality.T1C: "t1c", Modality.T2: "t2w"},
     Layout.BRATS2018: {Modality.FLAIR: "flair", Modality.T1: "t1", Modality.T1C: "t1ce", Modality.T2: "t2"},
@@ -254,6 +258,8 @@ def _tissue_means(rng: np.random.Generator, modality: Modality, ranges: PhantomR
     means[_WM] = 1.0
     for t, bounds in ranges.contrast[modality].items():
         means[t] = _u(rng, bounds)
+    if modality in _EDEMA_OVER_GREY_MATTER:  # a floor, not a redraw: every other draw of a seed stays the same
+        means[_ED] = max(means[_ED], means[_GM] * _EDEMA_OVER_GREY_MATTER[modality])
     means[_DGM] = 1.0 + (means[_GM] - 1.0) * rng.uniform(0.3, 0.8)
     return means
 

@@ -71,6 +71,19 @@ def test_contrasts_have_the_signs_of_real_mri(phantoms):
         assert _mean(p, Modality.FLAIR, csf) < _mean(p, Modality.FLAIR, normal)
 
 
+@pytest.mark.parametrize("seed,index", [(3, 7), (2, 3)])  # generator 2.0 drew T2 edema below the cortex here
+def test_wide_edema_stays_brighter_than_grey_matter_on_t2(seed, index):
+    from app.phantoms import WIDE_RANGES
+
+    p = make_phantom(seed, index, SIZE, ranges=WIDE_RANGES)
+    edema = _interior(p.labels == 2)
+    # the cortex near the tumour: the smooth bias field scales both alike there
+    near_tumour = ndimage.distance_transform_edt(p.labels == 0) <= 8
+    cortex = _interior((p.tissue == GREY_MATTER) & (p.labels == 0)) & near_tumour
+    assert edema.sum() > 200 and cortex.sum() > 200
+    assert _mean(p, Modality.T2, edema) > 1.05 * _mean(p, Modality.T2, cortex)
+
+
 def test_intensities_and_dtypes_are_randomised(phantoms):
     dtypes = {p.images[m].dtype for p in phantoms for m in p.images}
     scales = [float(p.images[Modality.T1].max()) for p in phantoms]
