@@ -53,7 +53,7 @@ _RELATIVE_CONTRAST: dict[Modality, dict[int, Range]] = {
 }
 # Edema's water has a longer T2 than grey matter's on every scanner, so on T2 edema is drawn at least this
 # multiple of the case's grey matter (generator 2.0 let the two ranges overlap, and wide-range edema could be
-# darker than the cortex on T2: a case no scanner produces, which taught a model to read FLAIR alone there).
+# darker than the cortex on T2: a case no scanner produces).
 _EDEMA_OVER_GREY_MATTER = {Modality.T2: 1.2}
 _FILE_TOKENS = {
     Layout.BRATS2023: {Modality.FLAIR: "t2f", Modality.T1: "t1n", Modality.T1C: "t1c", Modality.T2: "t2w"},

@@ -5,7 +5,7 @@ from scipy import ndimage
 
 from app.conventions import Layout, Modality
 from app.io import find_cases, load_segmentation
-from app.phantoms import CSF, DEEP_GREY, DEFAULT_RANGES, GREY_MATTER, WHITE_MATTER, generate, make_phantom
+from app.phantoms import CSF, DEEP_GREY, DEFAULT_RANGES, GREY_MATTER, WHITE_MATTER, WIDE_RANGES, generate, make_phantom
 
 SIZE = (96, 96, 64)
 
@@ -73,8 +73,6 @@ def test_contrasts_have_the_signs_of_real_mri(phantoms):
 
 @pytest.mark.parametrize("seed,index", [(3, 7), (2, 3)])  # generator 2.0 drew T2 edema below the cortex here
 def test_wide_edema_stays_brighter_than_grey_matter_on_t2(seed, index):
-    from app.phantoms import WIDE_RANGES
-
     p = make_phantom(seed, index, SIZE, ranges=WIDE_RANGES)
     edema = _interior(p.labels == 2)
     # the cortex near the tumour: the smooth bias field scales both alike there
@@ -121,8 +119,6 @@ def test_wide_ranges_contain_the_training_ranges_and_leave_them():
     """The `wide` preset keeps every training range inside its own and stretches the appearance and anatomy
     beyond it; the tumour's own ranges stay."""
     from dataclasses import fields
-
-    from app.phantoms import WIDE_RANGES
 
     stretched = []
     for f in fields(DEFAULT_RANGES):
