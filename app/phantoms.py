@@ -4,9 +4,9 @@ No BraTS data can be downloaded where this project is built, so training, tests 
 these phantoms. Each case is deterministic for (seed, index, ranges).
 
 Generator 2 spans the appearance of real brains rather than one template: a folded cortex whose sulcal depth
-and thickness vary (the cortex 20-62% of the parenchyma in the training ranges and up to 86% in the wide ones,
-measured on 68 cases; adult brains 40-60%), deep grey nuclei, ventricles from slit to enlarged,
-atrophy (wider sulci), patchy tissue texture, partial-volume blur, bias fields up to about +-45%, noise,
+and thickness vary, holding 40-55% of the parenchyma in the training ranges and 33-65% in the wide ones
+(adult brains 40-60%; generator 2.1 left it free and made 20-86%), deep grey nuclei, ventricles from slit
+to enlarged, atrophy (wider sulci), patchy tissue texture, partial-volume blur, bias fields up to about +-45%, noise,
 thick-slice acquisitions along any axis, intensity scale and stored dtype. Tumours sit anywhere in the
 parenchyma (touching the cortex and the ventricles), tiny to huge, sometimes multifocal, sometimes without
 ET or without NCR. Tissue means are drawn relative to white matter with wide, overlapping ranges: only the
@@ -30,7 +30,7 @@ from scipy import ndimage
 from .conventions import EDEMA, ENHANCING, NECROSIS, LabelConvention, Layout, Modality, to_file_labels
 from .options import PhantomPreset
 
-GENERATOR_VERSION = "2.1"
+GENERATOR_VERSION = "2.2"
 DEFAULT_SIZE = (240, 240, 155)  # x, y, z as BraTS stores it (1 mm isotropic)
 # BraTS volumes are LPS-oriented with this origin once read by SimpleITK.
 BRATS_DIRECTION = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
@@ -72,6 +72,10 @@ class PhantomRanges:
     """
 
     cortex_thickness: Range = (2.5, 5.5)
+    # The cortex's share of the parenchyma (cortex / (white + cortical grey + deep grey matter)) is held in
+    # this range: adult brains give 40-60%. A drawn thickness and folding that would leave it (generator 2.1
+    # made 20-86%) are kept in shape, the cortex only thinned or thickened to the nearer bound.
+    grey_matter_share: Range = (0.40, 0.55)
     sulcal_depth: Range = (10.0, 25.0)  # how far sulci (lined with cortex) reach into the white matter
     fold_frequency: Range = (18.0, 32.0)  # smooth-field cells across the brain: more = finer gyri
     sulcal_csf: Range = (0.3, 1.6)  # half-width of the CSF in a sulcus (atrophy widens it)
@@ -102,6 +106,7 @@ _WIDE_GREY_MATTER_TOP = {Modality.FLAIR: 1.75, Modality.T1: 0.95, Modality.T1C: 
 # `benchmarks/ood_sweep.py` moves one factor at a time instead.
 WIDE_RANGES = DEFAULT_RANGES.widened(
     cortex_thickness=(2.5, 7.5),
+    grey_matter_share=(0.33, 0.65),
     sulcal_depth=(10.0, 30.0),
     fold_frequency=(16.0, 36.0),
     sulcal_csf=(0.3, 2.2),
@@ -189,7 +194,28 @@ def _anatomy(rng: np.random.Generator, shape: tuple[int, int, int], scale: float
     tissue[brain & ((distance < csf_width) & (sheet | (depth < sulcal_depth)) | (depth < csf_width))] = _CSF
     _deep_grey(rng, tissue, centre, scale * _u(rng, ranges.deep_grey_scale))
     _ventricles(rng, tissue, centre, scale * _u(rng, ranges.ventricle_scale))
+    _bound_grey_matter_share(tissue, distance / thickness, ranges.grey_matter_share)
     return tissue
+
+
+def _bound_grey_matter_share(tissue: np.ndarray, relative_depth: np.ndarray, bounds: Range) -> None:
+    """Moves the cortex's inner border until its share of the parenchyma lies within ``bounds``.
+
+    ``relative_depth`` is each voxel's distance to the pial surface in units of the local cortical thickness
+    (the cortex is where it is below 1), so the thinned or thickened cortex keeps the drawn thickness's
+    pattern: the voxels that become cortex (or white matter) are the shallowest (deepest) ones.
+    """
+    grey, white = tissue == _GM, tissue == _WM
+    parenchyma = int(grey.sum() + white.sum() + (tissue == _DGM).sum())
+    share = grey.sum() / max(parenchyma, 1)
+    low, high = bounds
+    if low <= share <= high:
+        return
+    candidates = grey | white
+    depths = relative_depth[candidates]
+    wanted = min(int(round(min(max(share, low), high) * parenchyma)), depths.size - 1)
+    threshold = np.partition(depths, wanted)[wanted]
+    tissue[candidates] = np.where(depths < threshold, _GM, _WM)
 
 
 def _deep_grey(rng: np.random.Generator, tissue: np.ndarray, centre: np.ndarray, scale: float) -> None:

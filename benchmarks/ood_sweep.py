@@ -103,8 +103,11 @@ PERTURBATIONS = {"bias": bias, "gamma": gamma, "noise": noise, "blur": blur, "th
 _FLAIR_T2_GM = {"mild": ((1.55, 1.7), (1.7, 1.85)), "moderate": ((1.7, 1.85), (1.85, 2.0)),
                 "strong": ((1.85, 2.0), (2.0, 2.2))}
 ANATOMY = {
+    # A thicker cortex, and room for it: the generator holds the cortex's share of the parenchyma within
+    # grey_matter_share (training 0.40-0.55), so the bound moves with the thickness.
     "cortex": lambda level: DEFAULT_RANGES.widened(
-        cortex_thickness={"mild": (5.5, 6.5), "moderate": (6.5, 7.5), "strong": (7.5, 9.0)}[level]),
+        cortex_thickness={"mild": (5.5, 6.5), "moderate": (6.5, 7.5), "strong": (7.5, 9.0)}[level],
+        grey_matter_share={"mild": (0.40, 0.58), "moderate": (0.40, 0.62), "strong": (0.40, 0.70)}[level]),
     "grey_contrast": lambda level: DEFAULT_RANGES.widened(contrast={
         m: {**t, 2: _FLAIR_T2_GM[level][0 if m is Modality.FLAIR else 1]} if m in (Modality.FLAIR, Modality.T2) else t
         for m, t in DEFAULT_RANGES.contrast.items()}),
