@@ -198,6 +198,13 @@ def _anatomy(rng: np.random.Generator, shape: tuple[int, int, int], scale: float
     return tissue
 
 
+def grey_matter_share(tissue: np.ndarray) -> float:
+    """The cortex's share of the parenchyma in a tissue map: cortical grey over white, cortical grey and deep
+    grey matter (what `PhantomRanges.grey_matter_share` bounds)."""
+    grey = int((tissue == _GM).sum())
+    return grey / max(grey + int((tissue == _WM).sum()) + int((tissue == _DGM).sum()), 1)
+
+
 def _bound_grey_matter_share(tissue: np.ndarray, relative_depth: np.ndarray, bounds: Range) -> None:
     """Moves the cortex's inner border until its share of the parenchyma lies within ``bounds``.
 
@@ -205,13 +212,12 @@ def _bound_grey_matter_share(tissue: np.ndarray, relative_depth: np.ndarray, bou
     (the cortex is where it is below 1), so the thinned or thickened cortex keeps the drawn thickness's
     pattern: the voxels that become cortex (or white matter) are the shallowest (deepest) ones.
     """
-    grey, white = tissue == _GM, tissue == _WM
-    parenchyma = int(grey.sum() + white.sum() + (tissue == _DGM).sum())
-    share = grey.sum() / max(parenchyma, 1)
+    share = grey_matter_share(tissue)
     low, high = bounds
     if low <= share <= high:
         return
-    candidates = grey | white
+    candidates = (tissue == _GM) | (tissue == _WM)
+    parenchyma = int(candidates.sum() + (tissue == _DGM).sum())
     depths = relative_depth[candidates]
     wanted = min(int(round(min(max(share, low), high) * parenchyma)), depths.size - 1)
     threshold = np.partition(depths, wanted)[wanted]

@@ -49,6 +49,18 @@ def test_bad_scales_in_tokens_are_refused(token):
 
 
 
+def test_sweep_cortex_factor_gives_more_cortex_than_any_training_draw():
+    """The out-of-distribution sweep's cortex steps reach past the share the generator holds training draws to,
+    each step more than the last."""
+    from ood_sweep import ANATOMY
+
+    from app.phantoms import DEFAULT_RANGES, grey_matter_share, make_phantom
+
+    shares = [grey_matter_share(make_phantom(12, 0, (120, 120, 78), ranges=ANATOMY["cortex"](level)).tissue)
+              for level in ("mild", "moderate", "strong")]
+    assert shares == sorted(shares) and shares[-1] > DEFAULT_RANGES.grey_matter_share[1] + 0.05, shares
+
+
 def test_agreement_rows_score_each_tiling_against_paper_and_truth(tmp_path):
     """benchmarks/agreement.py on one small phantom case, one shipped fold."""
     from agreement import case_rows, mean_rows

@@ -5,7 +5,17 @@ from scipy import ndimage
 
 from app.conventions import Layout, Modality
 from app.io import find_cases, load_segmentation
-from app.phantoms import CSF, DEEP_GREY, DEFAULT_RANGES, GREY_MATTER, WHITE_MATTER, WIDE_RANGES, generate, make_phantom
+from app.phantoms import (
+    CSF,
+    DEEP_GREY,
+    DEFAULT_RANGES,
+    GREY_MATTER,
+    WHITE_MATTER,
+    WIDE_RANGES,
+    generate,
+    grey_matter_share,
+    make_phantom,
+)
 
 SIZE = (96, 96, 64)
 
@@ -99,11 +109,6 @@ def test_written_cases_are_found_with_their_ground_truth(tmp_path, layout, et_la
     assert image.GetSize() == SIZE and image.GetSpacing() == (1.0, 1.0, 1.0)
 
 
-def _grey_matter_share(tissue: np.ndarray) -> float:
-    grey = (tissue == GREY_MATTER).sum()
-    return grey / (grey + (tissue == WHITE_MATTER).sum() + (tissue == DEEP_GREY).sum())
-
-
 def test_generator_2_spans_real_anatomy_and_its_ranges_can_be_moved():
     """The cortex holds 40-55% of the parenchyma in the training ranges (adult brains 40-60%) whatever
     thickness and folding were drawn, deep grey nuclei exist, and a thicker cortex with room for it (outside
@@ -111,14 +116,14 @@ def test_generator_2_spans_real_anatomy_and_its_ranges_can_be_moved():
     size = (120, 120, 78)
     for i in range(3):
         p = make_phantom(12, i, size)
-        assert 0.395 <= _grey_matter_share(p.tissue) <= 0.555, i
+        assert 0.395 <= grey_matter_share(p.tissue) <= 0.555, i
         assert (p.tissue == DEEP_GREY).any()
     unbounded = {"grey_matter_share": (0.0, 1.0)}
     thick = make_phantom(12, 0, size, ranges=DEFAULT_RANGES.widened(cortex_thickness=(8.0, 9.0), **unbounded))
     thin = make_phantom(12, 0, size, ranges=DEFAULT_RANGES.widened(cortex_thickness=(2.0, 2.5), **unbounded))
-    assert _grey_matter_share(thick.tissue) > 0.6 and _grey_matter_share(thin.tissue) < 0.4
+    assert grey_matter_share(thick.tissue) > 0.6 and grey_matter_share(thin.tissue) < 0.4
     bounded = make_phantom(12, 0, size, ranges=DEFAULT_RANGES.widened(cortex_thickness=(8.0, 9.0)))
-    assert _grey_matter_share(bounded.tissue) == pytest.approx(0.55, abs=0.005)
+    assert grey_matter_share(bounded.tissue) == pytest.approx(0.55, abs=0.005)
     # Only the cortex's inner border moved: the brain, its CSF and the ventricles are the thick draw's.
     moved = (bounded.tissue != thick.tissue)
     assert set(np.unique(thick.tissue[moved])) <= {GREY_MATTER, WHITE_MATTER}
