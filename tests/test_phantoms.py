@@ -125,7 +125,7 @@ def test_generator_2_spans_real_anatomy_and_its_ranges_can_be_moved():
     bounded = make_phantom(12, 0, size, ranges=DEFAULT_RANGES.widened(cortex_thickness=(8.0, 9.0)))
     assert grey_matter_share(bounded.tissue) == pytest.approx(0.55, abs=0.005)
     # Only the cortex's inner border moved: the brain, its CSF and the ventricles are the thick draw's.
-    moved = (bounded.tissue != thick.tissue)
+    moved = bounded.tissue != thick.tissue
     assert set(np.unique(thick.tissue[moved])) <= {GREY_MATTER, WHITE_MATTER}
 
 
