@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 
 from .conventions import AUTO_LABELS, LABEL_CHOICES, Layout
 from .options import (
+    ENHANCEMENT_CHECK_VOXELS,
+    MIN_ENHANCEMENT,
     MIN_ENHANCING_VOXELS,
     TRAINABLE_VARIANTS,
     AugmentLevel,
@@ -148,18 +150,27 @@ def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None
     p.add_argument("--labels", default=AUTO_LABELS, choices=LABEL_CHOICES,
                    help="label encoding: auto follows the case layout (2023 files -> ET=3, others -> ET=4)")
     p.add_argument("--no-postprocess", action="store_true",
-                   help="skip all post-processing (the paper's two steps, --min-et-voxels, the core filling and the "
-                        "doubtful-component removal)")
+                   help="skip all post-processing (the paper's two steps, --min-et-voxels and its enhancement check, "
+                        "the core filling and the doubtful-component removal)")
     p.add_argument("--no-small-component-removal", action="store_true", help="skip post-processing step 1")
     p.add_argument("--edema-relabel", default=EdemaRelabel.NON_ENHANCING.value, choices=choices(EdemaRelabel),
                    help="when post-processing step 2 (K-means: edema dark on T1c -> NCR/NET) runs: non-enhancing "
                         "(default) = in a case with little ET whose largest ET component is also under "
-                        f"{MIN_ENHANCING_VOXELS} voxels; paper = in every case with little ET (the authors'); off")
+                        f"{MIN_ENHANCING_VOXELS} voxels or fails step 3's enhancement check; paper = in every case "
+                        "with little ET (the authors'); off")
     p.add_argument("--no-edema-relabel", action="store_true", help="skip post-processing step 2 (--edema-relabel off)")
     p.add_argument("--min-et-voxels", type=non_negative_int, default=MIN_ENHANCING_VOXELS,
                    help="post-processing step 3 (ours, not the paper's): a case whose largest ET component has "
                         f"fewer voxels than this has all its ET relabelled NCR/NET (default {MIN_ENHANCING_VOXELS}); "
-                        "0 switches it off")
+                        "0 switches it off, with its enhancement check")
+    p.add_argument("--et-check-voxels", type=non_negative_int, default=ENHANCEMENT_CHECK_VOXELS,
+                   help="step 3's enhancement check (ours): when the largest ET component has fewer voxels than "
+                        f"this (default {ENHANCEMENT_CHECK_VOXELS}), the ET must also be brighter on T1c than on T1, "
+                        "against the tissue around it, by --min-et-enhancement brain standard deviations, or all "
+                        "its ET becomes NCR/NET and step 2 treats the tumour as non-enhancing; 0 switches it off")
+    p.add_argument("--min-et-enhancement", type=float, default=MIN_ENHANCEMENT,
+                   help="the enhancement (median z(T1c) - z(T1) in the ET minus that within 2 voxels around it) "
+                        f"that --et-check-voxels asks of a small ET (default {MIN_ENHANCEMENT})")
     p.add_argument("--no-core-filling", action="store_true",
                    help="skip post-processing step 4 (ours, not the paper's): by default non-tumour voxels that the "
                         "tumour encloses in an axial, coronal or sagittal slice, in a hole touching the predicted "
@@ -370,6 +381,8 @@ def postprocess_config(args: argparse.Namespace) -> PostprocessConfig:
         remove_small_components=not (off or args.no_small_component_removal),
         edema_relabel=EdemaRelabel.OFF if off or args.no_edema_relabel else EdemaRelabel(args.edema_relabel),
         min_enhancing_voxels=0 if off else args.min_et_voxels,
+        enhancement_check_voxels=0 if off else args.et_check_voxels,
+        min_enhancement=args.min_et_enhancement,
         fill_enclosed_core=not (off or args.no_core_filling),
         drop_doubtful_components=not (off or args.keep_doubtful_components),
     )

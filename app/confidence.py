@@ -18,7 +18,6 @@ import numpy as np
 
 from .conventions import EDEMA, ENHANCING, NECROSIS
 from .fusion import TaskProbabilities, fusion_region
-from .options import MIN_ENHANCING_VOXELS
 
 # Below this mean expected Dice a case is flagged for review (calibrated: see the module docstring).
 LOW_CONFIDENCE = 0.69
@@ -26,9 +25,10 @@ LOW_CONFIDENCE_WARNING = "low confidence: review this segmentation"
 # Probabilities under this floor are ignored: thousands of voxels at p = 0.01 far from any tumour would
 # otherwise weigh as much as a real doubt at the border.
 _FLOOR = 0.1
-# An empty mask is as likely wrong as the expected volume outside it is large against this: the smallest
-# region post-processing keeps as real enhancement (step 3's default).
-EMPTY_REGION_VOXELS = MIN_ENHANCING_VOXELS
+# An empty mask is as likely wrong as the expected volume outside it is large against this: 0.3 ml, the
+# smallest ET post-processing kept until step 3's enhancement check let it keep smaller enhancing ones; kept
+# at 300 so that the calibrated LOW_CONFIDENCE keeps its meaning.
+EMPTY_REGION_VOXELS = 300
 
 
 def expected_dice(p: TaskProbabilities, labels: np.ndarray, region: np.ndarray | None = None) -> dict[str, float]:

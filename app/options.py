@@ -43,15 +43,21 @@ def parse_scales(scales: Sequence[float]) -> tuple[float, ...]:
     return values
 
 
-# The default of post-processing step 3 (app.postprocess.drop_scant_enhancement), here so that `--help`
-# needs no heavy import. BraTS voxels are 1 mm^3, so 0.3 ml.
-MIN_ENHANCING_VOXELS = 300
+# The defaults of post-processing step 3 (app.postprocess.tumour_enhances), here so that `--help` needs no
+# heavy import. BraTS voxels are 1 mm^3: an ET whose largest component is under MIN_ENHANCING_VOXELS (0.1 ml)
+# goes; one under ENHANCEMENT_CHECK_VOXELS (1 ml) must also be brighter on T1c than on T1, against the
+# tissue around it, by MIN_ENHANCEMENT brain standard deviations (z(T1c) - z(T1)). Otherwise the tumour
+# counts as non-enhancing.
+MIN_ENHANCING_VOXELS = 100
+ENHANCEMENT_CHECK_VOXELS = 1000
+MIN_ENHANCEMENT = 1.0
 
 
 class EdemaRelabel(str, Enum):
     """When post-processing step 2 (app.postprocess.relabel_dark_edema) runs. PAPER: in every case with
     little ET (the authors' rule). NON_ENHANCING: only in such a case whose largest ET component is also
-    under MIN_ENHANCING_VOXELS, i.e. a tumour that does not enhance (ours). OFF: never."""
+    under MIN_ENHANCING_VOXELS or fails step 3's enhancement check, i.e. a tumour that does not enhance
+    (ours). OFF: never."""
 
     NON_ENHANCING = "non-enhancing"
     PAPER = "paper"

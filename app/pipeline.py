@@ -22,7 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .confidence import LOW_CONFIDENCE, LOW_CONFIDENCE_WARNING, case_confidence, expected_dice
-from .conventions import AUTO_LABELS, Modality, to_file_labels
+from .conventions import AUTO_LABELS, MODALITY_ORDER, Modality, to_file_labels
 from .fusion import TaskProbabilities
 from .inference import CasePrediction, EnsemblePredictor
 from .io import (
@@ -42,6 +42,9 @@ from .options import BiasCorrection
 from .postprocess import PostprocessConfig, postprocess
 from .preprocess import BiasCorrected, correct_bias
 
+# Where post-processing finds its images in a loaded case (`load_case` stacks the four in MODALITY_ORDER).
+T1_CHANNEL = MODALITY_ORDER.index(Modality.T1)
+T1C_CHANNEL = MODALITY_ORDER.index(Modality.T1C)
 
 class UsageError(Exception):
     """Bad invocation or environment: nothing can be processed (exit status 2)."""
@@ -167,13 +170,13 @@ class Segmentation:
     warnings: list[str] = field(default_factory=list)
 
 
-def segment_image(predictor: EnsemblePredictor, image: np.ndarray, t1c_channel: int,
-                  post: PostprocessConfig, progress: Callable[[int, int], None] | None = None,
+def segment_image(predictor: EnsemblePredictor, image: np.ndarray, post: PostprocessConfig,
+                  progress: Callable[[int, int], None] | None = None,
                   bias_correction: BiasCorrection = BiasCorrection.N4) -> Segmentation:
-    """Bias-correct, predict, fuse, post-process and score the confidence of a raw (4, D, H, W) case: the
-    one path that `CaseRunner`, the benchmarks and the tests share."""
+    """Bias-correct, predict, fuse, post-process and score the confidence of a raw (4, D, H, W) case
+    (channels in `MODALITY_ORDER`): the one path that `CaseRunner`, the benchmarks and the tests share."""
     corrected, prediction = predict_corrected(predictor, image, bias_correction, progress=progress)
-    return complete_segmentation(prediction, corrected[t1c_channel], post)
+    return complete_segmentation(prediction, corrected, post)
 
 
 def predict_corrected(predictor: EnsemblePredictor, image: np.ndarray, bias_correction: BiasCorrection,
@@ -201,11 +204,13 @@ def prepare_image(predictor: EnsemblePredictor, image: np.ndarray, bias_correcti
     return BiasCorrected(image, [])
 
 
-def complete_segmentation(prediction: CasePrediction, t1c: np.ndarray, post: PostprocessConfig) -> Segmentation:
-    """The CPU half of `segment_image`: post-processing and the confidence of a fused prediction."""
+def complete_segmentation(prediction: CasePrediction, image: np.ndarray, post: PostprocessConfig) -> Segmentation:
+    """The CPU half of `segment_image`: post-processing and the confidence of a fused prediction. ``image``
+    is the (4, D, H, W) case the prediction was made on (channels in `MODALITY_ORDER`); post-processing
+    reads its T1c and T1."""
     clock = time.perf_counter()
     probability = prediction.tumour_probability() if post.drop_doubtful_components else None
-    internal = postprocess(prediction.labels, t1c, post, probability)
+    internal = postprocess(prediction.labels, image[T1C_CHANNEL], post, probability, t1=image[T1_CHANNEL])
     timings = {**prediction.timings, "postprocess": time.perf_counter() - clock}
     result = Segmentation(internal, prediction.box, prediction.probabilities, timings=timings,
                           warnings=list(prediction.warnings))
@@ -236,8 +241,7 @@ class CaseRunner:
 
     def finish(self, loaded: LoadedCase, prediction: CasePrediction) -> CaseResult:
         case = loaded.files
-        t1c = loaded.image[list(case.modalities).index(Modality.T1C)]
-        seg = complete_segmentation(prediction, t1c, self.options.postprocess)
+        seg = complete_segmentation(prediction, loaded.image, self.options.postprocess)
         convention = resolve_convention(self.options.labels, case.layout)
         file_labels = to_file_labels(seg.labels, convention)
         destination = output_path(self.options.output_dir, case.case_id)

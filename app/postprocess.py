@@ -5,13 +5,19 @@ steps and three of ours.
 2. When the case has little ET (vol_e / vol_t < 0.1), split the edema of ET-poor components into two
    K-means clusters; the cluster darker on T1c becomes NCR/NET. WT and ET never change in this step. By
    default (ours) only when the tumour does not enhance either: its largest ET component is under
-   ``MIN_ENHANCING_VOXELS``. The paper's premise is a network that misses the core of a tumour with little
-   ET; where it found an enhancing tumour it found that tumour's core too, and the darker edema it leaves is
-   mostly true edema (tuning phantoms: TC +0.044 over the paper's rule, docs/EXPERIMENTS.md).
+   ``MIN_ENHANCING_VOXELS`` or fails step 3's enhancement check. The paper's premise is a network that
+   misses the core of a tumour with little ET; where it found an enhancing tumour it found that tumour's
+   core too, and the darker edema it leaves is mostly true edema (tuning phantoms: TC +0.044 over the
+   paper's rule, docs/EXPERIMENTS.md).
 3. (Ours, not the paper's.) When the case's largest ET component has fewer than ``min_enhancing_voxels``
    voxels, all its ET becomes NCR/NET: a tumour without enhancement is common (low grade), and a few false
    ET voxels there cost the whole ET score, since BraTS scores an empty ET against an empty truth as 1 and
-   anything else as 0. WT and TC never change in this step.
+   anything else as 0. WT and TC never change in this step. The same happens to an ET whose largest
+   component is under ``enhancement_check_voxels`` and that does not enhance: on T1c against T1 (z-scored
+   in the brain) it is less than ``min_enhancement`` brighter than the tissue around it; steps 2 and 3 then
+   treat the tumour as non-enhancing. The check is what lets the size floor sit at 100 voxels rather than
+   300: a small ET that takes up contrast is a small enhancing tumour (docs/EXPERIMENTS.md, "Step 3's
+   enhancement check").
 4. (Ours.) A tumour's centre is its core: (a) non-tumour voxels that the tumour encloses in an axial,
    coronal or sagittal slice become NCR/NET when their connected hole touches the predicted core (the
    network reads a necrotic centre that does not enhance, dark on T1, T1c and FLAIR, as brain); (b) what
@@ -34,7 +40,7 @@ from scipy import ndimage
 from sklearn.cluster import KMeans
 
 from .conventions import EDEMA, ENHANCING, NECROSIS
-from .options import MIN_ENHANCING_VOXELS, EdemaRelabel, parse_option
+from .options import ENHANCEMENT_CHECK_VOXELS, MIN_ENHANCEMENT, MIN_ENHANCING_VOXELS, EdemaRelabel, parse_option
 from .preprocess import bounding_box, enclosed_in_a_slice
 
 # 26-connectivity: components touching at a corner are one tumour.
@@ -46,6 +52,8 @@ DOUBTFUL_TUMOUR_PROBABILITY = 0.5
 CASE_ET_RATIO = 0.1
 COMPONENT_ET_RATIO = 0.05
 COMPONENT_ET_MAX = 1000
+# Step 3's enhancement check compares the ET with the tissue within this many voxels of it.
+ENHANCEMENT_SHELL = 2
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,8 @@ class PostprocessConfig:
     remove_small_components: bool = True
     edema_relabel: EdemaRelabel = EdemaRelabel.NON_ENHANCING  # step 2
     min_enhancing_voxels: int = MIN_ENHANCING_VOXELS  # step 3; 0 switches it off
+    enhancement_check_voxels: int = ENHANCEMENT_CHECK_VOXELS  # step 3's enhancement check; 0 switches it off
+    min_enhancement: float = MIN_ENHANCEMENT
     fill_enclosed_core: bool = True  # step 4
     drop_doubtful_components: bool = True  # step 5; needs the task-1 tumour probability
 
@@ -60,12 +70,19 @@ class PostprocessConfig:
         object.__setattr__(self, "edema_relabel", parse_option(EdemaRelabel, self.edema_relabel, "edema_relabel"))
         if self.min_enhancing_voxels < 0:
             raise ValueError(f"min_enhancing_voxels must be >= 0, got {self.min_enhancing_voxels}")
+        if self.enhancement_check_voxels < 0:
+            raise ValueError(f"enhancement_check_voxels must be >= 0, got {self.enhancement_check_voxels}")
+
+    @property
+    def checks_enhancement(self) -> bool:
+        """Whether step 3's enhancement check runs: part of step 3, so off with it."""
+        return self.min_enhancing_voxels > 0 and self.enhancement_check_voxels > 0
 
     @classmethod
     def off(cls) -> PostprocessConfig:
         """No post-processing at all."""
         return cls(remove_small_components=False, edema_relabel=EdemaRelabel.OFF, min_enhancing_voxels=0,
-                   fill_enclosed_core=False, drop_doubtful_components=False)
+                   enhancement_check_voxels=0, fill_enclosed_core=False, drop_doubtful_components=False)
 
 
 def remove_small_components(labels: np.ndarray) -> np.ndarray:
@@ -114,10 +131,10 @@ def relabel_dark_edema(labels: np.ndarray, t1c: np.ndarray, seed: int = 0) -> np
 
 
 def postprocess(labels: np.ndarray, t1c: np.ndarray, config: PostprocessConfig = PostprocessConfig(),
-                tumour_probability: np.ndarray | None = None) -> np.ndarray:
-    """Apply the enabled steps in order; ``t1c`` is the case's T1c intensities and ``tumour_probability`` the
-    ensemble's fold-averaged task-1 tumour probability (both the labels' shape; the probability is needed
-    only by step 5)."""
+                tumour_probability: np.ndarray | None = None, t1: np.ndarray | None = None) -> np.ndarray:
+    """Apply the enabled steps in order; ``t1c`` and ``t1`` are the case's T1c and T1 intensities and
+    ``tumour_probability`` the ensemble's fold-averaged task-1 tumour probability (all the labels' shape; the
+    probability is needed only by step 5, T1 only by step 3's enhancement check)."""
     if labels.shape != t1c.shape:
         raise ValueError(f"labels {labels.shape} and T1c {t1c.shape} differ in shape")
     if config.drop_doubtful_components:
@@ -127,13 +144,24 @@ def postprocess(labels: np.ndarray, t1c: np.ndarray, config: PostprocessConfig =
         if tumour_probability.shape != labels.shape:
             raise ValueError(f"labels {labels.shape} and tumour probability {tumour_probability.shape} differ "
                              "in shape")
+    if config.checks_enhancement:
+        if t1 is None:
+            raise ValueError("post-processing step 3's enhancement check needs the T1 image: pass t1 or switch "
+                             "the check off (enhancement_check_voxels=0)")
+        if t1.shape != labels.shape:
+            raise ValueError(f"labels {labels.shape} and T1 {t1.shape} differ in shape")
     out = labels
     if config.remove_small_components:
         out = remove_small_components(out)
-    if _relabels_edema(config.edema_relabel, out):
+    # Step 2 leaves ET as it is, so whether the tumour enhances is decided once, for steps 2 and 3.
+    enhances = not config.checks_enhancement or tumour_enhances(out, t1c, t1, config.enhancement_check_voxels,
+                                                                 config.min_enhancement)
+    if _relabels_edema(config.edema_relabel, out, enhances):
         out = relabel_dark_edema(out, t1c)
     if config.min_enhancing_voxels > 0:
         out = drop_scant_enhancement(out, config.min_enhancing_voxels)
+    if not enhances:
+        out = relabel_enhancement(out)
     if config.fill_enclosed_core:
         out = fill_enclosed_core(out, t1c != 0)
     if config.drop_doubtful_components:
@@ -141,10 +169,10 @@ def postprocess(labels: np.ndarray, t1c: np.ndarray, config: PostprocessConfig =
     return out
 
 
-def _relabels_edema(mode: EdemaRelabel, labels: np.ndarray) -> bool:
+def _relabels_edema(mode: EdemaRelabel, labels: np.ndarray, enhances: bool) -> bool:
     """Whether step 2 runs on these (step-1) labels; the case's own ET condition is checked inside it."""
     if mode is EdemaRelabel.NON_ENHANCING:
-        return not has_enhancing_tumour(labels == ENHANCING, MIN_ENHANCING_VOXELS)
+        return not (enhances and has_enhancing_tumour(labels == ENHANCING, MIN_ENHANCING_VOXELS))
     return mode is EdemaRelabel.PAPER
 
 
@@ -160,9 +188,59 @@ def drop_scant_enhancement(labels: np.ndarray, min_voxels: int) -> np.ndarray:
     enhancing = labels == ENHANCING
     if not enhancing.any() or has_enhancing_tumour(enhancing, min_voxels):
         return labels
+    return relabel_enhancement(labels)
+
+
+def relabel_enhancement(labels: np.ndarray) -> np.ndarray:
+    """All ET becomes NCR/NET (step 3's outcome for a tumour that does not enhance)."""
+    enhancing = labels == ENHANCING
+    if not enhancing.any():
+        return labels
     out = labels.copy()
     out[enhancing] = NECROSIS
     return out
+
+
+def tumour_enhances(labels: np.ndarray, t1c: np.ndarray, t1: np.ndarray, check_below_voxels: int,
+                    min_enhancement: float) -> bool:
+    """Step 3's enhancement check: False when the predicted ET's largest component is under
+    ``check_below_voxels`` and its `enhancement` is under ``min_enhancement``; True otherwise (also with no ET,
+    which the size rule handles, or with the check off, ``check_below_voxels`` 0). Only a small ET is
+    checked: false enhancement in a non-enhancing tumour comes as up to a few hundred voxels (phantoms:
+    largest components of 595-637 voxels, enhancement 0.34-0.81 on the N4-corrected images), where a true
+    ET of that size mostly enhances clearly (1.6-5.9; one of 13 at 0.84)."""
+    enhancing = labels == ENHANCING
+    if check_below_voxels == 0 or not enhancing.any():
+        return True
+    if _largest_component(enhancing) >= check_below_voxels:
+        return True
+    return enhancement(enhancing, t1c, t1) >= min_enhancement
+
+
+def enhancement(enhancing: np.ndarray, t1c: np.ndarray, t1: np.ndarray) -> float:
+    """How much brighter the ``enhancing`` voxels are on T1c than on T1, against the brain within
+    ``ENHANCEMENT_SHELL`` voxels around them: the median of z(T1c) - z(T1) inside minus that median around,
+    in brain standard deviations (each image z-scored inside the brain, where either is nonzero). What
+    contrast uptake is: a T1c-bright region that is as bright on T1 (fat, blood, a bright cortex) does not
+    enhance. Around rather than the whole brain, so that a bias field or a tissue mix elsewhere does not
+    count."""
+    brain = (t1c != 0) | (t1 != 0)
+    if not enhancing.any():
+        raise ValueError("enhancement needs at least one enhancing voxel")
+    box = bounding_box(enhancing, margin=ENHANCEMENT_SHELL + 1)
+    inside = enhancing[box]
+    around = ndimage.binary_dilation(inside, iterations=ENHANCEMENT_SHELL) & ~inside & brain[box]
+    if not around.any():
+        return float("inf")  # nothing to compare with: leave the ET as it is
+    difference = _zscore(t1c, brain, box) - _zscore(t1, brain, box)
+    return float(np.median(difference[inside]) - np.median(difference[around]))
+
+
+def _zscore(image: np.ndarray, brain: np.ndarray, box: tuple[slice, ...]) -> np.ndarray:
+    """``image`` over ``box``, z-scored by its statistics over the whole ``brain``."""
+    values = image[brain].astype(np.float64)
+    std = values.std()
+    return (image[box] - values.mean()) / (std if std > 0 else 1.0)
 
 
 def _largest_component(mask: np.ndarray) -> int:

@@ -36,7 +36,7 @@ REGIONS = ("WT", "TC", "ET")
 def case_rows(case, models, tilings: list[str], device: str, precision: str, tta: str = "none") -> list[dict]:
     """One row per tiling (paper first), every tiling under the same ``tta``: agreement with paper (after the
     default post-processing, and raw) and Dice against the truth."""
-    from app.conventions import Modality, from_file_labels
+    from app.conventions import from_file_labels
     from app.inference import EnsemblePredictor
     from app.io import load_case, load_segmentation
     from app.metrics import region_dice
@@ -46,13 +46,12 @@ def case_rows(case, models, tilings: list[str], device: str, precision: str, tta
 
     loaded = load_case(case)
     truth = from_file_labels(load_segmentation(case, loaded.reference))
-    t1c = list(case.modalities).index(Modality.T1C)
     masks, raw = {}, {}
     for tiling in ["paper", *tilings]:
         predictor = EnsemblePredictor(device=device, precision=precision, tta=tta, **predictor_options(tiling))
         predictor.load_models(models)
         corrected, prediction = predict_corrected(predictor, loaded.image, BiasCorrection.N4)
-        masks[tiling] = complete_segmentation(prediction, corrected[t1c], PostprocessConfig()).labels
+        masks[tiling] = complete_segmentation(prediction, corrected, PostprocessConfig()).labels
         raw[tiling] = prediction.labels
     rows = []
     for tiling, mask in masks.items():

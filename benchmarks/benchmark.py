@@ -125,7 +125,7 @@ def run_one(config: str, case_dir: Path, device: str, workdir: Path, label_out: 
     import torch
 
     from app.cli import cpu_quota
-    from app.conventions import LabelConvention, Modality, to_file_labels
+    from app.conventions import LabelConvention, to_file_labels
     from app.inference import EnsemblePredictor
     from app.io import find_cases, label_image, load_case, write_image_atomic
     from app.pipeline import segment_image
@@ -137,9 +137,8 @@ def run_one(config: str, case_dir: Path, device: str, workdir: Path, label_out: 
     predictor = EnsemblePredictor(device=device, precision=precision, **predictor_options(tiling))
     predictor.load_models(models)
     [case] = find_cases(case_dir).cases
-    t1c = list(case.modalities).index(Modality.T1C)
     if predictor.device.type == "cuda":  # warm-up: cuDNN autotuning and lazy CUDA init are one-off costs
-        segment_image(predictor, load_case(case).image, t1c, PostprocessConfig())
+        segment_image(predictor, load_case(case).image, PostprocessConfig())
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     times: dict[str, float] = {}
@@ -147,7 +146,7 @@ def run_one(config: str, case_dir: Path, device: str, workdir: Path, label_out: 
     loaded = load_case(case)
     times["read"] = time.perf_counter() - clock
     # The product's own path (predict, fuse, post-process, confidence); it reports its stage timings.
-    segmentation = segment_image(predictor, loaded.image, t1c, PostprocessConfig())
+    segmentation = segment_image(predictor, loaded.image, PostprocessConfig())
     times.update(segmentation.timings)
     internal = segmentation.labels
     clock = time.perf_counter()

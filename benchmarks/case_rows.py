@@ -54,10 +54,10 @@ def score_cases(input_dir: Path, jsonl: Path, analyse: Callable[[CaseFiles], dic
 
 
 def scores(labels: np.ndarray, truth: np.ndarray, t1c: np.ndarray, post: PostprocessConfig | None = None,
-           tumour_probability: np.ndarray | None = None) -> list[float]:
-    """Dice WT, TC, ET of fused ``labels``, post-processed by ``post`` first when given (step 5 reads the
-    ensemble's task-1 ``tumour_probability``)."""
+           tumour_probability: np.ndarray | None = None, t1: np.ndarray | None = None) -> list[float]:
+    """Dice WT, TC, ET of fused ``labels``, post-processed by ``post`` first when given (step 3's
+    enhancement check reads ``t1``, step 5 the ensemble's task-1 ``tumour_probability``)."""
     if post is not None:
-        labels = postprocess(labels, t1c, post, tumour_probability)
+        labels = postprocess(labels, t1c, post, tumour_probability, t1=t1)
     dice = region_dice(labels, truth)
     return [round(dice[r], 4) for r in REGIONS]

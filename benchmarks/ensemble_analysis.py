@@ -49,7 +49,7 @@ STEPS_OFF = {
     "without step 1": PostprocessConfig(remove_small_components=False),
     "without step 2": PostprocessConfig(edema_relabel=EdemaRelabel.OFF),
     "step 2 by the paper's rule": PostprocessConfig(edema_relabel=EdemaRelabel.PAPER),
-    "without step 3": PostprocessConfig(min_enhancing_voxels=0),
+    "without step 3": PostprocessConfig(min_enhancing_voxels=0, enhancement_check_voxels=0),
     "without step 4": PostprocessConfig(fill_enclosed_core=False),
     "without step 5": PostprocessConfig(drop_doubtful_components=False),
 }
@@ -83,6 +83,7 @@ def analyse_case(case, folders: dict[str, list[torch.nn.Module]], predictor: Ens
         raise ValueError(f"{case.case_id}: empty brain")
     region = predictor.planner.segmented_region(crop.mask)
     t1c = image[names.index(Modality.T1C.value)][crop.box]
+    t1 = image[names.index(Modality.T1.value)][crop.box]
     truth = truth[crop.box]
     probabilities = {(name, k): fold_probabilities(predictor, model, k, crop.image, region)
                      for name, models in folders.items() for k, model in enumerate(models)}
@@ -91,9 +92,9 @@ def analyse_case(case, folders: dict[str, list[torch.nn.Module]], predictor: Ens
     ensemble = fused(mean, crop.mask)  # fused once, post-processed every way below
     row: dict = {"case": case.case_id, "ensemble": {}, "single": {}, "swap": {}}
     row["ensemble"]["no post-processing"] = scores(ensemble, truth, t1c)
-    row["ensemble"]["default post-processing"] = scores(ensemble, truth, t1c, PostprocessConfig(), mean.tumour)
+    row["ensemble"]["default post-processing"] = scores(ensemble, truth, t1c, PostprocessConfig(), mean.tumour, t1)
     for label, config in STEPS_OFF.items():
-        row["ensemble"][label] = scores(ensemble, truth, t1c, config, mean.tumour)
+        row["ensemble"][label] = scores(ensemble, truth, t1c, config, mean.tumour, t1)
     for (name, k), p in probabilities.items():
         row["single"][f"{name}:{k}"] = scores(fused(p, crop.mask), truth, t1c)
         if name != SHIPPED and k < len(shipped):
@@ -106,7 +107,7 @@ def analyse_case(case, folders: dict[str, list[torch.nn.Module]], predictor: Ens
     if len(folders) > 1:
         every = average(list(probabilities.values()))
         row["ensemble"]["every network, default post-processing"] = scores(fused(every, crop.mask), truth, t1c,
-                                                                          PostprocessConfig(), every.tumour)
+                                                                          PostprocessConfig(), every.tumour, t1)
     return row
 
 

@@ -57,13 +57,18 @@ SETTINGS = {
 }
 
 
+CROP_KEYS = {"tumour", "classes", "enhancing", "region", "brain", "t1c", "t1", "truth_crop", "truth_outside"}
+
+
 def case_crop(case, predictor: EnsemblePredictor, store: Path | None) -> dict[str, np.ndarray]:
     """What the grid reads of a case, over its brain crop: the product's fold-averaged probabilities and
-    fusion region, the brain, the corrected T1c and the truth; from ``store`` when kept there before."""
+    fusion region, the brain, the corrected T1c and T1 and the truth; from ``store`` when kept there before
+    (a crop kept before post-processing read T1 lacks it and is computed again)."""
     kept = None if store is None else store / f"{case.case_id}.npz"
     if kept is not None and kept.is_file():
         with np.load(kept) as arrays:
-            return dict(arrays)
+            if CROP_KEYS <= set(arrays.files):
+                return dict(arrays)
     loaded = load_case(case)
     truth = from_file_labels(load_segmentation(case, loaded.reference))
     names = [m.value for m in case.modalities]
@@ -74,6 +79,7 @@ def case_crop(case, predictor: EnsemblePredictor, store: Path | None) -> dict[st
     p = prediction.probabilities
     crop = {"tumour": p.tumour, "classes": p.classes, "enhancing": p.enhancing, "region": prediction.region,
             "brain": brain_mask(corrected)[box], "t1c": corrected[names.index(Modality.T1C.value)][box],
+            "t1": corrected[names.index(Modality.T1.value)][box],
             "truth_crop": truth[box], "truth_outside": np.array(int((truth > 0).sum() - (truth[box] > 0).sum()))}
     if kept is not None:
         store.mkdir(parents=True, exist_ok=True)
@@ -91,7 +97,7 @@ def analyse_case(case, predictor: EnsemblePredictor, store: Path | None = None) 
     row: dict = {"case": case.case_id, "scores": {}}
     for name, thresholds in SETTINGS.items():
         labels = (fuse(p, crop["region"], predictor.fusion, thresholds) * crop["brain"]).astype(np.uint8)
-        row["scores"][name] = scores(labels, crop["truth_crop"], crop["t1c"], PostprocessConfig(), p.tumour)
+        row["scores"][name] = scores(labels, crop["truth_crop"], crop["t1c"], PostprocessConfig(), p.tumour, crop["t1"])
     return row
 
 

@@ -137,7 +137,6 @@ def run(weights: Path, cases: int, seed: int, factors: list[str], tta: str, min_
         strengths: list[str], bias_correction: BiasCorrection = BiasCorrection.N4) -> list[dict]:
     _, models = load_ensemble(weights)
     predictor = EnsemblePredictor(tta=tta).load_models(models)
-    t1c = MODALITY_ORDER.index(Modality.T1C)
     rows = []
     indices = sized_indices(seed, cases, min_tumour)
     clean = [case_arrays(seed, i) for i in indices]
@@ -152,7 +151,7 @@ def run(weights: Path, cases: int, seed: int, factors: list[str], tta: str, min_
                     if factor != "clean":
                         image = PERTURBATIONS[factor](image, image[0] != 0, level, rng)
                 started = time.perf_counter()
-                seg = segment_image(predictor, image, t1c, PostprocessConfig(), bias_correction=bias_correction)
+                seg = segment_image(predictor, image, PostprocessConfig(), bias_correction=bias_correction)
                 dice = region_dice(seg.labels, truth)
                 rows.append({"factor": factor, "strength": level, "case": index, **dice,
                              "confidence": seg.confidence, "seconds": round(time.perf_counter() - started, 1)})

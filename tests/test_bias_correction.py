@@ -109,13 +109,12 @@ def test_segment_image_reads_the_corrected_image_everywhere(tmp_path, phantom_im
     scout's tumour: the same labels as correcting so by hand and segmenting without it."""
     _, models = load_ensemble(random_weights(tmp_path / "w", folds=1))
     predictor = EnsemblePredictor(device="cpu").load_models(models)
-    t1c = MODALITY_ORDER.index(Modality.T1C)
-    with_n4 = segment_image(predictor, phantom_image, t1c, PostprocessConfig())  # the default
+    with_n4 = segment_image(predictor, phantom_image, PostprocessConfig())  # the default
     assert "bias_correction" in with_n4.timings
     scout = predictor.scout_tumour(phantom_image)
     assert scout.shape == phantom_image.shape[1:] and scout.dtype == bool
     corrected = correct_bias(phantom_image, exclude=scout).image
-    by_hand = segment_image(predictor, corrected, t1c, PostprocessConfig(), bias_correction=BiasCorrection.NONE)
+    by_hand = segment_image(predictor, corrected, PostprocessConfig(), bias_correction=BiasCorrection.NONE)
     np.testing.assert_array_equal(with_n4.labels, by_hand.labels)
 
 

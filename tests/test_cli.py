@@ -90,6 +90,9 @@ def test_core_filling_then_doubtful_components_end_the_post_processing(tmp_path,
     (["--no-small-component-removal", "--min-et-voxels", "50", "--no-core-filling"],
      PostprocessConfig(remove_small_components=False, min_enhancing_voxels=50, fill_enclosed_core=False)),
     (["--keep-doubtful-components"], PostprocessConfig(drop_doubtful_components=False)),
+    (["--et-check-voxels", "0"], PostprocessConfig(enhancement_check_voxels=0)),
+    (["--et-check-voxels", "2000", "--min-et-enhancement", "0.8"],
+     PostprocessConfig(enhancement_check_voxels=2000, min_enhancement=0.8)),
     (["--no-postprocess", "--edema-relabel", "paper"], PostprocessConfig.off()),
 ])
 def test_postprocess_flags_make_the_config(flags, expected):

@@ -1,9 +1,12 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 from scipy import ndimage
 from torch import nn
 
+from app.conventions import MODALITY_ORDER, Modality
 from app.ensemble import MIRRORS
 from app.fusion import (
     FusionThresholds,
@@ -16,12 +19,13 @@ from app.fusion import (
 )
 from app.inference import CasePrediction, EnsemblePredictor, scaled_input, scaled_region, scaled_shape
 from app.metrics import region_dice
-from app.options import EdemaRelabel, Fusion
+from app.options import MIN_ENHANCING_VOXELS, EdemaRelabel, Fusion
 from app.pipeline import complete_segmentation
 from app.postprocess import (
     PostprocessConfig,
     drop_doubtful_components,
     drop_scant_enhancement,
+    enhancement,
     fill_enclosed_core,
     postprocess,
     relabel_dark_edema,
@@ -156,16 +160,18 @@ def _tumour_with_enhancement(et_voxels: int) -> np.ndarray:
 
 
 def test_scant_enhancement_becomes_necrosis_and_whole_tumour_and_core_stay():
-    scant = _tumour_with_enhancement(120)
-    out = drop_scant_enhancement(scant, 300)
-    assert not (out == 3).any() and (out == 1).sum() == (scant == 1).sum() + 120
+    scant = _tumour_with_enhancement(60)
+    out = drop_scant_enhancement(scant, 100)
+    assert not (out == 3).any() and (out == 1).sum() == (scant == 1).sum() + 60
     dice = region_dice(out, scant)
     assert dice["WT"] == 1.0 and dice["TC"] == 1.0
     enough = _tumour_with_enhancement(400)
     np.testing.assert_array_equal(drop_scant_enhancement(enough, 300), enough)
     t1c = np.ones(scant.shape, np.float32)
-    assert not (postprocess(scant, t1c, tumour_probability=_certain(scant)) == 3).any()  # on by default
-    assert (postprocess(scant, t1c, PostprocessConfig(min_enhancing_voxels=0), _certain(scant)) == 3).sum() == 120
+    assert MIN_ENHANCING_VOXELS > 60  # on by default, without the enhancement check too
+    no_check = PostprocessConfig(enhancement_check_voxels=0)
+    assert not (postprocess(scant, t1c, no_check, tumour_probability=_certain(scant)) == 3).any()
+    assert (postprocess(scant, t1c, PostprocessConfig(min_enhancing_voxels=0), _certain(scant)) == 3).sum() == 60
     with pytest.raises(ValueError, match="min_enhancing_voxels"):
         PostprocessConfig(min_enhancing_voxels=-1)
 
@@ -185,6 +191,92 @@ def test_enhancement_in_specks_only_becomes_necrosis():
     rim = labels.copy()
     rim[15:19, 10:30, 10:15] = 3  # one component of 400
     np.testing.assert_array_equal(drop_scant_enhancement(rim, 300), rim)
+
+
+def _small_rim(t1_bright: bool, block: tuple[int, int, int] = (6, 10, 10)
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A 27,000-voxel edema around an ET ``block`` (600 voxels by default: past step 3's floor, under the
+    check's 1,000) that is bright on T1c; on T1 as bright (``t1_bright``: no contrast uptake) or as the
+    edema around it. The edema's darker half on T1c is the kind of core step 2 finds."""
+    shape = (40, 40, 40)
+    labels = np.zeros(shape, np.uint8)
+    labels[5:35, 5:35, 5:35] = 2
+    labels[17:17 + block[0], 15:15 + block[1], 15:15 + block[2]] = 3
+    t1c = np.full(shape, 400.0, np.float32)
+    t1c[5:35, 5:35, 5:20] = 300.0
+    t1c[5:35, 5:35, 20:35] = 500.0
+    t1c[labels == 3] = 900.0
+    t1 = t1c.copy()  # the same tissue contrast before contrast uptake ...
+    if not t1_bright:
+        t1[labels == 3] = 400.0  # ... but for the ET's
+    return labels, t1c, t1
+
+
+def test_enhancement_measures_t1c_over_t1_against_the_surroundings():
+    labels, t1c, flat_t1 = _small_rim(t1_bright=False)
+    _, _, bright_t1 = _small_rim(t1_bright=True)
+    enhancing = labels == 3
+    assert enhancement(enhancing, t1c, flat_t1) > 2.0
+    assert enhancement(enhancing, t1c, bright_t1) == pytest.approx(0.0)  # as bright before contrast: no uptake
+    # A brain-wide shift of either image changes nothing (each is z-scored inside the brain).
+    assert enhancement(enhancing, t1c * 3 + 50, flat_t1 + 7) == pytest.approx(enhancement(enhancing, t1c, flat_t1))
+    with pytest.raises(ValueError, match="at least one enhancing voxel"):
+        enhancement(np.zeros_like(enhancing), t1c, flat_t1)
+
+
+def test_small_et_that_does_not_enhance_becomes_necrosis_and_step2_runs():
+    """Step 3's enhancement check (on by default): a 600-voxel ET as bright on T1 as on T1c goes, and the
+    tumour is then treated as non-enhancing (step 2 splits its edema); one that is bright on T1c only stays,
+    and so does a non-enhancing ET of the check's size or more."""
+    config = PostprocessConfig(fill_enclosed_core=False, drop_doubtful_components=False)
+    labels, t1c, bright_t1 = _small_rim(t1_bright=True)
+    out = postprocess(labels, t1c, config, t1=bright_t1)
+    assert not (out == 3).any() and (out[labels == 3] == 1).all()
+    assert (out[(labels == 2) & (t1c == 300.0)] == 1).all() and (out[(labels == 2) & (t1c == 500.0)] == 2).all()
+    assert ((out > 0) == (labels > 0)).all()
+    _, _, flat_t1 = _small_rim(t1_bright=False)
+    np.testing.assert_array_equal(postprocess(labels, t1c, config, t1=flat_t1), labels)
+    np.testing.assert_array_equal(postprocess(labels, t1c, replace(config, enhancement_check_voxels=600),
+                                              t1=bright_t1), labels)
+    # Off: by its own knob, or with the rest of step 3; then T1 is not needed.
+    np.testing.assert_array_equal(postprocess(labels, t1c, replace(config, enhancement_check_voxels=0)), labels)
+    np.testing.assert_array_equal(postprocess(labels, t1c, replace(config, min_enhancing_voxels=0)), labels)
+    with pytest.raises(ValueError, match="needs the T1 image"):
+        postprocess(labels, t1c, config)
+    with pytest.raises(ValueError, match="T1"):
+        postprocess(labels, t1c, config, t1=bright_t1[:-1])
+    with pytest.raises(ValueError, match="enhancement_check_voxels"):
+        PostprocessConfig(enhancement_check_voxels=-1)
+
+
+def test_an_enhancing_et_under_the_check_size_is_kept_down_to_the_floor():
+    """With the check, the size floor can sit below where false specks reach: a 150-voxel ET that takes up
+    contrast stays, the same ET as bright on T1 goes, and a 60-voxel one goes however it enhances."""
+    config = PostprocessConfig(min_enhancing_voxels=100, enhancement_check_voxels=1000, min_enhancement=1.0,
+                               fill_enclosed_core=False, drop_doubtful_components=False)
+    labels, t1c, flat_t1 = _small_rim(t1_bright=False, block=(3, 10, 5))
+    assert (labels == 3).sum() == 150
+    np.testing.assert_array_equal(postprocess(labels, t1c, config, t1=flat_t1), labels)
+    _, _, bright_t1 = _small_rim(t1_bright=True, block=(3, 10, 5))
+    assert not (postprocess(labels, t1c, config, t1=bright_t1) == 3).any()
+    speck, t1c, flat_t1 = _small_rim(t1_bright=False, block=(1, 10, 6))
+    assert (speck == 3).sum() == 60
+    assert not (postprocess(speck, t1c, config, t1=flat_t1) == 3).any()
+
+
+def test_the_pipeline_reads_t1_for_the_enhancement_check():
+    """`complete_segmentation` hands post-processing the T1 and T1c channels of the image in MODALITY_ORDER."""
+    labels, t1c, bright_t1 = _small_rim(t1_bright=True)
+    _, _, flat_t1 = _small_rim(t1_bright=False)
+    config = PostprocessConfig(fill_enclosed_core=False, drop_doubtful_components=False)
+    box = tuple(slice(0, n) for n in labels.shape)
+    kept = {}
+    for name, t1 in (("bright", bright_t1), ("flat", flat_t1)):
+        image = np.ones((4, *labels.shape), np.float32)
+        image[MODALITY_ORDER.index(Modality.T1C)] = t1c
+        image[MODALITY_ORDER.index(Modality.T1)] = t1
+        kept[name] = (complete_segmentation(CasePrediction(labels, box, None, None), image, config).labels == 3).sum()
+    assert kept == {"bright": 0, "flat": 600}
 
 
 def _ring_tumour() -> tuple[np.ndarray, np.ndarray]:
@@ -212,9 +304,10 @@ def test_enclosed_core_becomes_necrosis_and_nothing_else_moves():
     np.testing.assert_array_equal(out == 3, labels == 3)  # ET never changes
     assert not out[5:25, 30:36, 30:38].any()  # the open C stays brain
     assert not out[5:25, 31:35, 5:9].any()  # and so does the hole that touches no core
-    assert (postprocess(labels, t1c, tumour_probability=_certain(labels))[12:18, 12:18, 12:18] == 1).all()  # default
+    default = postprocess(labels, t1c, tumour_probability=_certain(labels), t1=t1c)
+    assert (default[12:18, 12:18, 12:18] == 1).all()
     off = PostprocessConfig(fill_enclosed_core=False)
-    assert not postprocess(labels, t1c, off, _certain(labels))[12:18, 12:18, 12:18].any()
+    assert not postprocess(labels, t1c, off, _certain(labels), t1=t1c)[12:18, 12:18, 12:18].any()
 
 
 def test_edema_inside_an_enhancing_rim_becomes_necrosis():
@@ -275,13 +368,13 @@ def test_doubtful_components_go_and_the_largest_stays():
 def test_step5_is_on_by_default_and_needs_the_probability():
     labels, probability = _three_components()
     t1c = np.ones(labels.shape, np.float32)
-    assert not postprocess(labels, t1c, tumour_probability=probability)[2:10, 25:35, 25:35].any()
-    kept = postprocess(labels, t1c, PostprocessConfig(drop_doubtful_components=False))
+    assert not postprocess(labels, t1c, tumour_probability=probability, t1=t1c)[2:10, 25:35, 25:35].any()
+    kept = postprocess(labels, t1c, PostprocessConfig(drop_doubtful_components=False), t1=t1c)
     assert (kept[2:10, 25:35, 25:35] == 2).all()
     with pytest.raises(ValueError, match="needs the task-1 tumour probability"):
-        postprocess(labels, t1c)
+        postprocess(labels, t1c, t1=t1c)
     with pytest.raises(ValueError, match="tumour probability"):
-        postprocess(labels, t1c, tumour_probability=probability[:-1])
+        postprocess(labels, t1c, tumour_probability=probability[:-1], t1=t1c)
 
 
 def test_the_pipeline_reads_step5s_probability_from_the_prediction_box():
@@ -293,10 +386,10 @@ def test_the_pipeline_reads_step5s_probability_from_the_prediction_box():
     volume[box] = labels
     classes = np.zeros((5, *labels.shape), np.float32)
     p = TaskProbabilities(tumour=probability, classes=classes, enhancing=np.zeros(labels.shape, np.float32))
-    t1c = np.ones(volume.shape, np.float32)
+    image = np.ones((4, *volume.shape), np.float32)
     config = PostprocessConfig(remove_small_components=False, edema_relabel=EdemaRelabel.OFF, min_enhancing_voxels=0,
                                fill_enclosed_core=False)
-    out = complete_segmentation(CasePrediction(volume, box, p, None), t1c, config).labels
+    out = complete_segmentation(CasePrediction(volume, box, p, None), image, config).labels
     np.testing.assert_array_equal(out[box], drop_doubtful_components(labels, probability))
     assert (out[box] != labels).any() and not out[tuple(slice(0, s.start) for s in box)].any()
 

@@ -44,7 +44,8 @@ def test_fast_and_paper_tilings_agree(shipped_fold, small_phantom):
     masks = {}
     for tiling in ("fast", "paper"):
         prediction = EnsemblePredictor(device="cpu", tiling=tiling).load_models(shipped_fold).predict_case(image)
-        masks[tiling] = postprocess(prediction.labels, t1c, tumour_probability=prediction.tumour_probability())
+        masks[tiling] = postprocess(prediction.labels, t1c, tumour_probability=prediction.tumour_probability(),
+                                    t1=image[MODALITY_ORDER.index(Modality.T1)])
     assert masks["fast"].any() and masks["paper"].any(), "a tiling found no tumour on the phantom"
     assert region_dice(masks["fast"], masks["paper"])["WT"] > 0.5, "the tilings found different tumours"
     fast, paper = region_dice(masks["fast"], phantom.labels), region_dice(masks["paper"], phantom.labels)
