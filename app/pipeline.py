@@ -46,6 +46,7 @@ from .preprocess import BiasCorrected, correct_bias
 T1_CHANNEL = MODALITY_ORDER.index(Modality.T1)
 T1C_CHANNEL = MODALITY_ORDER.index(Modality.T1C)
 
+
 class UsageError(Exception):
     """Bad invocation or environment: nothing can be processed (exit status 2)."""
 
