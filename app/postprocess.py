@@ -156,7 +156,7 @@ def postprocess(labels: np.ndarray, t1c: np.ndarray, config: PostprocessConfig =
     # Step 2 leaves ET as it is, so whether the tumour enhances is decided once, for steps 2 and 3.
     enhances = not config.checks_enhancement or tumour_enhances(out, t1c, t1, config.enhancement_check_voxels,
                                                                  config.min_enhancement)
-    if _relabels_edema(config.edema_relabel, out, enhances):
+    if _relabels_edema(config, out, enhances):
         out = relabel_dark_edema(out, t1c)
     if config.min_enhancing_voxels > 0:
         out = drop_scant_enhancement(out, config.min_enhancing_voxels)
@@ -169,11 +169,14 @@ def postprocess(labels: np.ndarray, t1c: np.ndarray, config: PostprocessConfig =
     return out
 
 
-def _relabels_edema(mode: EdemaRelabel, labels: np.ndarray, enhances: bool) -> bool:
-    """Whether step 2 runs on these (step-1) labels; the case's own ET condition is checked inside it."""
-    if mode is EdemaRelabel.NON_ENHANCING:
-        return not (enhances and has_enhancing_tumour(labels == ENHANCING, MIN_ENHANCING_VOXELS))
-    return mode is EdemaRelabel.PAPER
+def _relabels_edema(config: PostprocessConfig, labels: np.ndarray, enhances: bool) -> bool:
+    """Whether step 2 runs on these (step-1) labels; the case's own ET condition is checked inside it. A
+    tumour does not enhance where step 3 would take its ET (its floor, or the default floor with step 3 off,
+    so that switching step 3 off leaves step 2 as it was)."""
+    if config.edema_relabel is EdemaRelabel.NON_ENHANCING:
+        floor = config.min_enhancing_voxels or MIN_ENHANCING_VOXELS
+        return not (enhances and has_enhancing_tumour(labels == ENHANCING, floor))
+    return config.edema_relabel is EdemaRelabel.PAPER
 
 
 def has_enhancing_tumour(enhancing: np.ndarray, min_voxels: int) -> bool:

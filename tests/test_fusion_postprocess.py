@@ -264,6 +264,21 @@ def test_an_enhancing_et_under_the_check_size_is_kept_down_to_the_floor():
     assert not (postprocess(speck, t1c, config, t1=flat_t1) == 3).any()
 
 
+def test_the_old_step3_is_restored_by_its_floor_without_the_check():
+    """`--min-et-voxels 300 --et-check-voxels 0` is step 3 as it was before the check: a 150-voxel ET that
+    enhances goes, and step 2 treats the tumour as non-enhancing (splits its edema), as today's default does
+    with the same ET when it does not enhance."""
+    labels, t1c, flat_t1 = _small_rim(t1_bright=False, block=(3, 10, 5))
+    old = PostprocessConfig(min_enhancing_voxels=300, enhancement_check_voxels=0, fill_enclosed_core=False,
+                            drop_doubtful_components=False)
+    out = postprocess(labels, t1c, old, t1=flat_t1)
+    assert not (out == 3).any() and (out == 1).sum() > 150  # the ET and the darker edema
+    np.testing.assert_array_equal(out, drop_scant_enhancement(relabel_dark_edema(labels, t1c), 300))
+    _, _, bright_t1 = _small_rim(t1_bright=True, block=(3, 10, 5))
+    default = replace(old, min_enhancing_voxels=MIN_ENHANCING_VOXELS, enhancement_check_voxels=1000)
+    np.testing.assert_array_equal(postprocess(labels, t1c, default, t1=bright_t1), out)
+
+
 def test_the_pipeline_reads_t1_for_the_enhancement_check():
     """`complete_segmentation` hands post-processing the T1 and T1c channels of the image in MODALITY_ORDER."""
     labels, t1c, bright_t1 = _small_rim(t1_bright=True)
