@@ -156,8 +156,8 @@ def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None
     p.add_argument("--edema-relabel", default=EdemaRelabel.NON_ENHANCING.value, choices=choices(EdemaRelabel),
                    help="when post-processing step 2 (K-means: edema dark on T1c -> NCR/NET) runs: non-enhancing "
                         "(default) = in a case with little ET whose largest ET component is also under "
-                        f"{MIN_ENHANCING_VOXELS} voxels or fails step 3's enhancement check; paper = in every case "
-                        "with little ET (the authors'); off")
+                        "--min-et-voxels or fails step 3's enhancement check; paper = in every case with little ET "
+                        "(the authors'); off")
     p.add_argument("--no-edema-relabel", action="store_true", help="skip post-processing step 2 (--edema-relabel off)")
     p.add_argument("--min-et-voxels", type=non_negative_int, default=MIN_ENHANCING_VOXELS,
                    help="post-processing step 3 (ours, not the paper's): a case whose largest ET component has "

@@ -56,8 +56,8 @@ MIN_ENHANCEMENT = 1.0
 class EdemaRelabel(str, Enum):
     """When post-processing step 2 (app.postprocess.relabel_dark_edema) runs. PAPER: in every case with
     little ET (the authors' rule). NON_ENHANCING: only in such a case whose largest ET component is also
-    under MIN_ENHANCING_VOXELS or fails step 3's enhancement check, i.e. a tumour that does not enhance
-    (ours). OFF: never."""
+    under step 3's floor (MIN_ENHANCING_VOXELS by default) or fails step 3's enhancement check, i.e. a tumour
+    that does not enhance (ours). OFF: never."""
 
     NON_ENHANCING = "non-enhancing"
     PAPER = "paper"
