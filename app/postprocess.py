@@ -41,7 +41,7 @@ from sklearn.cluster import KMeans
 
 from .conventions import EDEMA, ENHANCING, NECROSIS
 from .options import ENHANCEMENT_CHECK_VOXELS, MIN_ENHANCEMENT, MIN_ENHANCING_VOXELS, EdemaRelabel, parse_option
-from .preprocess import bounding_box, enclosed_in_a_slice
+from .preprocess import bounding_box, enclosed_in_a_slice, zscore_parameters
 
 # 26-connectivity: components touching at a corner are one tumour.
 CONNECTIVITY = 26
@@ -240,10 +240,9 @@ def enhancement(enhancing: np.ndarray, t1c: np.ndarray, t1: np.ndarray) -> float
 
 
 def _zscore(image: np.ndarray, brain: np.ndarray, box: tuple[slice, ...]) -> np.ndarray:
-    """``image`` over ``box``, z-scored by its statistics over the whole ``brain``."""
-    values = image[brain]
-    std = float(values.std(dtype=np.float64))
-    return (image[box] - values.mean(dtype=np.float64)) / (std if std > 0 else 1.0)
+    """``image`` over ``box``, z-scored by its statistics over the whole ``brain`` (as `normalise` would)."""
+    mean, std = zscore_parameters(image[brain])
+    return (image[box] - mean) / std
 
 
 def _largest_component(mask: np.ndarray) -> int:

@@ -50,10 +50,17 @@ def normalise(image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     if not mask.any():
         return out
     for c in range(image.shape[0]):
-        values = image[c][mask].astype(np.float64)
-        std = values.std()
-        out[c][mask] = ((values - values.mean()) / (std if std > 0 else 1.0)).astype(np.float32)
+        values = image[c][mask]
+        mean, std = zscore_parameters(values)
+        out[c][mask] = ((values.astype(np.float64) - mean) / std).astype(np.float32)
     return out
+
+
+def zscore_parameters(values: np.ndarray) -> tuple[float, float]:
+    """Mean and standard deviation (1 where it is 0) of a modality's brain ``values``, in float64: what
+    `normalise` z-scores by, and post-processing's enhancement check with it."""
+    std = float(values.std(dtype=np.float64))
+    return float(values.mean(dtype=np.float64)), std if std > 0 else 1.0
 
 
 def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
