@@ -22,6 +22,13 @@ from .fusion import TaskProbabilities, fusion_region
 # Below this mean expected Dice a case is flagged for review (calibrated: see the module docstring).
 LOW_CONFIDENCE = 0.69
 LOW_CONFIDENCE_WARNING = "low confidence: review this segmentation"
+# Post-processing draws cores the network did not (step 2's dark edema, step 4's enclosed centre), and the
+# network gave those voxels little core probability, so TC's expected Dice is near 0 whether the drawn core is
+# right or wrong: on 19 tumours without enhancement the warning fired on all 9 good ones as on 8 of the 10
+# poor (README, Confidence). A flagged case whose final core is mostly drawn says so, so that the reader knows
+# what to look at.
+DRAWN_CORE_SHARE = 0.5
+DRAWN_CORE_WARNING = "tumour core mostly drawn by post-processing, which the confidence cannot judge: review the core"
 # Probabilities under this floor are ignored: thousands of voxels at p = 0.01 far from any tumour would
 # otherwise weigh as much as a real doubt at the border.
 _FLOOR = 0.1
@@ -57,3 +64,23 @@ def _soft_dice(probability: np.ndarray, mask: np.ndarray) -> float:
 
 def case_confidence(expected: dict[str, float]) -> float:
     return float(np.mean(list(expected.values())))
+
+
+def drawn_core_share(fused: np.ndarray, final: np.ndarray) -> float:
+    """The share of the ``final`` labels' core (NCR/NET or ET) that the ``fused`` labels, the network's own
+    before post-processing, did not call core (internal labels, same shape); 0 without a core."""
+    core = (final == NECROSIS) | (final == ENHANCING)
+    size = int(core.sum())
+    if size == 0:
+        return 0.0
+    drawn = core & (fused != NECROSIS) & (fused != ENHANCING)
+    return int(drawn.sum()) / size
+
+
+def confidence_warnings(confidence: float | None, drawn_share: float = 0.0) -> list[str]:
+    """The warnings a case's confidence earns: none at or above `LOW_CONFIDENCE` (or without a confidence),
+    else `LOW_CONFIDENCE_WARNING`, followed by `DRAWN_CORE_WARNING` when over `DRAWN_CORE_SHARE` of the core
+    was drawn by post-processing (`drawn_core_share`)."""
+    if confidence is None or confidence >= LOW_CONFIDENCE:
+        return []
+    return [LOW_CONFIDENCE_WARNING] + ([DRAWN_CORE_WARNING] if drawn_share > DRAWN_CORE_SHARE else [])

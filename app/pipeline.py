@@ -21,7 +21,7 @@ from typing import Any, TextIO
 import numpy as np
 import SimpleITK as sitk
 
-from .confidence import LOW_CONFIDENCE, LOW_CONFIDENCE_WARNING, case_confidence, expected_dice
+from .confidence import case_confidence, confidence_warnings, drawn_core_share, expected_dice
 from .conventions import AUTO_LABELS, MODALITY_ORDER, Modality, to_file_labels
 from .fusion import TaskProbabilities
 from .inference import CasePrediction, EnsemblePredictor
@@ -84,6 +84,7 @@ class CaseResult:
     error: str | None = None
     confidence: float | None = None  # mean expected Dice from the ensemble's probabilities (app/confidence.py)
     expected_dice: dict[str, float] = field(default_factory=dict)
+    drawn_core_share: float | None = None  # share of the core post-processing drew (app/confidence.py)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -160,13 +161,14 @@ def _save_probabilities(folder: Path, loaded: LoadedCase, box, probabilities: Ta
 class Segmentation:
     """What the product computes for one case: internal labels (0/1/2/3) after post-processing, the
     fold-averaged probabilities over ``box`` (None for an empty brain), the confidence read from them, the
-    seconds per stage and any warning (e.g. the CPU fallback)."""
+    share of the core post-processing drew, the seconds per stage and any warning (e.g. the CPU fallback)."""
 
     labels: np.ndarray
     box: tuple[slice, ...] | None
     probabilities: TaskProbabilities | None
     expected_dice: dict[str, float] = field(default_factory=dict)
     confidence: float | None = None
+    drawn_core_share: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -214,7 +216,8 @@ def complete_segmentation(prediction: CasePrediction, image: np.ndarray, post: P
     internal = postprocess(prediction.labels, image[T1C_CHANNEL], post, probability, t1=image[T1_CHANNEL])
     timings = {**prediction.timings, "postprocess": time.perf_counter() - clock}
     result = Segmentation(internal, prediction.box, prediction.probabilities, timings=timings,
-                          warnings=list(prediction.warnings))
+                          warnings=list(prediction.warnings),
+                          drawn_core_share=drawn_core_share(prediction.labels, internal))
     if prediction.probabilities is not None:
         expected = expected_dice(prediction.probabilities, internal[prediction.box], prediction.region)
         result.expected_dice = {k: round(v, 4) for k, v in expected.items()}
@@ -255,9 +258,8 @@ class CaseRunner:
             save_case_picture(loaded, file_labels, convention, self.options.qc_dir)
         result = CaseResult(case.case_id, CaseStatus.OK, output=str(destination), voxels=_voxel_counts(file_labels),
                             warnings=[*loaded.warnings, *seg.warnings], confidence=seg.confidence,
-                            expected_dice=seg.expected_dice)
-        if seg.confidence is not None and seg.confidence < LOW_CONFIDENCE:
-            result.warnings.append(LOW_CONFIDENCE_WARNING)
+                            expected_dice=seg.expected_dice, drawn_core_share=round(seg.drawn_core_share, 4))
+        result.warnings.extend(confidence_warnings(seg.confidence, seg.drawn_core_share))
         return result
 
 

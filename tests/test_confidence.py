@@ -1,9 +1,19 @@
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from app.confidence import EMPTY_REGION_VOXELS, LOW_CONFIDENCE, LOW_CONFIDENCE_WARNING, case_confidence, expected_dice
+from app.confidence import (
+    DRAWN_CORE_WARNING,
+    EMPTY_REGION_VOXELS,
+    LOW_CONFIDENCE,
+    LOW_CONFIDENCE_WARNING,
+    case_confidence,
+    confidence_warnings,
+    drawn_core_share,
+    expected_dice,
+)
 from app.fusion import TaskProbabilities
 from app.inference import CasePrediction
 from app.io import find_cases, load_case
@@ -84,6 +94,38 @@ class _FixedPredictor:
         return CasePrediction(labels, box, _probabilities(labels, self.certainty), None)
 
 
+def test_drawn_core_share_counts_core_the_network_did_not_call():
+    fused = _labels()
+    assert drawn_core_share(fused, fused) == 0.0
+    assert drawn_core_share(np.zeros(SHAPE, np.uint8), np.zeros(SHAPE, np.uint8)) == 0.0
+    final = fused.copy()
+    final[fused == 3] = 1  # step 3: ET relabelled NCR is still the network's core
+    assert drawn_core_share(fused, final) == 0.0
+    final[2:10, 3:13, 3:5] = 1  # edema relabelled NCR, as step 2 does: 160 voxels of new core
+    core = int(((final == 1) | (final == 3)).sum())
+    assert drawn_core_share(fused, final) == pytest.approx(160 / core)
+
+
+def test_confidence_warnings_name_a_drawn_core_only_when_the_case_is_flagged():
+    assert confidence_warnings(None, 1.0) == []
+    assert confidence_warnings(LOW_CONFIDENCE, 1.0) == []
+    assert confidence_warnings(LOW_CONFIDENCE - 0.01, 0.3) == [LOW_CONFIDENCE_WARNING]
+    assert confidence_warnings(LOW_CONFIDENCE - 0.01, 0.8) == [LOW_CONFIDENCE_WARNING, DRAWN_CORE_WARNING]
+
+
+class _HollowCorePredictor(_FixedPredictor):
+    """A one-voxel shell of NCR/NET around edema: post-processing step 4 fills the centre with core the
+    network did not call, two thirds of the final core."""
+
+    def predict_case(self, image, progress=None):
+        labels = np.zeros(image.shape[1:], np.uint8)
+        labels[8:24, 16:44, 16:44] = 2
+        labels[10:22, 20:40, 20:40] = 1
+        labels[11:21, 21:39, 21:39] = 2
+        box = tuple(slice(0, n) for n in labels.shape)
+        return CasePrediction(labels, box, _probabilities(labels, self.certainty), None)
+
+
 def test_low_confidence_warns_in_the_case_line_and_report(tmp_path):
     small_cases(tmp_path / "in", 1)
     [case] = find_cases(tmp_path / "in").cases
@@ -97,6 +139,12 @@ def test_low_confidence_warns_in_the_case_line_and_report(tmp_path):
     assert confident.confidence > LOW_CONFIDENCE and LOW_CONFIDENCE_WARNING not in confident.warnings
     assert doubtful.confidence < LOW_CONFIDENCE and LOW_CONFIDENCE_WARNING in doubtful.warnings
     assert set(doubtful.expected_dice) == {"WT", "TC", "ET"}
+    assert DRAWN_CORE_WARNING not in doubtful.warnings  # its core is the network's own
+    filling = replace(options, postprocess=replace(PostprocessConfig.off(), fill_enclosed_core=True))
+    drawn = CaseRunner(_HollowCorePredictor(0.5), filling).run(loaded)
+    assert drawn.warnings[-2:] == [LOW_CONFIDENCE_WARNING, DRAWN_CORE_WARNING]
+    assert drawn.drawn_core_share > 0.5 and doubtful.drawn_core_share == 0.0
+    assert CaseRunner(_HollowCorePredictor(0.5), options).run(loaded).warnings[-1] == LOW_CONFIDENCE_WARNING
 
 
 def test_predict_prints_and_reports_a_confidence_per_case(tmp_path):
@@ -109,3 +157,4 @@ def test_predict_prints_and_reports_a_confidence_per_case(tmp_path):
     assert ", confidence " in result.stderr
     [row] = json.loads(report.read_text())["cases"]
     assert 0.0 <= row["confidence"] <= 1.0 and set(row["expected_dice"]) == {"WT", "TC", "ET"}
+    assert 0.0 <= row["drawn_core_share"] <= 1.0
