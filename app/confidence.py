@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .conventions import EDEMA, ENHANCING, NECROSIS
+from .conventions import EDEMA, ENHANCING, NECROSIS, core_mask
 from .fusion import TaskProbabilities, fusion_region
 
 # Below this mean expected Dice a case is flagged for review (calibrated: see the module docstring).
@@ -48,7 +48,7 @@ def expected_dice(p: TaskProbabilities, labels: np.ndarray, region: np.ndarray |
     core = (p.classes[NECROSIS] + p.classes[ENHANCING]) * inside
     regions = {
         "WT": (core + p.classes[EDEMA] * inside, labels > 0),
-        "TC": (core, (labels == NECROSIS) | (labels == ENHANCING)),
+        "TC": (core, core_mask(labels)),
         "ET": (core * p.enhancing, labels == ENHANCING),
     }
     return {name: _soft_dice(prob, mask) for name, (prob, mask) in regions.items()}
@@ -69,11 +69,11 @@ def case_confidence(expected: dict[str, float]) -> float:
 def drawn_core_share(fused: np.ndarray, final: np.ndarray) -> float:
     """The share of the ``final`` labels' core (NCR/NET or ET) that the ``fused`` labels, the network's own
     before post-processing, did not call core (internal labels, same shape); 0 without a core."""
-    core = (final == NECROSIS) | (final == ENHANCING)
+    core = core_mask(final)
     size = int(core.sum())
     if size == 0:
         return 0.0
-    drawn = core & (fused != NECROSIS) & (fused != ENHANCING)
+    drawn = core & ~core_mask(fused)
     return int(drawn.sum()) / size
 
 

@@ -75,6 +75,11 @@ SEGMENTATION_TOKENS = ("seg", "brain_seg")
 BACKGROUND, NECROSIS, EDEMA, ENHANCING, NORMAL_BRAIN = 0, 1, 2, 3, 4
 
 
+def core_mask(labels: np.ndarray) -> np.ndarray:
+    """The tumour core (TC: NCR/NET or ET) of an internal label map."""
+    return (labels == NECROSIS) | (labels == ENHANCING)
+
+
 def to_file_labels(internal: np.ndarray, convention: LabelConvention) -> np.ndarray:
     """Map a fused internal label map (0 background, 1 NCR/NET, 2 ED, 3 ET) to the file encoding."""
     out = internal.astype(np.uint8, copy=True)

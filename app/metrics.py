@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .conventions import ENHANCING, NECROSIS
+from .conventions import ENHANCING, core_mask
 
 REGIONS = ("WT", "TC", "ET")
 EMPTY_HD95 = 373.13
@@ -21,7 +21,7 @@ def region_masks(labels: np.ndarray) -> dict[str, np.ndarray]:
     """WT/TC/ET masks of an internal label map (0/1/2/3)."""
     return {
         "WT": labels > 0,
-        "TC": (labels == NECROSIS) | (labels == ENHANCING),
+        "TC": core_mask(labels),
         "ET": labels == ENHANCING,
     }
 

@@ -39,7 +39,7 @@ import numpy as np
 from scipy import ndimage
 from sklearn.cluster import KMeans
 
-from .conventions import EDEMA, ENHANCING, NECROSIS
+from .conventions import EDEMA, ENHANCING, NECROSIS, core_mask
 from .options import ENHANCEMENT_CHECK_VOXELS, MIN_ENHANCEMENT, MIN_ENHANCING_VOXELS, EdemaRelabel, parse_option
 from .preprocess import bounding_box, enclosed_in_a_slice, zscore_parameters
 
@@ -270,7 +270,7 @@ def _fill_holes_touching_core(labels: np.ndarray, scanned: np.ndarray) -> np.nda
     if not holes.any():
         return labels
     components = cc3d.connected_components(holes, connectivity=CONNECTIVITY)
-    core = (labels[box] == NECROSIS) | (labels[box] == ENHANCING)
+    core = core_mask(labels[box])
     next_to_core = ndimage.binary_dilation(core, structure=np.ones((3,) * labels.ndim, bool))
     touching = np.unique(components[next_to_core & holes])
     fill = np.isin(components, touching[touching > 0])
@@ -285,7 +285,7 @@ def _fill_inside_core(labels: np.ndarray, scanned: np.ndarray) -> np.ndarray:
     """Step 4b. Edema lies around a core, not inside it: the network reads a large necrotic centre inside an
     enhancing rim as edema (tuning phantoms: P(edema) 0.3-0.65 and P(NCR) under 0.11 on the missed core), and
     a hole in that edema touches no core, so step 4a leaves it."""
-    core = (labels == NECROSIS) | (labels == ENHANCING)
+    core = core_mask(labels)
     if not core.any():
         return labels
     box = bounding_box(core)
