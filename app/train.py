@@ -36,7 +36,7 @@ from .metrics import region_dice
 from .model import CORE_CLASSES, TUMOUR_CLASSES, build_model
 from .options import AugmentLevel, Device, PhantomPreset, Precision, Variant, parse_option
 from .preprocess import TRAINING_CROP_MARGIN, crop_to_brain
-from .tiling import FAST_TILE
+from .tiling import DIVISOR, FAST_TILE
 from .weights import WeightsError, read_manifest, save_state, select_folds, write_json_atomic, write_manifest
 
 log = logging.getLogger("omnet.train")
@@ -90,6 +90,10 @@ class TrainConfig:
     # -1: off; else from this step on a uniform running average of the weights after every step is kept,
     # validated beside the model, and published instead of the best snapshot (`WeightAverage`).
     average_from: int = -1
+    # Training patch (the paper's 16x32x32). Larger patches give the network the context the fast tiling's
+    # 24x48x48 tiles give it at inference; the prepared cases stay padded by half of PATCH, and a larger
+    # patch reads zeros beyond that, as a tile does beyond the crop (`sample_patches`).
+    patch_size: tuple[int, int, int] = PATCH
 
     @property
     def total_steps(self) -> int:
@@ -267,11 +271,11 @@ def to_device(case: TrainingCase, device: torch.device) -> TrainingCase:
 
 def sample_patches(cases: Sequence[TrainingCase], task: int, count: int, rng: np.random.Generator,
                    with_offsets: bool = False, case_probabilities: np.ndarray | None = None,
-                   with_cases: bool = False):
-    """``count`` patches whose centres lie in ``task``'s region of randomly chosen cases: (images, targets),
-    numpy arrays or device tensors as the cases hold them; with ``with_offsets`` also each patch's case
-    offset (count, 4), with ``with_cases`` then each patch's case index (count,). ``case_probabilities``
-    (one per case) replaces the uniform choice of cases."""
+                   with_cases: bool = False, patch_size: Sequence[int] = PATCH):
+    """``count`` patches of ``patch_size`` whose centres lie in ``task``'s region of randomly chosen cases:
+    (images, targets), numpy arrays or device tensors as the cases hold them; with ``with_offsets`` also
+    each patch's case offset (count, 4), with ``with_cases`` then each patch's case index (count,).
+    ``case_probabilities`` (one per case) replaces the uniform choice of cases."""
     images, targets, offsets, chosen = [], [], [], []
     for _ in range(count):
         if case_probabilities is None:
@@ -282,13 +286,29 @@ def sample_patches(cases: Sequence[TrainingCase], task: int, count: int, rng: np
         chosen.append(index)
         flat = case.centres[task][rng.integers(len(case.centres[task]))]
         centre = np.unravel_index(flat, tuple(case.target.shape))
-        window = tuple(slice(int(c) - p // 2, int(c) - p // 2 + p) for c, p in zip(centre, PATCH))
-        images.append(case.image[(slice(None), *window)])
-        targets.append(case.target[window])
+        starts = [int(c) - p // 2 for c, p in zip(centre, patch_size)]
+        images.append(_window(case.image, starts, patch_size))
+        targets.append(_window(case.target, starts, patch_size))
         offsets.append(case.offset)
     stack = torch.stack if isinstance(images[0], torch.Tensor) else np.stack
     out = (stack(images), stack(targets)) + ((stack(offsets),) if with_offsets else ())
     return out + ((np.array(chosen, np.int64),) if with_cases else ())
+
+
+def _window(array, starts: Sequence[int], size: Sequence[int]):
+    """``array[..., s:s+n, ...]`` over its last three axes, zero where the window leaves the array (a patch
+    larger than the case's padding); numpy arrays and torch tensors alike."""
+    shape = array.shape[-3:]
+    lows = [min(max(s, 0), d) for s, d in zip(starts, shape)]
+    inside = tuple(slice(lo, max(lo, min(s + n, d))) for lo, s, n, d in zip(lows, starts, size, shape))
+    before = [min(max(w.start - s, 0), n) for w, s, n in zip(inside, starts, size)]
+    after = [n - b - (w.stop - w.start) for w, b, n in zip(inside, before, size)]
+    patch = array[(Ellipsis, *inside)]
+    if not any(before) and not any(after):
+        return patch
+    if isinstance(patch, torch.Tensor):  # F.pad takes (before, after) pairs from the last axis backwards
+        return F.pad(patch, [p for b, a in zip(reversed(before), reversed(after)) for p in (b, a)])
+    return np.pad(patch, [(0, 0)] * (patch.ndim - 3) + list(zip(before, after)))
 
 
 # A case is of a rare kind when its core has (almost) no enhancing rim, is (almost) solidly enhancing, or
@@ -759,7 +779,8 @@ def train_step(model, optimizer, data, cfg: TrainConfig, step: int, rng, device,
     update); returns each task's loss as a detached device tensor (reading it would wait for the device)."""
     tasks = cfg.active_tasks(step)
     draw = probabilities if difficulty is None else difficulty.probabilities(probabilities)
-    x, y, origin, offsets, cases = _batch(data, tasks, cfg.batch, rng, device, draw, cfg.task1_tumour_fraction)
+    x, y, origin, offsets, cases = _batch(data, tasks, cfg.batch, rng, device, draw, cfg.task1_tumour_fraction,
+                                          cfg.patch_size)
     if augment is not None:
         x, y = augment_batch(x, y, offsets, augment, generator, rng)
     cascade = Variant(cfg.variant) is Variant.CASCADE
@@ -806,7 +827,8 @@ def _masked_mean(per_patch: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
 
 
 def _batch(data: Sequence[TrainingCase], tasks: Sequence[int], batch: int, rng: np.random.Generator,
-           device: torch.device, case_probabilities: np.ndarray | None = None, task1_tumour_fraction: float = 0.0):
+           device: torch.device, case_probabilities: np.ndarray | None = None, task1_tumour_fraction: float = 0.0,
+           patch_size: Sequence[int] = PATCH):
     """Patches of every active task, concatenated: images (channels-last), long labels, each patch's
     stream and its case's offsets, all on ``device``, and each patch's case index (numpy). A
     ``task1_tumour_fraction`` of task 1's patches are centred where task 2's are (near the tumour)."""
@@ -817,7 +839,8 @@ def _batch(data: Sequence[TrainingCase], tasks: Sequence[int], batch: int, rng: 
             if count == 0:
                 continue
             x, y, off, index = sample_patches(data, stream, count, rng, with_offsets=True,
-                                              case_probabilities=case_probabilities, with_cases=True)
+                                              case_probabilities=case_probabilities, with_cases=True,
+                                              patch_size=patch_size)
             images.append(torch.as_tensor(x))
             targets.append(torch.as_tensor(y))
             offsets.append(off)
@@ -861,6 +884,9 @@ def train_ensemble(cfg: TrainConfig, cases: Path | Sequence[CaseHandle], out_dir
     except ValueError as err:  # --device cuda on a machine without CUDA: a setup error, not a crash
         raise TrainingSetupError(f"--device {cfg.device}: {err}") from err
     training_autocast(cfg.precision, device)
+    if any(p < DIVISOR or p % DIVISOR for p in cfg.patch_size):
+        raise TrainingSetupError(f"--patch-size {','.join(map(str, cfg.patch_size))}: every side must be a "
+                                 f"positive multiple of {DIVISOR} (the network pools three times)")
     if not -1 <= cfg.average_from < cfg.total_steps:
         raise TrainingSetupError(f"--average-from {cfg.average_from}: must be -1 (off) or a step in "
                                  f"0..{cfg.total_steps - 1}")

@@ -22,6 +22,7 @@ from app.train import (
     _batch,
     _masked_mean,
     _patch_cross_entropy,
+    _window,
     case_probabilities,
     is_rare_kind,
     load_validation,
@@ -171,6 +172,39 @@ def test_task1_tumour_fraction_centres_task1_patches_near_the_tumour():
         assert origin.tolist() == [0] * 50 + [1] * 50  # the streams keep their blocks
         near = (y[:50][centre] == 1).float().mean().item()
         assert low <= near <= high, (fraction, near)
+
+
+def test_patch_windows_read_zeros_where_they_leave_the_padded_case():
+    array = np.arange(2 * 10 * 12 * 14, dtype=np.float32).reshape(2, 10, 12, 14) + 1
+    reference = np.pad(array, [(0, 0), (30, 30), (30, 30), (30, 30)])
+    for starts in ((-3, -5, 2), (4, 6, 8), (7, -1, 9), (-12, -20, -15), (12, 2, 3), (9, 11, 13)):
+        expected = reference[(slice(None), *(slice(s + 30, s + 30 + n) for s, n in zip(starts, (8, 16, 24))))]
+        np.testing.assert_array_equal(_window(array, starts, (8, 16, 24)), expected)
+        torch.testing.assert_close(_window(torch.from_numpy(array), starts, (8, 16, 24)), torch.from_numpy(expected))
+    assert _window(array, (1, 1, 1), (8, 8, 8)).base is not None  # inside: a view, nothing copied
+
+
+def test_larger_training_patches_are_centred_in_their_stream_and_recorded(tmp_path):
+    target = np.full((40, 60, 60), 4, np.uint8)
+    target[2:6, 3:9, 50:57] = 1  # a core near the corner: the 24x48x48 patches around it leave the case
+    case = _case_with(target, 0.0)
+    _, y, origin, _, _ = _batch([case], (0, 1, 2), 5, np.random.default_rng(0), torch.device("cpu"),
+                                patch_size=(24, 48, 48))
+    assert tuple(y.shape) == (15, 24, 48, 48) and origin.tolist() == [0] * 5 + [1] * 5 + [2] * 5
+    assert (y[10:, 12, 24, 24] == 1).all()  # task 3's patches are centred on the core
+
+
+def test_train_cli_trains_on_larger_patches_and_refuses_sizes_the_network_cannot_pool(cases, tmp_path):
+    data = cases[0].reference.parent.parent
+    out = tmp_path / "weights"
+    args = ["train", "--data", str(data), "--out", str(out), "--width", "4", "--folds", "2", "--stage-steps", "1,1,2",
+            "--batch", "2", "--validate-every", "4", "--quiet", "--device", "cpu", "--fold", "0"]
+    refused = python_cli(*args, "--patch-size", "20,32,32")
+    assert refused.returncode == 2 and "--patch-size 20,32,32" in refused.stderr, refused.stderr
+    result = python_cli(*args, "--patch-size", "24,48,48")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["training"]["config"]["patch_size"] == [24, 48, 48]
 
 
 def test_training_flags_reject_out_of_range_sampling_numbers(tmp_path):
