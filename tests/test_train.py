@@ -184,7 +184,7 @@ def test_patch_windows_read_zeros_where_they_leave_the_padded_case():
     assert _window(array, (1, 1, 1), (8, 8, 8)).base is not None  # inside: a view, nothing copied
 
 
-def test_larger_training_patches_are_centred_in_their_stream_and_recorded(tmp_path):
+def test_larger_training_patches_are_centred_in_their_stream():
     target = np.full((40, 60, 60), 4, np.uint8)
     target[2:6, 3:9, 50:57] = 1  # a core near the corner: the 24x48x48 patches around it leave the case
     case = _case_with(target, 0.0)
