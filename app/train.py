@@ -299,9 +299,8 @@ def _window(array, starts: Sequence[int], size: Sequence[int]):
     """``array[..., s:s+n, ...]`` over its last three axes, zero where the window leaves the array (a patch
     larger than the case's padding); numpy arrays and torch tensors alike."""
     shape = array.shape[-3:]
-    lows = [min(max(s, 0), d) for s, d in zip(starts, shape)]
-    inside = tuple(slice(lo, max(lo, min(s + n, d))) for lo, s, n, d in zip(lows, starts, size, shape))
-    before = [min(max(w.start - s, 0), n) for w, s, n in zip(inside, starts, size)]
+    inside = tuple(slice(min(max(s, 0), d), min(max(s + n, 0), d)) for s, n, d in zip(starts, size, shape))
+    before = [min(max(-s, 0), n) for s, n in zip(starts, size)]
     after = [n - b - (w.stop - w.start) for w, b, n in zip(inside, before, size)]
     patch = array[(Ellipsis, *inside)]
     if not any(before) and not any(after):
