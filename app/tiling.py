@@ -29,6 +29,11 @@ FAST_TILE = (24, 48, 48)
 FAST_MARGIN = 2
 
 
+def poolable(shape: Sequence[int]) -> bool:
+    """Whether the network can run on a block of ``shape``: every side a positive multiple of `DIVISOR`."""
+    return all(side >= DIVISOR and side % DIVISOR == 0 for side in shape)
+
+
 @dataclass(frozen=True)
 class Tile:
     """A network input window and the part of its output that is kept.
@@ -64,10 +69,9 @@ def plan_tiles(shape: Sequence[int], tile: Sequence[int], keep: Sequence[int],
     The grid of kept windows starts ``shift`` voxels before the volume (0 = at its first voxel). An odd
     margin (the paper's 16 -> 5) puts the extra voxel after the kept window.
     """
-    for t, k in zip(tile, keep):
-        if t % DIVISOR or k < 1 or k > t:
-            raise ValueError(f"tile {tuple(tile)} / keep {tuple(keep)}: tiles must be multiples of {DIVISOR} "
-                             "and hold their kept centre")
+    if not poolable(tile) or any(k < 1 or k > t for t, k in zip(tile, keep)):
+        raise ValueError(f"tile {tuple(tile)} / keep {tuple(keep)}: tiles must be multiples of {DIVISOR} "
+                         "and hold their kept centre")
     if any(s < 0 or s >= k for s, k in zip(shift, keep)):
         raise ValueError(f"grid shift {tuple(shift)} must lie in [0, keep {tuple(keep)})")
     per_axis = [_axis_windows(n, t, k, s) for n, t, k, s in zip(shape, tile, keep, shift)]
@@ -119,7 +123,7 @@ class TilePlanner:
     shift_folds: bool = True
 
     def __post_init__(self):
-        if any(t % DIVISOR or t < DIVISOR for t in self.max_tile):
+        if not poolable(self.max_tile):
             raise ValueError(f"max_tile {tuple(self.max_tile)} must be positive multiples of {DIVISOR}")
         if self.margin < 0 or any(t <= 2 * self.margin for t in self.max_tile):
             raise ValueError(f"margin {self.margin} must be >= 0 and leave part of each tile")

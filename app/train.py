@@ -36,7 +36,7 @@ from .metrics import region_dice
 from .model import CORE_CLASSES, TUMOUR_CLASSES, build_model
 from .options import AugmentLevel, Device, PhantomPreset, Precision, Variant, parse_option
 from .preprocess import TRAINING_CROP_MARGIN, crop_to_brain
-from .tiling import DIVISOR, FAST_TILE
+from .tiling import DIVISOR, FAST_TILE, poolable
 from .weights import WeightsError, read_manifest, save_state, select_folds, write_json_atomic, write_manifest
 
 log = logging.getLogger("omnet.train")
@@ -883,7 +883,7 @@ def train_ensemble(cfg: TrainConfig, cases: Path | Sequence[CaseHandle], out_dir
     except ValueError as err:  # --device cuda on a machine without CUDA: a setup error, not a crash
         raise TrainingSetupError(f"--device {cfg.device}: {err}") from err
     training_autocast(cfg.precision, device)
-    if any(p < DIVISOR or p % DIVISOR for p in cfg.patch_size):
+    if not poolable(cfg.patch_size):
         raise TrainingSetupError(f"--patch-size {','.join(map(str, cfg.patch_size))}: every side must be a "
                                  f"positive multiple of {DIVISOR} (the network pools three times)")
     if not -1 <= cfg.average_from < cfg.total_steps:
