@@ -10,7 +10,10 @@
 # Settings come from the environment; DEVICE=cpu N_TRAIN=6 SIZE=96,96,64 FOLDS=2 FOLD_SECONDS=10 dry-runs it.
 # To fine-tune an ensemble instead of training from scratch: INIT_FROM=weights (each fold K starts from its
 # fold K) with STAGES=0,0,100000 and any further train flags in TRAIN_EXTRA, e.g. the CPU rounds' recipe
-# TRAIN_EXTRA="--rare-case-weight 2 --task1-tumour-fraction 0.3" LR=2e-3 SEED=1111 (a series never trained on: 101, 202, 303, 404, 505, 606, the wide 707 and 909 and the mixed 808 have been).
+# TRAIN_EXTRA="--rare-case-weight 2 --task1-tumour-fraction 0.3" LR=2e-3 SEED=1111 (a series never trained
+# on; 101-606 by hundreds, the wide 707, 909, 1212, 1313, 1414, 1515, 1616 and the mixed 808 and 1717 have been).
+# From scratch, the CPU rounds suggest drawing from the start what their fine-tunes could not add later, e.g.
+# TRAIN_EXTRA="--phantom-ranges mixed --augment-acquisition 0.25" (docs/EXPERIMENTS.md, rounds 15-30).
 # PATCH=24,48,48 trains on the context the fast tiling gives the network at inference (3.4x the voxels of a
 # 16x32x32 patch: lower BATCH to keep the step's cost; README, Training).
 # Even folds train with --augment default, odd folds with strong (a measured comparison inside one ensemble).
