@@ -13,7 +13,8 @@
 # TRAIN_EXTRA="--rare-case-weight 2 --task1-tumour-fraction 0.3" LR=2e-3 SEED=1111 (a series never trained
 # on; 101-606 by hundreds, the wide 707, 909, 1212, 1313, 1414, 1515, 1616 and the mixed 808 and 1717 have been).
 # From scratch, the CPU rounds suggest drawing from the start what their fine-tunes could not add later, e.g.
-# TRAIN_EXTRA="--phantom-ranges mixed --augment-acquisition 0.25" (docs/EXPERIMENTS.md, rounds 15-30).
+# TRAIN_EXTRA="--phantom-ranges mixed --augment-acquisition 0.25" (docs/EXPERIMENTS.md, rounds 15-30), with
+# --average-from 400 to publish a weight average (round 32: worth 0.095 Dice over a fold's last weights).
 # PATCH=24,48,48 trains on the context the fast tiling gives the network at inference (3.4x the voxels of a
 # 16x32x32 patch: lower BATCH to keep the step's cost; README, Training).
 # Even folds train with --augment default, odd folds with strong (a measured comparison inside one ensemble).
