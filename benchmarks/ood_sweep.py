@@ -9,7 +9,12 @@ its ground truth. Prints a Markdown table of mean Dice (WT, TC, ET) and mean con
 strength, the correlation between confidence and Dice, and how the low-confidence warning splits the cases.
 
     python3 benchmarks/ood_sweep.py [--weights weights] [--cases 4] [--seed 2000] [--factors all] [--csv out.csv]
-        [--bias-correction n4|none]
+        [--bias-correction n4|none] [--skip-cases K]
+    python3 benchmarks/ood_sweep.py --from-csv a.csv b.csv    # the table of earlier runs' rows, merged
+
+A sweep grows without redoing its cases: every case-condition is seeded by its case and condition alone, so
+`--cases 8 --skip-cases 4` scores cases 5-8 exactly as a full eight-case run would, and `--from-csv` prints the
+table over both CSVs.
 """
 
 from __future__ import annotations
@@ -134,11 +139,11 @@ def sized_indices(seed: int, cases: int, min_tumour: int) -> list[int]:
 
 
 def run(weights: Path, cases: int, seed: int, factors: list[str], tta: str, min_tumour: int,
-        strengths: list[str], bias_correction: BiasCorrection = BiasCorrection.N4) -> list[dict]:
+        strengths: list[str], bias_correction: BiasCorrection = BiasCorrection.N4, skip_cases: int = 0) -> list[dict]:
     _, models = load_ensemble(weights)
     predictor = EnsemblePredictor(tta=tta).load_models(models)
     rows = []
-    indices = sized_indices(seed, cases, min_tumour)
+    indices = sized_indices(seed, cases, min_tumour)[skip_cases:]
     clean = [case_arrays(seed, i) for i in indices]
     for factor in factors:
         for level in (("-",) if factor == "clean" else strengths):
@@ -157,6 +162,16 @@ def run(weights: Path, cases: int, seed: int, factors: list[str], tta: str, min_
                              "confidence": seg.confidence, "seconds": round(time.perf_counter() - started, 1)})
                 print(f"{factor:>13} {level:>8} case {index}: WT {dice['WT']:.3f} TC {dice['TC']:.3f} "
                       f"ET {dice['ET']:.3f} confidence {seg.confidence}", file=sys.stderr, flush=True)
+    return rows
+
+
+def read_rows(paths: list[Path]) -> list[dict]:
+    """The case-condition rows of earlier `--csv` files, numbers as numbers, in file order."""
+    rows = []
+    for path in paths:
+        with open(path, newline="") as handle:
+            for row in csv.DictReader(handle):
+                rows.append({k: v if k in ("factor", "strength") else float(v) for k, v in row.items()})
     return rows
 
 
@@ -195,19 +210,29 @@ def main() -> int:
     parser.add_argument("--bias-correction", default=BiasCorrection.N4.value, choices=choices(BiasCorrection),
                         help="the predict flag of that name (n4, the default: N4 before normalising)")
     parser.add_argument("--csv", type=Path, default=None, help="also write every case-condition row here")
+    parser.add_argument("--skip-cases", type=int, default=0, metavar="K",
+                        help="leave out the first K of the --cases chosen cases (to extend an earlier sweep's CSV)")
+    parser.add_argument("--from-csv", type=Path, nargs="+", default=None, metavar="CSV",
+                        help="run nothing: print the table over these earlier --csv files' rows")
     args = parser.parse_args()
+    if args.from_csv:
+        print(summarise(read_rows(args.from_csv)))
+        return 0
+    if not 0 <= args.skip_cases < args.cases:
+        parser.error(f"--skip-cases must be at least 0 and under --cases ({args.cases}), got {args.skip_cases}")
     factors = list(FACTORS) if args.factors == "all" else args.factors.split(",")
     unknown = set(factors) - set(FACTORS)
     if unknown:
         parser.error(f"unknown factors {sorted(unknown)}; choose from {', '.join(FACTORS)}")
     rows = run(args.weights, args.cases, args.seed, factors, args.tta, args.min_tumour, args.strengths.split(","),
-               BiasCorrection(args.bias_correction))
+               BiasCorrection(args.bias_correction), args.skip_cases)
     if args.csv:
         with open(args.csv, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-    print(f"weights {args.weights}, {args.cases} case(s) of series {args.seed} with >= {args.min_tumour} tumour "
+    which = f"{args.cases} case(s)" if not args.skip_cases else f"cases {args.skip_cases + 1}-{args.cases}"
+    print(f"weights {args.weights}, {which} of series {args.seed} with >= {args.min_tumour} tumour "
           f"voxels, tta {args.tta}, bias correction {args.bias_correction}\n")
     print(summarise(rows))
     return 0

@@ -189,3 +189,23 @@ def test_agreement_draws_its_phantoms_from_the_ranges_asked_for(tmp_path):
     stamp = next(wide.rglob("*-t2f.nii.gz")).stat().st_mtime_ns
     assert phantom_cases(tmp_path, 1, 61, PhantomPreset.WIDE, size=(48, 48, 32)) == wide
     assert next(wide.rglob("*-t2f.nii.gz")).stat().st_mtime_ns == stamp
+
+
+def test_sweep_from_csv_merges_earlier_runs_rows_into_one_table(tmp_path):
+    """`ood_sweep.py --from-csv` runs nothing and prints the table over every row of the files given, so a
+    sweep extended by `--skip-cases` reads as one."""
+    import subprocess
+
+    header = "factor,strength,case,WT,TC,ET,confidence,seconds\n"
+    (tmp_path / "a.csv").write_text(header + "clean,-,1,0.9,0.6,0.3,0.8,1.0\nbias,mild,1,0.5,0.5,0.5,0.5,1.0\n")
+    (tmp_path / "b.csv").write_text(header + "clean,-,5,0.7,0.4,0.1,0.6,1.0\n")
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "ood_sweep.py"
+    done = subprocess.run([sys.executable, str(script), "--from-csv", str(tmp_path / "a.csv"), str(tmp_path / "b.csv")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "| clean | - | 0.800 | 0.500 | 0.200 | 0.500 | 0.700 |" in done.stdout
+    assert "| bias | mild | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 |" in done.stdout
+    assert "over 3 case-conditions" in done.stdout
+    refused = subprocess.run([sys.executable, str(script), "--cases", "4", "--skip-cases", "4"],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--skip-cases must be" in refused.stderr
