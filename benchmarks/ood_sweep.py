@@ -8,7 +8,7 @@ rescale with integer rounding, or the anatomy and contrast drawn outside the gen
 its ground truth. Prints a Markdown table of mean Dice (WT, TC, ET) and mean confidence per factor and
 strength, the correlation between confidence and Dice, and how the low-confidence warning splits the cases.
 
-    python3 benchmarks/ood_sweep.py [--weights weights] [--cases 4] [--seed 2000] [--factors all] [--csv out.csv]
+    python3 benchmarks/ood_sweep.py [--weights weights] [--cases 8] [--seed 2000] [--factors all] [--csv out.csv]
         [--bias-correction n4|none] [--skip-cases K]
     python3 benchmarks/ood_sweep.py --from-csv a.csv b.csv    # the table of earlier runs' rows, merged
 
@@ -199,7 +199,7 @@ def summarise(rows: list[dict]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", type=Path, default=ROOT / "weights", help="weights folder (default: shipped)")
-    parser.add_argument("--cases", type=int, default=4, help="held-out phantoms per condition (the README table: 4)")
+    parser.add_argument("--cases", type=int, default=8, help="held-out phantoms per condition (the README table: 8)")
     parser.add_argument("--seed", type=int, default=2000, help="phantom series of the held-out cases")
     parser.add_argument("--min-tumour", type=int, default=15000,
                         help="use only cases whose whole tumour has at least this many voxels (BraTS-sized)")
