@@ -20,15 +20,22 @@ from pathlib import Path
 import numpy as np
 
 
+def sweep_rows(paths: list[Path]) -> list[dict]:
+    """Every row of the `ood_sweep.py --csv` files, in file order, numbers as floats (factor and strength
+    stay text)."""
+    rows = []
+    for path in paths:
+        with open(path, newline="") as handle:
+            for row in csv.DictReader(handle):
+                rows.append({k: v if k in ("factor", "strength") else float(v) for k, v in row.items()})
+    return rows
+
+
 def read_rows(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     """(confidence, mean Dice) per row of every file."""
-    confidence, dice = [], []
-    for path in paths:
-        with path.open(newline="") as handle:
-            for row in csv.DictReader(handle):
-                confidence.append(float(row["confidence"]))
-                dice.append(np.mean([float(row[r]) for r in ("WT", "TC", "ET")]))
-    return np.array(confidence), np.array(dice)
+    rows = sweep_rows(paths)
+    return (np.array([row["confidence"] for row in rows]),
+            np.array([np.mean([row[r] for r in ("WT", "TC", "ET")]) for row in rows]))
 
 
 def threshold_rows(confidence: np.ndarray, dice: np.ndarray, poor: float) -> list[dict]:

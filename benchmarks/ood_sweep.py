@@ -30,6 +30,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from calibrate_confidence import sweep_rows  # noqa: E402
+
 from app.confidence import LOW_CONFIDENCE  # noqa: E402
 from app.conventions import MODALITY_ORDER, Modality  # noqa: E402
 from app.inference import EnsemblePredictor  # noqa: E402
@@ -165,16 +167,6 @@ def run(weights: Path, cases: int, seed: int, factors: list[str], tta: str, min_
     return rows
 
 
-def read_rows(paths: list[Path]) -> list[dict]:
-    """The case-condition rows of earlier `--csv` files, numbers as numbers, in file order."""
-    rows = []
-    for path in paths:
-        with open(path, newline="") as handle:
-            for row in csv.DictReader(handle):
-                rows.append({k: v if k in ("factor", "strength") else float(v) for k, v in row.items()})
-    return rows
-
-
 def summarise(rows: list[dict]) -> str:
     lines = ["| factor | strength | WT | TC | ET | mean | confidence |", "|---|---|---|---|---|---|---|"]
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -216,7 +208,7 @@ def main() -> int:
                         help="run nothing: print the table over these earlier --csv files' rows")
     args = parser.parse_args()
     if args.from_csv:
-        print(summarise(read_rows(args.from_csv)))
+        print(summarise(sweep_rows(args.from_csv)))
         return 0
     if not 0 <= args.skip_cases < args.cases:
         parser.error(f"--skip-cases must be at least 0 and under --cases ({args.cases}), got {args.skip_cases}")
