@@ -5,8 +5,8 @@
 #   3. the ten folds trained one after another in ONE process, every case resident on the GPU, augmentation
 #      on the GPU, no host synchronisation per step (ten concurrent fold processes time-slice one GPU and
 #      ran no faster than a 2-core CPU: README, GPU)
-#   4. weights returned as two tarballs (each under the 16 MB a session can return); logs; a short CUDA
-#      benchmark of the new ensemble and of width 32 if time is left
+#   4. weights returned as tarballs weights_0.tar, weights_1.tar, ... (each under the 16 MiB a session can
+#      return); logs; a short CUDA benchmark of the new ensemble and of width 32 if time is left
 # Settings come from the environment; DEVICE=cpu N_TRAIN=6 SIZE=96,96,64 FOLDS=2 FOLD_SECONDS=10 dry-runs it.
 # To fine-tune an ensemble instead of training from scratch: INIT_FROM=weights (each fold K starts from its
 # fold K) with STAGES=0,0,100000 and any further train flags in TRAIN_EXTRA, e.g. the CPU rounds' recipe
@@ -66,10 +66,24 @@ m = json.load(open(f"{sys.argv[1]}/manifest.json"))
 for f in m["folds"]:
     print(f["fold"], f["steps"], f["best_step"], {k: round(v, 3) for k, v in f["validation_dice"].items()})
 PY
-half=$(( (FOLDS + 1) / 2 ))
-tar -C "$W" -cf "$OUT/weights_a.tar" manifest.json $(cd "$W" && ls fold_*.safetensors | sort -V | head -n "$half") \
-    $(cd "$W" && ls runs/fold_*/result.json)
-tar -C "$W" -cf "$OUT/weights_b.tar" $(cd "$W" && ls fold_*.safetensors | sort -V | tail -n +"$((half + 1))")
+# The weights come back as tarballs of whole folds, each under PACK_LIMIT bytes: a session returns files of at
+# most 16 MiB, 8 a call, and a fold is 1.8 MB at width 8 but 7 MB at width 16 (float16), so two fixed halves
+# of ten width-16 folds (35 MB each) would not come back. The manifest and the runs' results go first.
+PACK_LIMIT="${PACK_LIMIT:-15000000}"
+pack_members=(manifest.json $(cd "$W" && ls runs/fold_*/result.json)); pack_bytes=0; packs=0
+pack_flush() {
+    tar -C "$W" -cf "$OUT/weights_$packs.tar" "${pack_members[@]}"
+    packs=$((packs + 1)); pack_members=(); pack_bytes=0
+}
+for f in $(cd "$W" && ls fold_*.safetensors | sort -V); do
+    bytes=$(stat -c %s "$W/$f")
+    [ "$bytes" -gt "$PACK_LIMIT" ] && log "WARNING: $f alone is $bytes bytes, over PACK_LIMIT: it will not come back"
+    if [ "${#pack_members[@]}" -gt 0 ] && [ $((pack_bytes + bytes)) -gt "$PACK_LIMIT" ]; then pack_flush; fi
+    pack_members+=("$f"); pack_bytes=$((pack_bytes + bytes))
+done
+[ "${#pack_members[@]}" -gt 0 ] && pack_flush
+# Two more files come back (train_log.txt, benchmark.md) and a call returns at most 8.
+[ "$packs" -gt 6 ] && log "WARNING: $packs weight tarballs: more than a session returns in one call with the logs"
 ls -la "$OUT"
 
 log "benchmark (${BENCH_SECONDS}s at most)"

@@ -209,3 +209,32 @@ def test_sweep_from_csv_merges_earlier_runs_rows_into_one_table(tmp_path):
     refused = subprocess.run([sys.executable, str(script), "--cases", "4", "--skip-cases", "4"],
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "--skip-cases must be" in refused.stderr
+
+
+def test_gpu_session_dry_run_returns_every_fold_in_tarballs_under_the_size_limit(tmp_path):
+    """The GPU session script, dry-run on the CPU, trains its folds and packs them so that every tarball stays
+    under PACK_LIMIT (a session returns files of at most 16 MiB) and every fold comes back exactly once."""
+    import os
+    import subprocess
+    import tarfile
+
+    from .helpers import ROOT
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    limit = 2_500_000  # over one width-8 fold (1.8 MB), under two: one fold per tarball
+    env = {**os.environ, "DEVICE": "cpu", "N_TRAIN": "4", "SIZE": "64,64,48", "FOLDS": "3", "FOLD_SECONDS": "2",
+           "STAGES": "1,1,100000", "VALIDATE": "1000", "VAL_CASES": "1", "WORKERS": "1", "BENCH_SECONDS": "1",
+           "OUT": str(out), "WORK": str(work), "PACK_LIMIT": str(limit)}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    tarballs = sorted(out.glob("weights_*.tar"))
+    assert len(tarballs) == 3, done.stdout
+    members = []
+    for tarball in tarballs:
+        assert tarball.stat().st_size < limit
+        with tarfile.open(tarball) as archive:
+            members += archive.getnames()
+    folds = sorted(m for m in members if m.endswith(".safetensors"))
+    assert folds == [f"fold_{k}.safetensors" for k in range(3)]
+    assert "manifest.json" in members
