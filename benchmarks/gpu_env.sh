@@ -2,6 +2,18 @@
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 log() { echo "=== $(date +%T) $*"; }
 
+# Carried packages (benchmarks/gpu_wheels.sh; the GPU image lacks SimpleITK and cc3d): .whl/*.whl installed
+# as they are, .whl/*.tar.xz = wheels unpacked and recompressed (SimpleITK's 52 MB wheel is 28 MB so),
+# extracted straight into the target folder.
+if ls .whl/*.whl .whl/*.tar.xz >/dev/null 2>&1; then
+    mkdir -p /tmp/site
+    for t in .whl/*.tar.xz; do [ -e "$t" ] && tar -C /tmp/site -xJf "$t"; done
+    for w in .whl/*.whl; do
+        [ -e "$w" ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site --upgrade "$w"
+    done
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
 log "environment"
 python3 -c "import torch; print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null

@@ -29,16 +29,6 @@ AUGMENT_EVEN="${AUGMENT_EVEN:-default}"; AUGMENT_ODD="${AUGMENT_ODD:-strong}"; W
 BENCH="${BENCH:-shipped-fast-all,shipped-paper-all,w32-fast-all}"; BENCH_SECONDS="${BENCH_SECONDS:-100}"
 WORK="${WORK:-/tmp/omnet_work}"; mkdir -p "$WORK"
 INIT_FROM="${INIT_FROM:-}"; read -r -a extra <<< "${TRAIN_EXTRA:-}"
-# Carried packages: .whl/*.whl installed as they are, .whl/*.tar.xz = wheels unpacked and recompressed
-# (SimpleITK's 52 MB wheel is 28 MB so), extracted straight into the target folder.
-if ls .whl/*.whl .whl/*.tar.xz >/dev/null 2>&1; then
-    mkdir -p /tmp/site
-    for t in .whl/*.tar.xz; do [ -e "$t" ] && tar -C /tmp/site -xJf "$t"; done
-    for w in .whl/*.whl; do
-        [ -e "$w" ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site --upgrade "$w"
-    done
-    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
 source "$(dirname "$0")/gpu_env.sh"
 
 W="$WORK/weights"
