@@ -2,7 +2,7 @@
 # Prepares .whl/ (git-ignored) for a lent GPU machine, whose image has PyTorch but not SimpleITK or cc3d:
 # their wheels (and safetensors') are downloaded here, and SimpleITK's, 52 MB, is unpacked and recompressed
 # as .tar.xz (about 28 MB) so that the working tree with the weights stays under the 64 MiB a run carries.
-# benchmarks/gpu_session.sh installs both forms into /tmp/site before anything imports them.
+# benchmarks/gpu_env.sh, which gpu_session.sh and gpu_check.sh source, installs both forms into /tmp/site.
 #   benchmarks/gpu_wheels.sh [PYTHON_VERSION]    # the device's Python, e.g. 3.12 (default: this machine's)
 # then pass carry [".whl"] to the run.
 set -euo pipefail
