@@ -8,10 +8,11 @@
 #   4. weights returned as tarballs weights_0.tar, weights_1.tar, ... (each under the 16 MiB a session can
 #      return); logs; a short CUDA benchmark of the new ensemble and of width 32 if time is left
 # Settings come from the environment; DEVICE=cpu N_TRAIN=6 SIZE=96,96,64 FOLDS=2 FOLD_SECONDS=10 dry-runs it.
-# To fine-tune an ensemble instead of training from scratch: INIT_FROM=weights (each fold K starts from its
-# fold K) with STAGES=0,0,100000 and any further train flags in TRAIN_EXTRA, e.g. the CPU rounds' recipe
-# TRAIN_EXTRA="--rare-case-weight 2 --task1-tumour-fraction 0.3" LR=2e-3 SEED=1111 (a series never trained
-# on; 101-606 by hundreds, the wide 707, 909, 1212, 1313, 1414, 1515, 1616 and the mixed 808 and 1717 have been).
+# To fine-tune an ensemble instead of training from scratch, or to resume a from-scratch ensemble in a later
+# session: INIT_FROM=<folder> (each fold K starts from its fold K) with STAGES=0,0,100000 and any further train
+# flags in TRAIN_EXTRA, on a series never trained on (SEED=1919 or later; 101-606 by hundreds, the wide 707,
+# 909, 1212, 1313, 1414, 1515, 1616 and the mixed 808, 1111 and 1717 have been). Fine-tuning the shipped
+# folds is closed: round 33 (docs/EXPERIMENTS.md) did it on a GPU for 24 s a fold and gained 0.002.
 # From scratch, the CPU rounds suggest drawing from the start what their fine-tunes could not add later, e.g.
 # TRAIN_EXTRA="--phantom-ranges mixed --augment-acquisition 0.25" (docs/EXPERIMENTS.md, rounds 15-30), with
 # --average-from 400 to publish a weight average (round 32: worth 0.095 Dice over a fold's last weights).
