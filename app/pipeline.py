@@ -20,6 +20,7 @@ from typing import Any, TextIO
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 from .confidence import case_confidence, confidence_warnings, drawn_core_share, expected_dice
 from .conventions import AUTO_LABELS, MODALITY_ORDER, Modality, to_file_labels
@@ -40,7 +41,7 @@ from .io import (
 )
 from .options import BiasCorrection
 from .postprocess import PostprocessConfig, postprocess
-from .preprocess import BiasCorrected, correct_bias
+from .preprocess import N4_MAX_WORKERS, BiasCorrected, correct_bias
 
 # Where post-processing finds its images in a loaded case (`load_case` stacks the four in MODALITY_ORDER).
 T1_CHANNEL = MODALITY_ORDER.index(Modality.T1)
@@ -203,7 +204,9 @@ def prepare_image(predictor: EnsemblePredictor, image: np.ndarray, bias_correcti
     step compares T1c intensities, which a bias field skews as it skews the network's input), the field
     fitted outside the tumour a scout of the ensemble finds on the uncorrected case."""
     if bias_correction is BiasCorrection.N4:
-        return correct_bias(image, names, exclude=predictor.scout_tumour(image))
+        # As many modalities at a time as the threads torch was given (--threads), so the quota holds.
+        workers = min(N4_MAX_WORKERS, torch.get_num_threads())
+        return correct_bias(image, names, exclude=predictor.scout_tumour(image), workers=workers)
     return BiasCorrected(image, [])
 
 

@@ -47,6 +47,25 @@ def test_a_smooth_multiplicative_field_is_mostly_removed(phantom_image):
     assert np.mean(left) < 0.5 and max(left) < 2 / 3, dict(zip(MODALITY_ORDER, left))
 
 
+def test_the_correction_is_the_same_whatever_the_threads_and_workers(phantom_image):
+    """N4 split over ITK's threads fits a slightly different field per thread count, so a case's labels
+    depended on the machine's cores: every fit now runs single-threaded, whatever SimpleITK's default was
+    before, and the modalities fitted one at a time or concurrently give the same bytes."""
+    import SimpleITK as sitk
+
+    previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    try:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(3)
+        one_at_a_time = correct_bias(phantom_image, workers=1).image
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(2)
+        concurrent = correct_bias(phantom_image, workers=4).image
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
+    assert np.array_equal(one_at_a_time, concurrent)
+    with pytest.raises(ValueError, match="workers"):
+        correct_bias(phantom_image, workers=0)
+
+
 def test_the_field_is_fitted_outside_the_excluded_tumour(phantom_image):
     """What lies inside ``exclude`` does not move the field: two cases that differ only there (a lesion
     three times as bright, as edema is on FLAIR) are corrected identically everywhere else, and the
