@@ -94,8 +94,8 @@ N4_MIN_FIT_VOXELS = 1000
 # N4's fit depends on how many threads ITK splits it into (on a phantom the fields of 1, 2, 4 and 16 threads
 # differed by up to 0.6%), which made a case's labels depend on the machine's core count. So every fit runs
 # single-threaded, and the modalities are fitted concurrently instead (SimpleITK releases the GIL): the same
-# fields whatever the machine or the number of workers, and on 2 cores 1.98 s a case against 2.17 s for one
-# modality after another with ITK's own threads.
+# fields whatever the machine or the number of workers, and on 2 cores as fast (the four fits 1.98 s against
+# 2.17 s one after another on ITK's two threads).
 N4_MAX_WORKERS = 4
 
 
