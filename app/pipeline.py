@@ -41,7 +41,7 @@ from .io import (
 )
 from .options import BiasCorrection
 from .postprocess import PostprocessConfig, postprocess
-from .preprocess import N4_MAX_WORKERS, BiasCorrected, correct_bias
+from .preprocess import BiasCorrected, correct_bias
 
 # Where post-processing finds its images in a loaded case (`load_case` stacks the four in MODALITY_ORDER).
 T1_CHANNEL = MODALITY_ORDER.index(Modality.T1)
@@ -205,8 +205,7 @@ def prepare_image(predictor: EnsemblePredictor, image: np.ndarray, bias_correcti
     fitted outside the tumour a scout of the ensemble finds on the uncorrected case."""
     if bias_correction is BiasCorrection.N4:
         # As many modalities at a time as the threads torch was given (--threads), so the quota holds.
-        workers = min(N4_MAX_WORKERS, torch.get_num_threads())
-        return correct_bias(image, names, exclude=predictor.scout_tumour(image), workers=workers)
+        return correct_bias(image, names, exclude=predictor.scout_tumour(image), workers=torch.get_num_threads())
     return BiasCorrected(image, [])
 
 
