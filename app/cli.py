@@ -204,7 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     _add_evaluate_flags(sub.add_parser("evaluate", help="BraTS metrics of predictions against ground truth"))
     _add_average_flags(sub.add_parser("average", help="interpolate two weights folders fold by fold (WiSE-FT)"))
+    _add_combine_flags(sub.add_parser("combine", help="replace some folds of a weights folder by another's"))
     return parser
+
+
+def _add_combine_flags(co: argparse.ArgumentParser) -> None:
+    co.add_argument("--base", type=Path, required=True, help="weights folder whose folds are kept unless replaced")
+    co.add_argument("--replacement", type=Path, required=True,
+                    help="weights folder whose folds replace the same folds of --base (same variant; the width "
+                         "may differ, e.g. wider folds trained on a GPU one session at a time)")
+    co.add_argument("--out", type=Path, required=True, help="new weights folder (manifest records both inputs)")
 
 
 def _add_average_flags(av: argparse.ArgumentParser) -> None:
@@ -521,6 +530,20 @@ def cmd_average(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_combine(args: argparse.Namespace) -> int:
+    from .weights import WeightsError, combine_ensembles
+
+    try:
+        manifest = combine_ensembles(args.base, args.replacement, args.out)
+    except (WeightsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    widths = sorted({f["width"] for f in manifest["folds"]})
+    print(f"weights folder {args.out}: {len(manifest['folds'])} fold(s), {len(manifest['combined']['replaced_folds'])} "
+          f"replaced, width(s) {widths}", file=sys.stderr)
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "infer":
@@ -531,5 +554,5 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USAGE
         return cmd_predict(args)
     handlers = {"predict": cmd_predict, "phantoms": cmd_phantoms, "train": cmd_train, "evaluate": cmd_evaluate,
-                "average": cmd_average}
+                "average": cmd_average, "combine": cmd_combine}
     return handlers[args.command](args)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ class FoldWeights:
     fold: int
     path: Path
     sha256: str
+    width: int  # the fold's own when its record names one (an ensemble of two widths), else the manifest's
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,8 @@ def read_manifest(folder: Path | str) -> Manifest:
         raw = json.loads(path.read_text())
         variant, width = str(raw["variant"]), int(raw["width"])
         folds = tuple(
-            FoldWeights(int(f["fold"]), folder / str(f["file"]), str(f["sha256"])) for f in raw["folds"]
+            FoldWeights(int(f["fold"]), folder / str(f["file"]), str(f["sha256"]), int(f.get("width", width)))
+            for f in raw["folds"]
         )
     except (ValueError, KeyError, TypeError) as err:
         raise WeightsError(f"malformed {path}: {err}") from None
@@ -122,8 +125,8 @@ def select_folds(manifest: Manifest, folds: list[int] | None) -> list[FoldWeight
 
 
 def load_fold(manifest: Manifest, entry: FoldWeights) -> nn.Module:
-    """Build the manifest's network and load one fold's tensors (strict: every key must match)."""
-    model = build_model(manifest.variant, manifest.width)
+    """Build the fold's network and load its tensors (strict: every key must match)."""
+    model = build_model(manifest.variant, entry.width)
     try:
         state = load_file(str(entry.path))
         model.load_state_dict(state, strict=True)
@@ -154,12 +157,13 @@ def average_ensembles(base: Path | str, tuned: Path | str, out: Path | str, alph
     out = Path(out)
     if out.resolve() in {base_manifest.folder.resolve(), tuned_manifest.folder.resolve()}:
         raise ValueError(f"output folder {out} must differ from both inputs")
-    for key in ("variant", "width"):
-        if getattr(base_manifest, key) != getattr(tuned_manifest, key):
-            raise WeightsError(f"{key} differs: {base_manifest.folder} has {getattr(base_manifest, key)}, "
-                               f"{tuned_manifest.folder} has {getattr(tuned_manifest, key)}")
+    _require_same_variant(base_manifest, tuned_manifest)
     tuned_entries = select_folds(tuned_manifest, None)
     base_entries = {e.fold: e for e in select_folds(base_manifest, [e.fold for e in tuned_entries])}
+    for entry in tuned_entries:
+        if base_entries[entry.fold].width != entry.width:
+            raise WeightsError(f"width differs: fold {entry.fold} has width {base_entries[entry.fold].width} in "
+                               f"{base_manifest.folder}, {entry.width} in {tuned_manifest.folder}")
     out.mkdir(parents=True, exist_ok=True)
     fold_records, sources = [], []
     for entry in tuned_entries:
@@ -178,6 +182,50 @@ def average_ensembles(base: Path | str, tuned: Path | str, out: Path | str, alph
                 "sources": sources}
     return write_manifest(out, tuned_manifest.variant, tuned_manifest.width, fold_records,
                           {**kept, "averaged": averaged})
+
+
+def combine_ensembles(base: Path | str, replacement: Path | str, out: Path | str) -> dict[str, Any]:
+    """Write a new weights folder: ``base``'s folds, each fold of ``replacement`` in place of the same fold.
+
+    The two may differ in width (each fold record then names its own); the variant must be the same, since
+    the ensemble averages the tasks' probabilities fold by fold. A replaced fold's record is the
+    replacement's, with the replacement's ``training`` record inside it, so every fold keeps its provenance;
+    the manifest's top-level records are ``base``'s, plus a ``combined`` record naming both inputs and every
+    input file's sha256.
+    """
+    base_manifest, new_manifest = read_manifest(base), read_manifest(replacement)
+    out = Path(out)
+    if out.resolve() in {base_manifest.folder.resolve(), new_manifest.folder.resolve()}:
+        raise ValueError(f"output folder {out} must differ from both inputs")
+    _require_same_variant(base_manifest, new_manifest)
+    new_entries = {e.fold: e for e in select_folds(new_manifest, None)}
+    base_entries = select_folds(base_manifest, None)
+    missing = sorted(set(new_entries) - {e.fold for e in base_entries})
+    if missing:
+        raise WeightsError(f"{new_manifest.folder} has fold(s) {missing}, which {base_manifest.folder} lacks")
+    out.mkdir(parents=True, exist_ok=True)
+    fold_records, sources = [], []
+    for base_entry in base_entries:
+        manifest, entry = ((new_manifest, new_entries[base_entry.fold]) if base_entry.fold in new_entries
+                           else (base_manifest, base_entry))
+        name = f"fold_{entry.fold}.safetensors"
+        shutil.copyfile(entry.path, out / name)  # verified against its sha256 by select_folds
+        record = next(f for f in manifest.raw["folds"] if int(f["fold"]) == entry.fold)
+        replaced = manifest is new_manifest and "training" in manifest.raw
+        extra = {"training": manifest.raw["training"]} if replaced else {}
+        fold_records.append({**{k: v for k, v in record.items() if k != "sha256"}, **extra, "file": name,
+                             "width": entry.width})
+        sources.append({"fold": entry.fold, "from": str(manifest.folder), "sha256": entry.sha256})
+    kept = {k: v for k, v in base_manifest.raw.items() if k not in {"format", "variant", "width", "folds"}}
+    combined = {"base": str(base_manifest.folder), "replacement": str(new_manifest.folder),
+                "replaced_folds": sorted(new_entries), "sources": sources}
+    return write_manifest(out, base_manifest.variant, base_manifest.width, fold_records,
+                          {**kept, "combined": combined})
+
+
+def _require_same_variant(first: Manifest, second: Manifest) -> None:
+    if first.variant != second.variant:
+        raise WeightsError(f"variant differs: {first.folder} has {first.variant}, {second.folder} has {second.variant}")
 
 
 def _interpolate(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], alpha: float,

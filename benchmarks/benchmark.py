@@ -156,8 +156,9 @@ def run_one(config: str, case_dir: Path, device: str, workdir: Path, label_out: 
     times["total"] = time.perf_counter() - start
     np.save(label_out, internal)
     gpu = torch.cuda.max_memory_allocated() / 2**30 if predictor.device.type == "cuda" else None
+    widths = "+".join(str(w) for w in sorted({f.width for f in manifest.folds}))  # 8+16: a combined ensemble
     return {
-        "config": config, "width": manifest.width, "folds": len(models), "tiling": tiling,
+        "config": config, "width": widths, "folds": len(models), "tiling": tiling,
         "precision": predictor.precision.value,
         "device": predictor.device.type, **{k: round(v, 2) for k, v in times.items()},
         "peak_ram_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),

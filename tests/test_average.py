@@ -1,5 +1,5 @@
 """`python3 -m app average`: fold-by-fold interpolation of two weights folders (WiSE-FT), as the shipped
-fifteenth-round ensemble was made."""
+fifteenth-round ensemble was made; `python3 -m app combine`: some folds of a folder replaced by another's."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from app.weights import WeightsError, average_ensembles, load_ensemble, read_manifest, write_manifest
+from app.weights import (
+    WeightsError,
+    average_ensembles,
+    combine_ensembles,
+    load_ensemble,
+    read_manifest,
+    write_manifest,
+)
 from tests.helpers import python_cli, random_weights
 
 
@@ -88,3 +95,34 @@ def test_refuses_a_fold_missing_from_base(tmp_path):
     tuned = random_weights(tmp_path / "tuned", folds=2, seed=3)
     with pytest.raises(WeightsError, match="fold 1 is not in"):
         average_ensembles(base, tuned, tmp_path / "out", 0.5)
+
+
+def test_cli_combine_puts_wider_folds_in_place_and_loads_each_at_its_width(tmp_path):
+    base = random_weights(tmp_path / "base", width=2, folds=3)
+    wide = random_weights(tmp_path / "wide", width=4, folds=3, seed=7)
+    raw = json.loads((wide / "manifest.json").read_text())
+    write_manifest(wide, raw["variant"], 4, [f for f in raw["folds"] if f["fold"] == 1], {"training": {"lr": 0.01}})
+    out = tmp_path / "combined"
+    done = python_cli("combine", "--base", str(base), "--replacement", str(wide), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    manifest = read_manifest(out)
+    assert [(f.fold, f.width) for f in manifest.folds] == [(0, 2), (1, 4), (2, 2)]
+    assert manifest.raw["combined"]["replaced_folds"] == [1]
+    assert manifest.raw["folds"][1]["training"] == {"lr": 0.01}  # the replaced fold keeps its provenance
+    assert "training" not in manifest.raw["folds"][0]
+    for fold, source in ((0, base), (1, wide), (2, base)):
+        assert (out / f"fold_{fold}.safetensors").read_bytes() == (source / f"fold_{fold}.safetensors").read_bytes()
+    _, models = load_ensemble(out)  # sha256 sums verified, strict load at each fold's width
+    assert [m.state_dict()[next(iter(m.state_dict()))].shape[0] for m in models] == [2, 4, 2]
+
+
+def test_combine_refuses_another_variant_or_a_fold_the_base_lacks(tmp_path):
+    base = random_weights(tmp_path / "base", folds=2)
+    other = random_weights(tmp_path / "other", variant="omnet", folds=2)
+    more = random_weights(tmp_path / "more", folds=3)
+    done = python_cli("combine", "--base", str(base), "--replacement", str(other), "--out", str(tmp_path / "o1"))
+    assert done.returncode == 2 and "variant differs" in done.stderr
+    assert done.stderr.strip().count("\n") == 0
+    with pytest.raises(WeightsError, match=r"fold\(s\) \[2\]"):
+        combine_ensembles(base, more, tmp_path / "o2")
+    assert not (tmp_path / "o1" / "manifest.json").exists() and not (tmp_path / "o2" / "manifest.json").exists()
