@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# One fold, several networks at once, on a lent GPU: which network is worth ten folds of the next sessions.
-# Every arm trains fold 0 of the ten-fold split from a random start, all arms concurrently in their own process
-# on the same prepared phantoms (a small network does not fill an H200, so concurrent arms cost little speed
-# each), for the same wall time; each returns its fold as weights_<arm>.tar (manifest, run result, fold_0).
-# Compare each arm alone with the shipped fold 0 alone on this CPU afterwards (`python3 -m app predict --folds 0
-# --weights <arm folder>`, then `python3 -m app evaluate`; docs/EXPERIMENTS.md, round 34).
-# ARMS is a space-separated list of name:width:D,H,W:batch; the rest of the recipe is round 31's, from scratch.
-# Dry run on a CPU: DEVICE=cpu N_TRAIN=6 SIZE=96,96,64 TRAIN_SECONDS=20 ARMS="a:8:16,32,32:2" bash benchmarks/gpu_fold_pilot.sh
+# Several folds or networks at once on a lent GPU, each in its own process (a width-16 network does not fill an
+# H200: three processes ran at 6-9 steps a second each, four at 5; docs/EXPERIMENTS.md, round 34), all on the
+# same prepared phantoms for the same wall time. Each arm returns its fold as weights_<arm>.tar (manifest, run
+# result, fold file; 7 MB at width 16), under the 16 MiB and 8 files a call returns (with the one log).
+# ARMS is a space-separated list of name:width:D,H,W:batch[:fold[:init]], fold 0 by default; init, a weights
+# folder in the carried tree (e.g. runs/w16, git-ignored, carry ["runs/w16", ".whl"]), starts the fold from
+# its own fold there instead of a random start (then STAGES=0,0,100000). The rest is round 31's recipe.
+# Round 34 (the network): ARMS="w16p16:16:16,32,32:40 w16p24:16:24,48,48:16 w8p16:8:16,32,32:40".
+# The next ensemble's folds 5-9, say: ARMS="f5:16:24,48,48:16:5 f6:16:24,48,48:16:6 ... f9:16:24,48,48:16:9",
+# then `python3 -m app combine` (README, Training on a lent GPU).
+# Compare a fold with the shipped fold alone on this CPU afterwards (`./run.sh --weights <arm folder>`, then
+# `python3 -m app evaluate`).
+# Dry run on a CPU: DEVICE=cpu N_TRAIN=20 SIZE=64,64,48 TRAIN_SECONDS=20 ARMS="a:8:16,32,32:2:1" bash benchmarks/gpu_folds.sh
 set -u
 OUT="${OUT:-/tmp/gpu_out}"; mkdir -p "$OUT"
 DEVICE="${DEVICE:-cuda}"; N_TRAIN="${N_TRAIN:-160}"; SEED="${SEED:-1919}"; SIZE="${SIZE:-240,240,155}"
-ARMS="${ARMS:-w16p16:16:16,32,32:40 w16p24:16:24,48,48:16 w8p16:8:16,32,32:40}"
+ARMS="${ARMS:?name:width:D,H,W:batch[:fold[:init]] ...}"
 DEADLINE="${DEADLINE:-540}"  # seconds from the start by which the weights are packed
 STAGES="${STAGES:-150,150,100000}"; LR="${LR:-1e-2}"; HALVE="${HALVE:-1200}"; AVERAGE_FROM="${AVERAGE_FROM:-600}"
 WORKERS="${WORKERS:-16}"; WORK="${WORK:-/tmp/omnet_pilot}"; mkdir -p "$WORK"
@@ -29,22 +34,24 @@ TRAIN_SECONDS="${TRAIN_SECONDS:-$(( DEADLINE - SECONDS - 45 ))}"
 log "training arms ($ARMS) concurrently, ${TRAIN_SECONDS}s each"
 pids=()
 for arm in $ARMS; do
-    IFS=: read -r name width patch batch <<< "$arm"
+    IFS=: read -r name width patch batch fold init <<< "$arm"
     python3 -m app train "${common[@]}" --out "$WORK/$name" --width "$width" --patch-size "$patch" --batch "$batch" \
-        --fold 0 --time-limit "$TRAIN_SECONDS" > "$OUT/train_$name.txt" 2>&1 &
+        --fold "${fold:-0}" ${init:+--init-from "$init"} --time-limit "$TRAIN_SECONDS" > "$WORK/train_$name.txt" 2>&1 &
     pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid"; echo "arm exit status $?"; done
 for arm in $ARMS; do
-    name="${arm%%:*}"
-    echo "--- $name"; tail -n 3 "$OUT/train_$name.txt"
+    IFS=: read -r name width patch batch fold init <<< "$arm"
+    { echo "--- $name"; cat "$WORK/train_$name.txt"; } >> "$OUT/train_log.txt"
+    echo "--- $name"; tail -n 3 "$WORK/train_$name.txt"
     python3 - "$WORK/$name" <<'PY'
 import json, sys
 m = json.load(open(f"{sys.argv[1]}/manifest.json"))
 for f in m["folds"]:
     print(f["fold"], f["steps"], f["best_step"], {k: round(v, 3) for k, v in f["validation_dice"].items()})
 PY
-    (cd "$WORK/$name" && tar -cf "$OUT/weights_$name.tar" manifest.json runs/fold_0/result.json fold_0.safetensors)
+    (cd "$WORK/$name" && tar -cf "$OUT/weights_$name.tar" manifest.json "runs/fold_${fold:-0}/result.json" \
+        "fold_${fold:-0}.safetensors")
 done
 nvidia-smi --query-gpu=memory.used --format=csv 2>/dev/null
 ls -la "$OUT"
