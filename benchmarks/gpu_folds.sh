@@ -5,7 +5,7 @@
 # result, fold file; 7 MB at width 16), under the 16 MiB and 8 files a call returns (with the one log).
 # ARMS is a space-separated list of name:width:D,H,W:batch[:fold[:init]], fold 0 by default; init, a weights
 # folder in the carried tree (e.g. runs/w16, git-ignored, carry ["runs/w16", ".whl"]), starts the fold from
-# its own fold there instead of a random start (then STAGES=0,0,100000). The rest is round 31's recipe.
+# its own fold there instead of a random start, without the curriculum (STAGES_INIT). Otherwise round 31's recipe.
 # Round 34 (the network): ARMS="w16p16:16:16,32,32:40 w16p24:16:24,48,48:16 w8p16:8:16,32,32:40".
 # The next ensemble's folds 5-9, say: ARMS="f5:16:24,48,48:16:5 f6:16:24,48,48:16:6 ... f9:16:24,48,48:16:9",
 # then `python3 -m app combine` (README, Training on a lent GPU).
@@ -17,25 +17,26 @@ OUT="${OUT:-/tmp/gpu_out}"; mkdir -p "$OUT"
 DEVICE="${DEVICE:-cuda}"; N_TRAIN="${N_TRAIN:-160}"; SEED="${SEED:-1919}"; SIZE="${SIZE:-240,240,155}"
 ARMS="${ARMS:?name:width:D,H,W:batch[:fold[:init]] ...}"
 DEADLINE="${DEADLINE:-540}"  # seconds from the start by which the weights are packed
-STAGES="${STAGES:-150,150,100000}"; LR="${LR:-1e-2}"; HALVE="${HALVE:-1200}"; AVERAGE_FROM="${AVERAGE_FROM:-600}"
+STAGES="${STAGES:-150,150,100000}"; STAGES_INIT="${STAGES_INIT:-0,0,100000}"; LR="${LR:-1e-2}"; HALVE="${HALVE:-1200}"; AVERAGE_FROM="${AVERAGE_FROM:-600}"
 WORKERS="${WORKERS:-16}"; WORK="${WORK:-/tmp/omnet_pilot}"; mkdir -p "$WORK"
 source "$(dirname "$0")/gpu_env.sh"
 
 common=(--phantoms "$N_TRAIN" --phantom-seed "$SEED" --phantom-size "$SIZE" --phantom-ranges mixed
-        --folds 10 --stage-steps "$STAGES" --lr "$LR" --momentum 0.9 --lr-halve-every "$HALVE"
+        --folds 10 --lr "$LR" --momentum 0.9 --lr-halve-every "$HALVE"
         --average-from "$AVERAGE_FROM" --validate-every 100000 --val-cases 4 --rare-case-weight 2
         --task1-tumour-fraction 0.3 --augment default --augment-acquisition 0.25
         --device "$DEVICE" --cache "$WORK/cache" --threads 2 --quiet
         --data-note "phantoms generated in memory: app.phantoms generator 2, mixed ranges, seed $SEED, $N_TRAIN cases, size $SIZE")
 log "preparing $N_TRAIN phantoms (seed $SEED, size $SIZE) with $WORKERS workers"
-python3 -m app train "${common[@]}" --out "$WORK/prep" --width 8 --prepare-workers "$WORKERS" --prepare-only 2>&1 | tail -n 2
+python3 -m app train "${common[@]}" --stage-steps "$STAGES" --out "$WORK/prep" --width 8 --prepare-workers "$WORKERS" --prepare-only 2>&1 | tail -n 2
 # About 25 s of each arm go to loading the cases onto the GPU and to the last validation and save.
 TRAIN_SECONDS="${TRAIN_SECONDS:-$(( DEADLINE - SECONDS - 45 ))}"
 log "training arms ($ARMS) concurrently, ${TRAIN_SECONDS}s each"
 pids=()
 for arm in $ARMS; do
     IFS=: read -r name width patch batch fold init <<< "$arm"
-    python3 -m app train "${common[@]}" --out "$WORK/$name" --width "$width" --patch-size "$patch" --batch "$batch" \
+    stages="$STAGES"; [ -n "$init" ] && stages="$STAGES_INIT"
+    python3 -m app train "${common[@]}" --stage-steps "$stages" --out "$WORK/$name" --width "$width" --patch-size "$patch" --batch "$batch" \
         --fold "${fold:-0}" ${init:+--init-from "$init"} --time-limit "$TRAIN_SECONDS" > "$WORK/train_$name.txt" 2>&1 &
     pids+=($!)
 done

@@ -3,8 +3,9 @@
 #   1. environment; carried wheels (SimpleITK, cc3d) installed when present
 #   2. the phantom training set generated and prepared in parallel, in memory (no NIfTI files)
 #   3. the ten folds trained one after another in ONE process, every case resident on the GPU, augmentation
-#      on the GPU, no host synchronisation per step (ten concurrent fold processes time-slice one GPU and
-#      ran no faster than a 2-core CPU: README, GPU)
+#      on the GPU, no host synchronisation per step (with the first session's trainer, which synchronised every
+#      step, ten concurrent fold processes ran no faster than a 2-core CPU; today's runs several well at once:
+#      benchmarks/gpu_folds.sh, README, On a GPU)
 #   4. weights returned as tarballs weights_0.tar, weights_1.tar, ... (each under the 16 MiB a session can
 #      return); logs; a short CUDA benchmark of the new ensemble and of width 32 if time is left
 # Settings come from the environment; DEVICE=cpu N_TRAIN=6 SIZE=96,96,64 FOLDS=2 FOLD_SECONDS=10 dry-runs it.
