@@ -204,15 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     _add_evaluate_flags(sub.add_parser("evaluate", help="BraTS metrics of predictions against ground truth"))
     _add_average_flags(sub.add_parser("average", help="interpolate two weights folders fold by fold (WiSE-FT)"))
-    _add_combine_flags(sub.add_parser("combine", help="replace some folds of a weights folder by another's"))
+    _add_combine_flags(sub.add_parser("combine", help="replace or add folds of a weights folder from another"))
     return parser
 
 
 def _add_combine_flags(co: argparse.ArgumentParser) -> None:
     co.add_argument("--base", type=Path, required=True, help="weights folder whose folds are kept unless replaced")
     co.add_argument("--replacement", type=Path, required=True,
-                    help="weights folder whose folds replace the same folds of --base (same variant; the width "
-                         "may differ, e.g. wider folds trained on a GPU one session at a time)")
+                    help="weights folder whose folds replace the same folds of --base, or are added where --base "
+                         "lacks them (same variant; the width may differ, e.g. wider folds trained on a GPU a "
+                         "few at a time)")
     co.add_argument("--out", type=Path, required=True, help="new weights folder (manifest records both inputs)")
 
 
@@ -540,7 +541,7 @@ def cmd_combine(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     widths = sorted({f["width"] for f in manifest["folds"]})
     print(f"weights folder {args.out}: {len(manifest['folds'])} fold(s), {len(manifest['combined']['replaced_folds'])} "
-          f"replaced, width(s) {widths}", file=sys.stderr)
+          f"from --replacement, width(s) {widths}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -185,7 +185,8 @@ def average_ensembles(base: Path | str, tuned: Path | str, out: Path | str, alph
 
 
 def combine_ensembles(base: Path | str, replacement: Path | str, out: Path | str) -> dict[str, Any]:
-    """Write a new weights folder: ``base``'s folds, each fold of ``replacement`` in place of the same fold.
+    """Write a new weights folder: ``base``'s folds, each fold of ``replacement`` in place of the same fold
+    (or added, when ``base`` lacks it: an ensemble assembled a few folds at a time).
 
     The two may differ in width (each fold record then names its own); the variant must be the same, since
     the ensemble averages the tasks' probabilities fold by fold. A replaced fold's record is the
@@ -198,16 +199,11 @@ def combine_ensembles(base: Path | str, replacement: Path | str, out: Path | str
     if out.resolve() in {base_manifest.folder.resolve(), new_manifest.folder.resolve()}:
         raise ValueError(f"output folder {out} must differ from both inputs")
     _require_same_variant(base_manifest, new_manifest)
-    new_entries = {e.fold: e for e in select_folds(new_manifest, None)}
-    base_entries = select_folds(base_manifest, None)
-    missing = sorted(set(new_entries) - {e.fold for e in base_entries})
-    if missing:
-        raise WeightsError(f"{new_manifest.folder} has fold(s) {missing}, which {base_manifest.folder} lacks")
+    chosen = {e.fold: (base_manifest, e) for e in select_folds(base_manifest, None)}
+    chosen.update({e.fold: (new_manifest, e) for e in select_folds(new_manifest, None)})
     out.mkdir(parents=True, exist_ok=True)
     fold_records, sources = [], []
-    for base_entry in base_entries:
-        manifest, entry = ((new_manifest, new_entries[base_entry.fold]) if base_entry.fold in new_entries
-                           else (base_manifest, base_entry))
+    for _, (manifest, entry) in sorted(chosen.items()):
         name = f"fold_{entry.fold}.safetensors"
         shutil.copyfile(entry.path, out / name)  # verified against its sha256 by select_folds
         record = next(f for f in manifest.raw["folds"] if int(f["fold"]) == entry.fold)
@@ -218,7 +214,7 @@ def combine_ensembles(base: Path | str, replacement: Path | str, out: Path | str
         sources.append({"fold": entry.fold, "from": str(manifest.folder), "sha256": entry.sha256})
     kept = {k: v for k, v in base_manifest.raw.items() if k not in {"format", "variant", "width", "folds"}}
     combined = {"base": str(base_manifest.folder), "replacement": str(new_manifest.folder),
-                "replaced_folds": sorted(new_entries), "sources": sources}
+                "replaced_folds": new_manifest.fold_numbers(), "sources": sources}
     return write_manifest(out, base_manifest.variant, base_manifest.width, fold_records,
                           {**kept, "combined": combined})
 

@@ -116,13 +116,13 @@ def test_cli_combine_puts_wider_folds_in_place_and_loads_each_at_its_width(tmp_p
     assert [m.state_dict()[next(iter(m.state_dict()))].shape[0] for m in models] == [2, 4, 2]
 
 
-def test_combine_refuses_another_variant_or_a_fold_the_base_lacks(tmp_path):
+def test_combine_refuses_another_variant_and_adds_folds_the_base_lacks(tmp_path):
     base = random_weights(tmp_path / "base", folds=2)
     other = random_weights(tmp_path / "other", variant="omnet", folds=2)
-    more = random_weights(tmp_path / "more", folds=3)
+    more = random_weights(tmp_path / "more", width=2, folds=3, seed=4)
     done = python_cli("combine", "--base", str(base), "--replacement", str(other), "--out", str(tmp_path / "o1"))
     assert done.returncode == 2 and "variant differs" in done.stderr
     assert done.stderr.strip().count("\n") == 0
-    with pytest.raises(WeightsError, match=r"fold\(s\) \[2\]"):
-        combine_ensembles(base, more, tmp_path / "o2")
-    assert not (tmp_path / "o1" / "manifest.json").exists() and not (tmp_path / "o2" / "manifest.json").exists()
+    assert not (tmp_path / "o1" / "manifest.json").exists()
+    combine_ensembles(base, more, tmp_path / "o2")
+    assert [(f.fold, f.width) for f in read_manifest(tmp_path / "o2").folds] == [(0, 2), (1, 2), (2, 2)]
