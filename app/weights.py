@@ -154,10 +154,7 @@ def average_ensembles(base: Path | str, tuned: Path | str, out: Path | str, alph
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     base_manifest, tuned_manifest = read_manifest(base), read_manifest(tuned)
-    out = Path(out)
-    if out.resolve() in {base_manifest.folder.resolve(), tuned_manifest.folder.resolve()}:
-        raise ValueError(f"output folder {out} must differ from both inputs")
-    _require_same_variant(base_manifest, tuned_manifest)
+    out = _new_folder_for(out, base_manifest, tuned_manifest)
     tuned_entries = select_folds(tuned_manifest, None)
     base_entries = {e.fold: e for e in select_folds(base_manifest, [e.fold for e in tuned_entries])}
     for entry in tuned_entries:
@@ -195,10 +192,7 @@ def combine_ensembles(base: Path | str, replacement: Path | str, out: Path | str
     input file's sha256.
     """
     base_manifest, new_manifest = read_manifest(base), read_manifest(replacement)
-    out = Path(out)
-    if out.resolve() in {base_manifest.folder.resolve(), new_manifest.folder.resolve()}:
-        raise ValueError(f"output folder {out} must differ from both inputs")
-    _require_same_variant(base_manifest, new_manifest)
+    out = _new_folder_for(out, base_manifest, new_manifest)
     chosen = {e.fold: (base_manifest, e) for e in select_folds(base_manifest, None)}
     chosen.update({e.fold: (new_manifest, e) for e in select_folds(new_manifest, None)})
     out.mkdir(parents=True, exist_ok=True)
@@ -219,9 +213,15 @@ def combine_ensembles(base: Path | str, replacement: Path | str, out: Path | str
                           {**kept, "combined": combined})
 
 
-def _require_same_variant(first: Manifest, second: Manifest) -> None:
+def _new_folder_for(out: Path | str, first: Manifest, second: Manifest) -> Path:
+    """The output folder of a merge of two weights folders, checked: neither input, and the same variant in
+    both (the ensemble averages the tasks' probabilities fold by fold)."""
+    out = Path(out)
+    if out.resolve() in {first.folder.resolve(), second.folder.resolve()}:
+        raise ValueError(f"output folder {out} must differ from both inputs")
     if first.variant != second.variant:
         raise WeightsError(f"variant differs: {first.folder} has {first.variant}, {second.folder} has {second.variant}")
+    return out
 
 
 def _interpolate(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], alpha: float,

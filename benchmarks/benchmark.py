@@ -156,7 +156,8 @@ def run_one(config: str, case_dir: Path, device: str, workdir: Path, label_out: 
     times["total"] = time.perf_counter() - start
     np.save(label_out, internal)
     gpu = torch.cuda.max_memory_allocated() / 2**30 if predictor.device.type == "cuda" else None
-    widths = "+".join(str(w) for w in sorted({f.width for f in manifest.folds}))  # 8+16: a combined ensemble
+    # The folds run (the first len(models), as _ensemble_for picks them); 8+16: a combined ensemble.
+    widths = "+".join(str(w) for w in sorted({f.width for f in manifest.folds[: len(models)]}))
     return {
         "config": config, "width": widths, "folds": len(models), "tiling": tiling,
         "precision": predictor.precision.value,
