@@ -12,9 +12,9 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import SimpleITK as sitk
 
 from .conventions import (
     AUTO_LABELS,
@@ -27,6 +27,13 @@ from .conventions import (
     Layout,
     Modality,
 )
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
+
+# SimpleITK is imported where files are read or written, not here: training on phantoms made in memory
+# imports this module (case discovery for --data) and runs where SimpleITK is absent, as on a lent GPU
+# whose image lacks it (its 28 MB wheel would otherwise take the room of four carried width-16 folds).
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 NIFTI1_HEADER, NIFTI2_HEADER = 348, 540  # header sizes in bytes (also each header's first field)
@@ -317,12 +324,16 @@ _SITK_FILE_LOCK = threading.Lock()
 
 def sitk_read(path: Path) -> sitk.Image:
     """``sitk.ReadImage``, one at a time in this process."""
+    import SimpleITK as sitk
+
     with _SITK_FILE_LOCK:
         return sitk.ReadImage(str(path))
 
 
 def sitk_write(image: sitk.Image, path: Path, compress: bool = True) -> None:
     """``sitk.WriteImage``, one at a time in this process."""
+    import SimpleITK as sitk
+
     with _SITK_FILE_LOCK:
         sitk.WriteImage(image, str(path), compress)
 
@@ -396,6 +407,8 @@ def _checked_array(case: CaseFiles, modality: Modality, path: Path, image: sitk.
             f"geometry differs from {case.reference.name}: {describe_geometry(image)} vs "
             f"{describe_geometry(reference)}",
         )
+    import SimpleITK as sitk
+
     array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
     if not np.isfinite(array).all():  # other readers may pass NaN/Inf through: same rule
         array = np.where(np.isfinite(array), array, np.float32(0))
@@ -411,6 +424,8 @@ def load_segmentation(case: CaseFiles, reference: sitk.Image | None = None) -> n
     image = read_image(case.segmentation, case.case_id)
     if reference is not None and not same_geometry(reference, image):
         raise CaseError(case.case_id, case.segmentation, "segmentation geometry differs from the images")
+    import SimpleITK as sitk
+
     return sitk.GetArrayFromImage(image)
 
 
@@ -421,6 +436,8 @@ def label_image(labels: np.ndarray, reference: sitk.Image) -> sitk.Image:
     """A uint8 image with exactly the reference's size, spacing, origin and direction."""
     if labels.shape != reference.GetSize()[::-1]:
         raise ValueError(f"label map shape {labels.shape} does not match image size {reference.GetSize()[::-1]}")
+    import SimpleITK as sitk
+
     image = sitk.GetImageFromArray(labels.astype(np.uint8, copy=False))
     image.CopyInformation(reference)
     return image

@@ -206,8 +206,8 @@ def test_simpleitk_file_calls_never_overlap(tmp_path, monkeypatch):
                     inside[0] -= 1
         return wrapper
 
-    monkeypatch.setattr(io.sitk, "ReadImage", tracked(sitk.ReadImage))
-    monkeypatch.setattr(io.sitk, "WriteImage", tracked(sitk.WriteImage))
+    monkeypatch.setattr(sitk, "ReadImage", tracked(sitk.ReadImage))
+    monkeypatch.setattr(sitk, "WriteImage", tracked(sitk.WriteImage))
     labels = np.zeros((6, 7, 8), np.uint8)
     writer = threading.Thread(target=lambda: [write_image_atomic(
         label_image(labels, io.sitk_read(case.reference)), tmp_path / f"out{i}.nii.gz") for i in range(5)])

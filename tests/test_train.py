@@ -502,3 +502,26 @@ def test_init_from_a_weights_folder_starts_every_fold_from_its_own_fold(tmp_path
     assert not (tmp_path / "third").exists()
     nowhere = python_cli(*args, "--out", str(tmp_path / "third"), "--init-from", str(tmp_path / "nowhere"))
     assert nowhere.returncode == 2 and "no such file or weights folder" in nowhere.stderr.splitlines()[-1]
+
+
+def test_training_on_phantoms_made_in_memory_runs_without_simpleitk(tmp_path):
+    """A lent GPU's image lacks SimpleITK, and its wheel takes the room of four carried width-16 folds: training
+    on in-memory phantoms must neither import it nor need it (a stub that refuses to import stands in)."""
+    import os
+    import subprocess
+    import sys
+
+    from .helpers import ROOT
+
+    (tmp_path / "stub").mkdir()
+    (tmp_path / "stub" / "SimpleITK.py").write_text("raise ImportError('SimpleITK is absent on this machine')\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'stub'}{os.pathsep}{ROOT}"}
+    refused = subprocess.run([sys.executable, "-c", "import SimpleITK"], env=env, capture_output=True, text=True)
+    assert refused.returncode != 0 and "absent on this machine" in refused.stderr  # the stub is in force
+    out = tmp_path / "w"
+    done = subprocess.run([sys.executable, "-m", "app", "train", "--phantoms", "10", "--phantom-size", "64,64,48",
+                           "--out", str(out), "--width", "4", "--fold", "2", "--stage-steps", "1,1,2", "--batch", "1",
+                           "--device", "cpu", "--val-cases", "1", "--quiet"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert load_ensemble(out)[0].fold_numbers() == [2]
