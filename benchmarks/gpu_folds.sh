@@ -4,7 +4,8 @@
 # same prepared phantoms for the same wall time. Each arm returns its fold as weights_<arm>.tar (manifest, run
 # result, fold file; 7 MB at width 16), under the 16 MiB and 8 files a call returns (with the one log).
 # ARMS is a space-separated list of name:width:D,H,W:batch[:fold[:init]], fold 0 by default; init, a weights
-# folder in the carried tree (e.g. runs/w16, git-ignored, carry ["runs/w16", ".whl"]), starts the fold from
+# folder in the carried tree (e.g. runs/w16, git-ignored, carry ["runs/w16", ".whl"]; training does not need
+# SimpleITK, so leave its 29 MB wheel out of .whl/ and six width-16 folds fit the 64 MiB), starts the fold from
 # its own fold there instead of a random start, without the curriculum (STAGES_INIT). Otherwise round 31's recipe.
 # Round 34 (the network): ARMS="w16p16:16:16,32,32:40 w16p24:16:24,48,48:16 w8p16:8:16,32,32:40".
 # The next ensemble's folds 5-9, say: ARMS="f5:16:24,48,48:16:5 f6:16:24,48,48:16:6 ... f9:16:24,48,48:16:9",
