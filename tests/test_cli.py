@@ -12,6 +12,7 @@ from app.conventions import Layout, Modality, from_file_labels
 from app.io import find_cases
 from app.options import EdemaRelabel
 from app.postprocess import PostprocessConfig, drop_doubtful_components, fill_enclosed_core
+from app.weights import read_manifest, write_manifest
 
 from .helpers import python_cli, random_weights, run_cli, small_cases
 
@@ -212,3 +213,27 @@ def test_evaluate_with_no_matching_prediction_is_a_usage_error(tmp_path):
     (tmp_path / "pred").mkdir()
     result = python_cli("evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"))
     assert result.returncode == 2 and "no prediction" in result.stderr
+
+
+def test_run_sh_segments_with_an_ensemble_of_two_widths(tmp_path):
+    """A combined weights folder (`python3 -m app combine`: fold 1 of width 4 in place of a width-2 fold 1)
+    goes through the whole job, and its replaced fold is the one that runs (the probabilities differ from the
+    base's)."""
+    small_cases(tmp_path / "in", 1)
+    base = random_weights(tmp_path / "base", width=2, folds=2)
+    wide = random_weights(tmp_path / "wide", width=4, folds=2, seed=9)
+    raw = json.loads((wide / "manifest.json").read_text())
+    write_manifest(wide, raw["variant"], 4, [f for f in raw["folds"] if f["fold"] == 1])
+    combined = tmp_path / "combined"
+    done = python_cli("combine", "--base", str(base), "--replacement", str(wide), "--out", str(combined))
+    assert done.returncode == 0, done.stderr
+    assert [(f.fold, f.width) for f in read_manifest(combined).folds] == [(0, 2), (1, 4)]
+    probabilities = {}
+    for name, folder in (("base", base), ("combined", combined)):
+        result = run_cli("--input", str(tmp_path / "in"), "--output", str(tmp_path / f"out_{name}"), "--weights",
+                         str(folder), "--save-probabilities", str(tmp_path / f"p_{name}"))
+        assert result.returncode == 0, result.stderr
+        _check_outputs(tmp_path / "in", tmp_path / f"out_{name}", {0, 1, 2, 3})
+        [path] = (tmp_path / f"p_{name}").iterdir()
+        probabilities[name] = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    assert not np.allclose(probabilities["base"], probabilities["combined"])
