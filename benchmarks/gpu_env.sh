@@ -1,6 +1,16 @@
-# Sourced by the GPU session scripts: Python settings, a timestamped log helper, and the environment report.
+# Sourced by the GPU session scripts: Python settings, a timestamped log helper, a weights folder's fold summary,
+# and the environment report.
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 log() { echo "=== $(date +%T) $*"; }
+# One line per fold of a weights folder: fold, steps, best step, validation Dice.
+fold_summary() {
+    python3 - "$1" <<'PY'
+import json, sys
+m = json.load(open(f"{sys.argv[1]}/manifest.json"))
+for f in m["folds"]:
+    print(f["fold"], f["steps"], f["best_step"], {k: round(v, 3) for k, v in f["validation_dice"].items()})
+PY
+}
 
 # Carried packages (benchmarks/gpu_wheels.sh; the GPU image lacks SimpleITK and cc3d): .whl/*.whl installed
 # as they are, .whl/*.tar.xz = wheels unpacked and recompressed (SimpleITK's 52 MB wheel is 28 MB so),

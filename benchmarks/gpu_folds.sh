@@ -46,12 +46,7 @@ for arm in $ARMS; do
     IFS=: read -r name width patch batch fold init <<< "$arm"
     { echo "--- $name"; cat "$WORK/train_$name.txt"; } >> "$OUT/train_log.txt"
     echo "--- $name"; tail -n 3 "$WORK/train_$name.txt"
-    python3 - "$WORK/$name" <<'PY'
-import json, sys
-m = json.load(open(f"{sys.argv[1]}/manifest.json"))
-for f in m["folds"]:
-    print(f["fold"], f["steps"], f["best_step"], {k: round(v, 3) for k, v in f["validation_dice"].items()})
-PY
+    fold_summary "$WORK/$name"
     (cd "$WORK/$name" && tar -cf "$OUT/weights_$name.tar" manifest.json "runs/fold_${fold:-0}/result.json" \
         "fold_${fold:-0}.safetensors")
 done

@@ -52,12 +52,7 @@ echo "train exit status $?"
 echo "train exit status $?"
 python3 -m app train "${train_args[@]}" --manifest-only
 grep -h "time limit\|step" "$OUT/train_log.txt" | tail -n 25
-python3 - "$W" <<'PY'
-import json, sys
-m = json.load(open(f"{sys.argv[1]}/manifest.json"))
-for f in m["folds"]:
-    print(f["fold"], f["steps"], f["best_step"], {k: round(v, 3) for k, v in f["validation_dice"].items()})
-PY
+fold_summary "$W"
 # The weights come back as tarballs of whole folds, each under PACK_LIMIT bytes: a session returns files of at
 # most 16 MiB, 8 a call, and a fold is 1.8 MB at width 8 but 7 MB at width 16 (float16), so two fixed halves
 # of ten width-16 folds (35 MB each) would not come back. The manifest and the runs' results go first.
