@@ -37,7 +37,7 @@ from .model import CORE_CLASSES, TUMOUR_CLASSES, build_model
 from .options import AugmentLevel, Device, PhantomPreset, Precision, Variant, parse_option
 from .preprocess import TRAINING_CROP_MARGIN, crop_to_brain
 from .tiling import DIVISOR, FAST_TILE, poolable
-from .weights import WeightsError, read_manifest, save_state, select_folds, write_json_atomic, write_manifest
+from .weights import WeightsError, read_manifest, save_state, select_folds, sha256_of, write_json_atomic, write_manifest
 
 log = logging.getLogger("omnet.train")
 
@@ -75,7 +75,7 @@ class TrainConfig:
     device: str = Device.AUTO.value
     max_tile: tuple[int, int, int] = FAST_TILE  # validation uses predict's default fast tiling
     # Model weights to start from (fine-tuning, warm starts): a safetensors file, or a weights folder whose
-    # fold K each fold K starts from (`initial_weights`).
+    # fold K each fold K starts from (`starting_point`).
     init_from: str | None = None
     augment: str = AugmentLevel.DEFAULT.value  # app.options.AugmentLevel (app/augment.py)
     precision: str = Precision.AUTO.value  # training arithmetic (`training_autocast`)
@@ -526,6 +526,7 @@ class FoldResult:
     config: dict[str, Any] = field(default_factory=dict)  # the fold's own settings (jobs may differ)
     averaged_steps: int = 0  # with `--average-from`: steps in the published weight average
     average_dice: dict[str, float] = field(default_factory=dict)  # its validation at the last check
+    initialised_from: dict[str, Any] = field(default_factory=dict)  # with `--init-from`: see `starting_point`
 
 
 def split_folds(case_ids: Sequence[str], folds: int, seed: int) -> list[list[str]]:
@@ -559,17 +560,24 @@ def validation_dice(model: nn.Module, cases: Sequence[ValidationCase], cfg: Trai
     return {k: float(np.mean([s[k] for s in scores])) for k in ("WT", "TC", "ET")}
 
 
-def initial_weights(init_from: str, fold: int) -> str:
-    """The file fold ``fold`` starts from: ``init_from`` itself, or, when it is a weights folder, that
-    folder's fold ``fold`` (checked against its manifest), so that one process can fine-tune every fold of
-    an ensemble. Raises `WeightsError` when ``init_from`` is neither, or the folder lacks the fold."""
+def starting_point(init_from: str, fold: int) -> tuple[str, dict[str, Any]]:
+    """The file fold ``fold`` starts from, and its record for the fold's manifest row: ``init_from`` itself,
+    or, when it is a weights folder, that folder's fold ``fold`` (checked against its manifest), so that one
+    process can fine-tune every fold of an ensemble. A folder's record carries the starting fold's steps, data
+    and own starting point, so a fold continued over several runs keeps its whole history. Raises
+    `WeightsError` when ``init_from`` is neither, or the folder lacks the fold."""
     path = Path(init_from)
     if not path.is_dir():
         if not path.is_file():
             raise WeightsError(f"--init-from {init_from}: no such file or weights folder")
-        return init_from
-    [entry] = select_folds(read_manifest(path), [fold])
-    return str(entry.path)
+        return init_from, {"from": str(path.resolve()), "sha256": sha256_of(path)}
+    manifest = read_manifest(path)
+    [entry] = select_folds(manifest, [fold])
+    row = next(f for f in manifest.raw["folds"] if int(f["fold"]) == fold)
+    training = row.get("training", manifest.raw.get("training", {}))  # a combined folder's rows carry their own
+    record = {"from": str(path.resolve()), "fold": fold, "sha256": entry.sha256, "steps": row.get("steps"),
+              "data": training.get("data"), "initialised_from": row.get("initialised_from")}
+    return str(entry.path), {k: v for k, v in record.items() if v is not None}
 
 
 def train_fold(cfg: TrainConfig, train_cases: Sequence[CaseFiles | CaseHandle],
@@ -592,21 +600,22 @@ def train_fold(cfg: TrainConfig, train_cases: Sequence[CaseFiles | CaseHandle],
     optimizer = make_optimizer(model, cfg)
     rng = np.random.default_rng([cfg.seed, fold])
     state = _FoldState(fold_dir)
-    if cfg.init_from and not state.started:
-        start = initial_weights(cfg.init_from, fold)
+    start, start_record = starting_point(cfg.init_from, fold) if cfg.init_from else (None, {})
+    if start and not state.started:
         model.load_state_dict(load_file(start, device=str(device)), strict=True)
         log.info("fold %d: initialised from %s", fold, start)
     average = WeightAverage() if cfg.average_from >= 0 else None
     state.resume(model, optimizer, rng, device, average)
-    if state.meta["step"] >= cfg.total_steps:
-        return state.result(fold, val_cases)
-    log.info("fold %d: preparing %d training cases", fold, len(train_cases))
-    prepared = {} if prepared is None else prepared
-    data = [_on_device(c, cache_dir, device, prepared) for c in train_cases]
-    validation = [validation_case(prepare_case(c, cache_dir)) for c in val_cases]
-    _train_loop(cfg, model, optimizer, data, validation, state, rng, device, fold, progress, time_limit, average)
+    if state.meta["step"] < cfg.total_steps:
+        log.info("fold %d: preparing %d training cases", fold, len(train_cases))
+        prepared = {} if prepared is None else prepared
+        data = [_on_device(c, cache_dir, device, prepared) for c in train_cases]
+        validation = [validation_case(prepare_case(c, cache_dir)) for c in val_cases]
+        _train_loop(cfg, model, optimizer, data, validation, state, rng, device, fold, progress, time_limit,
+                    average)
     result = state.result(fold, val_cases)
     result.config = _jsonable(asdict(cfg))
+    result.initialised_from = start_record
     return result
 
 
@@ -893,7 +902,7 @@ def train_ensemble(cfg: TrainConfig, cases: Path | Sequence[CaseHandle], out_dir
         if not 0 <= fold < cfg.folds:
             raise TrainingSetupError(f"--fold {fold} outside 0..{cfg.folds - 1}")
         if cfg.init_from:
-            initial_weights(cfg.init_from, fold)
+            starting_point(cfg.init_from, fold)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cache_dir is not None and prepare_workers > 1:
@@ -944,7 +953,7 @@ def write_ensemble_manifest(out_dir: Path, cfg: TrainConfig, data: dict[str, Any
                           "augment_tumour_contrast": own.get("augment_tumour_contrast", 0.0),
                           "precision": own.get("precision", Precision.AUTO.value),
                           "validation_dice": result["best_dice"], "validation_cases": result["val_cases"],
-                          **_published(result)})
+                          **_published(result), **_started(result)})
     extra = {"training": {"config": _jsonable(asdict(cfg)), "data": data}}
     return write_manifest(out_dir, cfg.variant, cfg.width, folds, extra)
 
@@ -955,6 +964,11 @@ def _published(result: dict[str, Any]) -> dict[str, Any]:
         return {"published": "best"}
     return {"published": "average", "averaged_steps": result["averaged_steps"],
             "average_validation_dice": result.get("average_dice", {})}
+
+
+def _started(result: dict[str, Any]) -> dict[str, Any]:
+    """Where a fold trained with `--init-from` started, for its manifest row (nothing for a random start)."""
+    return {"initialised_from": result["initialised_from"]} if result.get("initialised_from") else {}
 
 
 def _jsonable(value: Any) -> Any:

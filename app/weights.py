@@ -189,7 +189,7 @@ def combine_ensembles(base: Path | str, replacement: Path | str, out: Path | str
     the ensemble averages the tasks' probabilities fold by fold. A replaced fold's record is the
     replacement's, with the replacement's ``training`` record inside it, so every fold keeps its provenance;
     the manifest's top-level records are ``base``'s, plus a ``combined`` record naming both inputs and every
-    input file's sha256.
+    input file's sha256 (and, under ``previous``, ``base``'s own ``combined`` record when it has one).
     """
     base_manifest, new_manifest = read_manifest(base), read_manifest(replacement)
     out = _new_folder_for(out, base_manifest, new_manifest)
@@ -209,6 +209,8 @@ def combine_ensembles(base: Path | str, replacement: Path | str, out: Path | str
     kept = {k: v for k, v in base_manifest.raw.items() if k not in {"format", "variant", "width", "folds"}}
     combined = {"base": str(base_manifest.folder), "replacement": str(new_manifest.folder),
                 "replaced_folds": new_manifest.fold_numbers(), "sources": sources}
+    if "combined" in base_manifest.raw:  # an ensemble assembled over several runs keeps each step
+        combined["previous"] = base_manifest.raw["combined"]
     return write_manifest(out, base_manifest.variant, base_manifest.width, fold_records,
                           {**kept, "combined": combined})
 

@@ -116,7 +116,7 @@ def test_cli_combine_puts_wider_folds_in_place_and_loads_each_at_its_width(tmp_p
     assert [m.state_dict()[next(iter(m.state_dict()))].shape[0] for m in models] == [2, 4, 2]
 
 
-def test_combine_refuses_another_variant_and_adds_folds_the_base_lacks(tmp_path):
+def test_combine_refuses_another_variant_adds_missing_folds_and_keeps_each_step(tmp_path):
     base = random_weights(tmp_path / "base", folds=2)
     other = random_weights(tmp_path / "other", variant="omnet", folds=2)
     more = random_weights(tmp_path / "more", width=2, folds=3, seed=4)
@@ -126,3 +126,8 @@ def test_combine_refuses_another_variant_and_adds_folds_the_base_lacks(tmp_path)
     assert not (tmp_path / "o1" / "manifest.json").exists()
     combine_ensembles(base, more, tmp_path / "o2")
     assert [(f.fold, f.width) for f in read_manifest(tmp_path / "o2").folds] == [(0, 2), (1, 2), (2, 2)]
+    # Assembled over several runs: each combine step keeps the steps before it.
+    combine_ensembles(tmp_path / "o2", base, tmp_path / "o3")
+    steps = read_manifest(tmp_path / "o3").raw["combined"]
+    assert steps["replacement"] == str(base) and steps["previous"]["replacement"] == str(more)
+    assert "previous" not in steps["previous"]

@@ -1,4 +1,5 @@
 import json
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -495,6 +496,21 @@ def test_init_from_a_weights_folder_starts_every_fold_from_its_own_fold(tmp_path
     for k in (0, 1):
         assert all(torch.equal(trained[k][name], start[k][name]) for name in convs)
     assert not all(torch.equal(start[0][name], start[1][name]) for name in convs)
+    # Each fold's manifest row says where it started: the folder, its fold's sha256, steps and data, so a fold
+    # continued over several runs keeps its history; a third run from the second nests the first's record.
+    rows = json.loads((second / "manifest.json").read_text())["folds"]
+    first_rows = json.loads((first / "manifest.json").read_text())["folds"]
+    for row, first_row in zip(rows, first_rows):
+        start_record = row["initialised_from"]
+        assert start_record["from"] == str(first.resolve()) and start_record["fold"] == row["fold"]
+        assert start_record["sha256"] == first_row["sha256"] and start_record["steps"] == first_row["steps"]
+        assert start_record["data"]["phantoms"]["seed"] == 45
+        assert "initialised_from" not in first_row and "initialised_from" not in start_record
+    third = tmp_path / "third"
+    assert python_cli(*args, "--out", str(third), "--init-from", str(second), "--lr", "0").returncode == 0
+    chained = json.loads((third / "manifest.json").read_text())["folds"][1]["initialised_from"]
+    assert chained["from"] == str(second.resolve()) and chained["initialised_from"] == rows[1]["initialised_from"]
+    shutil.rmtree(third)
     # A folder without the fold asked for stops the run before anything is prepared or trained.
     (first / "fold_1.safetensors").unlink()
     broken = python_cli(*args, "--out", str(tmp_path / "third"), "--init-from", str(first))
