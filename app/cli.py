@@ -130,7 +130,7 @@ def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None
                    help="voxels each fast tile discards at its sides where tiles meet (default 2)")
     p.add_argument("--precision", default=Precision.AUTO.value, choices=choices(Precision),
                    help="network arithmetic: auto = bf16 where the device computes it natively (CUDA GPUs with "
-                        "bf16, CPUs with AVX512-BF16 or AMX), else fp32")
+                        "bf16, CPUs with AVX512-BF16 or AMX), else fp32; fp32 = IEEE fp32 (no TF32 convolutions)")
     p.add_argument("--tta", default=Mirroring.NONE.value, choices=choices(Mirroring),
                    help="test-time mirroring: none; folds = fold k sees the k-th of the 8 mirror images (no extra "
                         "cost); full = every fold sees all 8 (nnU-Net's, 8x the network time)")

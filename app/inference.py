@@ -13,7 +13,7 @@ import contextlib
 import copy
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 
@@ -55,6 +55,19 @@ def resolve_precision(precision: str, device: torch.device) -> Precision:
     if chosen is Precision.AUTO:
         chosen = Precision.BF16 if native_bf16(device) else Precision.FP32
     return chosen
+
+
+@contextlib.contextmanager
+def ieee_fp32() -> Iterator[None]:
+    """IEEE fp32 convolutions while inside: cuDNN otherwise runs fp32 convolutions as TF32 (a 10-bit
+    mantissa) on Ampere and later GPUs, and `--precision fp32` is the reference arithmetic. A no-op on CPUs."""
+    conv = torch.backends.cudnn.conv
+    before = conv.fp32_precision
+    conv.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision = before
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -340,7 +353,7 @@ class EnsemblePredictor:
 
     def _autocast(self):
         if self.precision is Precision.FP32:
-            return contextlib.nullcontext()
+            return ieee_fp32()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def _synchronize(self) -> None:

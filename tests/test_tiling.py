@@ -16,6 +16,7 @@ from app.metrics import region_dice
 from app.phantoms import make_phantom
 from app.postprocess import postprocess
 from app.weights import DEFAULT_WEIGHTS_DIR, load_ensemble
+from tests.helpers import random_weights
 
 pytestmark = pytest.mark.slow  # `./tests/run_tests.sh -m "not slow"` for a quick loop
 
@@ -71,3 +72,16 @@ def test_precision_option_is_validated():
         EnsemblePredictor(device="cpu", precision="fp16")
     auto = EnsemblePredictor(device="cpu").precision
     assert auto is (Precision.BF16 if native_bf16(torch.device("cpu")) else Precision.FP32)
+
+
+def test_fp32_means_ieee_convolutions_not_tf32(tmp_path):
+    """cuDNN runs fp32 convolutions as TF32 unless told otherwise: `--precision fp32` (the reference) must
+    run the network with IEEE fp32 convolutions, and leave the process's setting as it found it."""
+    seen = []
+    predictor = EnsemblePredictor(device="cpu", precision="fp32", max_tile=(16, 24, 24))
+    predictor.load_models(load_ensemble(random_weights(tmp_path / "w", folds=1))[1])
+    predictor.models[0].register_forward_pre_hook(lambda *_: seen.append(torch.backends.cudnn.conv.fp32_precision))
+    before = torch.backends.cudnn.conv.fp32_precision
+    predictor.predict_probabilities(np.random.default_rng(0).normal(size=(4, 16, 24, 24)).astype(np.float32))
+    assert seen and set(seen) == {"ieee"}
+    assert torch.backends.cudnn.conv.fp32_precision == before
