@@ -10,6 +10,8 @@
 # Round 34 (the network): ARMS="w16p16:16:16,32,32:40 w16p24:16:24,48,48:16 w8p16:8:16,32,32:40".
 # The next ensemble's folds 5-9, say: ARMS="f5:16:24,48,48:16:5 f6:16:24,48,48:16:6 ... f9:16:24,48,48:16:9",
 # then `python3 -m app combine` (README, The shipped weights: the plan).
+# A second call while the machine is still warm (it goes back after 30 s idle, so have the call ready) finds
+# the prepared phantoms in $WORK/cache: 7 s instead of 116 (round 35), so a session's last ~300 s still train.
 # Compare a fold with the shipped fold alone on this CPU afterwards (`./run.sh --weights <arm folder>`, then
 # `python3 -m app evaluate`).
 # Dry run on a CPU: DEVICE=cpu N_TRAIN=20 SIZE=64,64,48 TRAIN_SECONDS=20 ARMS="a:8:16,32,32:2:1" bash benchmarks/gpu_folds.sh
