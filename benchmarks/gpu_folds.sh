@@ -8,8 +8,8 @@
 # SimpleITK, so leave its 29 MB wheel out of .whl/ and six width-16 folds fit the 64 MiB), starts the fold from
 # its own fold there instead of a random start, without the curriculum (STAGES_INIT). Otherwise round 31's recipe.
 # Round 34 (the network): ARMS="w16p16:16:16,32,32:40 w16p24:16:24,48,48:16 w8p16:8:16,32,32:40".
-# The next ensemble's folds 5-9, say: ARMS="f5:16:24,48,48:16:5 f6:16:24,48,48:16:6 ... f9:16:24,48,48:16:9",
-# then `python3 -m app combine` (README, The shipped weights: the plan).
+# Round 35 (folds 5-9 from scratch): ARMS="f5:16:24,48,48:16:5 ... f9:16:24,48,48:16:9"; each returned fold goes
+# into the width-16 folder with `python3 -m app combine`; the next sessions' calls: README, The shipped weights.
 # A second call while the machine is still warm (it goes back after 30 s idle, so have the call ready) finds
 # the prepared phantoms in $WORK/cache: 7 s instead of 116 (round 35), so a session's last ~300 s still train.
 # Compare a fold with the shipped fold alone on this CPU afterwards (`./run.sh --weights <arm folder>`, then
