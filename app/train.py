@@ -573,7 +573,7 @@ def starting_point(init_from: str, fold: int) -> tuple[str, dict[str, Any]]:
         return init_from, {"from": str(path.resolve()), "sha256": sha256_of(path)}
     manifest = read_manifest(path)
     [entry] = select_folds(manifest, [fold])
-    row = next(f for f in manifest.raw["folds"] if int(f["fold"]) == fold)
+    row = manifest.record(fold)
     training = row.get("training", manifest.raw.get("training", {}))  # a combined folder's rows carry their own
     record = {"from": str(path.resolve()), "fold": fold, "sha256": entry.sha256, "steps": row.get("steps"),
               "data": training.get("data"), "initialised_from": row.get("initialised_from")}

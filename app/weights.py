@@ -50,6 +50,10 @@ class Manifest:
     def fold_numbers(self) -> list[int]:
         return [f.fold for f in self.folds]
 
+    def record(self, fold: int) -> dict[str, Any]:
+        """Fold ``fold``'s row of the manifest as written (scores, provenance)."""
+        return next(f for f in self.raw["folds"] if int(f["fold"]) == fold)
+
 
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
@@ -168,7 +172,7 @@ def average_ensembles(base: Path | str, tuned: Path | str, out: Path | str, alph
                              f"fold {entry.fold}")
         name = f"fold_{entry.fold}.safetensors"
         save_state(mixed, out / name)
-        record = next(f for f in tuned_manifest.raw["folds"] if int(f["fold"]) == entry.fold)
+        record = tuned_manifest.record(entry.fold)
         fold_records.append({**{k: v for k, v in record.items() if k != "sha256"}, "file": name})
         sources.append({"fold": entry.fold, "base_sha256": base_entries[entry.fold].sha256,
                         "tuned_sha256": entry.sha256})
@@ -200,7 +204,7 @@ def combine_ensembles(base: Path | str, replacement: Path | str, out: Path | str
     for _, (manifest, entry) in sorted(chosen.items()):
         name = f"fold_{entry.fold}.safetensors"
         shutil.copyfile(entry.path, out / name)  # verified against its sha256 by select_folds
-        record = next(f for f in manifest.raw["folds"] if int(f["fold"]) == entry.fold)
+        record = manifest.record(entry.fold)
         replaced = manifest is new_manifest and "training" in manifest.raw
         extra = {"training": manifest.raw["training"]} if replaced else {}
         fold_records.append({**{k: v for k, v in record.items() if k != "sha256"}, **extra, "file": name,
