@@ -24,8 +24,9 @@ STAGES="${STAGES:-150,150,100000}"; STAGES_INIT="${STAGES_INIT:-0,0,100000}"; LR
 # Augmentation of even and odd folds: the shipped ten mix two levels; round 35's folds, all default, shared
 # their errors (docs/EXPERIMENTS.md).
 AUGMENT_EVEN="${AUGMENT_EVEN:-default}"; AUGMENT_ODD="${AUGMENT_ODD:-default}"
-# How much more often a rare tumour kind (e.g. no enhancement) is drawn: round 36 found the width-16 folds
-# losing such cores the shipped folds find (docs/EXPERIMENTS.md).
+# How much more often a rare tumour kind is drawn (train's --rare-case-weight). About half of a mixed series
+# is a rare kind, mostly small cores, so this barely moves the tumours without ET (docs/EXPERIMENTS.md,
+# round 36).
 RARE_WEIGHT="${RARE_WEIGHT:-2}"
 WORKERS="${WORKERS:-16}"; WORK="${WORK:-/tmp/omnet_pilot}"; mkdir -p "$WORK"
 source "$(dirname "$0")/gpu_env.sh"
