@@ -273,8 +273,9 @@ def _add_train_flags(tr: argparse.ArgumentParser) -> None:
     tr.add_argument("--seed", type=int, default=0, help="seed of the fold split and of sampling")
     tr.add_argument("--device", default=Device.AUTO.value, choices=choices(Device), help="training device")
     tr.add_argument("--precision", default=Precision.AUTO.value, choices=choices(Precision),
-                    help="training arithmetic: bf16 autocast (loss and weights stay fp32) or fp32; auto = bf16 on a "
-                         "GPU that computes it natively, else fp32; bf16 is refused on a CPU (NaN gradients)")
+                    help="training arithmetic: bf16 autocast (loss and weights stay fp32) or IEEE fp32 (cuDNN's "
+                         "TF32 off); auto = bf16 on a GPU that computes it natively, else fp32; bf16 is refused "
+                         "on a CPU (NaN gradients)")
     tr.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: the CPU quota)")
     tr.add_argument("--cache", type=Path, default=None,
                     help="folder for prepared training arrays (.npy, memory-mapped; shared by concurrent fold jobs)")

@@ -7,6 +7,7 @@ they are. Step counts replace the paper's epochs (an epoch of random patches has
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -30,7 +31,7 @@ from torch import nn
 from .augment import AugmentConfig, augment_batch
 from .conventions import ENHANCING, NECROSIS, NORMAL_BRAIN, Layout, from_file_labels
 from .fusion import dilate, to_host
-from .inference import EnsemblePredictor, native_bf16, resolve_device
+from .inference import EnsemblePredictor, ieee_fp32, native_bf16, resolve_device
 from .io import CaseFiles, find_cases, load_case, load_segmentation
 from .metrics import region_dice
 from .model import CORE_CLASSES, TUMOUR_CLASSES, build_model
@@ -611,8 +612,11 @@ def train_fold(cfg: TrainConfig, train_cases: Sequence[CaseFiles | CaseHandle],
         prepared = {} if prepared is None else prepared
         data = [_on_device(c, cache_dir, device, prepared) for c in train_cases]
         validation = [validation_case(prepare_case(c, cache_dir)) for c in val_cases]
-        _train_loop(cfg, model, optimizer, data, validation, state, rng, device, fold, progress, time_limit,
-                    average)
+        use_amp = training_autocast(cfg.precision, device)
+        # fp32 training is IEEE fp32, as at inference: cuDNN would otherwise run its convolutions as TF32.
+        with contextlib.nullcontext() if use_amp else ieee_fp32():
+            _train_loop(cfg, model, optimizer, data, validation, state, rng, device, fold, progress, time_limit,
+                        average, use_amp)
     result = state.result(fold, val_cases)
     result.config = _jsonable(asdict(cfg))
     result.initialised_from = start_record
@@ -702,9 +706,8 @@ class _FoldState:
 def _train_loop(cfg: TrainConfig, model: nn.Module, optimizer, data: Sequence[TrainingCase],
                 validation: Sequence[ValidationCase], state: _FoldState, rng: np.random.Generator,
                 device: torch.device, fold: int, progress: bool, time_limit: float | None,
-                average: WeightAverage | None) -> None:
+                average: WeightAverage | None, use_amp: bool) -> None:
     started = time.monotonic()
-    use_amp = training_autocast(cfg.precision, device)
     augment = AugmentConfig.for_level(cfg.augment, cfg.augment_acquisition, cfg.augment_tumour_contrast)
     probabilities = case_probabilities(data, cfg.rare_case_weight)
     if probabilities is not None:

@@ -67,7 +67,7 @@ for case in $(ls "$WORK/in" | head -n "$CPU_CASES"); do ln -sfn "$WORK/in/$case"
 python3 benchmarks/compare_labels.py "$WORK/shipped" "$WORK/cpu" | tee "$OUT/gpu_vs_cpu.md" | tail -n 1
 # On 2026-12-04 GPU and CPU labels differed only with N4 on (one case: TC 0.921; README, Speed, GPU): the same
 # pair without N4, and with N4 but fp32 on both, say whether the GPU's bf16 tumour scout is where they part
-# (PyTorch lets cuDNN run fp32 convolutions in TF32 by default, so the GPU's fp32 is not quite the CPU's).
+# (`--precision fp32` turns off the TF32 that cuDNN would otherwise use for fp32 convolutions on the GPU).
 for variant in "none --bias-correction none" "fp32 --precision fp32"; do
   set -- $variant; name=$1; shift
   ./run.sh --input "$WORK/cpu_in" --output "$WORK/dev_$name" --device "$DEVICE" --quiet "$@" 2>> "$OUT/cpu.log"

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from scipy import ndimage
 
+import app.train
 from app.augment import AugmentConfig
 from app.io import find_cases
 from app.model import build_model
@@ -415,6 +416,23 @@ def test_training_precision_auto_is_fp32_on_a_cpu_and_setup_errors_end_in_one_li
         assert run.returncode == 2 and "CUDA is not available" in run.stderr, run.stderr
         assert "Traceback" not in run.stderr
         assert not out.exists()
+
+
+def test_fp32_training_runs_ieee_convolutions_and_restores_the_setting(cases, tmp_path, monkeypatch):
+    """cuDNN runs fp32 convolutions as TF32 unless told otherwise: training in fp32 (a CPU's only choice,
+    `--precision fp32` on a GPU) must step with IEEE fp32 convolutions, as inference does."""
+    seen = []
+
+    def spying_step(*args, **kwargs):
+        seen.append(torch.backends.cudnn.conv.fp32_precision)
+        return train_step(*args, **kwargs)
+
+    monkeypatch.setattr(app.train, "train_step", spying_step)
+    before = torch.backends.cudnn.conv.fp32_precision
+    train_fold(replace(TINY, stage_steps=(1, 1, 1), batch=2, precision="fp32"), cases[:2], cases[3:],
+               tmp_path / "fold", 0, False)
+    assert seen and set(seen) == {"ieee"}
+    assert torch.backends.cudnn.conv.fp32_precision == before
 
 
 def test_masked_loss_equals_the_loss_of_the_chosen_patches():
