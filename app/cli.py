@@ -308,6 +308,10 @@ def _add_train_flags(tr: argparse.ArgumentParser) -> None:
                     help="training patch, multiples of 8 (the paper's 16,32,32); 24,48,48 trains on the context "
                          "the fast tiling's tiles give the network at inference (batch counts patches, so a larger "
                          "patch makes each step dearer)")
+    tr.add_argument("--compile", action="store_true",
+                    help="run the training step's network through torch.compile (fused kernels, same arithmetic); "
+                         "costs tens of seconds of compiling per process and needs a C++ compiler on a CPU, Triton "
+                         "on a GPU, checked before any case is prepared; not for the cascade (README, Speed)")
     tr.add_argument("--prepare-workers", type=int, default=0,
                     help="with --cache: prepare (and generate) every case in this many processes before training")
     tr.add_argument("--prepare-only", action="store_true",
@@ -481,6 +485,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         rare_case_weight=args.rare_case_weight, task1_tumour_fraction=args.task1_tumour_fraction,
         hard_case_power=args.hard_case_power, average_from=args.average_from,
         patch_size=args.patch_size,  # type: ignore[arg-type]
+        compile=args.compile,
     )
     if args.phantoms is not None:
         preset = PhantomPreset(args.phantom_ranges)

@@ -95,6 +95,10 @@ class TrainConfig:
     # 24x48x48 tiles give it at inference; the prepared cases stay padded by half of PATCH, and a larger
     # patch reads zeros beyond that, as a tile does beyond the crop (`sample_patches`).
     patch_size: tuple[int, int, int] = PATCH
+    # Whether the training step's network runs through torch.compile (PyTorch Inductor): fewer, fused
+    # kernels for the same arithmetic. Off by default: compiling takes tens of seconds per process and needs
+    # a C++ compiler on a CPU, Triton on a GPU (`check_compile`).
+    compile: bool = False
 
     @property
     def total_steps(self) -> int:
@@ -721,14 +725,17 @@ def _train_loop(cfg: TrainConfig, model: nn.Module, optimizer, data: Sequence[Tr
     # draws exactly what the uninterrupted one would.
     generator = torch.Generator(device=device)
     generator.manual_seed(int(rng.integers(2**62)))
+    # The compiled wrapper shares the model's parameters; validation, averaging and checkpoints keep using
+    # the model itself (its own state-dict names, eager evaluation at tile shapes the steps never see).
+    stepped = torch.compile(model) if cfg.compile else model
     bar = _progress_bar(cfg.total_steps, state.meta["step"], f"fold {fold}", progress)
     running = state.meta.get("running")
     sums: dict[str, torch.Tensor] = {}  # losses stay on the device between validations (no sync per step)
     counted = 0
     for step in range(state.meta["step"], cfg.total_steps):
         lr = set_learning_rate(optimizer, cfg, step)
-        losses = train_step(model, optimizer, data, cfg, step, rng, device, use_amp, augment, generator, probabilities,
-                            difficulty)
+        losses = train_step(stepped, optimizer, data, cfg, step, rng, device, use_amp, augment, generator,
+                            probabilities, difficulty)
         for key, value in losses.items():
             sums[key] = sums.get(key, 0) + value
         counted += 1
@@ -763,6 +770,21 @@ def _train_loop(cfg: TrainConfig, model: nn.Module, optimizer, data: Sequence[Tr
             log.info("fold %d: time limit reached at step %d", fold, done)
             break
     bar.close()
+
+
+def check_compile(cfg: TrainConfig, device: torch.device) -> None:
+    """Refuse ``--compile`` where it cannot run, before any case is prepared: the cascade (its networks
+    see batches whose size changes every step, so each step would compile anew) and a machine whose
+    torch.compile backend is missing (no C++ compiler on a CPU, no Triton on a GPU), found by compiling
+    a one-line function there."""
+    if Variant(cfg.variant) is Variant.CASCADE:
+        raise TrainingSetupError("--compile: the cascade's networks see a batch of a new size every step; "
+                                 "compile the one-network variants only")
+    try:
+        torch.compile(lambda t: torch.relu(t) * 2.0)(torch.ones(8, device=device))
+    except Exception as err:  # Inductor raises many types; what matters is that it cannot run here
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TrainingSetupError(f"--compile: torch.compile cannot run on {device.type} here ({message})") from err
 
 
 def training_autocast(precision: str, device: torch.device) -> bool:
@@ -895,6 +917,8 @@ def train_ensemble(cfg: TrainConfig, cases: Path | Sequence[CaseHandle], out_dir
     except ValueError as err:  # --device cuda on a machine without CUDA: a setup error, not a crash
         raise TrainingSetupError(f"--device {cfg.device}: {err}") from err
     training_autocast(cfg.precision, device)
+    if cfg.compile:
+        check_compile(cfg, device)
     if not poolable(cfg.patch_size):
         raise TrainingSetupError(f"--patch-size {','.join(map(str, cfg.patch_size))}: every side must be a "
                                  f"positive multiple of {DIVISOR} (the network pools three times)")

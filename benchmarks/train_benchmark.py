@@ -2,9 +2,11 @@
 the cost of this repository's batched augmentation against MONAI's per-patch transforms doing the same job.
 
     python3 benchmarks/train_benchmark.py [--device cpu|cuda] [--widths 8,32] [--batch 20] [--steps 10]
+        [--patch-size 24,48,48] [--compile off,on]
 
 Cases are four half-size phantoms prepared in memory (the step time does not depend on the case size).
-Prints a Markdown table; a step is one SGD step of all three tasks (3 x batch patches of 16x32x32).
+Prints a Markdown table; a step is one SGD step of all three tasks (3 x batch patches of --patch-size,
+16x32x32 by default), eager or through torch.compile (--compile off,on).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from app.augment import AugmentConfig, augment_batch  # noqa: E402
 from app.inference import resolve_device  # noqa: E402
 from app.model import build_model  # noqa: E402
 from app.train import (  # noqa: E402
+    PATCH,
     TrainConfig,
     _batch,
     make_optimizer,
@@ -41,11 +44,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(width: int, augment: str, batch: int, steps: int, data, device: torch.device) -> float:
-    """Seconds per training step (all three tasks active), after three warm-up steps."""
-    cfg = TrainConfig(width=width, batch=batch, stage_steps=(0, 0, 10**6), augment=augment, device=device.type)
+def time_steps(width: int, augment: str, batch: int, steps: int, data, device: torch.device,
+               patch: tuple[int, int, int] = PATCH, compiled: bool = False) -> float:
+    """Seconds per training step (all three tasks active), after three warm-up steps (which hold the
+    compiling when ``compiled``)."""
+    cfg = TrainConfig(width=width, batch=batch, stage_steps=(0, 0, 10**6), augment=augment, device=device.type,
+                      patch_size=patch, compile=compiled)
     model = build_model(cfg.variant, cfg.width).to(device, memory_format=torch.channels_last_3d).train()
     optimizer = make_optimizer(model, cfg)
+    stepped = torch.compile(model) if compiled else model
     rng = np.random.default_rng(0)
     level = AugmentConfig.for_level(augment)
     generator = torch.Generator(device=device).manual_seed(0)
@@ -54,17 +61,18 @@ def time_steps(width: int, augment: str, batch: int, steps: int, data, device: t
         if step == 3:
             _sync(device)
             started = time.perf_counter()
-        train_step(model, optimizer, data, cfg, 10**5, rng, device, use_amp, level, generator)
+        train_step(stepped, optimizer, data, cfg, 10**5, rng, device, use_amp, level, generator)
     _sync(device)
     return (time.perf_counter() - started) / steps
 
 
-def time_augmentation(augment: str, batch: int, steps: int, data, device: torch.device) -> float:
+def time_augmentation(augment: str, batch: int, steps: int, data, device: torch.device,
+                      patch: tuple[int, int, int] = PATCH) -> float:
     """Seconds to augment one step's batch (3 x batch patches) with app.augment."""
     rng = np.random.default_rng(0)
     cfg = AugmentConfig.for_level(augment)
     generator = torch.Generator(device=device).manual_seed(0)
-    x, y, _, offsets, _ = _batch(data, (0, 1, 2), batch, rng, device)
+    x, y, _, offsets, _ = _batch(data, (0, 1, 2), batch, rng, device, patch_size=patch)
     augment_batch(x, y, offsets, cfg, generator, rng)
     _sync(device)
     started = time.perf_counter()
@@ -118,22 +126,30 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=20, help="patches per task per step (the paper: 20)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per row")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    parser.add_argument("--patch-size", default="16,32,32", help="training patch D,H,W (train's --patch-size)")
+    parser.add_argument("--compile", default="off", help="comma-separated: off (eager), on (torch.compile, "
+                        "train's --compile); both rows per width and level when 'off,on'")
     args = parser.parse_args()
+    patch = tuple(int(v) for v in args.patch_size.split(","))
+    compile_modes = args.compile.split(",")
+    if len(patch) != 3 or any(m not in ("off", "on") for m in compile_modes):
+        parser.error("--patch-size takes D,H,W and --compile takes off, on or off,on")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     data = [to_device(prepare_case(c), device) for c in phantom_cases(4, 900, (120, 120, 78))]
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if device.type == "cuda" else ""
     print(f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads{gpu}, "
-          f"batch {args.batch}/task\n")
-    print("| device | width | augment | step (ms) | patches/s | augmentation alone (ms) | share of step |")
-    print("|---|---|---|---|---|---|---|")
+          f"batch {args.batch}/task, patch {'x'.join(map(str, patch))}\n")
+    print("| device | width | augment | compile | step (ms) | patches/s | augmentation alone (ms) | share of step |")
+    print("|---|---|---|---|---|---|---|---|")
     for width in (int(w) for w in args.widths.split(",")):
         for level in args.augment.split(","):
-            step = time_steps(width, level, args.batch, args.steps, data, device)
-            aug = time_augmentation(level, args.batch, args.steps, data, device) if level != "none" else 0.0
-            print(f"| {device.type} | {width} | {level} | {step * 1e3:.0f} | {3 * args.batch / step:.0f} | "
-                  f"{aug * 1e3:.0f} | {aug / step:.0%} |", flush=True)
+            aug = time_augmentation(level, args.batch, args.steps, data, device, patch) if level != "none" else 0.0
+            for mode in compile_modes:
+                step = time_steps(width, level, args.batch, args.steps, data, device, patch, mode == "on")
+                print(f"| {device.type} | {width} | {level} | {mode} | {step * 1e3:.0f} | "
+                      f"{3 * args.batch / step:.0f} | {aug * 1e3:.0f} | {aug / step:.0%} |", flush=True)
     monai = time_monai(args.batch, max(2, args.steps // 2), data, device)
     if monai is not None:
         ours = time_augmentation("default", args.batch, args.steps, data, device)
