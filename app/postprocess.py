@@ -8,7 +8,8 @@ steps and three of ours.
    ``MIN_ENHANCING_VOXELS`` or fails step 3's enhancement check. The paper's premise is a network that
    misses the core of a tumour with little ET; where it found an enhancing tumour it found that tumour's
    core too, and the darker edema it leaves is mostly true edema (tuning phantoms: TC +0.044 over the
-   paper's rule, docs/EXPERIMENTS.md).
+   paper's rule, docs/EXPERIMENTS.md). Then the ET that step 3 will take is false, and step 2's ET tests
+   count it as absent: otherwise a component whose false specks add up to 1,000 voxels keeps its edema.
 3. (Ours, not the paper's.) When the case's largest ET component has fewer than ``min_enhancing_voxels``
    voxels, all its ET becomes NCR/NET: a tumour without enhancement is common (low grade), and a few false
    ET voxels there cost the whole ET score, since BraTS scores an empty ET against an empty truth as 1 and
@@ -107,16 +108,19 @@ def _components(mask: np.ndarray) -> tuple[tuple[slice, ...], np.ndarray, np.nda
     return box, components, np.bincount(components.ravel())[1:]
 
 
-def relabel_dark_edema(labels: np.ndarray, t1c: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Step 2: in cases with little ET, edema of ET-poor components that clusters dark on T1c -> NCR/NET."""
+def relabel_dark_edema(labels: np.ndarray, t1c: np.ndarray, seed: int = 0,
+                       count_enhancing: bool = True) -> np.ndarray:
+    """Step 2: in cases with little ET, edema of ET-poor components that clusters dark on T1c -> NCR/NET.
+    With ``count_enhancing`` False the ET is taken as absent in those tests (ET that step 3 will take)."""
     tumour = labels > 0
-    vol_t, vol_e = int(tumour.sum()), int((labels == ENHANCING).sum())
+    counted = (labels == ENHANCING) if count_enhancing else np.zeros_like(tumour)
+    vol_t, vol_e = int(tumour.sum()), int(counted.sum())
     out = labels.copy()
     if vol_t == 0 or vol_e / vol_t >= CASE_ET_RATIO:
         return out
     box, components, sizes = _components(tumour)
     inside, dark, relabelled = labels[box], t1c[box], out[box]  # `relabelled` is a view: writes reach `out`
-    enhancing = np.bincount(components[inside == ENHANCING], minlength=len(sizes) + 1)[1:]
+    enhancing = np.bincount(components[counted[box]], minlength=len(sizes) + 1)[1:]
     all_edema = inside == EDEMA
     for n in np.flatnonzero((enhancing / sizes < COMPONENT_ET_RATIO) & (enhancing < COMPONENT_ET_MAX)) + 1:
         edema = (components == n) & all_edema
@@ -157,7 +161,7 @@ def postprocess(labels: np.ndarray, t1c: np.ndarray, config: PostprocessConfig =
     enhances = not config.checks_enhancement or tumour_enhances(out, t1c, t1, config.enhancement_check_voxels,
                                                                  config.min_enhancement)
     if _relabels_edema(config, out, enhances):
-        out = relabel_dark_edema(out, t1c)
+        out = relabel_dark_edema(out, t1c, count_enhancing=not _step3_takes_all_enhancement(config, out, enhances))
     if config.min_enhancing_voxels > 0:
         out = drop_scant_enhancement(out, config.min_enhancing_voxels)
     if not enhances:
@@ -177,6 +181,16 @@ def _relabels_edema(config: PostprocessConfig, labels: np.ndarray, enhances: boo
         floor = config.min_enhancing_voxels or MIN_ENHANCING_VOXELS
         return not (enhances and has_enhancing_tumour(labels == ENHANCING, floor))
     return config.edema_relabel is EdemaRelabel.PAPER
+
+
+def _step3_takes_all_enhancement(config: PostprocessConfig, labels: np.ndarray, enhances: bool) -> bool:
+    """Whether, in the default step 2 (ours), step 3 will relabel all of the case's ET: then that ET is false
+    and must not shield a component from step 2's split (the paper's rule counts the ET as predicted)."""
+    if config.edema_relabel is not EdemaRelabel.NON_ENHANCING:
+        return False
+    scant = config.min_enhancing_voxels > 0 and not has_enhancing_tumour(labels == ENHANCING,
+                                                                          config.min_enhancing_voxels)
+    return not enhances or scant
 
 
 def has_enhancing_tumour(enhancing: np.ndarray, min_voxels: int) -> bool:
