@@ -309,8 +309,9 @@ def _add_train_flags(tr: argparse.ArgumentParser) -> None:
                          "the fast tiling's tiles give the network at inference (batch counts patches, so a larger "
                          "patch makes each step dearer)")
     tr.add_argument("--compile", action="store_true",
-                    help="run the training step's network through torch.compile (fused kernels, same arithmetic); "
-                         "costs tens of seconds of compiling per process and needs a C++ compiler on a CPU, Triton "
+                    help="run the training step's network through torch.compile (fused kernels for the same "
+                         "network; its dropout then draws Inductor's own random numbers); costs tens of seconds of "
+                         "compiling per process and needs a C++ compiler on a CPU, Triton "
                          "on a GPU, checked before any case is prepared; not for the cascade (README, Speed)")
     tr.add_argument("--prepare-workers", type=int, default=0,
                     help="with --cache: prepare (and generate) every case in this many processes before training")

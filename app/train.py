@@ -96,8 +96,9 @@ class TrainConfig:
     # patch reads zeros beyond that, as a tile does beyond the crop (`sample_patches`).
     patch_size: tuple[int, int, int] = PATCH
     # Whether the training step's network runs through torch.compile (PyTorch Inductor): fewer, fused
-    # kernels for the same arithmetic. Off by default: compiling takes tens of seconds per process and needs
-    # a C++ compiler on a CPU, Triton on a GPU (`check_compile`).
+    # kernels for the same network (its dropout draws Inductor's own random numbers). Off by default:
+    # compiling takes tens of seconds per process and needs a C++ compiler on a CPU, Triton on a GPU
+    # (`check_compile`).
     compile: bool = False
 
     @property
