@@ -161,7 +161,7 @@ def postprocess(labels: np.ndarray, t1c: np.ndarray, config: PostprocessConfig =
     enhances = not config.checks_enhancement or tumour_enhances(out, t1c, t1, config.enhancement_check_voxels,
                                                                  config.min_enhancement)
     if _relabels_edema(config, out, enhances):
-        out = relabel_dark_edema(out, t1c, count_enhancing=not _step3_takes_all_enhancement(config, out, enhances))
+        out = relabel_dark_edema(out, t1c, count_enhancing=not _step3_takes_all_enhancement(config))
     if config.min_enhancing_voxels > 0:
         out = drop_scant_enhancement(out, config.min_enhancing_voxels)
     if not enhances:
@@ -183,14 +183,12 @@ def _relabels_edema(config: PostprocessConfig, labels: np.ndarray, enhances: boo
     return config.edema_relabel is EdemaRelabel.PAPER
 
 
-def _step3_takes_all_enhancement(config: PostprocessConfig, labels: np.ndarray, enhances: bool) -> bool:
-    """Whether, in the default step 2 (ours), step 3 will relabel all of the case's ET: then that ET is false
-    and must not shield a component from step 2's split (the paper's rule counts the ET as predicted)."""
-    if config.edema_relabel is not EdemaRelabel.NON_ENHANCING:
-        return False
-    scant = config.min_enhancing_voxels > 0 and not has_enhancing_tumour(labels == ENHANCING,
-                                                                          config.min_enhancing_voxels)
-    return not enhances or scant
+def _step3_takes_all_enhancement(config: PostprocessConfig) -> bool:
+    """Whether, where step 2 runs, step 3 will relabel all of the case's ET: then that ET is false and must
+    not shield a component from step 2's split (the paper's rule counts the ET as predicted). The default
+    step 2 (ours) runs only where the tumour does not enhance or its largest ET is under step 3's floor,
+    which is exactly where step 3, when on, takes all of it; with step 3 off the ET stays and counts."""
+    return config.edema_relabel is EdemaRelabel.NON_ENHANCING and config.min_enhancing_voxels > 0
 
 
 def has_enhancing_tumour(enhancing: np.ndarray, min_voxels: int) -> bool:
