@@ -726,9 +726,7 @@ def _train_loop(cfg: TrainConfig, model: nn.Module, optimizer, data: Sequence[Tr
     # draws exactly what the uninterrupted one would.
     generator = torch.Generator(device=device)
     generator.manual_seed(int(rng.integers(2**62)))
-    # The compiled wrapper shares the model's parameters; validation, averaging and checkpoints keep using
-    # the model itself (its own state-dict names, eager evaluation at tile shapes the steps never see).
-    stepped = torch.compile(model) if cfg.compile else model
+    stepped = step_network(model, cfg)
     bar = _progress_bar(cfg.total_steps, state.meta["step"], f"fold {fold}", progress)
     running = state.meta.get("running")
     sums: dict[str, torch.Tensor] = {}  # losses stay on the device between validations (no sync per step)
@@ -771,6 +769,13 @@ def _train_loop(cfg: TrainConfig, model: nn.Module, optimizer, data: Sequence[Tr
             log.info("fold %d: time limit reached at step %d", fold, done)
             break
     bar.close()
+
+
+def step_network(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """The network `train_step` calls: ``model`` compiled when ``cfg.compile``. The compiled wrapper shares
+    the model's parameters; validation, averaging and checkpoints keep using the model itself (its own
+    state-dict names, eager evaluation at tile shapes the steps never see)."""
+    return torch.compile(model) if cfg.compile else model
 
 
 def check_compile(cfg: TrainConfig, device: torch.device) -> None:

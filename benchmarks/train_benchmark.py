@@ -33,6 +33,7 @@ from app.train import (  # noqa: E402
     make_optimizer,
     phantom_cases,
     prepare_case,
+    step_network,
     to_device,
     train_step,
     training_autocast,
@@ -52,7 +53,7 @@ def time_steps(width: int, augment: str, batch: int, steps: int, data, device: t
                       patch_size=patch, compile=compiled)
     model = build_model(cfg.variant, cfg.width).to(device, memory_format=torch.channels_last_3d).train()
     optimizer = make_optimizer(model, cfg)
-    stepped = torch.compile(model) if compiled else model
+    stepped = step_network(model, cfg)
     rng = np.random.default_rng(0)
     level = AugmentConfig.for_level(augment)
     generator = torch.Generator(device=device).manual_seed(0)
