@@ -31,10 +31,11 @@ RARE_WEIGHT="${RARE_WEIGHT:-2}"
 WORKERS="${WORKERS:-16}"; WORK="${WORK:-/tmp/omnet_pilot}"; mkdir -p "$WORK"
 source "$(dirname "$0")/gpu_env.sh"
 # COMPILE=1: train's --compile (1.2-1.4x faster width-16 steps on a CPU, unmeasured on a GPU; README, Speed).
-# Probed first, so a machine where torch.compile cannot run trains eager steps instead of failing every arm.
+# Probed first with train's own check, so a machine where torch.compile cannot run trains eager steps instead
+# of failing every arm.
 compile_flag=()
 if [ "${COMPILE:-0}" = 1 ]; then
-    if python3 -c "import torch; torch.compile(lambda t: torch.relu(t) * 2)(torch.ones(8, device='$DEVICE'))" > /dev/null 2>&1; then
+    if python3 -c "import torch; from app.train import TrainConfig, check_compile; check_compile(TrainConfig(), torch.device('$DEVICE'))" > /dev/null 2>&1; then
         compile_flag=(--compile); log "training steps compiled (torch.compile)"
     else
         log "torch.compile cannot run here: eager training steps"
