@@ -10,14 +10,18 @@ that many voxels are called, and a few hundred voxels at p = 0.2 do not make an 
 confidence is the mean over WT, TC and ET; below `LOW_CONFIDENCE` the per-case line and the report carry a
 warning. The threshold is calibrated on the out-of-distribution sweep by `benchmarks/calibrate_confidence.py`
 (README, Confidence): it is the value that best separates cases whose mean Dice is below 0.7 from the others.
+The same warning fires where the ensemble is sure and the labels are implausible: most of the edema far from
+the core (`far_edema_share`), as where grey matter is called edema.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 
 from .conventions import EDEMA, ENHANCING, NECROSIS, core_mask
 from .fusion import TaskProbabilities, fusion_region
+from .preprocess import bounding_box
 
 # Below this mean expected Dice a case is flagged for review (calibrated: see the module docstring).
 LOW_CONFIDENCE = 0.69
@@ -29,6 +33,16 @@ LOW_CONFIDENCE_WARNING = "low confidence: review this segmentation"
 # what to look at.
 DRAWN_CORE_SHARE = 0.5
 DRAWN_CORE_WARNING = "tumour core mostly drawn by post-processing, which the confidence cannot judge: review the core"
+# The ensemble can be wrong and sure: where grey matter is bright on FLAIR and T2 it calls the cortex edema with
+# every fold agreeing (issue 13's independent phantoms; the signal-equation phantoms of
+# benchmarks/signal_phantoms.py), and the expected Dice stays high. Such edema lies far from the tumour's core,
+# where a tumour's own edema rarely does, so a case whose edema is mostly that far is flagged too (README,
+# Confidence: on 64 tuning cases it flagged 4, all poor, and none of the others; on 128 held-out cases 5, 3 of
+# them poor, one of which the expected Dice had missed).
+FAR_EDEMA_MM = 25.0
+FAR_EDEMA_SHARE = 0.5
+FAR_EDEMA_WARNING = ("most of the edema lies over {mm:.0f} mm from the core ({share:.0%}), as where grey matter is "
+                     "taken for edema: review the whole tumour")
 # Probabilities under this floor are ignored: thousands of voxels at p = 0.01 far from any tumour would
 # otherwise weigh as much as a real doubt at the border.
 _FLOOR = 0.1
@@ -77,10 +91,30 @@ def drawn_core_share(fused: np.ndarray, final: np.ndarray) -> float:
     return int(drawn.sum()) / size
 
 
-def confidence_warnings(confidence: float | None, drawn_share: float = 0.0) -> list[str]:
-    """The warnings a case's confidence earns: none at or above `LOW_CONFIDENCE` (or without a confidence),
-    else `LOW_CONFIDENCE_WARNING`, followed by `DRAWN_CORE_WARNING` when over `DRAWN_CORE_SHARE` of the core
-    was drawn by post-processing (`drawn_core_share`)."""
-    if confidence is None or confidence >= LOW_CONFIDENCE:
+def far_edema_share(labels: np.ndarray, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> float:
+    """The share of the edema in internal ``labels`` farther than `FAR_EDEMA_MM` from every core voxel
+    (NCR/NET or ET); ``spacing`` in mm along the array's axes. 1 for edema without a core, 0 without edema."""
+    edema = labels == EDEMA
+    if not edema.any():
+        return 0.0
+    core = core_mask(labels)
+    if not core.any():
+        return 1.0
+    # Every core and edema voxel lies in the tumour's box, so the distances computed there are exact.
+    box = bounding_box(labels > 0)
+    distance = ndimage.distance_transform_edt(~core[box], sampling=spacing)
+    return float((distance[edema[box]] > FAR_EDEMA_MM).mean())
+
+
+def confidence_warnings(confidence: float | None, drawn_share: float = 0.0, far_share: float = 0.0) -> list[str]:
+    """The warnings a case earns: `LOW_CONFIDENCE_WARNING` when its confidence is under `LOW_CONFIDENCE` or
+    over `FAR_EDEMA_SHARE` of its edema lies far from the core (`far_edema_share`), followed by the reason
+    that second test gives (`FAR_EDEMA_WARNING`) and by `DRAWN_CORE_WARNING` when the confidence is low and
+    over `DRAWN_CORE_SHARE` of the core was drawn by post-processing (`drawn_core_share`); none otherwise."""
+    doubted = confidence is not None and confidence < LOW_CONFIDENCE
+    far = far_share > FAR_EDEMA_SHARE
+    if not (doubted or far):
         return []
-    return [LOW_CONFIDENCE_WARNING] + ([DRAWN_CORE_WARNING] if drawn_share > DRAWN_CORE_SHARE else [])
+    return ([LOW_CONFIDENCE_WARNING]
+            + ([FAR_EDEMA_WARNING.format(mm=FAR_EDEMA_MM, share=far_share)] if far else [])
+            + ([DRAWN_CORE_WARNING] if doubted and drawn_share > DRAWN_CORE_SHARE else []))

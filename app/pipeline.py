@@ -22,7 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .confidence import case_confidence, confidence_warnings, drawn_core_share, expected_dice
+from .confidence import case_confidence, confidence_warnings, drawn_core_share, expected_dice, far_edema_share
 from .conventions import AUTO_LABELS, MODALITY_ORDER, Modality, to_file_labels
 from .fusion import TaskProbabilities
 from .inference import CasePrediction, EnsemblePredictor
@@ -86,6 +86,7 @@ class CaseResult:
     confidence: float | None = None  # mean expected Dice from the ensemble's probabilities (app/confidence.py)
     expected_dice: dict[str, float] = field(default_factory=dict)
     drawn_core_share: float | None = None  # share of the core post-processing drew (app/confidence.py)
+    far_edema_share: float | None = None  # share of the edema far from the core (app/confidence.py)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -258,10 +259,12 @@ class CaseRunner:
             from .qc import save_case_picture
 
             save_case_picture(loaded, file_labels, convention, self.options.qc_dir)
+        far_share = far_edema_share(seg.labels, loaded.reference.GetSpacing()[::-1])
         result = CaseResult(case.case_id, CaseStatus.OK, output=str(destination), voxels=_voxel_counts(file_labels),
                             warnings=[*loaded.warnings, *seg.warnings], confidence=seg.confidence,
-                            expected_dice=seg.expected_dice, drawn_core_share=round(seg.drawn_core_share, 4))
-        result.warnings.extend(confidence_warnings(seg.confidence, seg.drawn_core_share))
+                            expected_dice=seg.expected_dice, drawn_core_share=round(seg.drawn_core_share, 4),
+                            far_edema_share=round(far_share, 4))
+        result.warnings.extend(confidence_warnings(seg.confidence, seg.drawn_core_share, far_share))
         return result
 
 

@@ -7,12 +7,16 @@ import pytest
 from app.confidence import (
     DRAWN_CORE_WARNING,
     EMPTY_REGION_VOXELS,
+    FAR_EDEMA_MM,
+    FAR_EDEMA_SHARE,
+    FAR_EDEMA_WARNING,
     LOW_CONFIDENCE,
     LOW_CONFIDENCE_WARNING,
     case_confidence,
     confidence_warnings,
     drawn_core_share,
     expected_dice,
+    far_edema_share,
 )
 from app.fusion import TaskProbabilities
 from app.inference import CasePrediction
@@ -113,6 +117,30 @@ def test_confidence_warnings_name_a_drawn_core_only_when_the_case_is_flagged():
     assert confidence_warnings(LOW_CONFIDENCE - 0.01, 0.8) == [LOW_CONFIDENCE_WARNING, DRAWN_CORE_WARNING]
 
 
+def test_far_edema_share_measures_edema_beyond_the_distance_in_mm_from_the_core():
+    labels = np.zeros((8, 80, 8), np.uint8)
+    assert far_edema_share(labels) == 0.0  # no edema
+    labels[:, 10:70] = 2
+    assert far_edema_share(labels) == 1.0  # edema without a core
+    labels[:, 0:10] = 1
+    # Edema rows 10..69; a row is farther than 25 mm from the core (last row 9) from row 35 on: 35 of 60 rows.
+    assert far_edema_share(labels) == pytest.approx(35 / 60)
+    assert far_edema_share(labels, spacing=(1.0, 0.5, 1.0)) == pytest.approx(10 / 60)  # rows 0.5 mm apart
+    labels[:, 8:10] = 3  # ET is core too
+    assert far_edema_share(labels) == pytest.approx(35 / 60)
+    labels[:, 50:] = 0
+    assert far_edema_share(labels) < FAR_EDEMA_SHARE
+
+
+def test_far_edema_flags_a_confident_case_and_says_why():
+    far = FAR_EDEMA_SHARE + 0.1
+    assert confidence_warnings(0.95, 0.0, FAR_EDEMA_SHARE) == []
+    assert confidence_warnings(0.95, 0.9, far) == [LOW_CONFIDENCE_WARNING,
+                                                   FAR_EDEMA_WARNING.format(mm=FAR_EDEMA_MM, share=far)]
+    assert confidence_warnings(None, 0.0, far)[0] == LOW_CONFIDENCE_WARNING
+    assert confidence_warnings(LOW_CONFIDENCE - 0.01, 0.8, far)[-1] == DRAWN_CORE_WARNING
+
+
 class _HollowCorePredictor(_FixedPredictor):
     """A one-voxel shell of NCR/NET around edema: post-processing step 4 fills the centre with core the
     network did not call, two thirds of the final core."""
@@ -122,6 +150,18 @@ class _HollowCorePredictor(_FixedPredictor):
         labels[8:24, 16:44, 16:44] = 2
         labels[10:22, 20:40, 20:40] = 1
         labels[11:21, 21:39, 21:39] = 2
+        box = tuple(slice(0, n) for n in labels.shape)
+        return CasePrediction(labels, box, _probabilities(labels, self.certainty), None)
+
+
+class _FarEdemaPredictor(_FixedPredictor):
+    """A small core at one side and a band of edema reaching over 25 mm away from it, called with certainty
+    (as the ensemble calls bright grey matter edema)."""
+
+    def predict_case(self, image, progress=None):
+        labels = np.zeros(image.shape[1:], np.uint8)
+        labels[20:28, 2:8, 28:36] = 1
+        labels[20:28, 8:62, 28:36] = 2
         box = tuple(slice(0, n) for n in labels.shape)
         return CasePrediction(labels, box, _probabilities(labels, self.certainty), None)
 
@@ -145,6 +185,11 @@ def test_low_confidence_warns_in_the_case_line_and_report(tmp_path):
     assert drawn.warnings[-2:] == [LOW_CONFIDENCE_WARNING, DRAWN_CORE_WARNING]
     assert drawn.drawn_core_share > 0.5 and doubtful.drawn_core_share == 0.0
     assert CaseRunner(_HollowCorePredictor(0.5), options).run(loaded).warnings[-1] == LOW_CONFIDENCE_WARNING
+    assert confident.far_edema_share == 0.0
+    far = CaseRunner(_FarEdemaPredictor(0.99), options).run(loaded)
+    assert far.confidence > LOW_CONFIDENCE and far.far_edema_share > FAR_EDEMA_SHARE
+    assert far.warnings[-2:] == [LOW_CONFIDENCE_WARNING,
+                                 FAR_EDEMA_WARNING.format(mm=FAR_EDEMA_MM, share=far.far_edema_share)]
 
 
 def test_predict_prints_and_reports_a_confidence_per_case(tmp_path):
@@ -157,4 +202,4 @@ def test_predict_prints_and_reports_a_confidence_per_case(tmp_path):
     assert ", confidence " in result.stderr
     [row] = json.loads(report.read_text())["cases"]
     assert 0.0 <= row["confidence"] <= 1.0 and set(row["expected_dice"]) == {"WT", "TC", "ET"}
-    assert 0.0 <= row["drawn_core_share"] <= 1.0
+    assert 0.0 <= row["drawn_core_share"] <= 1.0 and 0.0 <= row["far_edema_share"] <= 1.0
