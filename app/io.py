@@ -229,6 +229,20 @@ def find_cases(input_dir: Path | str) -> Discovery:
     return found
 
 
+def cases_with_ground_truth(folder: Path | str) -> list[CaseFiles]:
+    """The cases under ``folder`` that have a ground-truth segmentation (a training or evaluation folder).
+
+    Unlike prediction, which runs the cases it can, a case that cannot be assembled is an error here, as is a
+    folder without any case with ground truth: ValueError naming them."""
+    found = find_cases(folder)
+    if found.errors:
+        raise ValueError("; ".join(str(e) for e in found.errors))
+    cases = [c for c in found.cases if c.segmentation is not None]
+    if not cases:
+        raise ValueError(f"no cases with ground truth under {folder}")
+    return cases
+
+
 def _reject_duplicate_ids(found: Discovery) -> None:
     # Output files are named by ID; IDs that differ only in case collide on case-insensitive disks.
     by_key: dict[str, list[CaseFiles]] = {}

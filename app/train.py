@@ -32,7 +32,7 @@ from .augment import AugmentConfig, augment_batch
 from .conventions import ENHANCING, NECROSIS, NORMAL_BRAIN, Layout, from_file_labels
 from .fusion import dilate, to_host
 from .inference import EnsemblePredictor, ieee_fp32, native_bf16, resolve_device
-from .io import CaseFiles, find_cases, load_case, load_segmentation
+from .io import CaseFiles, cases_with_ground_truth, load_case, load_segmentation
 from .metrics import region_dice
 from .model import CORE_CLASSES, TUMOUR_CLASSES, build_model
 from .options import AugmentLevel, Device, PhantomPreset, Precision, Variant, parse_option
@@ -153,13 +153,7 @@ def as_handle(case: CaseFiles | CaseHandle) -> CaseHandle:
 
 def folder_cases(data_dir: Path) -> list[CaseHandle]:
     """The cases with ground truth in a BraTS training folder (any layout `find_cases` reads)."""
-    found = find_cases(data_dir)
-    if found.errors:
-        raise ValueError("; ".join(str(e) for e in found.errors))
-    cases = [as_handle(c) for c in found.cases if c.segmentation is not None]
-    if not cases:
-        raise ValueError(f"no cases with ground truth under {data_dir}")
-    return cases
+    return [as_handle(c) for c in cases_with_ground_truth(data_dir)]
 
 
 def phantom_cases(n: int, seed: int, size: tuple[int, int, int],

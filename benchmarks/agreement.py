@@ -8,10 +8,12 @@ fused labels before any post-processing, which tells the network's own instabili
 post-processing adds to it (a step that switches on in one tiling and not the other moves a whole region).
 
     python3 benchmarks/agreement.py [--cases 4] [--seed 1000] [--ranges training|wide|mixed]
-        [--tilings fast,fastfixed] [--weights DIR] [--tta none|folds|full]
+        [--data DIR] [--tilings fast,fastfixed] [--weights DIR] [--tta none|folds|full]
 
 `--ranges wide` draws the phantoms outside the training ranges (the phantoms command's `--ranges`): where
-the network is unsure, tile borders move the mask most, so agreement there is the harder number.
+the network is unsure, tile borders move the mask most, so agreement there is the harder number. `--data`
+measures on the cases with ground truth in a folder instead (a BraTS training folder, or
+benchmarks/signal_phantoms.py's cases), the first `--cases` of them by ID when given.
 """
 
 from __future__ import annotations
@@ -87,9 +89,20 @@ def phantom_cases(workdir: Path, cases: int, seed: int, preset: PhantomPreset,
     return cases_dir
 
 
+def folder_cases(data: Path, limit: int | None = None) -> list:
+    """The cases with ground truth under ``data`` (any layout predict reads), by ID, the first ``limit``."""
+    from app.io import cases_with_ground_truth
+
+    return sorted(cases_with_ground_truth(data), key=lambda c: c.case_id)[:limit]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", type=int, default=4, help="number of 240x240x155 phantom cases to generate")
+    parser.add_argument("--cases", type=int, default=None,
+                        help="number of 240x240x155 phantom cases to generate (default 4); with --data, how many of "
+                             "its cases to use (default all)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="measure on the cases with ground truth in this folder instead of generated phantoms")
     parser.add_argument("--seed", type=int, default=1000, help="phantom series seed")
     parser.add_argument("--ranges", default=PhantomPreset.TRAINING.value, choices=choices(PhantomPreset),
                         help="phantom ranges: training, wide (outside them) or mixed (the phantoms command's --ranges)")
@@ -102,7 +115,7 @@ def main() -> int:
     parser.add_argument("--tta", default="none", choices=choices(Mirroring),
                         help="test-time mirroring, the same for every tiling (predict's --tta)")
     args = parser.parse_args()
-    if args.cases < 1:
+    if args.cases is not None and args.cases < 1:
         parser.error("--cases must be at least 1")
     tilings = [t for t in args.tilings.split(",") if t]
     for token in tilings:
@@ -116,15 +129,20 @@ def main() -> int:
     import torch
 
     from app.cli import cpu_quota
-    from app.io import find_cases
     from app.weights import DEFAULT_WEIGHTS_DIR, load_ensemble
 
     torch.set_num_threads(cpu_quota())
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="omnet-agreement-"))
-    cases_dir = phantom_cases(workdir, args.cases, args.seed, PhantomPreset(args.ranges))
+    if args.data is not None:
+        try:
+            cases = folder_cases(args.data, args.cases)
+        except ValueError as err:
+            parser.error(f"--data: {err}")
+    else:
+        workdir = args.workdir or Path(tempfile.mkdtemp(prefix="omnet-agreement-"))
+        cases = folder_cases(phantom_cases(workdir, args.cases or 4, args.seed, PhantomPreset(args.ranges)))
     _, models = load_ensemble(args.weights or DEFAULT_WEIGHTS_DIR, None)
     rows = []
-    for case in find_cases(cases_dir).cases:
+    for case in cases:
         rows.extend(case_rows(case, models, tilings, args.device, args.precision, args.tta))
         print(f"{case.case_id} done", file=sys.stderr, flush=True)
     columns = ["case", "tiling", *(f"{kind} {r}" for kind in ("vs paper", "raw vs paper", "vs truth") for r in REGIONS)]

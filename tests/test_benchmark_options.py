@@ -276,3 +276,34 @@ def test_gpu_folds_dry_run_trains_each_arms_fold_and_starts_one_from_a_carried_f
     log = (out / "train_log.txt").read_text()
     assert f"fold 1: initialised from {start}/fold_1.safetensors" in log
     assert "fold 2: initialised" not in log
+
+
+def test_agreement_measures_on_the_cases_with_ground_truth_of_a_folder(tmp_path):
+    """agreement.py --data: the cases with ground truth in a folder (here signal-equation phantoms in the BraTS
+    2021 layout; a case without ground truth is left out), the first --cases of them by ID, through the script."""
+    import subprocess
+
+    from agreement import folder_cases
+    from signal_phantoms import make_case, write_case
+
+    from .helpers import ROOT, random_weights
+
+    data = tmp_path / "data"
+    for index in range(3):
+        folder = write_case(make_case(7, index, (96, 96, 64)), data)
+    (folder / f"{folder.name}_seg.nii.gz").unlink()
+    assert [c.case_id for c in folder_cases(data)] == ["BraTS2021_07000", "BraTS2021_07001"]
+    assert [c.case_id for c in folder_cases(data, 1)] == ["BraTS2021_07000"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no cases with ground truth"):
+        folder_cases(tmp_path / "empty")
+    weights = random_weights(tmp_path / "weights", folds=1)
+    script = [sys.executable, str(ROOT / "benchmarks" / "agreement.py")]
+    done = subprocess.run([*script, "--data", str(data), "--cases", "1", "--tilings", "fast",
+                           "--weights", str(weights)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = [line.split(" | ")[:2] for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[1:] == [["| BraTS2021_07000", "paper"], ["| BraTS2021_07000", "fast"], ["| mean", "paper"],
+                        ["| mean", "fast"]], done.stdout
+    refused = subprocess.run([*script, "--data", str(tmp_path / "empty")], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--data: no cases with ground truth" in refused.stderr
