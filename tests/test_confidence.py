@@ -91,11 +91,15 @@ class _FixedPredictor:
         self.certainty = certainty
 
     def predict_case(self, image, progress=None):
-        labels = np.zeros(image.shape[1:], np.uint8)
-        labels[10:20, 20:40, 20:40] = 2
-        labels[13:17, 25:35, 25:35] = 1
+        labels = self.labels(image.shape[1:])
         box = tuple(slice(0, n) for n in labels.shape)
         return CasePrediction(labels, box, _probabilities(labels, self.certainty), None)
+
+    def labels(self, shape) -> np.ndarray:
+        labels = np.zeros(shape, np.uint8)
+        labels[10:20, 20:40, 20:40] = 2
+        labels[13:17, 25:35, 25:35] = 1
+        return labels
 
 
 def test_drawn_core_share_counts_core_the_network_did_not_call():
@@ -145,25 +149,23 @@ class _HollowCorePredictor(_FixedPredictor):
     """A one-voxel shell of NCR/NET around edema: post-processing step 4 fills the centre with core the
     network did not call, two thirds of the final core."""
 
-    def predict_case(self, image, progress=None):
-        labels = np.zeros(image.shape[1:], np.uint8)
+    def labels(self, shape) -> np.ndarray:
+        labels = np.zeros(shape, np.uint8)
         labels[8:24, 16:44, 16:44] = 2
         labels[10:22, 20:40, 20:40] = 1
         labels[11:21, 21:39, 21:39] = 2
-        box = tuple(slice(0, n) for n in labels.shape)
-        return CasePrediction(labels, box, _probabilities(labels, self.certainty), None)
+        return labels
 
 
 class _FarEdemaPredictor(_FixedPredictor):
     """A small core at one side and a band of edema reaching over 25 mm away from it, called with certainty
     (as the ensemble calls bright grey matter edema)."""
 
-    def predict_case(self, image, progress=None):
-        labels = np.zeros(image.shape[1:], np.uint8)
+    def labels(self, shape) -> np.ndarray:
+        labels = np.zeros(shape, np.uint8)
         labels[20:28, 2:8, 28:36] = 1
         labels[20:28, 8:62, 28:36] = 2
-        box = tuple(slice(0, n) for n in labels.shape)
-        return CasePrediction(labels, box, _probabilities(labels, self.certainty), None)
+        return labels
 
 
 def test_low_confidence_warns_in_the_case_line_and_report(tmp_path):
