@@ -135,7 +135,7 @@ def main() -> int:
     if args.data is not None:
         try:
             cases = folder_cases(args.data, args.cases)
-        except ValueError as err:
+        except (ValueError, OSError) as err:
             parser.error(f"--data: {err}")
     else:
         workdir = args.workdir or Path(tempfile.mkdtemp(prefix="omnet-agreement-"))

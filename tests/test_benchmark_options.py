@@ -307,3 +307,5 @@ def test_agreement_measures_on_the_cases_with_ground_truth_of_a_folder(tmp_path)
                         ["| mean", "fast"]], done.stdout
     refused = subprocess.run([*script, "--data", str(tmp_path / "empty")], capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "--data: no cases with ground truth" in refused.stderr
+    missing = subprocess.run([*script, "--data", str(tmp_path / "absent")], capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
