@@ -81,3 +81,31 @@ def test_the_script_writes_brats_2021_cases_the_product_reads(tmp_path):
     refused = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), "--seed", "100"],
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "--seed must be 0-99" in refused.stderr
+
+
+def test_train_reads_a_brats_2021_folder_whose_enhancing_tumour_is_labelled_4(tmp_path):
+    """The training path on BraTS 2021 files as the challenge distributes them (int16 or float32, LPS, ET = 4):
+    the prepared target holds the enhancing class where the file says 4, and `train --data` runs on the folder."""
+    import json
+
+    from app.conventions import ENHANCING
+    from app.io import cases_with_ground_truth
+    from app.train import prepare_case
+
+    from .helpers import python_cli
+
+    data = tmp_path / "data"
+    for index in range(3):
+        signal_phantoms.write_case(signal_phantoms.make_case(8, index, SMALL), data)
+    cases = cases_with_ground_truth(data)
+    with_et = [c for c in cases if (signal_phantoms.make_case(8, int(c.case_id[-3:]), SMALL).labels == 4).any()]
+    assert with_et, "no case of the series has an enhancing tumour"
+    prepared = prepare_case(with_et[0])
+    truth = signal_phantoms.make_case(8, int(with_et[0].case_id[-3:]), SMALL).labels
+    assert int((np.asarray(prepared.target) == ENHANCING).sum()) == int((truth == 4).sum())
+    out = tmp_path / "weights"
+    result = python_cli("train", "--data", str(data), "--out", str(out), "--width", "4", "--folds", "3", "--fold", "0",
+                        "--stage-steps", "1,1,2", "--batch", "2", "--validate-every", "4", "--quiet", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["training"]["data"]["cases"] == 3 and [f["fold"] for f in manifest["folds"]] == [0]
