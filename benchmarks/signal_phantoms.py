@@ -193,10 +193,10 @@ def lesion(rng: np.random.Generator, tissue: np.ndarray, depth: np.ndarray, scal
     if not core.any():
         core[tuple(local)] = True
     core &= tissue[box] != BG
-    depth = ndimage.distance_transform_edt(core)
+    core_depth = ndimage.distance_transform_edt(core)
     rim = rng.uniform(2, 6) * scale
     if kind == "rim":
-        enhancing = core & (depth <= rim)
+        enhancing = core & (core_depth <= rim)
     elif kind == "solid":
         enhancing = core.copy()
     elif kind == "patchy":
