@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 from app.augment import AugmentConfig, augment_batch  # noqa: E402
 from app.inference import resolve_device  # noqa: E402
 from app.model import build_model  # noqa: E402
+from app.tiling import DIVISOR, poolable  # noqa: E402
 from app.train import (  # noqa: E402
     PATCH,
     TrainConfig,
@@ -135,6 +136,8 @@ def main() -> int:
     compile_modes = args.compile.split(",")
     if len(patch) != 3 or any(m not in ("off", "on") for m in compile_modes):
         parser.error("--patch-size takes D,H,W and --compile takes off, on or off,on")
+    if not poolable(patch):  # train's own check: the network pools three times
+        parser.error(f"--patch-size {args.patch_size}: every side must be a positive multiple of {DIVISOR}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)

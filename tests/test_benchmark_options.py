@@ -309,3 +309,15 @@ def test_agreement_measures_on_the_cases_with_ground_truth_of_a_folder(tmp_path)
     assert refused.returncode == 2 and "--data: no cases with ground truth" in refused.stderr
     missing = subprocess.run([*script, "--data", str(tmp_path / "absent")], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_train_benchmark_refuses_a_patch_the_network_cannot_pool():
+    """A patch side that is not a multiple of 8 fails at once with the reason, before any phantom is made."""
+    import subprocess
+
+    from .helpers import ROOT
+
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_benchmark.py"), "--patch-size", "20,40,40"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "--patch-size 20,40,40: every side must be a positive multiple of 8" in done.stderr
