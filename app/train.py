@@ -532,9 +532,9 @@ class FoldResult:
 def split_folds(case_ids: Sequence[str], folds: int, seed: int) -> list[list[str]]:
     """Deterministic k-fold split of case IDs (shuffled by ``seed``)."""
     if folds < 2:
-        raise ValueError(f"need at least 2 folds, got {folds}")
-    if len(case_ids) < folds:
-        raise ValueError(f"{len(case_ids)} cases cannot make {folds} folds")
+        raise TrainingSetupError(f"need at least 2 folds, got {folds}")
+    if len(case_ids) < folds:  # every fold holds out at least one case
+        raise TrainingSetupError(f"{len(case_ids)} case(s) cannot make {folds} folds")
     order = np.random.default_rng(seed).permutation(sorted(case_ids))
     return [sorted(order[k::folds].tolist()) for k in range(folds)]
 

@@ -559,6 +559,13 @@ def test_wide_phantoms_train_from_their_own_cases_and_are_recorded(tmp_path):
     assert manifest["training"]["data"]["phantoms"]["ranges"] == "wide"
 
 
+def test_too_few_cases_for_the_folds_is_a_one_line_usage_error(tmp_path):
+    result = python_cli("train", "--phantoms", "1", "--phantom-size", "48,48,32", "--out", str(tmp_path / "w"),
+                        "--width", "4", "--folds", "2", "--stage-steps", "1,1,1", "--quiet", "--device", "cpu")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "1 case(s) cannot make 2 folds" in result.stderr and not (tmp_path / "w").exists()
+
+
 def test_mixed_phantoms_alternate_the_training_and_wide_cases_of_one_series():
     """`--phantom-ranges mixed`: case i is the training-range case i for even i and the wide case i for odd
     i, same ID and same voxels, so it shares their cache entries."""
