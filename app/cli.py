@@ -81,6 +81,14 @@ def non_negative_int(text: str) -> int:
     return values[0]
 
 
+def percentage(text: str) -> int:
+    """An argparse ``type`` for a whole percentage, 0 to 100."""
+    value = non_negative_int(text)
+    if value > 100:
+        raise argparse.ArgumentTypeError(f"needs a whole percentage 0-100, got {text!r}")
+    return value
+
+
 def scale_list(text: str) -> tuple[float, ...]:
     """An argparse ``type`` for --scales: distinct comma-separated numbers within SCALE_RANGE."""
     try:
@@ -226,6 +234,12 @@ def _add_average_flags(av: argparse.ArgumentParser) -> None:
     av.add_argument("--out", type=Path, required=True, help="new weights folder (manifest records both inputs)")
 
 
+BRIGHT_CORTEX_HELP = ("whole percentage (0-100, default 0: the presets as they are) of cases whose grey matter is "
+                      "drawn as bright as edema on FLAIR (0.85-1.05x edema; deep grey matter between it and white "
+                      "matter), which other generators and scanners produce and ours otherwise almost never; case "
+                      "IDs carry it (C<percent>)")
+
+
 def _add_phantoms_flags(ph: argparse.ArgumentParser) -> None:
     ph.add_argument("--out", type=Path, required=True, help="folder to write the cases into")
     ph.add_argument("--n", type=int, required=True, help="number of cases")
@@ -239,6 +253,8 @@ def _add_phantoms_flags(ph: argparse.ArgumentParser) -> None:
                          "anatomy and appearance stretched beyond them (thicker cortex, brighter grey matter, "
                          "stronger bias, more noise, blur and thick slices), an out-of-distribution set; mixed: "
                          "the two alternating (even case indices training, odd wide)")
+    ph.add_argument("--bright-cortex", type=percentage, default=0, metavar="PERCENT",
+                    help=BRIGHT_CORTEX_HELP)
 
 
 def _add_train_flags(tr: argparse.ArgumentParser) -> None:
@@ -252,6 +268,8 @@ def _add_train_flags(tr: argparse.ArgumentParser) -> None:
                          "(anatomy and appearance stretched beyond them) or mixed (the two alternating case by case)")
     tr.add_argument("--phantom-size", type=int_list(3), default="240,240,155",
                     help="X,Y,Z voxels of --phantoms")
+    tr.add_argument("--phantom-bright-cortex", type=percentage, default=0, metavar="PERCENT",
+                    help=f"the phantoms command's --bright-cortex for --phantoms: {BRIGHT_CORTEX_HELP}")
     tr.add_argument("--out", type=Path, required=True, help="weights folder to (re)write; resumes if it has runs/")
     tr.add_argument("--variant", default=Variant.OMNET_CGA.value, choices=TRAINABLE_VARIANTS,
                     help="network (cascade = the three-model MC3 baseline)")
@@ -455,7 +473,7 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
     from .phantoms import generate
 
     folders = generate(args.out, args.n, args.seed, Layout(args.convention), args.size, args.start,  # type: ignore[arg-type]
-                       PhantomPreset(args.ranges))
+                       PhantomPreset(args.ranges), args.bright_cortex)
     print(f"wrote {len(folders)} phantom case(s) to {args.out}", file=sys.stderr)
     return EXIT_OK
 
@@ -490,9 +508,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     if args.phantoms is not None:
         preset = PhantomPreset(args.phantom_ranges)
-        cases = phantom_cases(args.phantoms, args.phantom_seed, args.phantom_size, preset)
+        cases = phantom_cases(args.phantoms, args.phantom_seed, args.phantom_size, preset,
+                              args.phantom_bright_cortex)
         data = {"phantoms": {"n": args.phantoms, "seed": args.phantom_seed, "size": list(args.phantom_size),
-                             "ranges": preset.value, "generator_version": GENERATOR_VERSION},
+                             "ranges": preset.value, "bright_cortex_percent": args.phantom_bright_cortex,
+                             "generator_version": GENERATOR_VERSION},
                 "note": args.data_note}
     else:
         cases = args.data

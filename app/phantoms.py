@@ -12,7 +12,9 @@ parenchyma (touching the cortex and the ventricles), tiny to huge, sometimes mul
 ET or without NCR. Tissue means are drawn relative to white matter with wide, overlapping ranges: only the
 contrasts MRI fixes are kept (edema brighter than white matter on FLAIR and T2 and brighter than grey matter
 on T2, ET brighter on T1c, NCR darker on T1c, CSF bright on T2 and dark on FLAIR), so grey matter can be as
-bright as edema on FLAIR and a model must read the four modalities together and the shape.
+bright as edema on FLAIR and a model must read the four modalities together and the shape; a share of cases
+with a cortex as bright as edema on FLAIR, which these ranges almost never draw, is an option
+(`bright_cortex`, `--bright-cortex`).
 `PhantomRanges` holds every range, so held-out series can be drawn outside the training ranges:
 `WIDE_RANGES` stretches them all at once (`python -m app phantoms --ranges wide`), benchmarks/ood_sweep.py
 one factor at a time.
@@ -91,6 +93,13 @@ class PhantomRanges:
     tumour_core_radius: Range = (3.0, 22.0)  # mm, main lesion
     edema_extent: Range = (1.1, 2.8)  # edema reach in core radii
     scale: Range = (100.0, 4000.0)  # stored intensity of white matter
+    # Cortex as bright as edema on FLAIR, which the contrast ranges above almost never draw (grey matter up
+    # to 1.55x white matter, edema from 1.3x) and a second generator's phantoms do (round 42): in each case,
+    # with this probability, grey matter's FLAIR mean is redrawn as edema's times `bright_cortex_ratio` and
+    # deep grey matter's between white and the new grey matter. 0 in every preset, so every series drawn
+    # before it regenerates as it was (the draw deciding it is only made when the probability is above 0).
+    bright_cortex_probability: float = 0.0
+    bright_cortex_ratio: Range = (0.85, 1.05)
 
     def widened(self, **changes) -> PhantomRanges:
         return replace(self, **changes)
@@ -131,9 +140,20 @@ def preset_of_case(preset: PhantomPreset, index: int) -> PhantomPreset:
     return preset
 
 
-def ranges_of_case(preset: PhantomPreset, index: int) -> PhantomRanges:
-    """The ranges case ``index`` of a ``preset`` series is drawn from (one place resolves MIXED)."""
-    return RANGE_PRESETS[preset_of_case(preset, index)]
+def check_bright_cortex(percent: int) -> int:
+    """``percent`` of cases drawn with a bright cortex, validated (a whole percentage, as case IDs carry it)."""
+    if isinstance(percent, bool) or not isinstance(percent, int) or not 0 <= percent <= 100:
+        raise ValueError(f"bright-cortex share must be a whole percentage 0-100, got {percent!r}")
+    return percent
+
+
+def ranges_of_case(preset: PhantomPreset, index: int, bright_cortex: int = 0) -> PhantomRanges:
+    """The ranges case ``index`` of a ``preset`` series is drawn from (one place resolves MIXED), with a
+    bright cortex on FLAIR in ``bright_cortex`` percent of the cases."""
+    ranges = RANGE_PRESETS[preset_of_case(preset, index)]
+    if check_bright_cortex(bright_cortex):
+        ranges = ranges.widened(bright_cortex_probability=bright_cortex / 100)
+    return ranges
 
 
 @dataclass
@@ -302,6 +322,10 @@ def _tissue_means(rng: np.random.Generator, modality: Modality, ranges: PhantomR
     if modality in _EDEMA_OVER_GREY_MATTER:  # a floor, not a redraw: every other draw of a seed stays the same
         means[_ED] = max(means[_ED], means[_GM] * _EDEMA_OVER_GREY_MATTER[modality])
     means[_DGM] = 1.0 + (means[_GM] - 1.0) * rng.uniform(0.3, 0.8)
+    if modality is Modality.FLAIR and ranges.bright_cortex_probability > 0:
+        if rng.random() < ranges.bright_cortex_probability:
+            means[_GM] = means[_ED] * _u(rng, ranges.bright_cortex_ratio)
+            means[_DGM] = 1.0 + (means[_GM] - 1.0) * rng.uniform(0.3, 0.8)
     return means
 
 
@@ -383,12 +407,16 @@ def _write(array: np.ndarray, path: Path) -> None:
 _ID_TAGS = {PhantomPreset.TRAINING: "A", PhantomPreset.WIDE: "W"}
 
 
-def case_id_for(layout: Layout, seed: int, index: int, preset: PhantomPreset = PhantomPreset.TRAINING) -> str:
+def case_id_for(layout: Layout, seed: int, index: int, preset: PhantomPreset = PhantomPreset.TRAINING,
+                bright_cortex: int = 0) -> str:
+    """The case ID of phantom ``index`` of series ``seed``; a bright-cortex share other than 0 adds
+    ``C<percent>`` to the tag, since the option redraws the case."""
     preset = preset_of_case(preset, index)
     tag = _ID_TAGS[preset]
+    cortex = f"C{bright_cortex}" if check_bright_cortex(bright_cortex) else ""
     if layout is Layout.BRATS2023:
-        return f"BraTS-PH{tag}-{seed:03d}{index:02d}-000"
-    return f"Phantom{'' if preset is PhantomPreset.TRAINING else tag}_{seed:03d}_{index:03d}"
+        return f"BraTS-PH{tag}{cortex}-{seed:03d}{index:02d}-000"
+    return f"Phantom{'' if preset is PhantomPreset.TRAINING else tag}{cortex}_{seed:03d}_{index:03d}"
 
 
 def write_phantom(phantom: Phantom, out_dir: Path, layout: Layout) -> Path:
@@ -413,13 +441,14 @@ def write_phantom(phantom: Phantom, out_dir: Path, layout: Layout) -> Path:
 
 def generate(out_dir: Path, n: int, seed: int, layout: Layout = Layout.BRATS2023,
              size: tuple[int, int, int] = DEFAULT_SIZE, start: int = 0,
-             preset: PhantomPreset = PhantomPreset.TRAINING) -> list[Path]:
-    """Write ``n`` phantom cases (indices start .. start+n-1) drawn from ``preset``'s ranges into ``out_dir``."""
+             preset: PhantomPreset = PhantomPreset.TRAINING, bright_cortex: int = 0) -> list[Path]:
+    """Write ``n`` phantom cases (indices start .. start+n-1) drawn from ``preset``'s ranges into ``out_dir``,
+    ``bright_cortex`` percent of them with a cortex as bright as edema on FLAIR."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     folders = []
     for index in range(start, start + n):
-        phantom = make_phantom(seed, index, size, case_id_for(layout, seed, index, preset),
-                               ranges_of_case(preset, index))
+        phantom = make_phantom(seed, index, size, case_id_for(layout, seed, index, preset, bright_cortex),
+                               ranges_of_case(preset, index, bright_cortex))
         folders.append(write_phantom(phantom, out_dir, layout))
     return folders

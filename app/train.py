@@ -136,12 +136,12 @@ def _load_files(case: CaseFiles) -> tuple[np.ndarray, np.ndarray]:
     return loaded.image, from_file_labels(load_segmentation(case, loaded.reference))
 
 
-def _load_phantom(seed: int, index: int, size: tuple[int, int, int],
-                  preset: PhantomPreset) -> tuple[np.ndarray, np.ndarray]:
+def _load_phantom(seed: int, index: int, size: tuple[int, int, int], preset: PhantomPreset,
+                  bright_cortex: int = 0) -> tuple[np.ndarray, np.ndarray]:
     from .conventions import MODALITY_ORDER
     from .phantoms import make_phantom, ranges_of_case
 
-    phantom = make_phantom(seed, index, size, ranges=ranges_of_case(preset, index))
+    phantom = make_phantom(seed, index, size, ranges=ranges_of_case(preset, index, bright_cortex))
     return np.stack([phantom.images[m].astype(np.float32) for m in MODALITY_ORDER]), phantom.labels
 
 
@@ -157,15 +157,15 @@ def folder_cases(data_dir: Path) -> list[CaseHandle]:
 
 
 def phantom_cases(n: int, seed: int, size: tuple[int, int, int],
-                  preset: PhantomPreset = PhantomPreset.TRAINING) -> list[CaseHandle]:
-    """``n`` generated phantoms of series ``seed`` drawn from ``preset``'s ranges, made in memory when first
-    needed (no NIfTI files)."""
+                  preset: PhantomPreset = PhantomPreset.TRAINING, bright_cortex: int = 0) -> list[CaseHandle]:
+    """``n`` generated phantoms of series ``seed`` drawn from ``preset``'s ranges, ``bright_cortex`` percent
+    of them with a cortex as bright as edema on FLAIR, made in memory when first needed (no NIfTI files)."""
     from .phantoms import case_id_for
 
     if n < 1:
         raise ValueError(f"need at least one phantom, got {n}")
-    return [CaseHandle(case_id_for(Layout.BRATS2023, seed, i, preset),
-                       partial(_load_phantom, seed, i, tuple(size), preset)) for i in range(n)]
+    return [CaseHandle(case_id_for(Layout.BRATS2023, seed, i, preset, bright_cortex),
+                       partial(_load_phantom, seed, i, tuple(size), preset, bright_cortex)) for i in range(n)]
 
 
 @dataclass

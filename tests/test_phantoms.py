@@ -10,11 +10,13 @@ from app.phantoms import (
     DEEP_GREY,
     DEFAULT_RANGES,
     GREY_MATTER,
+    RANGE_PRESETS,
     WHITE_MATTER,
     WIDE_RANGES,
     generate,
     grey_matter_share,
     make_phantom,
+    ranges_of_case,
 )
 
 SIZE = (96, 96, 64)
@@ -179,3 +181,50 @@ def test_phantoms_command_writes_the_wide_preset_deterministically(tmp_path):
     by_id = {case.case_id: case for case in find_cases(tmp_path / "mixed").cases}
     assert sorted(by_id) == ["BraTS-PHA-00900-000", "BraTS-PHW-00901-000"]
     assert np.array_equal(load_segmentation(by_id["BraTS-PHA-00900-000"]), runs["training"][1])
+
+
+def _flair_cortex_over_edema(p):
+    """FLAIR's mean in the cortex near the tumour over its mean in the edema (the smooth bias field scales
+    both alike there), or None where either region is too small to read."""
+    edema = _interior(p.labels == 2)
+    near_tumour = ndimage.distance_transform_edt(p.labels == 0) <= 10
+    cortex = _interior((p.tissue == GREY_MATTER) & (p.labels == 0)) & near_tumour
+    if edema.sum() < 200 or cortex.sum() < 100:
+        return None
+    return _mean(p, Modality.FLAIR, cortex) / _mean(p, Modality.FLAIR, edema)
+
+
+def test_bright_cortex_draws_the_cortex_as_bright_as_edema_on_flair_only():
+    """`bright_cortex` redraws grey matter's FLAIR mean near edema's in that share of the cases; the anatomy,
+    the tumour and the other presets stay as they were (0 is every preset's value)."""
+    from app.options import PhantomPreset
+
+    for preset in PhantomPreset:
+        for index in (0, 1):
+            assert ranges_of_case(preset, index) is RANGE_PRESETS[PhantomPreset.WIDE if preset is PhantomPreset.WIDE
+                                                                   or (preset is PhantomPreset.MIXED and index)
+                                                                   else PhantomPreset.TRAINING]
+    assert ranges_of_case(PhantomPreset.TRAINING, 0, 30).bright_cortex_probability == 0.3
+    with pytest.raises(ValueError, match="whole percentage"):
+        ranges_of_case(PhantomPreset.TRAINING, 0, 101)
+    cases = {share: [make_phantom(11, i, SIZE, ranges=ranges_of_case(PhantomPreset.TRAINING, 0, share))
+                     for i in range(6)] for share in (0, 100)}
+    for plain, bright in zip(cases[0], cases[100]):
+        assert np.array_equal(plain.labels, bright.labels) and np.array_equal(plain.tissue, bright.tissue)
+    ratios = {share: [_flair_cortex_over_edema(p) for p in drawn] for share, drawn in cases.items()}
+    readable = [i for i in range(6) if ratios[0][i] is not None and ratios[100][i] is not None]
+    assert len(readable) >= 3, ratios
+    for i in readable:  # drawn at 0.85-1.05x edema; blur and texture spread the measured ratio a little
+        assert 0.75 < ratios[100][i] < 1.15, (i, ratios)
+    assert np.mean([ratios[0][i] for i in readable]) < np.mean([ratios[100][i] for i in readable]) - 0.1, ratios
+
+
+def test_phantoms_command_bright_cortex_share_is_in_the_case_id_and_validated(tmp_path):
+    from .helpers import python_cli
+
+    made = python_cli("phantoms", "--out", str(tmp_path / "bright"), "--n", "1", "--seed", "9", "--size",
+                      "64,64,40", "--bright-cortex", "100", "--convention", "toolkit")
+    assert made.returncode == 0, made.stderr
+    assert [c.case_id for c in find_cases(tmp_path / "bright").cases] == ["PhantomC100_009_000"]
+    bad = python_cli("phantoms", "--out", str(tmp_path / "bad"), "--n", "1", "--bright-cortex", "101")
+    assert bad.returncode == 2 and "--bright-cortex" in bad.stderr and not (tmp_path / "bad").exists()

@@ -566,6 +566,30 @@ def test_too_few_cases_for_the_folds_is_a_one_line_usage_error(tmp_path):
     assert "1 case(s) cannot make 2 folds" in result.stderr and not (tmp_path / "w").exists()
 
 
+def test_bright_cortex_phantoms_train_from_their_own_cases_and_are_recorded(tmp_path):
+    """`train --phantom-bright-cortex 100`: the redrawn cases are cached under their own IDs (a cache shared
+    with a plain run of the same seed never hands one the other's case) and the manifest records the share."""
+    from app.options import PhantomPreset
+    from app.train import phantom_cases
+
+    plain, bright = (phantom_cases(1, 45, (48, 48, 32), PhantomPreset.TRAINING, b)[0] for b in (0, 100))
+    assert plain.case_id == "BraTS-PHA-04500-000" and bright.case_id == "BraTS-PHAC100-04500-000"
+    (plain_image, plain_labels), (bright_image, bright_labels) = plain.load(), bright.load()
+    assert np.array_equal(plain_labels, bright_labels) and not np.array_equal(plain_image[0], bright_image[0])
+    out, cache = tmp_path / "weights", tmp_path / "cache"
+    trained = python_cli("train", "--phantoms", "2", "--phantom-seed", "45", "--phantom-size", "48,48,32",
+                         "--phantom-bright-cortex", "100", "--out", str(out), "--width", "4", "--folds", "2",
+                         "--stage-steps", "1,1,1", "--batch", "2", "--validate-every", "3", "--quiet",
+                         "--device", "cpu", "--cache", str(cache), "--fold", "0")
+    assert trained.returncode == 0, trained.stderr
+    assert sorted(p.name.split(".")[0] for p in cache.glob("*.image.npy")) == [
+        c.case_id for c in phantom_cases(2, 45, (48, 48, 32), PhantomPreset.TRAINING, 100)]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["training"]["data"]["phantoms"]["bright_cortex_percent"] == 100
+    bad = python_cli("train", "--phantoms", "1", "--phantom-bright-cortex", "-5", "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "--phantom-bright-cortex" in bad.stderr
+
+
 def test_mixed_phantoms_alternate_the_training_and_wide_cases_of_one_series():
     """`--phantom-ranges mixed`: case i is the training-range case i for even i and the wide case i for odd
     i, same ID and same voxels, so it shares their cache entries."""
