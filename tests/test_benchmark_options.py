@@ -243,8 +243,8 @@ def test_gpu_session_dry_run_returns_every_fold_in_tarballs_under_the_size_limit
 def test_gpu_folds_dry_run_trains_each_arms_fold_and_starts_one_from_a_carried_folder(tmp_path):
     """benchmarks/gpu_folds.sh, dry-run on the CPU: two arms at once, one from a random start on fold 2, one
     from fold 1 of a weights folder; each comes back as its own tarball holding its fold, the log says which
-    fold started where, odd folds take AUGMENT_ODD's level, every fold RARE_WEIGHT's draw and COMPILE's
-    compiled steps."""
+    fold started where, odd folds take AUGMENT_ODD's level, every fold RARE_WEIGHT's draw, BRIGHT_CORTEX's
+    phantoms and COMPILE's compiled steps."""
     import json
     import os
     import subprocess
@@ -256,7 +256,7 @@ def test_gpu_folds_dry_run_trains_each_arms_fold_and_starts_one_from_a_carried_f
     out, work = tmp_path / "out", tmp_path / "work"
     env = {**os.environ, "DEVICE": "cpu", "N_TRAIN": "10", "SIZE": "64,64,48", "TRAIN_SECONDS": "2",
            "WORKERS": "1", "AVERAGE_FROM": "1", "STAGES": "1,1,100000", "OUT": str(out), "WORK": str(work),
-           "AUGMENT_ODD": "strong", "RARE_WEIGHT": "4", "COMPILE": "1",
+           "AUGMENT_ODD": "strong", "RARE_WEIGHT": "4", "COMPILE": "1", "BRIGHT_CORTEX": "30",
            "ARMS": f"a:8:16,32,32:1:2 b:4:16,32,32:1:1:{start}"}
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_folds.sh")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
@@ -271,6 +271,7 @@ def test_gpu_folds_dry_run_trains_each_arms_fold_and_starts_one_from_a_carried_f
         assert row["augment"] == augment
         assert manifest["training"]["config"]["rare_case_weight"] == 4.0
         assert manifest["training"]["config"]["compile"] is True
+        assert manifest["training"]["data"]["phantoms"]["bright_cortex_percent"] == 30
         assert ("initialised_from" in row) == (arm == "b")
     assert "training steps compiled" in done.stdout
     log = (out / "train_log.txt").read_text()

@@ -538,6 +538,19 @@ def test_train_cli_on_generated_phantoms_prepares_then_trains(tmp_path):
     assert [(f["fold"], f["augment"]) for f in manifest["folds"]] == [(0, "strong"), (1, "strong")]
 
 
+def _train_fold_0_on_two_phantoms(tmp_path, *phantom_flags: str) -> tuple[dict, list[str]]:
+    """`train --phantoms 2` (seed 45, 48x48x32) with ``phantom_flags``, one step of fold 0 through the CLI:
+    the manifest written and the IDs of the cases cached."""
+    out, cache = tmp_path / "weights", tmp_path / "cache"
+    trained = python_cli("train", "--phantoms", "2", "--phantom-seed", "45", "--phantom-size", "48,48,32",
+                         *phantom_flags, "--out", str(out), "--width", "4", "--folds", "2", "--stage-steps",
+                         "1,1,1", "--batch", "2", "--validate-every", "3", "--quiet", "--device", "cpu",
+                         "--cache", str(cache), "--fold", "0")
+    assert trained.returncode == 0, trained.stderr
+    cached = sorted(p.name.split(".")[0] for p in cache.glob("*.image.npy"))
+    return json.loads((out / "manifest.json").read_text()), cached
+
+
 def test_wide_phantoms_train_from_their_own_cases_and_are_recorded(tmp_path):
     """`train --phantoms N --phantom-ranges wide`: the wide cases are made (and cached) under their own IDs,
     not the training-range cases of the same seed, and the manifest says which ranges were used."""
@@ -547,15 +560,8 @@ def test_wide_phantoms_train_from_their_own_cases_and_are_recorded(tmp_path):
     training, wide = (phantom_cases(1, 45, (48, 48, 32), p) for p in (PhantomPreset.TRAINING, PhantomPreset.WIDE))
     assert training[0].case_id != wide[0].case_id
     assert not np.array_equal(training[0].load()[0], wide[0].load()[0])
-    out, cache = tmp_path / "weights", tmp_path / "cache"
-    trained = python_cli("train", "--phantoms", "2", "--phantom-seed", "45", "--phantom-size", "48,48,32",
-                         "--phantom-ranges", "wide", "--out", str(out), "--width", "4", "--folds", "2",
-                         "--stage-steps", "1,1,1", "--batch", "2", "--validate-every", "3", "--quiet",
-                         "--device", "cpu", "--cache", str(cache), "--fold", "0")
-    assert trained.returncode == 0, trained.stderr
-    assert sorted(p.name.split(".")[0] for p in cache.glob("*.image.npy")) == [
-        c.case_id for c in phantom_cases(2, 45, (48, 48, 32), PhantomPreset.WIDE)]
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest, cached = _train_fold_0_on_two_phantoms(tmp_path, "--phantom-ranges", "wide")
+    assert cached == [c.case_id for c in phantom_cases(2, 45, (48, 48, 32), PhantomPreset.WIDE)]
     assert manifest["training"]["data"]["phantoms"]["ranges"] == "wide"
 
 
@@ -576,15 +582,8 @@ def test_bright_cortex_phantoms_train_from_their_own_cases_and_are_recorded(tmp_
     assert plain.case_id == "BraTS-PHA-04500-000" and bright.case_id == "BraTS-PHAC100-04500-000"
     (plain_image, plain_labels), (bright_image, bright_labels) = plain.load(), bright.load()
     assert np.array_equal(plain_labels, bright_labels) and not np.array_equal(plain_image[0], bright_image[0])
-    out, cache = tmp_path / "weights", tmp_path / "cache"
-    trained = python_cli("train", "--phantoms", "2", "--phantom-seed", "45", "--phantom-size", "48,48,32",
-                         "--phantom-bright-cortex", "100", "--out", str(out), "--width", "4", "--folds", "2",
-                         "--stage-steps", "1,1,1", "--batch", "2", "--validate-every", "3", "--quiet",
-                         "--device", "cpu", "--cache", str(cache), "--fold", "0")
-    assert trained.returncode == 0, trained.stderr
-    assert sorted(p.name.split(".")[0] for p in cache.glob("*.image.npy")) == [
-        c.case_id for c in phantom_cases(2, 45, (48, 48, 32), PhantomPreset.TRAINING, 100)]
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest, cached = _train_fold_0_on_two_phantoms(tmp_path, "--phantom-bright-cortex", "100")
+    assert cached == [c.case_id for c in phantom_cases(2, 45, (48, 48, 32), PhantomPreset.TRAINING, 100)]
     assert manifest["training"]["data"]["phantoms"]["bright_cortex_percent"] == 100
     bad = python_cli("train", "--phantoms", "1", "--phantom-bright-cortex", "-5", "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "--phantom-bright-cortex" in bad.stderr
