@@ -16,6 +16,7 @@ from app.phantoms import (
     generate,
     grey_matter_share,
     make_phantom,
+    preset_of_case,
     ranges_of_case,
 )
 
@@ -201,9 +202,7 @@ def test_bright_cortex_draws_the_cortex_as_bright_as_edema_on_flair_only():
 
     for preset in PhantomPreset:
         for index in (0, 1):
-            assert ranges_of_case(preset, index) is RANGE_PRESETS[PhantomPreset.WIDE if preset is PhantomPreset.WIDE
-                                                                   or (preset is PhantomPreset.MIXED and index)
-                                                                   else PhantomPreset.TRAINING]
+            assert ranges_of_case(preset, index) is RANGE_PRESETS[preset_of_case(preset, index)]
     assert ranges_of_case(PhantomPreset.TRAINING, 0, 30).bright_cortex_probability == 0.3
     with pytest.raises(ValueError, match="whole percentage"):
         ranges_of_case(PhantomPreset.TRAINING, 0, 101)
@@ -228,3 +227,25 @@ def test_phantoms_command_bright_cortex_share_is_in_the_case_id_and_validated(tm
     assert [c.case_id for c in find_cases(tmp_path / "bright").cases] == ["PhantomC100_009_000"]
     bad = python_cli("phantoms", "--out", str(tmp_path / "bad"), "--n", "1", "--bright-cortex", "101")
     assert bad.returncode == 2 and "--bright-cortex" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def test_bright_cortex_share_is_the_share_of_cases_redrawn():
+    """At 30% about 30% of the cases get grey matter's FLAIR mean at 0.85-1.05x edema's and deep grey matter
+    between white and grey matter; every other mean, and every other modality, is drawn as without it."""
+    from app.options import PhantomPreset
+    from app.phantoms import _DGM, _ED, _GM, _tissue_means
+
+    ranges = ranges_of_case(PhantomPreset.TRAINING, 0, 30)
+    redrawn = 0
+    for k in range(400):
+        plain = _tissue_means(np.random.default_rng(k), Modality.FLAIR, DEFAULT_RANGES)
+        bright = _tissue_means(np.random.default_rng(k), Modality.FLAIR, ranges)
+        others = [t for t in range(len(plain)) if t not in (_GM, _DGM)]
+        assert np.array_equal(plain[others], bright[others])
+        if bright[_GM] != plain[_GM]:
+            redrawn += 1
+            assert 0.85 <= bright[_GM] / bright[_ED] <= 1.05 and 1.0 < bright[_DGM] < bright[_GM]
+    assert 0.22 < redrawn / 400 < 0.38
+    for k in range(50):
+        assert np.array_equal(_tissue_means(np.random.default_rng(k), Modality.T2, DEFAULT_RANGES),
+                              _tissue_means(np.random.default_rng(k), Modality.T2, ranges))
