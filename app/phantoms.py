@@ -321,12 +321,19 @@ def _tissue_means(rng: np.random.Generator, modality: Modality, ranges: PhantomR
         means[t] = _u(rng, bounds)
     if modality in _EDEMA_OVER_GREY_MATTER:  # a floor, not a redraw: every other draw of a seed stays the same
         means[_ED] = max(means[_ED], means[_GM] * _EDEMA_OVER_GREY_MATTER[modality])
-    means[_DGM] = 1.0 + (means[_GM] - 1.0) * rng.uniform(0.3, 0.8)
-    if modality is Modality.FLAIR and ranges.bright_cortex_probability > 0:
-        if rng.random() < ranges.bright_cortex_probability:
-            means[_GM] = means[_ED] * _u(rng, ranges.bright_cortex_ratio)
-            means[_DGM] = 1.0 + (means[_GM] - 1.0) * rng.uniform(0.3, 0.8)
+    means[_DGM] = _deep_grey_mean(rng, means[_GM])
+    # `and` short-circuits: the deciding draw is made only when the option is on, so series drawn without it
+    # keep every later draw
+    if (modality is Modality.FLAIR and ranges.bright_cortex_probability > 0
+            and rng.random() < ranges.bright_cortex_probability):
+        means[_GM] = means[_ED] * _u(rng, ranges.bright_cortex_ratio)
+        means[_DGM] = _deep_grey_mean(rng, means[_GM])
     return means
+
+
+def _deep_grey_mean(rng: np.random.Generator, grey_matter: float) -> float:
+    """Deep grey matter's mean, drawn between white matter's (1) and the cortex's."""
+    return 1.0 + (grey_matter - 1.0) * rng.uniform(0.3, 0.8)
 
 
 def _thick_slices(rng: np.random.Generator, image: np.ndarray, ranges: PhantomRanges) -> np.ndarray:
