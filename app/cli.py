@@ -25,6 +25,7 @@ from .options import (
     BiasCorrection,
     Device,
     EdemaRelabel,
+    EdemaSplit,
     Fusion,
     Mirroring,
     PhantomPreset,
@@ -42,7 +43,7 @@ EXIT_OK, EXIT_CASE_FAILED, EXIT_USAGE = 0, 1, 2
 # parameters.yaml keys that are predict flags with a fixed set of values (mlcube/workspace/parameters.yaml),
 # and every key the file may hold; the --parameters_file help and the check both read these.
 MLCUBE_CHOICE_KEYS = ("device", "tiling", "precision", "tta", "fusion", "bias_correction", "edema_relabel",
-                      "labels")
+                      "edema_split", "labels")
 MLCUBE_KEYS = ("folds", "scales", *MLCUBE_CHOICE_KEYS, "postprocess")
 
 
@@ -167,6 +168,10 @@ def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None
                         "--min-et-voxels or fails step 3's enhancement check; paper = in every case with little ET "
                         "(the authors'); off")
     p.add_argument("--no-edema-relabel", action="store_true", help="skip post-processing step 2 (--edema-relabel off)")
+    p.add_argument("--edema-split", default=EdemaSplit.K_MEANS.value, choices=choices(EdemaSplit),
+                   help="which of a component's edema step 2 relabels NCR/NET: k-means (default) = the darker of "
+                        "two K-means clusters of its T1c (the authors'); dark-tail = only the edema more than "
+                        "2 robust standard deviations below its median T1c (ours)")
     p.add_argument("--min-et-voxels", type=non_negative_int, default=MIN_ENHANCING_VOXELS,
                    help="post-processing step 3 (ours, not the paper's): a case whose largest ET component has "
                         f"fewer voxels than this has all its ET relabelled NCR/NET (default {MIN_ENHANCING_VOXELS}); "
@@ -418,6 +423,7 @@ def postprocess_config(args: argparse.Namespace) -> PostprocessConfig:
     return PostprocessConfig(
         remove_small_components=not (off or args.no_small_component_removal),
         edema_relabel=EdemaRelabel.OFF if off or args.no_edema_relabel else EdemaRelabel(args.edema_relabel),
+        edema_split=EdemaSplit(args.edema_split),
         min_enhancing_voxels=0 if off else args.min_et_voxels,
         enhancement_check_voxels=0 if off else args.et_check_voxels,
         min_enhancement=args.min_et_enhancement,

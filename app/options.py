@@ -64,6 +64,20 @@ class EdemaRelabel(str, Enum):
     OFF = "off"
 
 
+class EdemaSplit(str, Enum):
+    """Which of a component's edema post-processing step 2 relabels NCR/NET. K_MEANS: the darker of two
+    K-means clusters of its T1c intensities (the authors' split: about half of it, whatever its spread).
+    DARK_TAIL: only the edema darker than the median by more than DARK_TAIL_SPREADS robust standard deviations
+    (1.4826 x the median absolute deviation), i.e. a dark part that stands out of the edema's own spread."""
+
+    K_MEANS = "k-means"
+    DARK_TAIL = "dark-tail"
+
+
+# The dark-tail split's width, in robust standard deviations below the median (fixed before it was measured).
+DARK_TAIL_SPREADS = 2.0
+
+
 class Device(str, Enum):
     """Where the networks run."""
 

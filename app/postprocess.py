@@ -10,6 +10,8 @@ steps and three of ours.
    core too, and the darker edema it leaves is mostly true edema (tuning phantoms: TC +0.044 over the
    paper's rule, docs/EXPERIMENTS.md). Then the ET that step 3 will take is false, and step 2's ET tests
    count it as absent: otherwise a component whose false specks add up to 1,000 voxels keeps its edema.
+   ``edema_split`` DARK_TAIL (ours) relabels only the edema well below the median T1c instead of the darker
+   cluster (app.options.EdemaSplit).
 3. (Ours, not the paper's.) When the case's largest ET component has fewer than ``min_enhancing_voxels``
    voxels, all its ET becomes NCR/NET: a tumour without enhancement is common (low grade), and a few false
    ET voxels there cost the whole ET score, since BraTS scores an empty ET against an empty truth as 1 and
@@ -41,7 +43,15 @@ from scipy import ndimage
 from sklearn.cluster import KMeans
 
 from .conventions import EDEMA, ENHANCING, NECROSIS, core_mask
-from .options import ENHANCEMENT_CHECK_VOXELS, MIN_ENHANCEMENT, MIN_ENHANCING_VOXELS, EdemaRelabel, parse_option
+from .options import (
+    DARK_TAIL_SPREADS,
+    ENHANCEMENT_CHECK_VOXELS,
+    MIN_ENHANCEMENT,
+    MIN_ENHANCING_VOXELS,
+    EdemaRelabel,
+    EdemaSplit,
+    parse_option,
+)
 from .preprocess import bounding_box, enclosed_in_a_slice, zscore_parameters
 
 # 26-connectivity: components touching at a corner are one tumour.
@@ -60,7 +70,8 @@ ENHANCEMENT_SHELL = 2
 @dataclass(frozen=True)
 class PostprocessConfig:
     remove_small_components: bool = True
-    edema_relabel: EdemaRelabel = EdemaRelabel.NON_ENHANCING  # step 2
+    edema_relabel: EdemaRelabel = EdemaRelabel.NON_ENHANCING  # step 2: when it runs
+    edema_split: EdemaSplit = EdemaSplit.K_MEANS  # step 2: which edema it relabels
     min_enhancing_voxels: int = MIN_ENHANCING_VOXELS  # step 3; 0 switches it off
     enhancement_check_voxels: int = ENHANCEMENT_CHECK_VOXELS  # step 3's enhancement check; 0 switches it off
     min_enhancement: float = MIN_ENHANCEMENT
@@ -69,6 +80,7 @@ class PostprocessConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "edema_relabel", parse_option(EdemaRelabel, self.edema_relabel, "edema_relabel"))
+        object.__setattr__(self, "edema_split", parse_option(EdemaSplit, self.edema_split, "edema_split"))
         if self.min_enhancing_voxels < 0:
             raise ValueError(f"min_enhancing_voxels must be >= 0, got {self.min_enhancing_voxels}")
         if self.enhancement_check_voxels < 0:
@@ -108,10 +120,12 @@ def _components(mask: np.ndarray) -> tuple[tuple[slice, ...], np.ndarray, np.nda
     return box, components, np.bincount(components.ravel())[1:]
 
 
-def relabel_dark_edema(labels: np.ndarray, t1c: np.ndarray, seed: int = 0,
-                       count_enhancing: bool = True) -> np.ndarray:
-    """Step 2: in cases with little ET, edema of ET-poor components that clusters dark on T1c -> NCR/NET.
-    With ``count_enhancing`` False the ET is taken as absent in those tests (ET that step 3 will take)."""
+def relabel_dark_edema(labels: np.ndarray, t1c: np.ndarray, seed: int = 0, count_enhancing: bool = True,
+                       split: EdemaSplit | str = EdemaSplit.K_MEANS) -> np.ndarray:
+    """Step 2: in cases with little ET, the dark part (``split``) of ET-poor components' edema on T1c ->
+    NCR/NET. With ``count_enhancing`` False the ET is taken as absent in those tests (ET that step 3 will
+    take)."""
+    split = parse_option(EdemaSplit, split, "split")
     tumour = labels > 0
     counted = (labels == ENHANCING) if count_enhancing else np.zeros_like(tumour)
     vol_t, vol_e = int(tumour.sum()), int(counted.sum())
@@ -124,14 +138,26 @@ def relabel_dark_edema(labels: np.ndarray, t1c: np.ndarray, seed: int = 0,
     all_edema = inside == EDEMA
     for n in np.flatnonzero((enhancing / sizes < COMPONENT_ET_RATIO) & (enhancing < COMPONENT_ET_MAX)) + 1:
         edema = (components == n) & all_edema
-        values = dark[edema].astype(np.float64).reshape(-1, 1)
+        values = dark[edema].astype(np.float64)
         if len(values) < 2 or np.ptp(values) == 0:
             continue
-        clusters = KMeans(n_clusters=2, n_init=10, random_state=seed).fit(values)
-        darker = int(np.argmin(clusters.cluster_centers_.ravel()))
         where = np.nonzero(edema)
-        relabelled[tuple(axis[clusters.labels_ == darker] for axis in where)] = NECROSIS
+        taken = _darker_cluster(values, seed) if split is EdemaSplit.K_MEANS else _dark_tail(values)
+        relabelled[tuple(axis[taken] for axis in where)] = NECROSIS
     return out
+
+
+def _darker_cluster(values: np.ndarray, seed: int) -> np.ndarray:
+    """Which of ``values`` fall in the darker of their two K-means clusters (the paper's split)."""
+    clusters = KMeans(n_clusters=2, n_init=10, random_state=seed).fit(values.reshape(-1, 1))
+    return clusters.labels_ == int(np.argmin(clusters.cluster_centers_.ravel()))
+
+
+def _dark_tail(values: np.ndarray) -> np.ndarray:
+    """Which of ``values`` lie more than DARK_TAIL_SPREADS robust standard deviations below their median."""
+    median = np.median(values)
+    spread = 1.4826 * np.median(np.abs(values - median))  # the MAD scaled to a normal's standard deviation
+    return values < median - DARK_TAIL_SPREADS * spread
 
 
 def postprocess(labels: np.ndarray, t1c: np.ndarray, config: PostprocessConfig = PostprocessConfig(),
@@ -161,7 +187,8 @@ def postprocess(labels: np.ndarray, t1c: np.ndarray, config: PostprocessConfig =
     enhances = not config.checks_enhancement or tumour_enhances(out, t1c, t1, config.enhancement_check_voxels,
                                                                  config.min_enhancement)
     if _relabels_edema(config, out, enhances):
-        out = relabel_dark_edema(out, t1c, count_enhancing=not _step3_takes_all_enhancement(config))
+        out = relabel_dark_edema(out, t1c, count_enhancing=not _step3_takes_all_enhancement(config),
+                                 split=config.edema_split)
     if config.min_enhancing_voxels > 0:
         out = drop_scant_enhancement(out, config.min_enhancing_voxels)
     if not enhances:

@@ -10,7 +10,7 @@ import SimpleITK as sitk
 from app.cli import _mlcube_to_predict, build_parser, postprocess_config
 from app.conventions import Layout, Modality, from_file_labels
 from app.io import find_cases
-from app.options import EdemaRelabel
+from app.options import EdemaRelabel, EdemaSplit
 from app.postprocess import PostprocessConfig, drop_doubtful_components, fill_enclosed_core
 from app.weights import read_manifest, write_manifest
 
@@ -87,6 +87,7 @@ def test_core_filling_then_doubtful_components_end_the_post_processing(tmp_path,
     ([], PostprocessConfig()),
     (["--edema-relabel", "paper"], PostprocessConfig(edema_relabel=EdemaRelabel.PAPER)),
     (["--no-edema-relabel"], PostprocessConfig(edema_relabel=EdemaRelabel.OFF)),
+    (["--edema-split", "dark-tail"], PostprocessConfig(edema_split=EdemaSplit.DARK_TAIL)),
     (["--edema-relabel", "paper", "--no-edema-relabel"], PostprocessConfig(edema_relabel=EdemaRelabel.OFF)),
     (["--no-small-component-removal", "--min-et-voxels", "50", "--no-core-filling"],
      PostprocessConfig(remove_small_components=False, min_enhancing_voxels=50, fill_enclosed_core=False)),
@@ -114,7 +115,7 @@ def test_mlcube_form_and_parameters_file(tmp_path, weights):
     small_cases(tmp_path / "data", 1)
     params = tmp_path / "parameters.yaml"
     params.write_text("folds: [1]\nscales: [1, 1.25]\ntiling: fast\nprecision: fp32\nedema_relabel: paper\n"
-                      "labels: '2018'\n")
+                      "edema_split: dark-tail\nlabels: '2018'\n")
     result = run_cli("infer", f"--data_path={tmp_path / 'data'}", f"--output_path={tmp_path / 'preds'}",
                      f"--parameters_file={params}", "--weights", str(weights))
     assert result.returncode == 0, result.stderr

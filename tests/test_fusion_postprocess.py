@@ -19,7 +19,7 @@ from app.fusion import (
 )
 from app.inference import CasePrediction, EnsemblePredictor, scaled_input, scaled_region, scaled_shape
 from app.metrics import region_dice
-from app.options import MIN_ENHANCING_VOXELS, EdemaRelabel, Fusion
+from app.options import MIN_ENHANCING_VOXELS, EdemaRelabel, EdemaSplit, Fusion
 from app.pipeline import complete_segmentation
 from app.postprocess import (
     PostprocessConfig,
@@ -114,6 +114,42 @@ def test_dark_edema_untouched_when_case_has_enough_et():
     labels[5:25, 5:35, 30:35] = 3  # 3,000 of 18,000 voxels: ratio 0.17 >= 0.1
     out = relabel_dark_edema(labels, t1c)
     np.testing.assert_array_equal(out, labels)
+
+
+def _spread_edema_case(dark_block: bool):
+    """_edema_case's tumour whose edema T1c is spread evenly over 400-600 (no dark part), with or without
+    a block of 1,800 voxels at 100 (a dark part that stands out)."""
+    labels, t1c = _edema_case(et_voxels=3)
+    t1c[labels == 2] = np.random.default_rng(0).uniform(400.0, 600.0, int((labels == 2).sum()))
+    if dark_block:
+        t1c[5:25, 5:8, 5:35] = 100.0
+    return labels, t1c
+
+
+def test_dark_tail_split_takes_only_edema_that_stands_out():
+    labels, t1c = _spread_edema_case(dark_block=False)
+    edema = int((labels == 2).sum())
+    halved = relabel_dark_edema(labels, t1c, split=EdemaSplit.K_MEANS)
+    assert 0.4 < (halved == 1).sum() / edema < 0.6  # K-means splits even a spread without a dark part
+    np.testing.assert_array_equal(relabel_dark_edema(labels, t1c, split="dark-tail"), labels)
+    labels, t1c = _spread_edema_case(dark_block=True)
+    out = relabel_dark_edema(labels, t1c, split="dark-tail")
+    np.testing.assert_array_equal(out == 1, (labels == 1) | ((labels == 2) & (t1c == 100.0)))
+    assert ((out > 0) == (labels > 0)).all() and ((out == 3) == (labels == 3)).all()
+    with pytest.raises(ValueError, match="split must be one of"):
+        relabel_dark_edema(labels, t1c, split="median")
+
+
+def test_postprocess_config_picks_step2s_split():
+    labels, t1c = _spread_edema_case(dark_block=True)
+    steps_1_to_3 = dict(remove_small_components=False, min_enhancing_voxels=0, fill_enclosed_core=False,
+                        drop_doubtful_components=False)
+    for split in EdemaSplit:
+        out = postprocess(labels, t1c, PostprocessConfig(edema_split=split.value, **steps_1_to_3))
+        np.testing.assert_array_equal(out, relabel_dark_edema(labels, t1c, split=split))
+    assert PostprocessConfig().edema_split is EdemaSplit.K_MEANS
+    with pytest.raises(ValueError, match="edema_split must be one of"):
+        PostprocessConfig(edema_split="median")
 
 
 @pytest.mark.parametrize("mode, relabelled", [("non-enhancing", False), ("paper", True), ("off", False)])
