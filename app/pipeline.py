@@ -163,7 +163,8 @@ def _save_probabilities(folder: Path, loaded: LoadedCase, box, probabilities: Ta
 class Segmentation:
     """What the product computes for one case: internal labels (0/1/2/3) after post-processing, the
     fold-averaged probabilities over ``box`` (None for an empty brain), the confidence read from them, the
-    share of the core post-processing drew, the seconds per stage and any warning (e.g. the CPU fallback)."""
+    share of the core post-processing drew and of the edema far from the core, the seconds per stage and any
+    warning (e.g. the CPU fallback, then the confidence warnings)."""
 
     labels: np.ndarray
     box: tuple[slice, ...] | None
@@ -171,17 +172,20 @@ class Segmentation:
     expected_dice: dict[str, float] = field(default_factory=dict)
     confidence: float | None = None
     drawn_core_share: float = 0.0
+    far_edema_share: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
 
 def segment_image(predictor: EnsemblePredictor, image: np.ndarray, post: PostprocessConfig,
                   progress: Callable[[int, int], None] | None = None,
-                  bias_correction: BiasCorrection = BiasCorrection.N4) -> Segmentation:
+                  bias_correction: BiasCorrection = BiasCorrection.N4,
+                  spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> Segmentation:
     """Bias-correct, predict, fuse, post-process and score the confidence of a raw (4, D, H, W) case
-    (channels in `MODALITY_ORDER`): the one path that `CaseRunner`, the benchmarks and the tests share."""
+    (channels in `MODALITY_ORDER`, voxels ``spacing`` mm along its axes): the one path that `CaseRunner`,
+    the benchmarks and the tests share."""
     corrected, prediction = predict_corrected(predictor, image, bias_correction, progress=progress)
-    return complete_segmentation(prediction, corrected, post)
+    return complete_segmentation(prediction, corrected, post, spacing)
 
 
 def predict_corrected(predictor: EnsemblePredictor, image: np.ndarray, bias_correction: BiasCorrection,
@@ -210,21 +214,25 @@ def prepare_image(predictor: EnsemblePredictor, image: np.ndarray, bias_correcti
     return BiasCorrected(image, [])
 
 
-def complete_segmentation(prediction: CasePrediction, image: np.ndarray, post: PostprocessConfig) -> Segmentation:
+def complete_segmentation(prediction: CasePrediction, image: np.ndarray, post: PostprocessConfig,
+                          spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> Segmentation:
     """The CPU half of `segment_image`: post-processing and the confidence of a fused prediction. ``image``
     is the (4, D, H, W) case the prediction was made on (channels in `MODALITY_ORDER`); post-processing
-    reads its T1c and T1."""
+    reads its T1c and T1. ``spacing`` (mm along the array's axes) measures the edema's distance from the
+    core."""
     clock = time.perf_counter()
     probability = prediction.tumour_probability() if post.drop_doubtful_components else None
     internal = postprocess(prediction.labels, image[T1C_CHANNEL], post, probability, t1=image[T1_CHANNEL])
     timings = {**prediction.timings, "postprocess": time.perf_counter() - clock}
     result = Segmentation(internal, prediction.box, prediction.probabilities, timings=timings,
                           warnings=list(prediction.warnings),
-                          drawn_core_share=drawn_core_share(prediction.labels, internal))
+                          drawn_core_share=drawn_core_share(prediction.labels, internal),
+                          far_edema_share=far_edema_share(internal, spacing))
     if prediction.probabilities is not None:
         expected = expected_dice(prediction.probabilities, internal[prediction.box], prediction.region)
         result.expected_dice = {k: round(v, 4) for k, v in expected.items()}
         result.confidence = round(case_confidence(result.expected_dice), 4)
+    result.warnings += confidence_warnings(result.confidence, result.drawn_core_share, result.far_edema_share)
     return result
 
 
@@ -248,7 +256,8 @@ class CaseRunner:
 
     def finish(self, loaded: LoadedCase, prediction: CasePrediction) -> CaseResult:
         case = loaded.files
-        seg = complete_segmentation(prediction, loaded.image, self.options.postprocess)
+        seg = complete_segmentation(prediction, loaded.image, self.options.postprocess,
+                                    loaded.reference.GetSpacing()[::-1])
         convention = resolve_convention(self.options.labels, case.layout)
         file_labels = to_file_labels(seg.labels, convention)
         destination = output_path(self.options.output_dir, case.case_id)
@@ -259,13 +268,10 @@ class CaseRunner:
             from .qc import save_case_picture
 
             save_case_picture(loaded, file_labels, convention, self.options.qc_dir)
-        far_share = far_edema_share(seg.labels, loaded.reference.GetSpacing()[::-1])
-        result = CaseResult(case.case_id, CaseStatus.OK, output=str(destination), voxels=_voxel_counts(file_labels),
-                            warnings=[*loaded.warnings, *seg.warnings], confidence=seg.confidence,
-                            expected_dice=seg.expected_dice, drawn_core_share=round(seg.drawn_core_share, 4),
-                            far_edema_share=round(far_share, 4))
-        result.warnings.extend(confidence_warnings(seg.confidence, seg.drawn_core_share, far_share))
-        return result
+        return CaseResult(case.case_id, CaseStatus.OK, output=str(destination), voxels=_voxel_counts(file_labels),
+                          warnings=[*loaded.warnings, *seg.warnings], confidence=seg.confidence,
+                          expected_dice=seg.expected_dice, drawn_core_share=round(seg.drawn_core_share, 4),
+                          far_edema_share=round(seg.far_edema_share, 4))
 
 
 def run_predict(predictor: EnsemblePredictor, options: PredictOptions, stream: TextIO = sys.stderr) -> list[CaseResult]:

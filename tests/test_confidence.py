@@ -22,7 +22,7 @@ from app.fusion import TaskProbabilities
 from app.inference import CasePrediction
 from app.io import find_cases, load_case
 from app.options import BiasCorrection
-from app.pipeline import CaseRunner, PredictOptions
+from app.pipeline import CaseRunner, PredictOptions, segment_image
 from app.postprocess import PostprocessConfig
 
 from .helpers import random_weights, run_cli, small_cases
@@ -205,3 +205,17 @@ def test_predict_prints_and_reports_a_confidence_per_case(tmp_path):
     [row] = json.loads(report.read_text())["cases"]
     assert 0.0 <= row["confidence"] <= 1.0 and set(row["expected_dice"]) == {"WT", "TC", "ET"}
     assert 0.0 <= row["drawn_core_share"] <= 1.0 and 0.0 <= row["far_edema_share"] <= 1.0
+
+
+def test_segment_image_measures_far_edema_in_the_spacing_given(tmp_path):
+    """The benchmarks' path (`segment_image`) reports the far-edema share and its warning as the CLI does."""
+    small_cases(tmp_path / "in", 1)
+    image = load_case(find_cases(tmp_path / "in").cases[0]).image
+    far = segment_image(_FarEdemaPredictor(0.99), image, PostprocessConfig.off(), bias_correction=BiasCorrection.NONE)
+    assert far.far_edema_share == far_edema_share(far.labels) > FAR_EDEMA_SHARE
+    assert far.warnings[-2:] == [LOW_CONFIDENCE_WARNING,
+                                 FAR_EDEMA_WARNING.format(mm=FAR_EDEMA_MM, share=far.far_edema_share)]
+    # Rows 0.3 mm apart: the band's far end is 16 mm from the core.
+    near = segment_image(_FarEdemaPredictor(0.99), image, PostprocessConfig.off(), bias_correction=BiasCorrection.NONE,
+                         spacing=(1.0, 0.3, 1.0))
+    assert near.far_edema_share == 0.0 and near.warnings == []
