@@ -243,6 +243,10 @@ BRIGHT_CORTEX_HELP = ("whole percentage (0-100, default 0: the presets as they a
                       "drawn as bright as edema on FLAIR (0.85-1.05x edema; deep grey matter between it and white "
                       "matter), which other generators and scanners produce and ours otherwise almost never; case "
                       "IDs carry it (C<percent>)")
+BRIGHT_CORE_HELP = ("whole percentage (0-100, default 0: the presets as they are, 15%% of cases without ET) of cases "
+                    "drawn without ET, each with a tumour core as bright as or brighter than its edema on FLAIR "
+                    "(0.95-1.4x) and brighter on T2 (1.0-1.4x), a non-enhancing tumour's solid part, which other "
+                    "generators and scanners produce and ours otherwise seldom; case IDs carry it (K<percent>)")
 
 
 def _add_phantoms_flags(ph: argparse.ArgumentParser) -> None:
@@ -260,6 +264,7 @@ def _add_phantoms_flags(ph: argparse.ArgumentParser) -> None:
                          "the two alternating (even case indices training, odd wide)")
     ph.add_argument("--bright-cortex", type=percentage, default=0, metavar="PERCENT",
                     help=BRIGHT_CORTEX_HELP)
+    ph.add_argument("--bright-core", type=percentage, default=0, metavar="PERCENT", help=BRIGHT_CORE_HELP)
 
 
 def _add_train_flags(tr: argparse.ArgumentParser) -> None:
@@ -275,6 +280,8 @@ def _add_train_flags(tr: argparse.ArgumentParser) -> None:
                     help="X,Y,Z voxels of --phantoms")
     tr.add_argument("--phantom-bright-cortex", type=percentage, default=0, metavar="PERCENT",
                     help=f"the phantoms command's --bright-cortex for --phantoms: {BRIGHT_CORTEX_HELP}")
+    tr.add_argument("--phantom-bright-core", type=percentage, default=0, metavar="PERCENT",
+                    help=f"the phantoms command's --bright-core for --phantoms: {BRIGHT_CORE_HELP}")
     tr.add_argument("--out", type=Path, required=True, help="weights folder to (re)write; resumes if it has runs/")
     tr.add_argument("--variant", default=Variant.OMNET_CGA.value, choices=TRAINABLE_VARIANTS,
                     help="network (cascade = the three-model MC3 baseline)")
@@ -479,7 +486,7 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
     from .phantoms import generate
 
     folders = generate(args.out, args.n, args.seed, Layout(args.convention), args.size, args.start,  # type: ignore[arg-type]
-                       PhantomPreset(args.ranges), args.bright_cortex)
+                       PhantomPreset(args.ranges), args.bright_cortex, args.bright_core)
     print(f"wrote {len(folders)} phantom case(s) to {args.out}", file=sys.stderr)
     return EXIT_OK
 
@@ -515,9 +522,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.phantoms is not None:
         preset = PhantomPreset(args.phantom_ranges)
         cases = phantom_cases(args.phantoms, args.phantom_seed, args.phantom_size, preset,
-                              args.phantom_bright_cortex)
+                              args.phantom_bright_cortex, args.phantom_bright_core)
         data = {"phantoms": {"n": args.phantoms, "seed": args.phantom_seed, "size": list(args.phantom_size),
                              "ranges": preset.value, "bright_cortex_percent": args.phantom_bright_cortex,
+                             "bright_core_percent": args.phantom_bright_core,
                              "generator_version": GENERATOR_VERSION},
                 "note": args.data_note}
     else:

@@ -14,7 +14,9 @@ contrasts MRI fixes are kept (edema brighter than white matter on FLAIR and T2 a
 on T2, ET brighter on T1c, NCR darker on T1c, CSF bright on T2 and dark on FLAIR), so grey matter can be as
 bright as edema on FLAIR and a model must read the four modalities together and the shape; a share of cases
 with a cortex as bright as edema on FLAIR, which these ranges almost never draw, is an option
-(`bright_cortex`, `--bright-cortex`).
+(`bright_cortex`, `--bright-cortex`), as is a share of tumours without ET whose core is as bright as or
+brighter than their edema on FLAIR and T2, a non-enhancing tumour's solid part (`bright_core`,
+`--bright-core`).
 `PhantomRanges` holds every range, so held-out series can be drawn outside the training ranges:
 `WIDE_RANGES` stretches them all at once (`python -m app phantoms --ranges wide`), benchmarks/ood_sweep.py
 one factor at a time.
@@ -100,6 +102,15 @@ class PhantomRanges:
     # before it regenerates as it was (the draw deciding it is only made when the probability is above 0).
     bright_cortex_probability: float = 0.0
     bright_cortex_ratio: Range = (0.85, 1.05)
+    # The share of cases whose tumours have no ET (the rest: 10% without NCR, the others both).
+    non_enhancing_share: float = 0.15
+    # A tumour without ET whose core is as bright as or brighter than its edema on FLAIR and brighter on T2 (a
+    # low-grade tumour's solid part; the contrast ranges seldom draw both, a second generator's phantoms do:
+    # round 45): when on, in each such case the core's FLAIR and T2 means are redrawn as edema's times these.
+    # Off in every preset, and its draws are made only when on, so every series drawn before regenerates.
+    bright_non_enhancing_core: bool = False
+    bright_core_ratio: dict[Modality, Range] = field(
+        default_factory=lambda: {Modality.FLAIR: (0.95, 1.4), Modality.T2: (1.0, 1.4)})
 
     def widened(self, **changes) -> PhantomRanges:
         return replace(self, **changes)
@@ -140,19 +151,27 @@ def preset_of_case(preset: PhantomPreset, index: int) -> PhantomPreset:
     return preset
 
 
-def check_bright_cortex(percent: int) -> int:
-    """``percent`` of cases drawn with a bright cortex, validated (a whole percentage, as case IDs carry it)."""
+def check_share(percent: int, what: str = "bright-cortex") -> int:
+    """``percent`` of cases drawn with an option, validated (a whole percentage, as case IDs carry it)."""
     if isinstance(percent, bool) or not isinstance(percent, int) or not 0 <= percent <= 100:
-        raise ValueError(f"bright-cortex share must be a whole percentage 0-100, got {percent!r}")
+        raise ValueError(f"{what} share must be a whole percentage 0-100, got {percent!r}")
     return percent
 
 
-def ranges_of_case(preset: PhantomPreset, index: int, bright_cortex: int = 0) -> PhantomRanges:
+def check_bright_cortex(percent: int) -> int:
+    """``percent`` of cases drawn with a bright cortex, validated."""
+    return check_share(percent, "bright-cortex")
+
+
+def ranges_of_case(preset: PhantomPreset, index: int, bright_cortex: int = 0, bright_core: int = 0) -> PhantomRanges:
     """The ranges case ``index`` of a ``preset`` series is drawn from (one place resolves MIXED), with a
-    bright cortex on FLAIR in ``bright_cortex`` percent of the cases."""
+    bright cortex on FLAIR in ``bright_cortex`` percent of the cases and, when ``bright_core`` is above 0, that
+    percentage of cases without ET, each with a core as bright as or brighter than its edema."""
     ranges = RANGE_PRESETS[preset_of_case(preset, index)]
     if check_bright_cortex(bright_cortex):
         ranges = ranges.widened(bright_cortex_probability=bright_cortex / 100)
+    if check_share(bright_core, "bright-core"):
+        ranges = ranges.widened(non_enhancing_share=bright_core / 100, bright_non_enhancing_core=True)
     return ranges
 
 
@@ -302,7 +321,8 @@ def _lesion(rng: np.random.Generator, tissue: np.ndarray, scale: float, size: fl
 def _tumour_labels(rng: np.random.Generator, tissue: np.ndarray, scale: float, ranges: PhantomRanges) -> np.ndarray:
     labels = np.zeros(tissue.shape, np.uint8)
     kind = rng.random()
-    with_et, with_ncr = kind >= 0.15, kind < 0.9  # 15% without ET, 10% solidly enhancing (no NCR)
+    # By default 15% without ET, 10% solidly enhancing (no NCR).
+    with_et, with_ncr = kind >= ranges.non_enhancing_share, kind < 0.9
     lesions = 1 + int(rng.random() < 0.2) + int(rng.random() < 0.08)
     for k in range(lesions):
         low, high = ranges.tumour_core_radius
@@ -314,7 +334,8 @@ def _tumour_labels(rng: np.random.Generator, tissue: np.ndarray, scale: float, r
     return labels
 
 
-def _tissue_means(rng: np.random.Generator, modality: Modality, ranges: PhantomRanges) -> np.ndarray:
+def _tissue_means(rng: np.random.Generator, modality: Modality, ranges: PhantomRanges,
+                  bright_core: bool = False) -> np.ndarray:
     means = np.zeros(8, np.float32)
     means[_WM] = 1.0
     for t, bounds in ranges.contrast[modality].items():
@@ -328,6 +349,8 @@ def _tissue_means(rng: np.random.Generator, modality: Modality, ranges: PhantomR
             and rng.random() < ranges.bright_cortex_probability):
         means[_GM] = means[_ED] * _u(rng, ranges.bright_cortex_ratio)
         means[_DGM] = _deep_grey_mean(rng, means[_GM])
+    if bright_core and modality in ranges.bright_core_ratio:
+        means[_NCR] = means[_ED] * _u(rng, ranges.bright_core_ratio[modality])
     return means
 
 
@@ -361,7 +384,9 @@ def _contrast(rng: np.random.Generator, tissue: np.ndarray, labels: np.ndarray, 
     shape = tissue.shape
     region = tissue.copy()
     region[labels == NECROSIS], region[labels == EDEMA], region[labels == ENHANCING] = _NCR, _ED, _ET
-    means = _tissue_means(rng, modality, ranges)
+    bright_core = (ranges.bright_non_enhancing_core and not (labels == ENHANCING).any()
+                   and bool((labels == NECROSIS).any()))
+    means = _tissue_means(rng, modality, ranges, bright_core)
     image = means[region]
     texture = 1 + _u(rng, ranges.texture) * _smooth_field(rng, shape, rng.uniform(20, 50))
     image = image * texture * (region != _BG)
@@ -415,12 +440,13 @@ _ID_TAGS = {PhantomPreset.TRAINING: "A", PhantomPreset.WIDE: "W"}
 
 
 def case_id_for(layout: Layout, seed: int, index: int, preset: PhantomPreset = PhantomPreset.TRAINING,
-                bright_cortex: int = 0) -> str:
-    """The case ID of phantom ``index`` of series ``seed``; a bright-cortex share other than 0 adds
-    ``C<percent>`` to the tag, since the option redraws the case."""
+                bright_cortex: int = 0, bright_core: int = 0) -> str:
+    """The case ID of phantom ``index`` of series ``seed``; a bright-cortex or bright-core share other than 0
+    adds ``C<percent>`` or ``K<percent>`` to the tag, since the option redraws the case."""
     preset = preset_of_case(preset, index)
     tag = _ID_TAGS[preset]
-    cortex = f"C{bright_cortex}" if check_bright_cortex(bright_cortex) else ""
+    cortex = (f"C{bright_cortex}" if check_bright_cortex(bright_cortex) else "") + (
+        f"K{bright_core}" if check_share(bright_core, "bright-core") else "")
     if layout is Layout.BRATS2023:
         return f"BraTS-PH{tag}{cortex}-{seed:03d}{index:02d}-000"
     return f"Phantom{'' if preset is PhantomPreset.TRAINING else tag}{cortex}_{seed:03d}_{index:03d}"
@@ -448,14 +474,17 @@ def write_phantom(phantom: Phantom, out_dir: Path, layout: Layout) -> Path:
 
 def generate(out_dir: Path, n: int, seed: int, layout: Layout = Layout.BRATS2023,
              size: tuple[int, int, int] = DEFAULT_SIZE, start: int = 0,
-             preset: PhantomPreset = PhantomPreset.TRAINING, bright_cortex: int = 0) -> list[Path]:
+             preset: PhantomPreset = PhantomPreset.TRAINING, bright_cortex: int = 0,
+             bright_core: int = 0) -> list[Path]:
     """Write ``n`` phantom cases (indices start .. start+n-1) drawn from ``preset``'s ranges into ``out_dir``,
-    ``bright_cortex`` percent of them with a cortex as bright as edema on FLAIR."""
+    ``bright_cortex`` percent of them with a cortex as bright as edema on FLAIR and, when ``bright_core`` is
+    above 0, that percentage without ET and with a core as bright as or brighter than edema."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     folders = []
     for index in range(start, start + n):
-        phantom = make_phantom(seed, index, size, case_id_for(layout, seed, index, preset, bright_cortex),
-                               ranges_of_case(preset, index, bright_cortex))
+        phantom = make_phantom(seed, index, size,
+                               case_id_for(layout, seed, index, preset, bright_cortex, bright_core),
+                               ranges_of_case(preset, index, bright_cortex, bright_core))
         folders.append(write_phantom(phantom, out_dir, layout))
     return folders

@@ -137,11 +137,11 @@ def _load_files(case: CaseFiles) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _load_phantom(seed: int, index: int, size: tuple[int, int, int], preset: PhantomPreset,
-                  bright_cortex: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                  bright_cortex: int = 0, bright_core: int = 0) -> tuple[np.ndarray, np.ndarray]:
     from .conventions import MODALITY_ORDER
     from .phantoms import make_phantom, ranges_of_case
 
-    phantom = make_phantom(seed, index, size, ranges=ranges_of_case(preset, index, bright_cortex))
+    phantom = make_phantom(seed, index, size, ranges=ranges_of_case(preset, index, bright_cortex, bright_core))
     return np.stack([phantom.images[m].astype(np.float32) for m in MODALITY_ORDER]), phantom.labels
 
 
@@ -157,15 +157,18 @@ def folder_cases(data_dir: Path) -> list[CaseHandle]:
 
 
 def phantom_cases(n: int, seed: int, size: tuple[int, int, int],
-                  preset: PhantomPreset = PhantomPreset.TRAINING, bright_cortex: int = 0) -> list[CaseHandle]:
+                  preset: PhantomPreset = PhantomPreset.TRAINING, bright_cortex: int = 0,
+                  bright_core: int = 0) -> list[CaseHandle]:
     """``n`` generated phantoms of series ``seed`` drawn from ``preset``'s ranges, ``bright_cortex`` percent
-    of them with a cortex as bright as edema on FLAIR, made in memory when first needed (no NIfTI files)."""
+    of them with a cortex as bright as edema on FLAIR and ``bright_core`` percent (when above 0) without ET
+    with a bright core (`app.phantoms.ranges_of_case`), made in memory when first needed (no NIfTI files)."""
     from .phantoms import case_id_for
 
     if n < 1:
         raise ValueError(f"need at least one phantom, got {n}")
-    return [CaseHandle(case_id_for(Layout.BRATS2023, seed, i, preset, bright_cortex),
-                       partial(_load_phantom, seed, i, tuple(size), preset, bright_cortex)) for i in range(n)]
+    return [CaseHandle(case_id_for(Layout.BRATS2023, seed, i, preset, bright_cortex, bright_core),
+                       partial(_load_phantom, seed, i, tuple(size), preset, bright_cortex, bright_core))
+            for i in range(n)]
 
 
 @dataclass

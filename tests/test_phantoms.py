@@ -249,3 +249,62 @@ def test_bright_cortex_share_is_the_share_of_cases_redrawn():
     for k in range(50):
         assert np.array_equal(_tissue_means(np.random.default_rng(k), Modality.T2, DEFAULT_RANGES),
                               _tissue_means(np.random.default_rng(k), Modality.T2, ranges))
+
+
+def _core_over_edema(p, modality):
+    """``modality``'s mean in the tumour core over its mean in the edema, read inside each region."""
+    return _mean(p, modality, _interior(p.labels == 1)) / _mean(p, modality, _interior(p.labels == 2))
+
+
+def test_bright_core_draws_tumours_without_et_with_a_core_as_bright_as_edema():
+    """`bright_core` draws that share of the cases without ET and gives each a core as bright as or brighter
+    than its edema on FLAIR and T2; at 0 (every preset's value) the generator draws as it did."""
+    from app.options import PhantomPreset
+
+    ranges = ranges_of_case(PhantomPreset.TRAINING, 0, 0, 40)
+    assert ranges.non_enhancing_share == 0.4 and ranges.bright_non_enhancing_core
+    assert ranges_of_case(PhantomPreset.WIDE, 1, 0, 0) is WIDE_RANGES
+    with pytest.raises(ValueError, match="bright-core share must be a whole percentage"):
+        ranges_of_case(PhantomPreset.TRAINING, 0, 0, 101)
+    every = ranges_of_case(PhantomPreset.TRAINING, 0, 0, 100)
+    readable = 0
+    for i in range(4):
+        p = make_phantom(13, i, SIZE, ranges=every)
+        assert not (p.labels == 3).any() and (p.labels == 1).any()
+        if _interior(p.labels == 1).sum() > 50 and _interior(p.labels == 2).sum() > 200:
+            readable += 1  # drawn at 0.95-1.4x (FLAIR) and 1.0-1.4x (T2); blur and texture spread it a little
+            assert _core_over_edema(p, Modality.FLAIR) > 0.85 and _core_over_edema(p, Modality.T2) > 0.9
+    assert readable >= 2
+
+
+def test_bright_core_redraws_only_the_cores_flair_and_t2_means():
+    from app.options import PhantomPreset
+    from app.phantoms import _ED, _NCR, _tissue_means
+
+    ranges = ranges_of_case(PhantomPreset.TRAINING, 0, 0, 40)
+    for k in range(50):
+        for modality in Modality:
+            plain = _tissue_means(np.random.default_rng(k), modality, ranges)
+            bright = _tissue_means(np.random.default_rng(k), modality, ranges, bright_core=True)
+            others = [t for t in range(len(plain)) if t != _NCR]
+            assert np.array_equal(plain[others], bright[others])
+            if modality in (Modality.FLAIR, Modality.T2):
+                low = 0.95 if modality is Modality.FLAIR else 1.0
+                assert low <= bright[_NCR] / bright[_ED] <= 1.4
+            else:
+                assert bright[_NCR] == plain[_NCR]
+
+
+def test_phantoms_command_bright_core_share_is_in_the_case_id_and_validated(tmp_path):
+    from .helpers import python_cli
+
+    made = python_cli("phantoms", "--out", str(tmp_path / "bright"), "--n", "1", "--seed", "9", "--size",
+                      "64,64,40", "--bright-cortex", "50", "--bright-core", "100", "--convention", "toolkit")
+    assert made.returncode == 0, made.stderr
+    [case] = find_cases(tmp_path / "bright").cases
+    assert case.case_id == "PhantomC50K100_009_000"
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(case.segmentation)))
+    assert 4 not in np.unique(labels) and 1 in np.unique(labels)  # no ET (toolkit layout: ET would be 4)
+    bad = python_cli("phantoms", "--out", str(tmp_path / "bad"), "--n", "1", "--bright-core", "101")
+    assert bad.returncode == 2 and "--bright-core" in bad.stderr and not (tmp_path / "bad").exists()
+

@@ -589,6 +589,18 @@ def test_bright_cortex_phantoms_train_from_their_own_cases_and_are_recorded(tmp_
     assert bad.returncode == 2 and "--phantom-bright-cortex" in bad.stderr
 
 
+def test_bright_core_phantoms_train_under_their_own_ids_and_are_recorded(tmp_path):
+    from app.options import PhantomPreset
+    from app.train import phantom_cases
+
+    [bright] = phantom_cases(1, 45, (48, 48, 32), PhantomPreset.TRAINING, 0, 100)
+    assert bright.case_id == "BraTS-PHAK100-04500-000"
+    assert not (bright.load()[1] == 3).any()
+    manifest, cached = _train_fold_0_on_two_phantoms(tmp_path, "--phantom-bright-core", "100")
+    assert cached == [c.case_id for c in phantom_cases(2, 45, (48, 48, 32), PhantomPreset.TRAINING, 0, 100)]
+    assert manifest["training"]["data"]["phantoms"]["bright_core_percent"] == 100
+
+
 def test_mixed_phantoms_alternate_the_training_and_wide_cases_of_one_series():
     """`--phantom-ranges mixed`: case i is the training-range case i for even i and the wide case i for odd
     i, same ID and same voxels, so it shares their cache entries."""
