@@ -102,7 +102,8 @@ class PhantomRanges:
     # before it regenerates as it was (the draw deciding it is only made when the probability is above 0).
     bright_cortex_probability: float = 0.0
     bright_cortex_ratio: Range = (0.85, 1.05)
-    # The share of cases whose tumours have no ET (the rest: 10% without NCR, the others both).
+    # The share of cases whose tumours have no ET; independently of it, 10% of all cases are drawn without NCR
+    # (a core without ET is NCR/NET whatever that draw).
     non_enhancing_share: float = 0.15
     # A tumour without ET whose core is as bright as or brighter than its edema on FLAIR and brighter on T2 (a
     # low-grade tumour's solid part; the contrast ranges seldom draw both, a second generator's phantoms do:
@@ -151,16 +152,11 @@ def preset_of_case(preset: PhantomPreset, index: int) -> PhantomPreset:
     return preset
 
 
-def check_share(percent: int, what: str = "bright-cortex") -> int:
-    """``percent`` of cases drawn with an option, validated (a whole percentage, as case IDs carry it)."""
+def check_share(percent: int, what: str) -> int:
+    """``percent`` of cases drawn with option ``what``, validated (a whole percentage, as case IDs carry it)."""
     if isinstance(percent, bool) or not isinstance(percent, int) or not 0 <= percent <= 100:
         raise ValueError(f"{what} share must be a whole percentage 0-100, got {percent!r}")
     return percent
-
-
-def check_bright_cortex(percent: int) -> int:
-    """``percent`` of cases drawn with a bright cortex, validated."""
-    return check_share(percent, "bright-cortex")
 
 
 def ranges_of_case(preset: PhantomPreset, index: int, bright_cortex: int = 0, bright_core: int = 0) -> PhantomRanges:
@@ -168,7 +164,7 @@ def ranges_of_case(preset: PhantomPreset, index: int, bright_cortex: int = 0, br
     bright cortex on FLAIR in ``bright_cortex`` percent of the cases and, when ``bright_core`` is above 0, that
     percentage of cases without ET, each with a core as bright as or brighter than its edema."""
     ranges = RANGE_PRESETS[preset_of_case(preset, index)]
-    if check_bright_cortex(bright_cortex):
+    if check_share(bright_cortex, "bright-cortex"):
         ranges = ranges.widened(bright_cortex_probability=bright_cortex / 100)
     if check_share(bright_core, "bright-core"):
         ranges = ranges.widened(non_enhancing_share=bright_core / 100, bright_non_enhancing_core=True)
@@ -445,11 +441,11 @@ def case_id_for(layout: Layout, seed: int, index: int, preset: PhantomPreset = P
     adds ``C<percent>`` or ``K<percent>`` to the tag, since the option redraws the case."""
     preset = preset_of_case(preset, index)
     tag = _ID_TAGS[preset]
-    cortex = (f"C{bright_cortex}" if check_bright_cortex(bright_cortex) else "") + (
+    options = (f"C{bright_cortex}" if check_share(bright_cortex, "bright-cortex") else "") + (
         f"K{bright_core}" if check_share(bright_core, "bright-core") else "")
     if layout is Layout.BRATS2023:
-        return f"BraTS-PH{tag}{cortex}-{seed:03d}{index:02d}-000"
-    return f"Phantom{'' if preset is PhantomPreset.TRAINING else tag}{cortex}_{seed:03d}_{index:03d}"
+        return f"BraTS-PH{tag}{options}-{seed:03d}{index:02d}-000"
+    return f"Phantom{'' if preset is PhantomPreset.TRAINING else tag}{options}_{seed:03d}_{index:03d}"
 
 
 def write_phantom(phantom: Phantom, out_dir: Path, layout: Layout) -> Path:
