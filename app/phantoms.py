@@ -374,14 +374,12 @@ def _thick_slices(rng: np.random.Generator, image: np.ndarray, ranges: PhantomRa
 
 
 def _contrast(rng: np.random.Generator, tissue: np.ndarray, labels: np.ndarray, modality: Modality,
-              ranges: PhantomRanges) -> np.ndarray:
-    """One modality: randomised tissue means, patchy texture, partial-volume blur, bias field, noise,
-    sometimes thick slices."""
+              ranges: PhantomRanges, bright_core: bool = False) -> np.ndarray:
+    """One modality: randomised tissue means (``bright_core``: the core redrawn as bright as edema or brighter),
+    patchy texture, partial-volume blur, bias field, noise, sometimes thick slices."""
     shape = tissue.shape
     region = tissue.copy()
     region[labels == NECROSIS], region[labels == EDEMA], region[labels == ENHANCING] = _NCR, _ED, _ET
-    bright_core = (ranges.bright_non_enhancing_core and not (labels == ENHANCING).any()
-                   and bool((labels == NECROSIS).any()))
     means = _tissue_means(rng, modality, ranges, bright_core)
     image = means[region]
     texture = 1 + _u(rng, ranges.texture) * _smooth_field(rng, shape, rng.uniform(20, 50))
@@ -414,7 +412,10 @@ def make_phantom(seed: int, index: int, size: tuple[int, int, int] = DEFAULT_SIZ
     scale = min(s / d for s, d in zip(size, DEFAULT_SIZE))
     tissue = _anatomy(rng, shape, scale, ranges)
     labels = _tumour_labels(rng, tissue, scale, ranges)
-    images = {m: _store(rng, _contrast(rng, tissue, labels, m, ranges), ranges) for m in ranges.contrast}
+    # A property of the case, not of a modality: a tumour without ET, drawn with the option on.
+    bright_core = (ranges.bright_non_enhancing_core and not (labels == ENHANCING).any()
+                   and bool((labels == NECROSIS).any()))
+    images = {m: _store(rng, _contrast(rng, tissue, labels, m, ranges, bright_core), ranges) for m in ranges.contrast}
     return Phantom(case_id or f"PHANTOM-{seed:04d}-{index:05d}", images, labels, tissue)
 
 
