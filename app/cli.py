@@ -27,6 +27,7 @@ from .options import (
     EdemaRelabel,
     EdemaSplit,
     Fusion,
+    KeepLargest,
     Mirroring,
     PhantomPreset,
     Precision,
@@ -43,7 +44,7 @@ EXIT_OK, EXIT_CASE_FAILED, EXIT_USAGE = 0, 1, 2
 # parameters.yaml keys that are predict flags with a fixed set of values (mlcube/workspace/parameters.yaml),
 # and every key the file may hold; the --parameters_file help and the check both read these.
 MLCUBE_CHOICE_KEYS = ("device", "tiling", "precision", "tta", "fusion", "bias_correction", "edema_relabel",
-                      "edema_split", "labels")
+                      "edema_split", "keep_largest", "labels")
 MLCUBE_KEYS = ("folds", "scales", *MLCUBE_CHOICE_KEYS, "postprocess")
 
 
@@ -192,6 +193,10 @@ def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None
                    help="skip post-processing step 5 (ours, not the paper's): by default a tumour component other "
                         "than the largest whose mean fold-averaged task-1 tumour probability is under 0.5 is "
                         "removed")
+    p.add_argument("--keep-largest", default=KeepLargest.ALWAYS.value, choices=choices(KeepLargest),
+                   help="whether step 5 spares the largest tumour component: always (default) = it stays however "
+                        "doubtful; when-none-sure = only when no component reaches 0.5, so a large doubtful "
+                        "component beside a smaller sure one goes")
     p.add_argument("--skip-existing", action="store_true",
                    help="skip cases whose complete label map is already in the output folder")
     p.add_argument("--save-probabilities", type=Path, default=None,
@@ -436,6 +441,7 @@ def postprocess_config(args: argparse.Namespace) -> PostprocessConfig:
         min_enhancement=args.min_et_enhancement,
         fill_enclosed_core=not (off or args.no_core_filling),
         drop_doubtful_components=not (off or args.keep_doubtful_components),
+        keep_largest=KeepLargest(args.keep_largest),
     )
 
 

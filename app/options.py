@@ -74,6 +74,17 @@ class EdemaSplit(str, Enum):
     DARK_TAIL = "dark-tail"
 
 
+class KeepLargest(str, Enum):
+    """Whether post-processing step 5 (app.postprocess.drop_doubtful_components) spares the largest tumour
+    component whatever the ensemble thinks of it. ALWAYS: it always stays (the case's tumour, however unsure
+    the ensemble is of it). WHEN_NONE_SURE: it stays only when no component reaches even odds; when one does,
+    every component under even odds goes, the largest included (a large false component, such as cortex read
+    as edema, beside a smaller tumour the ensemble is sure of)."""
+
+    ALWAYS = "always"
+    WHEN_NONE_SURE = "when-none-sure"
+
+
 # The dark-tail split's width, in robust standard deviations below the median (fixed before it was measured).
 DARK_TAIL_SPREADS = 2.0
 

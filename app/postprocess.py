@@ -30,7 +30,8 @@ steps and three of ours.
    is under even odds is removed: task 2, which decides within 5 voxels of task 1's tumour, called it
    tumour, but the ensemble's whole-brain task reads its voxels as more likely brain than tumour (tuning
    phantoms: 16 such components removed, none holding tumour, 12 of them all edema; WT +0.012,
-   docs/EXPERIMENTS.md).
+   docs/EXPERIMENTS.md). ``keep_largest`` WHEN_NONE_SURE spares the largest only when no component reaches
+   even odds (app.options.KeepLargest).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from .options import (
     MIN_ENHANCING_VOXELS,
     EdemaRelabel,
     EdemaSplit,
+    KeepLargest,
     parse_option,
 )
 from .preprocess import bounding_box, enclosed_in_a_slice, zscore_parameters
@@ -77,10 +79,12 @@ class PostprocessConfig:
     min_enhancement: float = MIN_ENHANCEMENT
     fill_enclosed_core: bool = True  # step 4
     drop_doubtful_components: bool = True  # step 5; needs the task-1 tumour probability
+    keep_largest: KeepLargest = KeepLargest.ALWAYS  # step 5: whether the largest component always stays
 
     def __post_init__(self):
         object.__setattr__(self, "edema_relabel", parse_option(EdemaRelabel, self.edema_relabel, "edema_relabel"))
         object.__setattr__(self, "edema_split", parse_option(EdemaSplit, self.edema_split, "edema_split"))
+        object.__setattr__(self, "keep_largest", parse_option(KeepLargest, self.keep_largest, "keep_largest"))
         if self.min_enhancing_voxels < 0:
             raise ValueError(f"min_enhancing_voxels must be >= 0, got {self.min_enhancing_voxels}")
         if self.enhancement_check_voxels < 0:
@@ -196,7 +200,7 @@ def postprocess(labels: np.ndarray, t1c: np.ndarray, config: PostprocessConfig =
     if config.fill_enclosed_core:
         out = fill_enclosed_core(out, t1c != 0)
     if config.drop_doubtful_components:
-        out = drop_doubtful_components(out, tumour_probability)
+        out = drop_doubtful_components(out, tumour_probability, keep_largest=config.keep_largest)
     return out
 
 
@@ -337,9 +341,12 @@ def _fill_inside_core(labels: np.ndarray, scanned: np.ndarray) -> np.ndarray:
 
 
 def drop_doubtful_components(labels: np.ndarray, tumour_probability: np.ndarray,
-                             threshold: float = DOUBTFUL_TUMOUR_PROBABILITY) -> np.ndarray:
-    """Step 5: remove every tumour component but the largest whose mean ``tumour_probability`` is under
-    ``threshold``. The largest always stays: the case's tumour, however unsure the ensemble is of it."""
+                             threshold: float = DOUBTFUL_TUMOUR_PROBABILITY,
+                             keep_largest: KeepLargest | str = KeepLargest.ALWAYS) -> np.ndarray:
+    """Step 5: remove every tumour component whose mean ``tumour_probability`` is under ``threshold``, but
+    the largest: ALWAYS, it stays (the case's tumour, however unsure the ensemble is of it); WHEN_NONE_SURE,
+    it stays only when no component reaches ``threshold`` (app.options.KeepLargest)."""
+    keep_largest = parse_option(KeepLargest, keep_largest, "keep_largest")
     tumour = labels > 0
     if not tumour.any():
         return labels
@@ -347,9 +354,12 @@ def drop_doubtful_components(labels: np.ndarray, tumour_probability: np.ndarray,
     if sizes.size < 2:
         return labels
     means = np.bincount(components.ravel(), weights=tumour_probability[box].ravel())[1:] / sizes
-    doubtful = np.flatnonzero((means < threshold) & (sizes < sizes.max())) + 1
-    if doubtful.size == 0:
+    doubtful = means < threshold
+    if keep_largest is KeepLargest.ALWAYS or doubtful.all():
+        doubtful &= sizes < sizes.max()
+    doomed = np.flatnonzero(doubtful) + 1
+    if doomed.size == 0:
         return labels
     out = labels.copy()
-    out[box][np.isin(components, doubtful)] = 0
+    out[box][np.isin(components, doomed)] = 0
     return out

@@ -19,7 +19,7 @@ from app.fusion import (
 )
 from app.inference import CasePrediction, EnsemblePredictor, scaled_input, scaled_region, scaled_shape
 from app.metrics import region_dice
-from app.options import MIN_ENHANCING_VOXELS, EdemaRelabel, EdemaSplit, Fusion
+from app.options import MIN_ENHANCING_VOXELS, EdemaRelabel, EdemaSplit, Fusion, KeepLargest
 from app.pipeline import complete_segmentation
 from app.postprocess import (
     PostprocessConfig,
@@ -433,6 +433,28 @@ def test_doubtful_components_go_and_the_largest_stays():
     np.testing.assert_array_equal(drop_doubtful_components(labels, _certain(labels)), labels)
     empty = np.zeros_like(labels)
     np.testing.assert_array_equal(drop_doubtful_components(empty, probability), empty)
+
+
+def test_the_largest_goes_only_when_another_component_is_sure():
+    labels, probability = _three_components()
+    out = drop_doubtful_components(labels, probability, keep_largest=KeepLargest.WHEN_NONE_SURE)
+    assert not out[2:20, 2:20, 2:20].any() and not out[2:10, 25:35, 25:35].any()  # both under even odds
+    np.testing.assert_array_equal(out[22:28, 25:31, 2:8], labels[22:28, 25:31, 2:8])  # the sure one stays
+    assert (out > 0).sum() == 6 * 6 * 6
+    probability[22:28, 25:31, 2:8] = 0.4  # none sure: the largest stays, as with ALWAYS
+    for keep in KeepLargest:
+        out = drop_doubtful_components(labels, probability, keep_largest=keep.value)
+        np.testing.assert_array_equal(out, drop_doubtful_components(labels, probability))
+        np.testing.assert_array_equal(out[2:20, 2:20, 2:20], labels[2:20, 2:20, 2:20])
+        assert (out > 0).sum() == 18 ** 3
+    t1c = np.ones(labels.shape, np.float32)
+    probability[22:28, 25:31, 2:8] = 0.8
+    config = PostprocessConfig(remove_small_components=False, edema_relabel=EdemaRelabel.OFF, min_enhancing_voxels=0,
+                               fill_enclosed_core=False, keep_largest="when-none-sure")  # step 1 would take it
+    assert config.keep_largest is KeepLargest.WHEN_NONE_SURE and PostprocessConfig().keep_largest is KeepLargest.ALWAYS
+    assert not postprocess(labels, t1c, config, tumour_probability=probability, t1=t1c)[2:20, 2:20, 2:20].any()
+    with pytest.raises(ValueError, match="keep_largest must be one of"):
+        PostprocessConfig(keep_largest="biggest")
 
 
 def test_step5_is_on_by_default_and_needs_the_probability():
