@@ -190,13 +190,13 @@ def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None
                         "tumour encloses in an axial, coronal or sagittal slice, in a hole touching the predicted "
                         "core, and then whatever the core encloses in such a slice, become NCR/NET")
     p.add_argument("--keep-doubtful-components", action="store_true",
-                   help="skip post-processing step 5 (ours, not the paper's): by default a tumour component other "
-                        "than the largest whose mean fold-averaged task-1 tumour probability is under 0.5 is "
-                        "removed")
-    p.add_argument("--keep-largest", default=KeepLargest.ALWAYS.value, choices=choices(KeepLargest),
-                   help="whether step 5 spares the largest tumour component: always (default) = it stays however "
-                        "doubtful; when-none-sure = only when no component reaches 0.5, so a large doubtful "
-                        "component beside a smaller sure one goes")
+                   help="skip post-processing step 5 (ours, not the paper's): by default a tumour component whose "
+                        "mean fold-averaged task-1 tumour probability is under 0.5 is removed, the largest only "
+                        "when another component reaches 0.5 (--keep-largest)")
+    p.add_argument("--keep-largest", default=KeepLargest.WHEN_NONE_SURE.value, choices=choices(KeepLargest),
+                   help="whether step 5 spares the largest tumour component: when-none-sure (default) = only when "
+                        "no component reaches 0.5, so a large doubtful component beside a smaller sure one goes; "
+                        "always = it stays however doubtful (the rule before 2026-12-05)")
     p.add_argument("--skip-existing", action="store_true",
                    help="skip cases whose complete label map is already in the output folder")
     p.add_argument("--save-probabilities", type=Path, default=None,

@@ -76,10 +76,11 @@ class EdemaSplit(str, Enum):
 
 class KeepLargest(str, Enum):
     """Whether post-processing step 5 (app.postprocess.drop_doubtful_components) spares the largest tumour
-    component whatever the ensemble thinks of it. ALWAYS: it always stays (the case's tumour, however unsure
-    the ensemble is of it). WHEN_NONE_SURE: it stays only when no component reaches even odds; when one does,
-    every component under even odds goes, the largest included (a large false component, such as cortex read
-    as edema, beside a smaller tumour the ensemble is sure of)."""
+    component whatever the ensemble thinks of it. WHEN_NONE_SURE (the default): it stays only when no
+    component reaches even odds; when one does, every component under even odds goes, the largest included
+    (a large false component, such as cortex read as edema, beside a smaller tumour the ensemble is sure of).
+    ALWAYS: it always stays (the case's tumour, however unsure the ensemble is of it; the rule before round
+    46)."""
 
     ALWAYS = "always"
     WHEN_NONE_SURE = "when-none-sure"

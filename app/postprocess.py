@@ -26,12 +26,13 @@ steps and three of ours.
    network reads a necrotic centre that does not enhance, dark on T1, T1c and FLAIR, as brain); (b) what
    the core then encloses in such a slice becomes NCR/NET (it reads a large necrotic centre inside an
    enhancing rim as edema). Only scanned voxels (T1c not 0) change; ET never changes.
-5. (Ours.) A tumour component other than the largest whose mean task-1 tumour probability (fold-averaged)
-   is under even odds is removed: task 2, which decides within 5 voxels of task 1's tumour, called it
-   tumour, but the ensemble's whole-brain task reads its voxels as more likely brain than tumour (tuning
-   phantoms: 16 such components removed, none holding tumour, 12 of them all edema; WT +0.012,
-   docs/EXPERIMENTS.md). ``keep_largest`` WHEN_NONE_SURE spares the largest only when no component reaches
-   even odds (app.options.KeepLargest).
+5. (Ours.) A tumour component whose mean task-1 tumour probability (fold-averaged) is under even odds is
+   removed: task 2, which decides within 5 voxels of task 1's tumour, called it tumour, but the ensemble's
+   whole-brain task reads its voxels as more likely brain than tumour (tuning phantoms: 16 such components
+   removed, none holding tumour, 12 of them all edema; WT +0.012, docs/EXPERIMENTS.md). The largest
+   component stays when no component reaches even odds, so a case always keeps a tumour; when one does, a
+   larger doubtful one goes too (``keep_largest`` WHEN_NONE_SURE, the default since round 46: cortex read
+   as edema, larger than the tumour beside it; ALWAYS keeps the largest whatever, as before).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class PostprocessConfig:
     min_enhancement: float = MIN_ENHANCEMENT
     fill_enclosed_core: bool = True  # step 4
     drop_doubtful_components: bool = True  # step 5; needs the task-1 tumour probability
-    keep_largest: KeepLargest = KeepLargest.ALWAYS  # step 5: whether the largest component always stays
+    keep_largest: KeepLargest = KeepLargest.WHEN_NONE_SURE  # step 5: when the largest component stays
 
     def __post_init__(self):
         object.__setattr__(self, "edema_relabel", parse_option(EdemaRelabel, self.edema_relabel, "edema_relabel"))
@@ -342,7 +343,7 @@ def _fill_inside_core(labels: np.ndarray, scanned: np.ndarray) -> np.ndarray:
 
 def drop_doubtful_components(labels: np.ndarray, tumour_probability: np.ndarray,
                              threshold: float = DOUBTFUL_TUMOUR_PROBABILITY,
-                             keep_largest: KeepLargest | str = KeepLargest.ALWAYS) -> np.ndarray:
+                             keep_largest: KeepLargest | str = KeepLargest.WHEN_NONE_SURE) -> np.ndarray:
     """Step 5: remove every tumour component whose mean ``tumour_probability`` is under ``threshold``, but
     the largest: ALWAYS, it stays (the case's tumour, however unsure the ensemble is of it); WHEN_NONE_SURE,
     it stays only when no component reaches ``threshold`` (app.options.KeepLargest)."""

@@ -92,7 +92,7 @@ def test_core_filling_then_doubtful_components_end_the_post_processing(tmp_path,
     (["--no-small-component-removal", "--min-et-voxels", "50", "--no-core-filling"],
      PostprocessConfig(remove_small_components=False, min_enhancing_voxels=50, fill_enclosed_core=False)),
     (["--keep-doubtful-components"], PostprocessConfig(drop_doubtful_components=False)),
-    (["--keep-largest", "when-none-sure"], PostprocessConfig(keep_largest=KeepLargest.WHEN_NONE_SURE)),
+    (["--keep-largest", "always"], PostprocessConfig(keep_largest=KeepLargest.ALWAYS)),
     (["--et-check-voxels", "0"], PostprocessConfig(enhancement_check_voxels=0)),
     (["--et-check-voxels", "2000", "--min-et-enhancement", "0.8"],
      PostprocessConfig(enhancement_check_voxels=2000, min_enhancement=0.8)),
@@ -116,7 +116,7 @@ def test_mlcube_form_and_parameters_file(tmp_path, weights):
     small_cases(tmp_path / "data", 1)
     params = tmp_path / "parameters.yaml"
     params.write_text("folds: [1]\nscales: [1, 1.25]\ntiling: fast\nprecision: fp32\nedema_relabel: paper\n"
-                      "edema_split: dark-tail\nkeep_largest: when-none-sure\nlabels: '2018'\n")
+                      "edema_split: dark-tail\nkeep_largest: always\nlabels: '2018'\n")
     result = run_cli("infer", f"--data_path={tmp_path / 'data'}", f"--output_path={tmp_path / 'preds'}",
                      f"--parameters_file={params}", "--weights", str(weights))
     assert result.returncode == 0, result.stderr

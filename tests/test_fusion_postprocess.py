@@ -423,9 +423,9 @@ def _three_components() -> tuple[np.ndarray, np.ndarray]:
     return labels, probability
 
 
-def test_doubtful_components_go_and_the_largest_stays():
+def test_doubtful_components_go_and_always_spares_the_largest():
     labels, probability = _three_components()
-    out = drop_doubtful_components(labels, probability)
+    out = drop_doubtful_components(labels, probability, keep_largest=KeepLargest.ALWAYS)
     assert not out[2:10, 25:35, 25:35].any()  # mean 0.495 < 0.5
     np.testing.assert_array_equal(out[2:20, 2:20, 2:20], labels[2:20, 2:20, 2:20])  # largest, however doubtful
     np.testing.assert_array_equal(out[22:28, 25:31, 2:8], labels[22:28, 25:31, 2:8])  # believed
@@ -437,7 +437,8 @@ def test_doubtful_components_go_and_the_largest_stays():
 
 def test_the_largest_goes_only_when_another_component_is_sure():
     labels, probability = _three_components()
-    out = drop_doubtful_components(labels, probability, keep_largest=KeepLargest.WHEN_NONE_SURE)
+    out = drop_doubtful_components(labels, probability)  # the default
+    np.testing.assert_array_equal(out, drop_doubtful_components(labels, probability, keep_largest="when-none-sure"))
     assert not out[2:20, 2:20, 2:20].any() and not out[2:10, 25:35, 25:35].any()  # both under even odds
     np.testing.assert_array_equal(out[22:28, 25:31, 2:8], labels[22:28, 25:31, 2:8])  # the sure one stays
     assert (out > 0).sum() == 6 * 6 * 6
@@ -451,7 +452,7 @@ def test_the_largest_goes_only_when_another_component_is_sure():
     probability[22:28, 25:31, 2:8] = 0.8
     config = PostprocessConfig(remove_small_components=False, edema_relabel=EdemaRelabel.OFF, min_enhancing_voxels=0,
                                fill_enclosed_core=False, keep_largest="when-none-sure")  # step 1 would take it
-    assert config.keep_largest is KeepLargest.WHEN_NONE_SURE and PostprocessConfig().keep_largest is KeepLargest.ALWAYS
+    assert config.keep_largest is KeepLargest.WHEN_NONE_SURE and PostprocessConfig().keep_largest is config.keep_largest
     assert not postprocess(labels, t1c, config, tumour_probability=probability, t1=t1c)[2:20, 2:20, 2:20].any()
     with pytest.raises(ValueError, match="keep_largest must be one of"):
         PostprocessConfig(keep_largest="biggest")
