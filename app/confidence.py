@@ -11,16 +11,20 @@ confidence is the mean over WT, TC and ET; below `LOW_CONFIDENCE` the per-case l
 warning. The threshold is calibrated on the out-of-distribution sweep by `benchmarks/calibrate_confidence.py`
 (README, Confidence): it is the value that best separates cases whose mean Dice is below 0.7 from the others.
 The same warning fires where the ensemble is sure and the labels are implausible: most of the edema far from
-the core (`far_edema_share`), as where grey matter is called edema.
+the core (`far_edema_share`), as where grey matter is called edema. The expected Dice judges the labels the
+case is given: the probability of a blob post-processing removed (`dismissed_blobs`) does not count against
+them where the ensemble is sure of a tumour that stayed.
 """
 
 from __future__ import annotations
 
+import cc3d
 import numpy as np
 from scipy import ndimage
 
 from .conventions import EDEMA, ENHANCING, NECROSIS, core_mask
 from .fusion import TaskProbabilities, fusion_region
+from .postprocess import CONNECTIVITY, DOUBTFUL_TUMOUR_PROBABILITY
 from .preprocess import bounding_box
 
 # Below this mean expected Dice a case is flagged for review (calibrated: see the module docstring).
@@ -66,6 +70,36 @@ def expected_dice(p: TaskProbabilities, labels: np.ndarray, region: np.ndarray |
         "ET": (core * p.enhancing, labels == ENHANCING),
     }
     return {name: _soft_dice(prob, mask) for name, (prob, mask) in regions.items()}
+
+
+def dismissed_blobs(p: TaskProbabilities, fused: np.ndarray, final: np.ndarray,
+                    region: np.ndarray | None = None) -> np.ndarray:
+    """The voxels whose probability the expected Dice should not count: every blob of whole-tumour
+    probability (over the floor, inside the fusion ``region``) that holds tumour post-processing removed
+    (steps 1 and 5: ``fused`` labels the ``final`` ones lack) and none of the final tumour; nothing unless a
+    final component is one the ensemble is sure of (mean task-1 probability at least step 5's even odds).
+
+    Why: step 5 removes a component because its mean tumour probability is under even odds, and the expected
+    Dice then read that same doubt as tumour the mask missed, so the cases the step mended stayed flagged with
+    lower confidence than before (README, Confidence). Where no kept component is sure, the removed one may be
+    the tumour, and its probability still counts."""
+    removed = (fused > 0) & (final == 0)
+    if not removed.any() or not _holds_sure_component(p.tumour, final > 0):
+        return np.zeros(final.shape, bool)
+    inside = fusion_region(p) if region is None else region
+    probable = inside & ((p.classes[NECROSIS] + p.classes[ENHANCING] + p.classes[EDEMA]) >= _FLOOR)
+    blobs = cc3d.connected_components(probable | removed, connectivity=CONNECTIVITY)
+    dismissed = np.setdiff1d(np.unique(blobs[removed]), np.unique(blobs[final > 0]))
+    return np.isin(blobs, dismissed)
+
+
+def _holds_sure_component(tumour_probability: np.ndarray, tumour: np.ndarray) -> bool:
+    components = cc3d.connected_components(tumour, connectivity=CONNECTIVITY)
+    sizes = np.bincount(components.ravel())[1:]
+    if sizes.size == 0:
+        return False
+    means = np.bincount(components.ravel(), weights=tumour_probability.ravel())[1:] / np.maximum(sizes, 1)
+    return bool((means >= DOUBTFUL_TUMOUR_PROBABILITY).any())
 
 
 def _soft_dice(probability: np.ndarray, mask: np.ndarray) -> float:

@@ -22,9 +22,16 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .confidence import case_confidence, confidence_warnings, drawn_core_share, expected_dice, far_edema_share
+from .confidence import (
+    case_confidence,
+    confidence_warnings,
+    dismissed_blobs,
+    drawn_core_share,
+    expected_dice,
+    far_edema_share,
+)
 from .conventions import AUTO_LABELS, MODALITY_ORDER, Modality, to_file_labels
-from .fusion import TaskProbabilities
+from .fusion import TaskProbabilities, fusion_region
 from .inference import CasePrediction, EnsemblePredictor
 from .io import (
     CaseError,
@@ -229,7 +236,10 @@ def complete_segmentation(prediction: CasePrediction, image: np.ndarray, post: P
                           drawn_core_share=drawn_core_share(prediction.labels, internal),
                           far_edema_share=far_edema_share(internal, spacing))
     if prediction.probabilities is not None:
-        expected = expected_dice(prediction.probabilities, internal[prediction.box], prediction.region)
+        p, final = prediction.probabilities, internal[prediction.box]
+        region = fusion_region(p) if prediction.region is None else prediction.region
+        region = region & ~dismissed_blobs(p, prediction.labels[prediction.box], final, region)
+        expected = expected_dice(p, final, region)
         result.expected_dice = {k: round(v, 4) for k, v in expected.items()}
         result.confidence = round(case_confidence(result.expected_dice), 4)
     result.warnings += confidence_warnings(result.confidence, result.drawn_core_share, result.far_edema_share)

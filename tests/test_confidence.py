@@ -14,6 +14,7 @@ from app.confidence import (
     LOW_CONFIDENCE_WARNING,
     case_confidence,
     confidence_warnings,
+    dismissed_blobs,
     drawn_core_share,
     expected_dice,
     far_edema_share,
@@ -219,3 +220,51 @@ def test_segment_image_measures_far_edema_in_the_spacing_given(tmp_path):
     near = segment_image(_FarEdemaPredictor(0.99), image, PostprocessConfig.off(), bias_correction=BiasCorrection.NONE,
                          spacing=(1.0, 0.3, 1.0))
     assert near.far_edema_share == 0.0 and near.warnings == []
+
+
+class _DoubtfulBlobPredictor(_FixedPredictor):
+    """The tumour of `_FixedPredictor` at ``certainty`` and, far from it, a blob of edema the ensemble called
+    with task-1 probability 0.3 (as it calls bright cortex): post-processing step 5 removes the blob."""
+
+    def predict_case(self, image, progress=None):
+        prediction = super().predict_case(image, progress)
+        blob = (slice(10, 20), slice(2, 12), slice(44, 60))
+        prediction.labels[blob] = 2
+        p = prediction.probabilities
+        p.tumour[blob] = 0.3
+        p.classes[:, blob[0], blob[1], blob[2]] = 0.0
+        p.classes[2][blob] = 0.45
+        p.classes[4][blob] = 0.55
+        prediction.region = np.ones(prediction.labels.shape, bool)  # task 2 decided there too
+        return prediction
+
+
+def test_the_probability_of_a_removed_blob_does_not_count_where_a_kept_tumour_is_sure(tmp_path):
+    small_cases(tmp_path / "in", 1)
+    image = load_case(find_cases(tmp_path / "in").cases[0]).image
+    step5 = replace(PostprocessConfig.off(), drop_doubtful_components=True)
+    sure = segment_image(_DoubtfulBlobPredictor(0.99), image, step5, bias_correction=BiasCorrection.NONE)
+    clean = segment_image(_FixedPredictor(0.99), image, step5, bias_correction=BiasCorrection.NONE)
+    assert not (sure.labels[10:20, 2:12, 44:60] > 0).any()  # step 5 removed the blob
+    assert sure.expected_dice == clean.expected_dice and LOW_CONFIDENCE_WARNING not in sure.warnings
+    # Read as before, the blob's probability counted as tumour the mask missed.
+    counted = expected_dice(sure.probabilities, sure.labels[sure.box], np.ones(sure.labels.shape, bool))
+    assert counted["WT"] < sure.expected_dice["WT"] - 0.05
+    # No kept component is sure (mean task-1 probability 0.45): the removed blob may be the tumour, and counts.
+    unsure = segment_image(_DoubtfulBlobPredictor(0.45), image, step5, bias_correction=BiasCorrection.NONE)
+    assert not (unsure.labels[10:20, 2:12, 44:60] > 0).any()
+    region = np.ones(unsure.labels.shape, bool)
+    assert unsure.expected_dice == {k: round(v, 4) for k, v in
+                                    expected_dice(unsure.probabilities, unsure.labels[unsure.box], region).items()}
+
+
+def test_dismissed_blobs_take_the_removed_tumour_with_its_halo_and_nothing_kept():
+    labels = _labels()
+    p = _probabilities(labels, 1.0)
+    fused = labels.copy()
+    fused[0:2, 0:2, 0:2] = 2  # a blob the network called, post-processing removed
+    p.classes[2][0:2, 0:2, 0:3] = 0.4  # with a halo of doubt beside it, apart from the kept tumour
+    p.tumour[0:2, 0:2, 0:2] = 0.3
+    dismissed = dismissed_blobs(p, fused, labels, np.ones(SHAPE, bool))
+    assert dismissed[0:2, 0:2, 0:3].all() and not (dismissed & (labels > 0)).any()
+    assert not dismissed_blobs(p, labels, labels).any()  # nothing removed, nothing dismissed
