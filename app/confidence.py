@@ -24,7 +24,7 @@ from scipy import ndimage
 
 from .conventions import EDEMA, ENHANCING, NECROSIS, core_mask
 from .fusion import TaskProbabilities, fusion_region
-from .postprocess import CONNECTIVITY, DOUBTFUL_TUMOUR_PROBABILITY
+from .postprocess import CONNECTIVITY, holds_sure_component
 from .preprocess import bounding_box
 
 # Below this mean expected Dice a case is flagged for review (calibrated: see the module docstring).
@@ -84,22 +84,13 @@ def dismissed_blobs(p: TaskProbabilities, fused: np.ndarray, final: np.ndarray,
     lower confidence than before (README, Confidence). Where no kept component is sure, the removed one may be
     the tumour, and its probability still counts."""
     removed = (fused > 0) & (final == 0)
-    if not removed.any() or not _holds_sure_component(p.tumour, final > 0):
+    if not removed.any() or not holds_sure_component(final, p.tumour):
         return np.zeros(final.shape, bool)
     inside = fusion_region(p) if region is None else region
     probable = inside & ((p.classes[NECROSIS] + p.classes[ENHANCING] + p.classes[EDEMA]) >= _FLOOR)
     blobs = cc3d.connected_components(probable | removed, connectivity=CONNECTIVITY)
     dismissed = np.setdiff1d(np.unique(blobs[removed]), np.unique(blobs[final > 0]))
     return np.isin(blobs, dismissed)
-
-
-def _holds_sure_component(tumour_probability: np.ndarray, tumour: np.ndarray) -> bool:
-    components = cc3d.connected_components(tumour, connectivity=CONNECTIVITY)
-    sizes = np.bincount(components.ravel())[1:]
-    if sizes.size == 0:
-        return False
-    means = np.bincount(components.ravel(), weights=tumour_probability.ravel())[1:] / np.maximum(sizes, 1)
-    return bool((means >= DOUBTFUL_TUMOUR_PROBABILITY).any())
 
 
 def _soft_dice(probability: np.ndarray, mask: np.ndarray) -> float:

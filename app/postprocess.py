@@ -341,6 +341,22 @@ def _fill_inside_core(labels: np.ndarray, scanned: np.ndarray) -> np.ndarray:
     return out
 
 
+def holds_sure_component(labels: np.ndarray, tumour_probability: np.ndarray,
+                         threshold: float = DOUBTFUL_TUMOUR_PROBABILITY) -> bool:
+    """Whether some tumour component of ``labels`` has a mean ``tumour_probability`` of at least
+    ``threshold``: one that step 5 would keep on its own merit."""
+    tumour = labels > 0
+    if not tumour.any():
+        return False
+    box, components, sizes = _components(tumour)
+    return bool((_component_means(components, sizes, tumour_probability[box]) >= threshold).any())
+
+
+def _component_means(components: np.ndarray, sizes: np.ndarray, probability: np.ndarray) -> np.ndarray:
+    """The mean ``probability`` of each component (label 1 first) of ``components``, over the same box."""
+    return np.bincount(components.ravel(), weights=probability.ravel())[1:] / sizes
+
+
 def drop_doubtful_components(labels: np.ndarray, tumour_probability: np.ndarray,
                              threshold: float = DOUBTFUL_TUMOUR_PROBABILITY,
                              keep_largest: KeepLargest | str = KeepLargest.WHEN_NONE_SURE) -> np.ndarray:
@@ -354,8 +370,7 @@ def drop_doubtful_components(labels: np.ndarray, tumour_probability: np.ndarray,
     box, components, sizes = _components(tumour)
     if sizes.size < 2:
         return labels
-    means = np.bincount(components.ravel(), weights=tumour_probability[box].ravel())[1:] / sizes
-    doubtful = means < threshold
+    doubtful = _component_means(components, sizes, tumour_probability[box]) < threshold
     if keep_largest is KeepLargest.ALWAYS or doubtful.all():
         doubtful &= sizes < sizes.max()
     doomed = np.flatnonzero(doubtful) + 1
