@@ -268,3 +268,5 @@ def test_dismissed_blobs_take_the_removed_tumour_with_its_halo_and_nothing_kept(
     dismissed = dismissed_blobs(p, fused, labels, np.ones(SHAPE, bool))
     assert dismissed[0:2, 0:2, 0:3].all() and not (dismissed & (labels > 0)).any()
     assert not dismissed_blobs(p, labels, labels).any()  # nothing removed, nothing dismissed
+    edema_only = np.where(labels > 0, 2, 0).astype(np.uint8)  # a kept tumour without a core is no proof
+    assert not dismissed_blobs(p, np.maximum(fused, edema_only), edema_only, np.ones(SHAPE, bool)).any()
