@@ -442,6 +442,11 @@ def test_the_largest_goes_only_when_another_component_is_sure():
     assert not out[2:20, 2:20, 2:20].any() and not out[2:10, 25:35, 25:35].any()  # both under even odds
     np.testing.assert_array_equal(out[22:28, 25:31, 2:8], labels[22:28, 25:31, 2:8])  # the sure one stays
     assert (out > 0).sum() == 6 * 6 * 6
+    edema_only = labels.copy()
+    edema_only[22:28, 25:31, 2:8] = 2  # sure but no core: it does not vouch for itself as the tumour
+    out = drop_doubtful_components(edema_only, probability)
+    np.testing.assert_array_equal(out, drop_doubtful_components(edema_only, probability, keep_largest="always"))
+    np.testing.assert_array_equal(out[2:20, 2:20, 2:20], labels[2:20, 2:20, 2:20])
     probability[22:28, 25:31, 2:8] = 0.4  # none sure: the largest stays, as with ALWAYS
     for keep in KeepLargest:
         out = drop_doubtful_components(labels, probability, keep_largest=keep.value)
