@@ -77,8 +77,9 @@ class EdemaSplit(str, Enum):
 class KeepLargest(str, Enum):
     """Whether post-processing step 5 (app.postprocess.drop_doubtful_components) spares the largest tumour
     component whatever the ensemble thinks of it. WHEN_NONE_SURE (the default): it stays only when no
-    component reaches even odds; when one does, every component under even odds goes, the largest included
-    (a large false component, such as cortex read as edema, beside a smaller tumour the ensemble is sure of).
+    component holding core reaches even odds; when one does, every component under even odds goes, the
+    largest included (a large false component, such as cortex read as edema, beside a smaller tumour the
+    ensemble is sure of; a sure component of edema alone does not count, round 49).
     ALWAYS: it always stays (the case's tumour, however unsure the ensemble is of it; the rule before round
     46)."""
 

@@ -30,9 +30,10 @@ steps and three of ours.
    removed: task 2, which decides within 5 voxels of task 1's tumour, called it tumour, but the ensemble's
    whole-brain task reads its voxels as more likely brain than tumour (tuning phantoms: 16 such components
    removed, none holding tumour, 12 of them all edema; WT +0.012, docs/EXPERIMENTS.md). The largest
-   component stays when no component reaches even odds, so a case always keeps a tumour; when one does, a
-   larger doubtful one goes too (``keep_largest`` WHEN_NONE_SURE, the default since round 46: cortex read
-   as edema, larger than the tumour beside it; ALWAYS keeps the largest whatever, as before).
+   component stays when no component holding core (NCR/NET or ET) reaches even odds, so a case always keeps
+   a tumour; when one does, a larger doubtful one goes too (``keep_largest`` WHEN_NONE_SURE, the default
+   since round 46: cortex read as edema, larger than the tumour beside it; the core since round 49, as sure
+   edema alone also took a tumour's place; ALWAYS keeps the largest whatever, as before).
 """
 
 from __future__ import annotations
