@@ -77,8 +77,8 @@ def dismissed_blobs(p: TaskProbabilities, fused: np.ndarray, final: np.ndarray,
     """The voxels whose probability the expected Dice should not count: every blob of whole-tumour
     probability (over the floor, inside the fusion ``region``) that holds tumour post-processing removed
     (steps 1 and 5: ``fused`` labels the ``final`` ones lack) and none of the final tumour; nothing unless a
-    final component is one the ensemble is sure of (mean task-1 probability at least step 5's even odds) and
-    the final labels hold a core (NCR/NET or ET).
+    final component vouches for itself as the tumour as step 5 reads it (mean task-1 probability at least
+    even odds, and a core: `holds_sure_component`).
 
     Why: step 5 removes a component because its mean tumour probability is under even odds, and the expected
     Dice then read that same doubt as tumour the mask missed, so the cases the step mended stayed flagged with
@@ -86,7 +86,7 @@ def dismissed_blobs(p: TaskProbabilities, fused: np.ndarray, final: np.ndarray,
     edema without a core (the out-of-distribution sweep's thicker cortex: a false component kept, the tumour
     removed), the removed one may be the tumour, and its probability still counts."""
     removed = (fused > 0) & (final == 0)
-    if not removed.any() or not core_mask(final).any() or not holds_sure_component(final, p.tumour):
+    if not removed.any() or not holds_sure_component(final, p.tumour):
         return np.zeros(final.shape, bool)
     inside = fusion_region(p) if region is None else region
     probable = inside & ((p.classes[NECROSIS] + p.classes[ENHANCING] + p.classes[EDEMA]) >= _FLOOR)

@@ -344,13 +344,23 @@ def _fill_inside_core(labels: np.ndarray, scanned: np.ndarray) -> np.ndarray:
 
 def holds_sure_component(labels: np.ndarray, tumour_probability: np.ndarray,
                          threshold: float = DOUBTFUL_TUMOUR_PROBABILITY) -> bool:
-    """Whether some tumour component of ``labels`` has a mean ``tumour_probability`` of at least
-    ``threshold``: one that step 5 would keep on its own merit."""
+    """Whether some tumour component of ``labels`` vouches for itself as the tumour: its mean
+    ``tumour_probability`` reaches ``threshold`` and it holds core (NCR/NET or ET). Such a component lets step 5
+    remove a larger doubtful one."""
     tumour = labels > 0
     if not tumour.any():
         return False
     box, components, sizes = _components(tumour)
-    return bool((_component_means(components, sizes, tumour_probability[box]) >= threshold).any())
+    return bool(_vouching(components, sizes, labels[box], tumour_probability[box], threshold).any())
+
+
+def _vouching(components: np.ndarray, sizes: np.ndarray, labels: np.ndarray, probability: np.ndarray,
+              threshold: float) -> np.ndarray:
+    """Per component (label 1 first, over the same box as ``labels`` and ``probability``): whether its mean
+    ``probability`` reaches ``threshold`` and it holds core."""
+    sure = _component_means(components, sizes, probability) >= threshold
+    cores = np.bincount(components.ravel(), weights=core_mask(labels).ravel(), minlength=sizes.size + 1)[1:]
+    return sure & (cores > 0)
 
 
 def _component_means(components: np.ndarray, sizes: np.ndarray, probability: np.ndarray) -> np.ndarray:
@@ -375,9 +385,8 @@ def drop_doubtful_components(labels: np.ndarray, tumour_probability: np.ndarray,
     if sizes.size < 2:
         return labels
     doubtful = _component_means(components, sizes, tumour_probability[box]) < threshold
-    with_core = np.bincount(components.ravel(), weights=core_mask(labels[box]).ravel(),
-                            minlength=sizes.size + 1)[1:] > 0
-    if keep_largest is KeepLargest.ALWAYS or not (with_core & ~doubtful).any():
+    if keep_largest is KeepLargest.ALWAYS or not _vouching(components, sizes, labels[box], tumour_probability[box],
+                                                           threshold).any():
         doubtful &= sizes < sizes.max()
     doomed = np.flatnonzero(doubtful) + 1
     if doomed.size == 0:

@@ -27,6 +27,7 @@ from app.postprocess import (
     drop_scant_enhancement,
     enhancement,
     fill_enclosed_core,
+    holds_sure_component,
     postprocess,
     relabel_dark_edema,
     remove_small_components,
@@ -442,8 +443,10 @@ def test_the_largest_goes_only_when_another_component_is_sure():
     assert not out[2:20, 2:20, 2:20].any() and not out[2:10, 25:35, 25:35].any()  # both under even odds
     np.testing.assert_array_equal(out[22:28, 25:31, 2:8], labels[22:28, 25:31, 2:8])  # the sure one stays
     assert (out > 0).sum() == 6 * 6 * 6
+    assert holds_sure_component(labels, probability)
     edema_only = labels.copy()
     edema_only[22:28, 25:31, 2:8] = 2  # sure but no core: it does not vouch for itself as the tumour
+    assert not holds_sure_component(edema_only, probability)  # the core lies in a doubtful component
     out = drop_doubtful_components(edema_only, probability)
     np.testing.assert_array_equal(out, drop_doubtful_components(edema_only, probability, keep_largest="always"))
     np.testing.assert_array_equal(out[2:20, 2:20, 2:20], labels[2:20, 2:20, 2:20])
