@@ -351,14 +351,15 @@ def holds_sure_component(labels: np.ndarray, tumour_probability: np.ndarray,
     if not tumour.any():
         return False
     box, components, sizes = _components(tumour)
-    return bool(_vouching(components, sizes, labels[box], tumour_probability[box], threshold).any())
+    means = _component_means(components, sizes, tumour_probability[box])
+    return bool(_vouching(components, sizes, labels[box], means, threshold).any())
 
 
-def _vouching(components: np.ndarray, sizes: np.ndarray, labels: np.ndarray, probability: np.ndarray,
+def _vouching(components: np.ndarray, sizes: np.ndarray, labels: np.ndarray, means: np.ndarray,
               threshold: float) -> np.ndarray:
-    """Per component (label 1 first, over the same box as ``labels`` and ``probability``): whether its mean
-    ``probability`` reaches ``threshold`` and it holds core."""
-    sure = _component_means(components, sizes, probability) >= threshold
+    """Per component (label 1 first, over the same box as ``labels``): whether its mean probability
+    (``means``, from `_component_means`) reaches ``threshold`` and it holds core."""
+    sure = means >= threshold
     cores = np.bincount(components.ravel(), weights=core_mask(labels).ravel(), minlength=sizes.size + 1)[1:]
     return sure & (cores > 0)
 
@@ -384,9 +385,9 @@ def drop_doubtful_components(labels: np.ndarray, tumour_probability: np.ndarray,
     box, components, sizes = _components(tumour)
     if sizes.size < 2:
         return labels
-    doubtful = _component_means(components, sizes, tumour_probability[box]) < threshold
-    if keep_largest is KeepLargest.ALWAYS or not _vouching(components, sizes, labels[box], tumour_probability[box],
-                                                           threshold).any():
+    means = _component_means(components, sizes, tumour_probability[box])
+    doubtful = means < threshold
+    if keep_largest is KeepLargest.ALWAYS or not _vouching(components, sizes, labels[box], means, threshold).any():
         doubtful &= sizes < sizes.max()
     doomed = np.flatnonzero(doubtful) + 1
     if doomed.size == 0:
