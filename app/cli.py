@@ -489,16 +489,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_phantoms(args: argparse.Namespace) -> int:
     from .conventions import Layout
-    from .phantoms import generate
+    from .phantoms import PhantomMix, generate
 
-    folders = generate(args.out, args.n, args.seed, Layout(args.convention), args.size, args.start,  # type: ignore[arg-type]
-                       PhantomPreset(args.ranges), args.bright_cortex, args.bright_core)
+    mix = PhantomMix(PhantomPreset(args.ranges), args.bright_cortex, args.bright_core)
+    folders = generate(args.out, args.n, args.seed, Layout(args.convention), args.size, args.start, mix)  # type: ignore[arg-type]
     print(f"wrote {len(folders)} phantom case(s) to {args.out}", file=sys.stderr)
     return EXIT_OK
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .phantoms import GENERATOR_VERSION
+    from .phantoms import GENERATOR_VERSION, PhantomMix
     from .train import (
         TrainConfig,
         TrainingSetupError,
@@ -526,12 +526,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         compile=args.compile,
     )
     if args.phantoms is not None:
-        preset = PhantomPreset(args.phantom_ranges)
-        cases = phantom_cases(args.phantoms, args.phantom_seed, args.phantom_size, preset,
-                              args.phantom_bright_cortex, args.phantom_bright_core)
+        mix = PhantomMix(PhantomPreset(args.phantom_ranges), args.phantom_bright_cortex, args.phantom_bright_core)
+        cases = phantom_cases(args.phantoms, args.phantom_seed, args.phantom_size, mix)
         data = {"phantoms": {"n": args.phantoms, "seed": args.phantom_seed, "size": list(args.phantom_size),
-                             "ranges": preset.value, "bright_cortex_percent": args.phantom_bright_cortex,
-                             "bright_core_percent": args.phantom_bright_core,
+                             "ranges": mix.preset.value, "bright_cortex_percent": mix.bright_cortex,
+                             "bright_core_percent": mix.bright_core,
                              "generator_version": GENERATOR_VERSION},
                 "note": args.data_note}
     else:

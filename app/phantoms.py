@@ -14,9 +14,9 @@ contrasts MRI fixes are kept (edema brighter than white matter on FLAIR and T2 a
 on T2, ET brighter on T1c, NCR darker on T1c, CSF bright on T2 and dark on FLAIR), so grey matter can be as
 bright as edema on FLAIR and a model must read the four modalities together and the shape; a share of cases
 with a cortex as bright as edema on FLAIR, which these ranges almost never draw, is an option
-(`bright_cortex`, `--bright-cortex`), as is a share of tumours without ET whose core is as bright as or
-brighter than their edema on FLAIR and T2, a non-enhancing tumour's solid part (`bright_core`,
-`--bright-core`).
+(`PhantomMix.bright_cortex`, `--bright-cortex`), as is a share of tumours without ET whose core is as bright
+as or brighter than their edema on FLAIR and T2, a non-enhancing tumour's solid part
+(`PhantomMix.bright_core`, `--bright-core`).
 `PhantomRanges` holds every range, so held-out series can be drawn outside the training ranges:
 `WIDE_RANGES` stretches them all at once (`python -m app phantoms --ranges wide`), benchmarks/ood_sweep.py
 one factor at a time.
@@ -159,16 +159,50 @@ def check_share(percent: int, what: str) -> int:
     return percent
 
 
-def ranges_of_case(preset: PhantomPreset, index: int, bright_cortex: int = 0, bright_core: int = 0) -> PhantomRanges:
-    """The ranges case ``index`` of a ``preset`` series is drawn from (one place resolves MIXED), with a
-    bright cortex on FLAIR in ``bright_cortex`` percent of the cases and, when ``bright_core`` is above 0, that
-    percentage of cases without ET, each with a core as bright as or brighter than its edema."""
-    ranges = RANGE_PRESETS[preset_of_case(preset, index)]
-    if check_share(bright_cortex, "bright-cortex"):
-        ranges = ranges.widened(bright_cortex_probability=bright_cortex / 100)
-    if check_share(bright_core, "bright-core"):
-        ranges = ranges.widened(non_enhancing_share=bright_core / 100, bright_non_enhancing_core=True)
-    return ranges
+# The tag of `PhantomMix.case_id`: which ranges a phantom was drawn from.
+_ID_TAGS = {PhantomPreset.TRAINING: "A", PhantomPreset.WIDE: "W"}
+
+
+@dataclass(frozen=True)
+class PhantomMix:
+    """What a series draws its cases from: ``preset``'s ranges (MIXED: training and wide by turns), with a
+    cortex as bright as edema on FLAIR in ``bright_cortex`` percent of the cases and, when ``bright_core`` is
+    above 0, that percentage of cases without ET, each with a core as bright as or brighter than its edema.
+    The percentages are whole numbers 0-100 (case IDs carry them), checked here."""
+
+    preset: PhantomPreset = PhantomPreset.TRAINING
+    bright_cortex: int = 0
+    bright_core: int = 0
+
+    def __post_init__(self) -> None:
+        check_share(self.bright_cortex, "bright-cortex")
+        check_share(self.bright_core, "bright-core")
+
+    def ranges_of_case(self, index: int) -> PhantomRanges:
+        """The ranges case ``index`` is drawn from (the one place that resolves MIXED and the shares)."""
+        ranges = RANGE_PRESETS[preset_of_case(self.preset, index)]
+        if self.bright_cortex:
+            ranges = ranges.widened(bright_cortex_probability=self.bright_cortex / 100)
+        if self.bright_core:
+            ranges = ranges.widened(non_enhancing_share=self.bright_core / 100, bright_non_enhancing_core=True)
+        return ranges
+
+    def case_id(self, layout: Layout, seed: int, index: int) -> str:
+        """The case ID of phantom ``index`` of series ``seed``: the tag says which ranges drew it, and a
+        bright-cortex or bright-core share other than 0 adds ``C<percent>`` or ``K<percent>``, since the
+        option redraws the case; so a prepared-case cache (`train --cache`) or an output folder never mixes
+        cases of one seed and index drawn differently."""
+        preset = preset_of_case(self.preset, index)
+        tag = _ID_TAGS[preset]
+        options = (f"C{self.bright_cortex}" if self.bright_cortex else "") + (
+            f"K{self.bright_core}" if self.bright_core else "")
+        if layout is Layout.BRATS2023:
+            return f"BraTS-PH{tag}{options}-{seed:03d}{index:02d}-000"
+        return f"Phantom{'' if preset is PhantomPreset.TRAINING else tag}{options}_{seed:03d}_{index:03d}"
+
+
+# The training ranges, no option: what a series draws unless told otherwise.
+DEFAULT_MIX = PhantomMix()
 
 
 @dataclass
@@ -431,24 +465,6 @@ def _write(array: np.ndarray, path: Path) -> None:
     sitk_write(image, path)
 
 
-# The case ID says which ranges a phantom was drawn from, so that a prepared-case cache (`train --cache`)
-# or an output folder never mixes a training-range case with a wide one of the same seed and index.
-_ID_TAGS = {PhantomPreset.TRAINING: "A", PhantomPreset.WIDE: "W"}
-
-
-def case_id_for(layout: Layout, seed: int, index: int, preset: PhantomPreset = PhantomPreset.TRAINING,
-                bright_cortex: int = 0, bright_core: int = 0) -> str:
-    """The case ID of phantom ``index`` of series ``seed``; a bright-cortex or bright-core share other than 0
-    adds ``C<percent>`` or ``K<percent>`` to the tag, since the option redraws the case."""
-    preset = preset_of_case(preset, index)
-    tag = _ID_TAGS[preset]
-    options = (f"C{bright_cortex}" if check_share(bright_cortex, "bright-cortex") else "") + (
-        f"K{bright_core}" if check_share(bright_core, "bright-core") else "")
-    if layout is Layout.BRATS2023:
-        return f"BraTS-PH{tag}{options}-{seed:03d}{index:02d}-000"
-    return f"Phantom{'' if preset is PhantomPreset.TRAINING else tag}{options}_{seed:03d}_{index:03d}"
-
-
 def write_phantom(phantom: Phantom, out_dir: Path, layout: Layout) -> Path:
     """Write a phantom as a case folder in ``layout``, with its ground truth; returns the folder."""
     folder = Path(out_dir) / phantom.case_id
@@ -470,18 +486,13 @@ def write_phantom(phantom: Phantom, out_dir: Path, layout: Layout) -> Path:
 
 
 def generate(out_dir: Path, n: int, seed: int, layout: Layout = Layout.BRATS2023,
-             size: tuple[int, int, int] = DEFAULT_SIZE, start: int = 0,
-             preset: PhantomPreset = PhantomPreset.TRAINING, bright_cortex: int = 0,
-             bright_core: int = 0) -> list[Path]:
-    """Write ``n`` phantom cases (indices start .. start+n-1) drawn from ``preset``'s ranges into ``out_dir``,
-    ``bright_cortex`` percent of them with a cortex as bright as edema on FLAIR and, when ``bright_core`` is
-    above 0, that percentage without ET and with a core as bright as or brighter than edema."""
+             size: tuple[int, int, int] = DEFAULT_SIZE, start: int = 0, mix: PhantomMix = DEFAULT_MIX) -> list[Path]:
+    """Write ``n`` phantom cases (indices start .. start+n-1) of series ``seed``, drawn as ``mix`` says, into
+    ``out_dir``."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     folders = []
     for index in range(start, start + n):
-        phantom = make_phantom(seed, index, size,
-                               case_id_for(layout, seed, index, preset, bright_cortex, bright_core),
-                               ranges_of_case(preset, index, bright_cortex, bright_core))
+        phantom = make_phantom(seed, index, size, mix.case_id(layout, seed, index), mix.ranges_of_case(index))
         folders.append(write_phantom(phantom, out_dir, layout))
     return folders

@@ -35,7 +35,8 @@ from .inference import EnsemblePredictor, ieee_fp32, native_bf16, resolve_device
 from .io import CaseFiles, cases_with_ground_truth, load_case, load_segmentation
 from .metrics import region_dice
 from .model import CORE_CLASSES, TUMOUR_CLASSES, build_model
-from .options import AugmentLevel, Device, PhantomPreset, Precision, Variant, parse_option
+from .options import AugmentLevel, Device, Precision, Variant, parse_option
+from .phantoms import DEFAULT_MIX, PhantomMix
 from .preprocess import TRAINING_CROP_MARGIN, crop_to_brain
 from .tiling import DIVISOR, FAST_TILE, poolable
 from .weights import WeightsError, read_manifest, save_state, select_folds, sha256_of, write_json_atomic, write_manifest
@@ -136,12 +137,11 @@ def _load_files(case: CaseFiles) -> tuple[np.ndarray, np.ndarray]:
     return loaded.image, from_file_labels(load_segmentation(case, loaded.reference))
 
 
-def _load_phantom(seed: int, index: int, size: tuple[int, int, int], preset: PhantomPreset,
-                  bright_cortex: int = 0, bright_core: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def _load_phantom(seed: int, index: int, size: tuple[int, int, int], mix: PhantomMix) -> tuple[np.ndarray, np.ndarray]:
     from .conventions import MODALITY_ORDER
-    from .phantoms import make_phantom, ranges_of_case
+    from .phantoms import make_phantom
 
-    phantom = make_phantom(seed, index, size, ranges=ranges_of_case(preset, index, bright_cortex, bright_core))
+    phantom = make_phantom(seed, index, size, ranges=mix.ranges_of_case(index))
     return np.stack([phantom.images[m].astype(np.float32) for m in MODALITY_ORDER]), phantom.labels
 
 
@@ -156,18 +156,12 @@ def folder_cases(data_dir: Path) -> list[CaseHandle]:
     return [as_handle(c) for c in cases_with_ground_truth(data_dir)]
 
 
-def phantom_cases(n: int, seed: int, size: tuple[int, int, int],
-                  preset: PhantomPreset = PhantomPreset.TRAINING, bright_cortex: int = 0,
-                  bright_core: int = 0) -> list[CaseHandle]:
-    """``n`` generated phantoms of series ``seed`` drawn from ``preset``'s ranges, ``bright_cortex`` percent
-    of them with a cortex as bright as edema on FLAIR and ``bright_core`` percent (when above 0) without ET
-    with a bright core (`app.phantoms.ranges_of_case`), made in memory when first needed (no NIfTI files)."""
-    from .phantoms import case_id_for
-
+def phantom_cases(n: int, seed: int, size: tuple[int, int, int], mix: PhantomMix = DEFAULT_MIX) -> list[CaseHandle]:
+    """``n`` generated phantoms of series ``seed``, drawn as ``mix`` says, made in memory when first needed
+    (no NIfTI files)."""
     if n < 1:
         raise ValueError(f"need at least one phantom, got {n}")
-    return [CaseHandle(case_id_for(Layout.BRATS2023, seed, i, preset, bright_cortex, bright_core),
-                       partial(_load_phantom, seed, i, tuple(size), preset, bright_cortex, bright_core))
+    return [CaseHandle(mix.case_id(Layout.BRATS2023, seed, i), partial(_load_phantom, seed, i, tuple(size), mix))
             for i in range(n)]
 
 

@@ -80,12 +80,12 @@ def phantom_cases(workdir: Path, cases: int, seed: int, preset: PhantomPreset,
                   size: tuple[int, int, int] | None = None) -> Path:
     """The folder of ``cases`` phantoms of series ``seed`` from ``preset``'s ranges under ``workdir``,
     generated unless a previous run left it there (full BraTS size unless ``size``)."""
-    from app.phantoms import DEFAULT_SIZE, generate
+    from app.phantoms import DEFAULT_SIZE, PhantomMix, generate
 
     size = size or DEFAULT_SIZE
     cases_dir = workdir / f"phantoms_{preset.value}_seed{seed}_n{cases}_{'x'.join(map(str, size))}"
     if not cases_dir.exists():
-        generate(cases_dir, cases, seed=seed, size=size, preset=preset)
+        generate(cases_dir, cases, seed=seed, size=size, mix=PhantomMix(preset))
     return cases_dir
 
 

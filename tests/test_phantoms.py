@@ -13,11 +13,11 @@ from app.phantoms import (
     RANGE_PRESETS,
     WHITE_MATTER,
     WIDE_RANGES,
+    PhantomMix,
     generate,
     grey_matter_share,
     make_phantom,
     preset_of_case,
-    ranges_of_case,
 )
 
 SIZE = (96, 96, 64)
@@ -202,11 +202,11 @@ def test_bright_cortex_draws_the_cortex_as_bright_as_edema_on_flair_only():
 
     for preset in PhantomPreset:
         for index in (0, 1):
-            assert ranges_of_case(preset, index) is RANGE_PRESETS[preset_of_case(preset, index)]
-    assert ranges_of_case(PhantomPreset.TRAINING, 0, 30).bright_cortex_probability == 0.3
+            assert PhantomMix(preset).ranges_of_case(index) is RANGE_PRESETS[preset_of_case(preset, index)]
+    assert PhantomMix(bright_cortex=30).ranges_of_case(0).bright_cortex_probability == 0.3
     with pytest.raises(ValueError, match="whole percentage"):
-        ranges_of_case(PhantomPreset.TRAINING, 0, 101)
-    cases = {share: [make_phantom(11, i, SIZE, ranges=ranges_of_case(PhantomPreset.TRAINING, 0, share))
+        PhantomMix(bright_cortex=101)
+    cases = {share: [make_phantom(11, i, SIZE, ranges=PhantomMix(bright_cortex=share).ranges_of_case(0))
                      for i in range(6)] for share in (0, 100)}
     for plain, bright in zip(cases[0], cases[100]):
         assert np.array_equal(plain.labels, bright.labels) and np.array_equal(plain.tissue, bright.tissue)
@@ -232,10 +232,9 @@ def test_phantoms_command_bright_cortex_share_is_in_the_case_id_and_validated(tm
 def test_bright_cortex_share_is_the_share_of_cases_redrawn():
     """At 30% about 30% of the cases get grey matter's FLAIR mean at 0.85-1.05x edema's and deep grey matter
     between white and grey matter; every other mean, and every other modality, is drawn as without it."""
-    from app.options import PhantomPreset
     from app.phantoms import _DGM, _ED, _GM, _tissue_means
 
-    ranges = ranges_of_case(PhantomPreset.TRAINING, 0, 30)
+    ranges = PhantomMix(bright_cortex=30).ranges_of_case(0)
     redrawn = 0
     for k in range(400):
         plain = _tissue_means(np.random.default_rng(k), Modality.FLAIR, DEFAULT_RANGES)
@@ -261,12 +260,12 @@ def test_bright_core_draws_tumours_without_et_with_a_core_as_bright_as_edema():
     than its edema on FLAIR and T2; at 0 (every preset's value) the generator draws as it did."""
     from app.options import PhantomPreset
 
-    ranges = ranges_of_case(PhantomPreset.TRAINING, 0, 0, 40)
+    ranges = PhantomMix(bright_core=40).ranges_of_case(0)
     assert ranges.non_enhancing_share == 0.4 and ranges.bright_non_enhancing_core
-    assert ranges_of_case(PhantomPreset.WIDE, 1, 0, 0) is WIDE_RANGES
+    assert PhantomMix(PhantomPreset.WIDE).ranges_of_case(1) is WIDE_RANGES
     with pytest.raises(ValueError, match="bright-core share must be a whole percentage"):
-        ranges_of_case(PhantomPreset.TRAINING, 0, 0, 101)
-    every = ranges_of_case(PhantomPreset.TRAINING, 0, 0, 100)
+        PhantomMix(bright_core=101)
+    every = PhantomMix(bright_core=100).ranges_of_case(0)
     readable = 0
     for i in range(4):
         p = make_phantom(13, i, SIZE, ranges=every)
@@ -278,10 +277,9 @@ def test_bright_core_draws_tumours_without_et_with_a_core_as_bright_as_edema():
 
 
 def test_bright_core_redraws_only_the_cores_flair_and_t2_means():
-    from app.options import PhantomPreset
     from app.phantoms import _ED, _NCR, _tissue_means
 
-    ranges = ranges_of_case(PhantomPreset.TRAINING, 0, 0, 40)
+    ranges = PhantomMix(bright_core=40).ranges_of_case(0)
     for k in range(50):
         for modality in Modality:
             plain = _tissue_means(np.random.default_rng(k), modality, ranges)

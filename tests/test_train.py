@@ -14,7 +14,7 @@ import app.train
 from app.augment import AugmentConfig
 from app.io import find_cases
 from app.model import build_model
-from app.phantoms import generate
+from app.phantoms import PhantomMix, generate
 from app.train import (
     PATCH,
     CaseDifficulty,
@@ -557,11 +557,12 @@ def test_wide_phantoms_train_from_their_own_cases_and_are_recorded(tmp_path):
     from app.options import PhantomPreset
     from app.train import phantom_cases
 
-    training, wide = (phantom_cases(1, 45, (48, 48, 32), p) for p in (PhantomPreset.TRAINING, PhantomPreset.WIDE))
+    training, wide = (phantom_cases(1, 45, (48, 48, 32), PhantomMix(p))
+                      for p in (PhantomPreset.TRAINING, PhantomPreset.WIDE))
     assert training[0].case_id != wide[0].case_id
     assert not np.array_equal(training[0].load()[0], wide[0].load()[0])
     manifest, cached = _train_fold_0_on_two_phantoms(tmp_path, "--phantom-ranges", "wide")
-    assert cached == [c.case_id for c in phantom_cases(2, 45, (48, 48, 32), PhantomPreset.WIDE)]
+    assert cached == [c.case_id for c in phantom_cases(2, 45, (48, 48, 32), PhantomMix(PhantomPreset.WIDE))]
     assert manifest["training"]["data"]["phantoms"]["ranges"] == "wide"
 
 
@@ -575,29 +576,27 @@ def test_too_few_cases_for_the_folds_is_a_one_line_usage_error(tmp_path):
 def test_bright_cortex_phantoms_train_from_their_own_cases_and_are_recorded(tmp_path):
     """`train --phantom-bright-cortex 100`: the redrawn cases are cached under their own IDs (a cache shared
     with a plain run of the same seed never hands one the other's case) and the manifest records the share."""
-    from app.options import PhantomPreset
     from app.train import phantom_cases
 
-    plain, bright = (phantom_cases(1, 45, (48, 48, 32), PhantomPreset.TRAINING, b)[0] for b in (0, 100))
+    plain, bright = (phantom_cases(1, 45, (48, 48, 32), PhantomMix(bright_cortex=b))[0] for b in (0, 100))
     assert plain.case_id == "BraTS-PHA-04500-000" and bright.case_id == "BraTS-PHAC100-04500-000"
     (plain_image, plain_labels), (bright_image, bright_labels) = plain.load(), bright.load()
     assert np.array_equal(plain_labels, bright_labels) and not np.array_equal(plain_image[0], bright_image[0])
     manifest, cached = _train_fold_0_on_two_phantoms(tmp_path, "--phantom-bright-cortex", "100")
-    assert cached == [c.case_id for c in phantom_cases(2, 45, (48, 48, 32), PhantomPreset.TRAINING, 100)]
+    assert cached == [c.case_id for c in phantom_cases(2, 45, (48, 48, 32), PhantomMix(bright_cortex=100))]
     assert manifest["training"]["data"]["phantoms"]["bright_cortex_percent"] == 100
     bad = python_cli("train", "--phantoms", "1", "--phantom-bright-cortex", "-5", "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "--phantom-bright-cortex" in bad.stderr
 
 
 def test_bright_core_phantoms_train_under_their_own_ids_and_are_recorded(tmp_path):
-    from app.options import PhantomPreset
     from app.train import phantom_cases
 
-    [bright] = phantom_cases(1, 45, (48, 48, 32), PhantomPreset.TRAINING, 0, 100)
+    [bright] = phantom_cases(1, 45, (48, 48, 32), PhantomMix(bright_core=100))
     assert bright.case_id == "BraTS-PHAK100-04500-000"
     assert not (bright.load()[1] == 3).any()
     manifest, cached = _train_fold_0_on_two_phantoms(tmp_path, "--phantom-bright-core", "100")
-    assert cached == [c.case_id for c in phantom_cases(2, 45, (48, 48, 32), PhantomPreset.TRAINING, 0, 100)]
+    assert cached == [c.case_id for c in phantom_cases(2, 45, (48, 48, 32), PhantomMix(bright_core=100))]
     assert manifest["training"]["data"]["phantoms"]["bright_core_percent"] == 100
 
 
@@ -608,9 +607,9 @@ def test_mixed_phantoms_alternate_the_training_and_wide_cases_of_one_series():
     from app.train import phantom_cases
 
     size = (48, 48, 32)
-    mixed = phantom_cases(4, 45, size, PhantomPreset.MIXED)
-    training = phantom_cases(4, 45, size, PhantomPreset.TRAINING)
-    wide = phantom_cases(4, 45, size, PhantomPreset.WIDE)
+    mixed = phantom_cases(4, 45, size, PhantomMix(PhantomPreset.MIXED))
+    training = phantom_cases(4, 45, size, PhantomMix(PhantomPreset.TRAINING))
+    wide = phantom_cases(4, 45, size, PhantomMix(PhantomPreset.WIDE))
     expected = [training[0], wide[1], training[2], wide[3]]
     assert [c.case_id for c in mixed] == [c.case_id for c in expected]
     for index in (0, 1):
