@@ -29,14 +29,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .augment import AugmentConfig, augment_batch
-from .conventions import ENHANCING, NECROSIS, NORMAL_BRAIN, Layout, from_file_labels
+from .conventions import ENHANCING, MODALITY_ORDER, NECROSIS, NORMAL_BRAIN, Layout, from_file_labels
 from .fusion import dilate, to_host
 from .inference import EnsemblePredictor, ieee_fp32, native_bf16, resolve_device
 from .io import CaseFiles, cases_with_ground_truth, load_case, load_segmentation
 from .metrics import region_dice
 from .model import CORE_CLASSES, TUMOUR_CLASSES, build_model
 from .options import AugmentLevel, Device, Precision, Variant, parse_option
-from .phantoms import DEFAULT_MIX, PhantomMix
+from .phantoms import DEFAULT_MIX, PhantomMix, make_phantom
 from .preprocess import TRAINING_CROP_MARGIN, crop_to_brain
 from .tiling import DIVISOR, FAST_TILE, poolable
 from .weights import WeightsError, read_manifest, save_state, select_folds, sha256_of, write_json_atomic, write_manifest
@@ -138,9 +138,6 @@ def _load_files(case: CaseFiles) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _load_phantom(seed: int, index: int, size: tuple[int, int, int], mix: PhantomMix) -> tuple[np.ndarray, np.ndarray]:
-    from .conventions import MODALITY_ORDER
-    from .phantoms import make_phantom
-
     phantom = make_phantom(seed, index, size, ranges=mix.ranges_of_case(index))
     return np.stack([phantom.images[m].astype(np.float32) for m in MODALITY_ORDER]), phantom.labels
 
