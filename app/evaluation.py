@@ -11,7 +11,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .conventions import AUTO_LABELS, from_file_labels
-from .io import CaseError, find_cases, load_segmentation, read_image, same_geometry
+from .io import CaseError, find_cases, geometry_difference, load_segmentation, read_image
 from .metrics import REGIONS, case_scores
 
 METRICS = ("dice", "hd95", "sensitivity", "specificity", "ppv")
@@ -42,8 +42,10 @@ def evaluate_cases(pred_dir: Path, gt_dir: Path, labels: str = AUTO_LABELS) -> t
         pred_path = Path(pred_dir) / f"{case.case_id}.nii.gz"
         if pred_path.is_file():
             pred_image = read_image(pred_path, case.case_id)
-            if not same_geometry(pred_image, truth_image):
-                raise CaseError(case.case_id, pred_path, "prediction geometry differs from the ground truth")
+            difference = geometry_difference(pred_image, truth_image)
+            if difference is not None:
+                raise CaseError(case.case_id, pred_path,
+                                f"prediction geometry differs from the ground truth: {difference}")
             pred = _file_labels_to_internal(sitk.GetArrayFromImage(pred_image), labels, str(pred_path))
         else:
             missing.append(case.case_id)

@@ -374,17 +374,30 @@ def read_image(path: Path, case_id: str, warnings: list[str] | None = None) -> s
     return image
 
 
-def same_geometry(a: sitk.Image, b: sitk.Image, tolerance: float = GEOMETRY_TOLERANCE) -> bool:
-    return (
-        a.GetSize() == b.GetSize()
-        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tolerance, rtol=tolerance)
-        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tolerance * 100, rtol=tolerance)
-        and np.allclose(a.GetDirection(), b.GetDirection(), atol=tolerance)
+def geometry_difference(a: sitk.Image, b: sitk.Image, tolerance: float = GEOMETRY_TOLERANCE) -> str | None:
+    """What differs between the grids of ``a`` and ``b`` (size, spacing, origin, direction), each property
+    with both values, as ``"origin (2.0, 0.0, 0.0) vs (0.0, 0.0, 0.0)"``; None when they agree within
+    ``tolerance`` (origins within 100 times it: they are in mm, and headers round them)."""
+    checks = (
+        ("size", a.GetSize(), b.GetSize(), 0.0, 0.0),
+        ("spacing", a.GetSpacing(), b.GetSpacing(), tolerance, tolerance),
+        ("origin", a.GetOrigin(), b.GetOrigin(), tolerance * 100, tolerance),
+        ("direction", a.GetDirection(), b.GetDirection(), tolerance, 1e-5),
     )
+    differences = [
+        f"{name} {_rounded(first)} vs {_rounded(second)}"
+        for name, first, second, atol, rtol in checks
+        if len(first) != len(second) or not np.allclose(first, second, atol=atol, rtol=rtol)
+    ]
+    return "; ".join(differences) or None
 
 
-def describe_geometry(image: sitk.Image) -> str:
-    return f"size {image.GetSize()}, spacing {tuple(round(s, 4) for s in image.GetSpacing())}"
+def _rounded(values: tuple[float, ...]) -> tuple[float, ...]:
+    return tuple(v if isinstance(v, int) else round(float(v), 4) for v in values)  # sizes stay integers
+
+
+def same_geometry(a: sitk.Image, b: sitk.Image, tolerance: float = GEOMETRY_TOLERANCE) -> bool:
+    return geometry_difference(a, b, tolerance) is None
 
 
 def load_case(case: CaseFiles) -> LoadedCase:
@@ -415,12 +428,9 @@ def load_case(case: CaseFiles) -> LoadedCase:
 def _checked_array(case: CaseFiles, modality: Modality, path: Path, image: sitk.Image,
                    reference: sitk.Image | None) -> np.ndarray:
     """One modality as float32, with `load_case`'s geometry and all-zero checks."""
-    if reference is not None and not same_geometry(reference, image):
-        raise CaseError(
-            case.case_id, path,
-            f"geometry differs from {case.reference.name}: {describe_geometry(image)} vs "
-            f"{describe_geometry(reference)}",
-        )
+    difference = None if reference is None else geometry_difference(image, reference)
+    if difference is not None:
+        raise CaseError(case.case_id, path, f"geometry differs from {case.reference.name}: {difference}")
     import SimpleITK as sitk
 
     array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
@@ -436,8 +446,10 @@ def load_segmentation(case: CaseFiles, reference: sitk.Image | None = None) -> n
     if case.segmentation is None:
         raise CaseError(case.case_id, case.reference.parent, "no ground-truth segmentation file")
     image = read_image(case.segmentation, case.case_id)
-    if reference is not None and not same_geometry(reference, image):
-        raise CaseError(case.case_id, case.segmentation, "segmentation geometry differs from the images")
+    difference = None if reference is None else geometry_difference(image, reference)
+    if difference is not None:
+        raise CaseError(case.case_id, case.segmentation,
+                        f"segmentation geometry differs from the images: {difference}")
     import SimpleITK as sitk
 
     return sitk.GetArrayFromImage(image)

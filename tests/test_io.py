@@ -10,6 +10,7 @@ from app.io import (
     CaseError,
     check_nifti_integrity,
     find_cases,
+    geometry_difference,
     label_image,
     load_case,
     output_path,
@@ -152,6 +153,22 @@ def test_load_case_zeroes_nan_with_warning_and_rejects_zero_modality(tmp_path):
     _write(flair, np.zeros((6, 7, 8), np.float32))
     with pytest.raises(CaseError, match="all zero"):
         load_case(case)
+
+
+def test_geometry_difference_names_each_property_with_both_values():
+    a = sitk.Image(8, 7, 6, sitk.sitkInt16)
+    b = sitk.Image(8, 7, 6, sitk.sitkInt16)
+    assert geometry_difference(a, b) is None
+    b.SetOrigin((0.001, 0.0, 0.0))  # under the origin's tolerance (0.01 mm)
+    b.SetSpacing((1.0, 1.0, 1.0 + 1e-6))
+    assert geometry_difference(a, b) is None
+    b.SetOrigin((2.0, 0.0, 0.0))
+    b.SetDirection((0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    assert geometry_difference(b, a) == ("origin (2.0, 0.0, 0.0) vs (0.0, 0.0, 0.0); direction "
+                                         "(0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0) vs "
+                                         "(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)")
+    c = sitk.Image(8, 7, 5, sitk.sitkInt16)
+    assert geometry_difference(c, a) == "size (8, 7, 5) vs (8, 7, 6)"
 
 
 def test_partial_files_are_cleaned(tmp_path):

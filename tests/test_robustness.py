@@ -104,7 +104,24 @@ def test_spacing_disagreement_beyond_rounding(cohort, weights):
     bad = _bad_case(cohort)
     path = bad / "BAD-t1n.nii.gz"
     _rewrite(path, sitk.GetArrayFromImage(sitk.ReadImage(str(path))), spacing=(1.0, 1.0, 1.2))
-    _assert_fails_alone(*_predict(cohort, weights), "BAD", "geometry differs", "BAD-t1n.nii.gz")
+    _assert_fails_alone(*_predict(cohort, weights), "BAD", "spacing (1.0, 1.0, 1.2) vs (1.0, 1.0, 1.0)",
+                        "BAD-t1n.nii.gz")
+
+
+@pytest.mark.parametrize("prop", ["origin", "direction"])
+def test_origin_or_direction_disagreement_names_the_property(cohort, weights, prop):
+    bad = _bad_case(cohort)
+    path = bad / "BAD-t2w.nii.gz"
+    image = sitk.ReadImage(str(path))
+    if prop == "origin":
+        image.SetOrigin(tuple(o + 5.0 for o in image.GetOrigin()))
+    else:
+        image.SetDirection((-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    sitk.WriteImage(image, str(path), True)
+    result, out = _predict(cohort, weights)
+    _assert_fails_alone(result, out, "BAD", f"geometry differs from BAD-t2f.nii.gz: {prop} ", "BAD-t2w.nii.gz")
+    # One property differs, so the message names that one only.
+    assert "size" not in result.stderr and "spacing" not in result.stderr
 
 
 def test_spacing_rounding_is_tolerated(cohort, weights):
