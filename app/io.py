@@ -39,6 +39,10 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 NIFTI1_HEADER, NIFTI2_HEADER = 348, 540  # header sizes in bytes (also each header's first field)
 # Geometry may differ by float rounding between modalities written by different tools.
 GEOMETRY_TOLERANCE = 1e-4
+# BraTS images are skull-stripped: zero outside the brain, so the volume's border is background. A case
+# whose border is mostly nonzero in some modality (an unstripped head, or a scanner's noise floor) is read
+# as if every nonzero voxel were brain, and gets a warning saying so.
+MAX_NONZERO_BORDER_SHARE = 0.5
 # Temporary files we may leave in an output folder if killed mid-rename; removed at the next start.
 PARTIAL_MARKER = ".omnet-partial-"
 
@@ -422,7 +426,23 @@ def load_case(case: CaseFiles) -> LoadedCase:
             if reference is None:
                 reference = image
     assert reference is not None
-    return LoadedCase(case, np.stack(channels), reference, warnings)
+    image = np.stack(channels)
+    border = nonzero_border_share(image)
+    if border > MAX_NONZERO_BORDER_SHARE:
+        warnings.append(f"{border:.0%} of the volume's border is nonzero: is the case skull-stripped? every "
+                        "nonzero voxel is read as brain")
+    return LoadedCase(case, image, reference, warnings)
+
+
+def nonzero_border_share(image: np.ndarray) -> float:
+    """The share of the voxels on the six faces of a (C, D, H, W) case that are nonzero in any modality
+    (edges and corners count once per face): 0 for a skull-stripped brain inside its volume, near 1 for a
+    head with a noisy background."""
+    if image.ndim != 4:
+        raise ValueError(f"expected (C, D, H, W) image, got shape {image.shape}")
+    faces = [image[:, i] for i in (0, -1)] + [image[:, :, i] for i in (0, -1)] + [image[..., i] for i in (0, -1)]
+    nonzero = sum(int((face != 0).any(0).sum()) for face in faces)
+    return nonzero / sum(face[0].size for face in faces)
 
 
 def _checked_array(case: CaseFiles, modality: Modality, path: Path, image: sitk.Image,

@@ -13,6 +13,7 @@ from app.io import (
     geometry_difference,
     label_image,
     load_case,
+    nonzero_border_share,
     output_path,
     remove_partial_files,
     write_image_atomic,
@@ -169,6 +170,18 @@ def test_geometry_difference_names_each_property_with_both_values():
                                          "(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)")
     c = sitk.Image(8, 7, 5, sitk.sitkInt16)
     assert geometry_difference(c, a) == "size (8, 7, 5) vs (8, 7, 6)"
+
+
+def test_nonzero_border_share_tells_a_stripped_brain_from_a_noisy_head():
+    image = np.zeros((4, 10, 12, 14), np.float32)
+    image[:, 2:8, 2:10, 2:12] = 1  # a brain inside its volume
+    assert nonzero_border_share(image) == 0.0
+    image[3, 0] = 5  # one face of one modality: a sixth of the border's voxels or more
+    assert 1 / 6 < nonzero_border_share(image) < 0.5
+    image[1] += np.random.default_rng(0).uniform(1, 2, image.shape[1:])  # noise everywhere in T1
+    assert nonzero_border_share(image) == 1.0
+    with pytest.raises(ValueError, match="expected"):
+        nonzero_border_share(image[0])
 
 
 def test_partial_files_are_cleaned(tmp_path):

@@ -209,6 +209,22 @@ def test_nan_and_inf_voxels_warn_and_work(cohort, weights):
     assert len(list(out.iterdir())) == 2
 
 
+def test_unstripped_case_warns_and_works(cohort, weights):
+    """A noisy background in one modality (as an unstripped head has) is segmented with a warning that
+    names it; the skull-stripped case beside it gets none."""
+    noisy, clean = sorted(cohort.iterdir())
+    path = next(noisy.glob("*-t1n.nii.gz"))
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.float32)
+    background = array == 0
+    array[background] = np.random.default_rng(0).uniform(1, 20, int(background.sum()))
+    _rewrite(path, array)
+    result, out = _predict(cohort, weights)
+    assert result.returncode == 0, result.stderr
+    [warned] = [line for line in result.stderr.splitlines() if "is the case skull-stripped?" in line]
+    assert warned.startswith(f"{noisy.name}: ok") and "100% of the volume's border is nonzero" in warned
+    assert len(list(out.iterdir())) == 2
+
+
 def test_spaces_non_ascii_and_symlinked_case_folders(tmp_path, weights):
     [a, b] = small_cases(tmp_path / "store", 2, seed=23, layout=Layout.TOOLKIT)
     cohort = tmp_path / "in"
