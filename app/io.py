@@ -43,6 +43,13 @@ GEOMETRY_TOLERANCE = 1e-4
 # whose border is mostly nonzero in some modality (an unstripped head, or a scanner's noise floor) is read
 # as if every nonzero voxel were brain, and gets a warning saying so.
 MAX_NONZERO_BORDER_SHARE = 0.5
+# Case folders are looked for this many levels below the input folder: a BraTS release unpacked there keeps
+# its cases one level down (<release>/<case>/), and a site may sort them by centre or date below that.
+MAX_CASE_DEPTH = 3
+# macOS archives carry a "._<name>" metadata file beside every file (and copies of them under __MACOSX/):
+# never images, although their names end like the image's.
+APPLEDOUBLE_PREFIX = "._"
+MACOS_METADATA_FOLDER = "__MACOSX"
 # Temporary files we may leave in an output folder if killed mid-rename; removed at the next start.
 PARTIAL_MARKER = ".omnet-partial-"
 
@@ -125,7 +132,7 @@ def _nifti_files(folder: Path) -> list[tuple[Path, str]]:
     entries = []
     for path in sorted(folder.iterdir()):
         stem = _strip_nifti(path.name)
-        if stem is not None and path.is_file():
+        if stem is not None and path.is_file() and not path.name.startswith(APPLEDOUBLE_PREFIX):
             entries.append((path, stem))
     return entries
 
@@ -205,8 +212,37 @@ def _flat_cases(folder: Path) -> tuple[list[CaseFiles], list[CaseError]]:
     return cases, errors
 
 
+def _find_case_folders(folder: Path, depth: int, found: Discovery, searched: set[Path]) -> None:
+    """Add to ``found`` the case folders among ``folder``'s subfolders; a subfolder holding no BraTS-named
+    file is searched in turn, ``depth`` levels in all (``searched``: the folders already searched, so that a
+    symlink loop ends). Case IDs are the case folders' names, wherever they lie."""
+    for entry in sorted(folder.iterdir()):
+        if not entry.is_dir():  # follows symlinked case folders
+            continue
+        try:
+            case = _case_from_folder(entry)
+            real = entry.resolve()
+            if case is None and depth > 1 and real not in searched and not _skipped_folder(entry.name):
+                searched.add(real)
+                _find_case_folders(entry, depth - 1, found, searched)
+        except CaseError as err:
+            found.errors.append(err)
+            continue
+        except OSError as err:  # an unreadable folder fails alone, as a bad case does
+            found.errors.append(CaseError(entry.name, entry, f"cannot read the folder: {err.strerror or err}"))
+            continue
+        if case is not None:
+            found.cases.append(case)
+
+
+def _skipped_folder(name: str) -> bool:
+    """Folders never searched for cases: hidden ones (.git and the like) and a macOS archive's metadata."""
+    return name.startswith(".") or name == MACOS_METADATA_FOLDER
+
+
 def find_cases(input_dir: Path | str) -> Discovery:
-    """Find every case under ``input_dir``: case folders (any layout) and flat files in the folder itself.
+    """Find every case under ``input_dir``: case folders (any layout) up to MAX_CASE_DEPTH levels down, and
+    flat files in the folder itself.
 
     Raises ``FileNotFoundError``/``NotADirectoryError`` for a missing input folder; per-case problems are
     returned in ``Discovery.errors`` so the other cases still run.
@@ -217,15 +253,7 @@ def find_cases(input_dir: Path | str) -> Discovery:
     if not root.is_dir():
         raise NotADirectoryError(f"input {root} is not a folder")
     found = Discovery()
-    for entry in sorted(root.iterdir()):
-        if entry.is_dir():  # follows symlinked case folders
-            try:
-                case = _case_from_folder(entry)
-            except CaseError as err:
-                found.errors.append(err)
-                continue
-            if case is not None:
-                found.cases.append(case)
+    _find_case_folders(root, MAX_CASE_DEPTH, found, {root.resolve()})
     flat_cases, flat_errors = _flat_cases(root)
     found.errors.extend(flat_errors)
     found.cases.extend(flat_cases)

@@ -34,6 +34,7 @@ from .conventions import AUTO_LABELS, MODALITY_ORDER, Modality, to_file_labels
 from .fusion import TaskProbabilities, fusion_region
 from .inference import CasePrediction, EnsemblePredictor
 from .io import (
+    MAX_CASE_DEPTH,
     CaseError,
     CaseFiles,
     LoadedCase,
@@ -298,7 +299,8 @@ def run_predict(predictor: EnsemblePredictor, options: PredictOptions, stream: T
     except OSError as err:
         raise UsageError(str(err)) from None
     if not found.cases and not found.errors:
-        raise UsageError(f"no BraTS case found under {options.input_dir}")
+        raise UsageError(f"no BraTS case found under {options.input_dir} (case folders are looked for up to "
+                         f"{MAX_CASE_DEPTH} levels down; BraTS-named files directly in it form cases too)")
     prepare_output(options)
     cases, errors = select_shard(found.cases, found.errors, options.shard)
     results = [CaseResult(e.case_id, CaseStatus.FAILED, error=str(e)) for e in errors]

@@ -60,6 +60,50 @@ def test_flat_files_in_the_input_folder_form_cases(tmp_path):
     assert sorted(c.case_id for c in found.cases) == ["BraTS2021_00001", "BraTS2021_00002"]
 
 
+def _case_folder(folder: Path, style: str = "2023") -> Path:
+    for name in LAYOUT_FILES[style]:
+        _write(folder / name.format(id=folder.name))
+    return folder
+
+
+def test_case_folders_are_found_up_to_three_levels_down(tmp_path):
+    _case_folder(tmp_path / "TOP")
+    _case_folder(tmp_path / "Release" / "ONE_DOWN", "2018")
+    _case_folder(tmp_path / "Release" / "SiteA" / "TWO_DOWN")
+    _case_folder(tmp_path / "Release" / "SiteA" / "2024" / "TOO_DEEP")
+    (tmp_path / "Release" / "loop").symlink_to(tmp_path / "Release")  # searched once, not forever
+    found = find_cases(tmp_path)
+    assert not found.errors
+    assert sorted(c.case_id for c in found.cases) == ["ONE_DOWN", "TOP", "TWO_DOWN"]
+
+
+def test_macos_metadata_is_never_read_as_an_image(tmp_path):
+    case = _case_folder(tmp_path / "Release" / "X")
+    (case / "._X-t1n.nii.gz").write_bytes(b"\x00\x05\x16\x07")  # AppleDouble beside the image it describes
+    (tmp_path / "__MACOSX" / "Release" / "X").mkdir(parents=True)
+    (tmp_path / "__MACOSX" / "Release" / "X" / "._X-t2f.nii.gz").write_bytes(b"\x00\x05\x16\x07")
+    found = find_cases(tmp_path)
+    assert not found.errors and [c.case_id for c in found.cases] == ["X"]
+    assert found.cases[0].modalities[Modality.T1].name == "X-t1n.nii.gz"
+
+
+def test_an_unreadable_folder_fails_alone(tmp_path, monkeypatch):
+    _case_folder(tmp_path / "GOOD")
+    (tmp_path / "LOCKED").mkdir()
+    listing = Path.iterdir
+
+    def iterdir(self):
+        if self.name == "LOCKED":  # what a folder without read permission gives a non-root user
+            raise PermissionError(13, "Permission denied", str(self))
+        return listing(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    found = find_cases(tmp_path)
+    assert [c.case_id for c in found.cases] == ["GOOD"]
+    [error] = found.errors
+    assert error.case_id == "LOCKED" and "cannot read the folder: Permission denied" in str(error)
+
+
 def test_ground_truth_is_recognised_and_extras_ignored(tmp_path):
     for name in LAYOUT_FILES["2023"] + ["{id}-seg.nii.gz", "notes.nii.gz"]:
         _write(tmp_path / "X" / name.format(id="X"))

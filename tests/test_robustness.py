@@ -176,6 +176,15 @@ def test_case_id_escaping_the_output_folder(cohort, weights):
 # ------------------------------------------------------------------------------------ must work
 
 
+def test_cases_inside_an_unpacked_release_folder(tmp_path, weights):
+    """A BraTS release unpacked into the input keeps its case folders a level or two down; each label map
+    lands directly in the output folder, named by its case."""
+    cases = small_cases(tmp_path / "in" / "Release" / "SiteA", 1, seed=23) + small_cases(tmp_path / "in", 1)
+    result, out = _predict(tmp_path / "in", weights)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{c.name}.nii.gz" for c in cases)
+
+
 def test_unknown_extra_file_is_ignored(cohort, weights):
     (cohort / next(iter(os.listdir(cohort))) / "notes.nii.gz").write_bytes(b"not a nifti at all")
     (cohort / "README.txt").write_text("hello")
