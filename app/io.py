@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import os
 import shutil
@@ -536,19 +537,32 @@ def write_image_atomic(image: sitk.Image, destination: Path) -> None:
         partial = destination.with_name(f"{PARTIAL_MARKER}{os.getpid()}-{destination.name}")
         try:
             with open(staged, "rb") as src, open(partial, "wb") as dst:
+                # Held until the rename: another run starting on this output folder (a second shard)
+                # cleans up only the partial files nobody holds (`remove_partial_files`).
+                fcntl.flock(dst, fcntl.LOCK_EX)
                 shutil.copyfileobj(src, dst, 1 << 20)
                 dst.flush()
                 os.fsync(dst.fileno())
-            os.replace(partial, destination)
+                os.replace(partial, destination)
         finally:
             partial.unlink(missing_ok=True)
 
 
 def remove_partial_files(output_dir: Path) -> list[Path]:
-    """Delete temporary files a killed run may have left in ``output_dir``; returns what was removed."""
+    """Delete temporary files a killed run may have left in ``output_dir``; returns what was removed.
+
+    A partial file that another run is still writing (it holds a lock on it: shards of one cohort running
+    at once into one folder) is left to that run."""
     removed = []
     for path in Path(output_dir).glob(f"{PARTIAL_MARKER}*"):
-        path.unlink(missing_ok=True)
+        try:
+            with open(path, "rb") as held:
+                fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                path.unlink(missing_ok=True)
+        except BlockingIOError:
+            continue  # being written
+        except FileNotFoundError:
+            continue  # renamed into place or removed meanwhile
         removed.append(path)
     return removed
 

@@ -1,4 +1,7 @@
+import fcntl
 import gzip
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -233,6 +236,43 @@ def test_partial_files_are_cleaned(tmp_path):
     (tmp_path / "a.nii.gz").write_bytes(b"y")
     remove_partial_files(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["a.nii.gz"]
+
+
+def test_a_second_run_starting_mid_copy_leaves_the_file_in_flight(tmp_path, monkeypatch):
+    """The output folder on another filesystem than the staging folder (Docker's bind-mounted /output):
+    the label map is copied under a hidden name; a second run's clean-up in the middle of that copy leaves
+    it, and the map lands complete."""
+    replace, copy = os.replace, shutil.copyfileobj
+
+    def cross_device(source, target):
+        if "omnet-write-" in str(source):
+            raise OSError(18, "Invalid cross-device link")
+        return replace(source, target)
+
+    cleaned = []
+
+    def copy_while_another_run_starts(source, target, length=0):
+        cleaned.append(remove_partial_files(tmp_path))
+        return copy(source, target, length)
+
+    monkeypatch.setattr(os, "replace", cross_device)
+    monkeypatch.setattr(shutil, "copyfileobj", copy_while_another_run_starts)
+    labels = np.zeros((5, 6, 7), np.uint8)
+    labels[2, 3, 4] = 2
+    write_image_atomic(label_image(labels, sitk.GetImageFromArray(labels)), tmp_path / "y.nii.gz")
+    assert cleaned == [[]]
+    assert [p.name for p in tmp_path.iterdir()] == ["y.nii.gz"]
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "y.nii.gz")))[2, 3, 4] == 2
+
+
+def test_a_partial_file_another_run_is_writing_is_left_alone(tmp_path):
+    """A second shard starting on the same output folder must not delete the first shard's file in flight:
+    the writer holds a lock on it (as `write_image_atomic` does), and only an unheld one is a leftover."""
+    in_flight = tmp_path / ".omnet-partial-7-b.nii.gz"
+    with open(in_flight, "wb") as writer:
+        fcntl.flock(writer, fcntl.LOCK_EX)
+        assert remove_partial_files(tmp_path) == [] and in_flight.exists()
+    assert remove_partial_files(tmp_path) == [in_flight] and not in_flight.exists()
 
 
 def test_load_case_reports_the_first_bad_modality_in_channel_order(tmp_path):
