@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import gzip
 import os
@@ -539,7 +540,8 @@ def write_image_atomic(image: sitk.Image, destination: Path) -> None:
             with open(staged, "rb") as src, open(partial, "wb") as dst:
                 # Held until the rename: another run starting on this output folder (a second shard)
                 # cleans up only the partial files nobody holds (`remove_partial_files`).
-                fcntl.flock(dst, fcntl.LOCK_EX)
+                with contextlib.suppress(OSError):  # a filesystem without locks: written unlocked
+                    fcntl.flock(dst, fcntl.LOCK_EX)
                 shutil.copyfileobj(src, dst, 1 << 20)
                 dst.flush()
                 os.fsync(dst.fileno())
@@ -556,15 +558,26 @@ def remove_partial_files(output_dir: Path) -> list[Path]:
     removed = []
     for path in Path(output_dir).glob(f"{PARTIAL_MARKER}*"):
         try:
-            with open(path, "rb") as held:
-                fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with open(path, "rb") as file:
+                if _held_by_another_run(file):
+                    continue
                 path.unlink(missing_ok=True)
-        except BlockingIOError:
-            continue  # being written
         except FileNotFoundError:
             continue  # renamed into place or removed meanwhile
         removed.append(path)
     return removed
+
+
+def _held_by_another_run(file) -> bool:
+    """Whether another process holds the lock `write_image_atomic` takes on ``file`` (False on a filesystem
+    without locks, where nothing can tell)."""
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def output_path(output_dir: Path, case_id: str) -> Path:
