@@ -498,6 +498,7 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .io import CaseError
     from .phantoms import GENERATOR_VERSION, PhantomMix
     from .train import (
         TrainConfig,
@@ -540,8 +541,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.cache is None:
             print("error: --prepare-only needs --cache", file=sys.stderr)
             return EXIT_USAGE
-        handles = folder_cases(cases) if isinstance(cases, Path) else cases
-        prepare_all(handles, args.cache, max(1, args.prepare_workers))
+        try:
+            handles = folder_cases(cases) if isinstance(cases, Path) else cases
+            prepare_all(handles, args.cache, max(1, args.prepare_workers))
+        except TrainingSetupError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_USAGE
+        except CaseError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_CASE_FAILED
         print(f"prepared {len(handles)} case(s) in {args.cache}", file=sys.stderr)
         return EXIT_OK
     if args.manifest_only:
@@ -552,9 +560,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         manifest = train_ensemble(cfg, cases, args.out, args.fold, data, progress=not args.quiet,
                                   cache_dir=args.cache, time_limit=args.time_limit,
                                   prepare_workers=args.prepare_workers)
-    except (WeightsError, TrainingSetupError) as err:  # --init-from, --fold, --precision or --device cannot be used
+    except (WeightsError, TrainingSetupError) as err:  # --data, --init-from, --fold, --precision or --device
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except CaseError as err:  # a training case that cannot be read: fix or remove it, then resume
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CASE_FAILED
     print(f"weights folder {args.out}: {len(manifest['folds'])} fold(s)", file=sys.stderr)
     return EXIT_OK
 

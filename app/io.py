@@ -64,6 +64,9 @@ class CaseError(Exception):
         where = f" [{path}]" if path is not None else ""
         super().__init__(f"case {case_id}{where}: {reason}")
 
+    def __reduce__(self):  # raised in a worker process (training's case preparation), it is pickled back
+        return type(self), (self.case_id, self.path, self.reason)
+
 
 @dataclass(frozen=True)
 class CaseFiles:

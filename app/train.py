@@ -149,8 +149,12 @@ def as_handle(case: CaseFiles | CaseHandle) -> CaseHandle:
 
 
 def folder_cases(data_dir: Path) -> list[CaseHandle]:
-    """The cases with ground truth in a BraTS training folder (any layout `find_cases` reads)."""
-    return [as_handle(c) for c in cases_with_ground_truth(data_dir)]
+    """The cases with ground truth in a BraTS training folder (any layout `find_cases` reads);
+    `TrainingSetupError` when the folder is missing, holds no such case or a case that cannot be assembled."""
+    try:
+        return [as_handle(c) for c in cases_with_ground_truth(data_dir)]
+    except (OSError, ValueError) as err:
+        raise TrainingSetupError(f"--data {data_dir}: {err}") from err
 
 
 def phantom_cases(n: int, seed: int, size: tuple[int, int, int], mix: PhantomMix = DEFAULT_MIX) -> list[CaseHandle]:

@@ -193,6 +193,29 @@ def test_integer_list_flags_of_phantoms_and_train_are_usage_errors(tmp_path):
     assert not (tmp_path / "p").exists() and not (tmp_path / "w").exists()
 
 
+def test_training_data_that_cannot_be_used_is_a_one_line_error(tmp_path):
+    """A missing or empty --data folder is a usage error (2); a training case that cannot be read stops the
+    run with its case and file named (1), also when it is read in a preparation worker process."""
+    (tmp_path / "empty").mkdir()
+    for data, message in [(tmp_path / "missing", "does not exist"), (tmp_path / "empty", "no cases with ground")]:
+        result = python_cli("train", "--data", str(data), "--out", str(tmp_path / "w"))
+        assert result.returncode == 2, result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: --data {data}: ") and message in last
+        assert "Traceback" not in result.stderr
+    [bad] = small_cases(tmp_path / "data", 1, seed=26)
+    flair = next(bad.glob("*-t2f.nii.gz"))
+    image = sitk.ReadImage(str(flair))
+    image.SetOrigin((5.0, 5.0, 5.0))
+    sitk.WriteImage(image, str(flair), True)
+    result = python_cli("train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "w"),
+                        "--cache", str(tmp_path / "cache"), "--prepare-only", "--prepare-workers", "2")
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: case {bad.name} [") and "geometry differs" in last and "origin" in last
+    assert "Traceback" not in result.stderr
+
+
 def test_side_outputs_inside_the_output_folder_are_refused(tmp_path, weights):
     small_cases(tmp_path / "in", 1)
     out = tmp_path / "out"

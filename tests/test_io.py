@@ -1,6 +1,7 @@
 import fcntl
 import gzip
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -229,6 +230,13 @@ def test_nonzero_border_share_tells_a_stripped_brain_from_a_noisy_head():
     assert nonzero_border_share(image) == 1.0
     with pytest.raises(ValueError, match="expected"):
         nonzero_border_share(image[0])
+
+
+def test_case_error_survives_pickling():
+    """Training prepares cases in worker processes, whose exceptions come back pickled."""
+    error = pickle.loads(pickle.dumps(CaseError("X", Path("/in/X/X-t1n.nii.gz"), "all zero")))
+    assert isinstance(error, CaseError) and str(error) == "case X [/in/X/X-t1n.nii.gz]: all zero"
+    assert (error.case_id, error.reason) == ("X", "all zero")
 
 
 def test_partial_files_are_cleaned(tmp_path):
