@@ -20,6 +20,7 @@ from .options import (
     ENHANCEMENT_CHECK_VOXELS,
     MIN_ENHANCEMENT,
     MIN_ENHANCING_VOXELS,
+    MIN_PHANTOM_SIDE,
     TRAINABLE_VARIANTS,
     AugmentLevel,
     BiasCorrection,
@@ -81,6 +82,22 @@ def non_negative_int(text: str) -> int:
     if values[0] < 0:
         raise argparse.ArgumentTypeError(f"needs an integer >= 0, got {text!r}")
     return values[0]
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type`` for a count of at least 1."""
+    value = non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"needs an integer >= 1, got {text!r}")
+    return value
+
+
+def phantom_size(text: str) -> tuple[int, ...]:
+    """An argparse ``type`` for a phantom's X,Y,Z voxels, each at least MIN_PHANTOM_SIDE."""
+    values = int_list(3)(text)
+    if min(values) < MIN_PHANTOM_SIDE:
+        raise argparse.ArgumentTypeError(f"needs 3 comma-separated integers >= {MIN_PHANTOM_SIDE}, got {text!r}")
+    return values
 
 
 def percentage(text: str) -> int:
@@ -256,11 +273,11 @@ BRIGHT_CORE_HELP = ("whole percentage (0-100, default 0: the presets as they are
 
 def _add_phantoms_flags(ph: argparse.ArgumentParser) -> None:
     ph.add_argument("--out", type=Path, required=True, help="folder to write the cases into")
-    ph.add_argument("--n", type=int, required=True, help="number of cases")
+    ph.add_argument("--n", type=positive_int, required=True, help="number of cases")
     ph.add_argument("--seed", type=int, default=0, help="series seed; case i is deterministic for (seed, i)")
     ph.add_argument("--start", type=int, default=0, help="index of the first case in the series")
     ph.add_argument("--convention", default=Layout.BRATS2023.value, choices=choices(Layout), help="file naming layout")
-    ph.add_argument("--size", type=int_list(3), default="240,240,155",
+    ph.add_argument("--size", type=phantom_size, default="240,240,155",
                     help="X,Y,Z voxels (1 mm); anatomy scales with it")
     ph.add_argument("--ranges", default=PhantomPreset.TRAINING.value, choices=choices(PhantomPreset),
                     help="training: the generator's ranges, which the shipped weights were trained on; wide: "
@@ -275,13 +292,13 @@ def _add_phantoms_flags(ph: argparse.ArgumentParser) -> None:
 def _add_train_flags(tr: argparse.ArgumentParser) -> None:
     source = tr.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", type=Path, help="training folder (BraTS layout, with *seg files)")
-    source.add_argument("--phantoms", type=int, metavar="N",
+    source.add_argument("--phantoms", type=positive_int, metavar="N",
                         help="train on N generated phantoms made in memory (no NIfTI files), series --phantom-seed")
     tr.add_argument("--phantom-seed", type=int, default=1, help="series seed of --phantoms")
     tr.add_argument("--phantom-ranges", default=PhantomPreset.TRAINING.value, choices=choices(PhantomPreset),
                     help="ranges --phantoms are drawn from (the phantoms command's --ranges): training, wide "
                          "(anatomy and appearance stretched beyond them) or mixed (the two alternating case by case)")
-    tr.add_argument("--phantom-size", type=int_list(3), default="240,240,155",
+    tr.add_argument("--phantom-size", type=phantom_size, default="240,240,155",
                     help="X,Y,Z voxels of --phantoms")
     tr.add_argument("--phantom-bright-cortex", type=percentage, default=0, metavar="PERCENT",
                     help=f"the phantoms command's --bright-cortex for --phantoms: {BRIGHT_CORTEX_HELP}")
@@ -492,7 +509,11 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
     from .phantoms import PhantomMix, generate
 
     mix = PhantomMix(PhantomPreset(args.ranges), args.bright_cortex, args.bright_core)
-    folders = generate(args.out, args.n, args.seed, Layout(args.convention), args.size, args.start, mix)  # type: ignore[arg-type]
+    try:
+        folders = generate(args.out, args.n, args.seed, Layout(args.convention), args.size, args.start, mix)  # type: ignore[arg-type]
+    except OSError as err:  # --out cannot hold the cases: a file there, no permission, a full disk
+        print(f"error: cannot write the phantoms to {args.out}: {err}", file=sys.stderr)
+        return EXIT_USAGE
     print(f"wrote {len(folders)} phantom case(s) to {args.out}", file=sys.stderr)
     return EXIT_OK
 

@@ -163,6 +163,11 @@ class PhantomPreset(str, Enum):
     MIXED = "mixed"
 
 
+# The smallest side of a generated phantom, in voxels: below it the anatomy scaled with the size has no room
+# for a cortex, ventricles and a tumour (`phantoms --size`, `train --phantom-size`).
+MIN_PHANTOM_SIDE = 16
+
+
 class Variant(str, Enum):
     """Network variants of the paper's Table I. SINGLE is one task's network, the cascade's building block
     (not trained or shipped on its own)."""

@@ -32,7 +32,7 @@ import torch
 from scipy import ndimage
 
 from .conventions import EDEMA, ENHANCING, NECROSIS, LabelConvention, Layout, Modality, to_file_labels
-from .options import PhantomPreset
+from .options import MIN_PHANTOM_SIDE, PhantomPreset
 
 GENERATOR_VERSION = "2.2"
 DEFAULT_SIZE = (240, 240, 155)  # x, y, z as BraTS stores it (1 mm isotropic)
@@ -439,8 +439,8 @@ def _store(rng: np.random.Generator, image: np.ndarray, ranges: PhantomRanges) -
 def make_phantom(seed: int, index: int, size: tuple[int, int, int] = DEFAULT_SIZE, case_id: str | None = None,
                  ranges: PhantomRanges = DEFAULT_RANGES) -> Phantom:
     """Generate phantom number ``index`` of the series ``seed``; ``size`` is (x, y, z) in voxels."""
-    if len(size) != 3 or min(size) < 16:
-        raise ValueError(f"phantom size must be three integers >= 16, got {size}")
+    if len(size) != 3 or min(size) < MIN_PHANTOM_SIDE:
+        raise ValueError(f"phantom size must be three integers >= {MIN_PHANTOM_SIDE}, got {size}")
     rng = np.random.default_rng([seed, index])
     shape = (size[2], size[1], size[0])
     scale = min(s / d for s, d in zip(size, DEFAULT_SIZE))

@@ -181,16 +181,26 @@ def test_usage_errors_exit_2(tmp_path, weights):
     assert bad_flag.returncode == 2 and "invalid choice" in bad_flag.stderr
 
 
-def test_integer_list_flags_of_phantoms_and_train_are_usage_errors(tmp_path):
+def test_bad_counts_sizes_and_folders_of_phantoms_and_train_are_usage_errors(tmp_path):
     for args, message in [
         (["phantoms", "--out", str(tmp_path / "p"), "--n", "1", "--size", "128,128"], "argument --size: needs 3"),
         (["train", "--data", str(tmp_path), "--out", str(tmp_path / "w"), "--stage-steps", "5,5"],
          "argument --stage-steps: needs 3"),
+        (["phantoms", "--out", str(tmp_path / "p"), "--n", "0"], "argument --n: needs an integer >= 1"),
+        (["phantoms", "--out", str(tmp_path / "p"), "--n", "1", "--size", "64,64,8"],
+         "argument --size: needs 3 comma-separated integers >= 16"),
+        (["train", "--phantoms", "0", "--out", str(tmp_path / "w")], "argument --phantoms: needs an integer >= 1"),
+        (["train", "--phantoms", "2", "--phantom-size", "8,64,64", "--out", str(tmp_path / "w")],
+         "argument --phantom-size: needs 3 comma-separated integers >= 16"),
     ]:
         result = python_cli(*args)
         assert result.returncode == 2, (args, result.stderr)
         assert message in result.stderr
     assert not (tmp_path / "p").exists() and not (tmp_path / "w").exists()
+    (tmp_path / "file").write_text("not a folder")
+    result = python_cli("phantoms", "--out", str(tmp_path / "file"), "--n", "1", "--size", "32,32,32")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith(f"error: cannot write the phantoms to {tmp_path / 'file'}: ")
 
 
 def test_training_data_that_cannot_be_used_is_a_one_line_error(tmp_path):
