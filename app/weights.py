@@ -100,7 +100,9 @@ def read_manifest(folder: Path | str) -> Manifest:
             FoldWeights(int(f["fold"]), folder / str(f["file"]), str(f["sha256"]), int(f.get("width", width)))
             for f in raw["folds"]
         )
-    except (ValueError, KeyError, TypeError) as err:
+    except KeyError as err:
+        raise WeightsError(f"malformed {path}: no {err} entry") from None
+    except (ValueError, TypeError) as err:
         raise WeightsError(f"malformed {path}: {err}") from None
     if variant not in {v.value for v in Variant}:
         raise WeightsError(f"{path}: unknown variant {variant!r}")

@@ -343,6 +343,20 @@ def test_manifest_naming_a_missing_fold_is_refused(cohort, tmp_path):
     assert result.returncode == 2 and "missing" in result.stderr
 
 
+@pytest.mark.parametrize(("manifest", "message"), [
+    ("{not json", "malformed"),
+    ('{"width": 8, "folds": []}', "no 'variant' entry"),
+    ('{"variant": "omnet_cga", "width": 8, "folds": []}', "lists no folds"),
+])
+def test_broken_manifest_is_one_line_before_any_case(cohort, tmp_path, manifest, message):
+    folder = random_weights(tmp_path / "w", folds=1)
+    (folder / "manifest.json").write_text(manifest)
+    result, out = _predict(cohort, folder)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and message in result.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_pickle_weights_are_never_loaded(cohort, tmp_path):
     folder = random_weights(tmp_path / "w", folds=1)
     manifest = json.loads((folder / "manifest.json").read_text())
