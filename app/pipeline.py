@@ -35,6 +35,7 @@ from .fusion import TaskProbabilities, fusion_region
 from .inference import CasePrediction, EnsemblePredictor
 from .io import (
     MAX_CASE_DEPTH,
+    PARTIAL_MARKER,
     CaseError,
     CaseFiles,
     LoadedCase,
@@ -114,20 +115,36 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def prepare_output(options: PredictOptions) -> None:
-    """Create and probe the output folder; refuse side outputs that would land inside it."""
+    """Create and probe the output folder and the side outputs' folders, before any case is read: a side
+    output that would land inside the output folder, or a folder that cannot be written, is a usage error
+    rather than a failure after the cases have run."""
     out = options.output_dir
     for name, extra in (("--report", options.report), ("--save-probabilities", options.save_probabilities),
                         ("--qc", options.qc_dir)):
         if extra is not None and _inside(Path(extra), out):
             raise UsageError(f"{name} {extra} is inside the output folder {out}, which must hold only label maps")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".omnet-partial-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise UsageError(f"output folder {out} is not writable: {err.strerror or err}") from None
+    _probe_folder(out, "output folder")
+    for name, folder in (("--save-probabilities", options.save_probabilities), ("--qc", options.qc_dir)):
+        if folder is not None:
+            _probe_folder(Path(folder), f"{name} folder")
+    if options.report is not None:
+        if Path(options.report).is_dir():
+            raise UsageError(f"--report {options.report} is a folder; it names the JSON file to write")
+        _probe_folder(Path(options.report).parent, "--report's folder")
     remove_partial_files(out)
+
+
+def _probe_folder(folder: Path, what: str) -> None:
+    """Create ``folder`` if needed and write and remove a file in it, or raise UsageError naming it."""
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{what} {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f"{PARTIAL_MARKER}probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink(missing_ok=True)  # a second shard starting meanwhile may have removed it
+    except OSError as err:
+        raise UsageError(f"{what} {folder} is not writable: {err.strerror or err}") from None
 
 
 def select_shard(cases: list[CaseFiles], errors: list[CaseError], shard: tuple[int, int]):

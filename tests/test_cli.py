@@ -234,6 +234,20 @@ def test_side_outputs_inside_the_output_folder_are_refused(tmp_path, weights):
     assert result.returncode == 2 and "inside the output folder" in result.stderr
 
 
+@pytest.mark.parametrize(("flag", "kind"), [("--qc", "file"), ("--save-probabilities", "file"), ("--report", "folder")])
+def test_side_outputs_that_cannot_be_written_stop_before_any_case(tmp_path, weights, flag, kind):
+    """Found at the start, not after every case has run (the report is written last)."""
+    small_cases(tmp_path / "in", 1)
+    target = tmp_path / "side"
+    target.mkdir() if kind == "folder" else target.write_text("x")
+    out = tmp_path / "out"
+    result = run_cli("--input", str(tmp_path / "in"), "--output", str(out), "--weights", str(weights), flag,
+                     str(target))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().startswith(f"error: {flag}") and "started" not in result.stderr
+    assert not any(out.iterdir())
+
+
 def test_first_run_messages_name_the_flag_and_the_defaults(tmp_path):
     bad_tile = python_cli("predict", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--tile", "25,48,48")
     assert bad_tile.returncode == 2 and "--tile" in bad_tile.stderr and "multiples of 8" in bad_tile.stderr

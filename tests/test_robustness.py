@@ -323,7 +323,7 @@ def test_output_path_is_a_file(cohort, weights):
     target = cohort.parent / "out"
     target.write_text("I am a file")
     result = run_cli("--input", str(cohort), "--output", str(target), "--weights", str(weights))
-    assert result.returncode == 2 and "not writable" in result.stderr
+    assert result.returncode == 2 and f"output folder {target} is a file, not a folder" in result.stderr
 
 
 def test_tampered_weights_refused_before_reading_cases(cohort, tmp_path):
