@@ -11,7 +11,15 @@ import numpy as np
 import SimpleITK as sitk
 
 from .conventions import AUTO_LABELS, from_file_labels
-from .io import CaseError, find_cases, geometry_difference, load_segmentation, read_image
+from .io import (
+    CaseError,
+    find_cases,
+    geometry_difference,
+    load_segmentation,
+    read_image,
+    writable_file,
+    writable_folder,
+)
 from .metrics import REGIONS, case_scores
 
 METRICS = ("dice", "hd95", "sensitivity", "specificity", "ppv")
@@ -86,6 +94,10 @@ def write_csv(rows: list[dict], path: Path) -> None:
 def evaluate_folder(pred_dir: Path, gt_dir: Path, csv_path: Path | None, labels: str, qc_dir: Path | None) -> int:
     """CLI body: prints the table, writes the CSV (and QC pictures); exit 0, or 2 on unusable input."""
     try:
+        if csv_path is not None:  # checked first: a table that cannot be saved is found before scoring
+            writable_file(Path(csv_path), "--csv")
+        if qc_dir is not None:
+            writable_folder(Path(qc_dir), "--qc folder")
         rows, missing = evaluate_cases(pred_dir, gt_dir, labels)
     except (ValueError, OSError, CaseError) as err:
         print(f"error: {err}", file=sys.stderr)

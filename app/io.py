@@ -553,6 +553,27 @@ def write_image_atomic(image: sitk.Image, destination: Path) -> None:
             partial.unlink(missing_ok=True)
 
 
+def writable_folder(folder: Path, what: str) -> None:
+    """Create ``folder`` if needed and write and remove a file in it; ValueError naming it (``what``: how
+    the user named it, e.g. "--qc folder") when it is a file or cannot be written."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{what} {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f"{PARTIAL_MARKER}probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink(missing_ok=True)  # a second shard starting meanwhile may have removed it
+    except OSError as err:
+        raise ValueError(f"{what} {folder} is not writable: {err.strerror or err}") from None
+
+
+def writable_file(path: Path, what: str) -> None:
+    """`writable_folder` for the folder of a file to be written at ``path``, which must not be a folder."""
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder; it names the file to write")
+    writable_folder(path.parent, f"{what}'s folder")
+
+
 def remove_partial_files(output_dir: Path) -> list[Path]:
     """Delete temporary files a killed run may have left in ``output_dir``; returns what was removed.
 

@@ -35,7 +35,6 @@ from .fusion import TaskProbabilities, fusion_region
 from .inference import CasePrediction, EnsemblePredictor
 from .io import (
     MAX_CASE_DEPTH,
-    PARTIAL_MARKER,
     CaseError,
     CaseFiles,
     LoadedCase,
@@ -46,6 +45,8 @@ from .io import (
     output_path,
     remove_partial_files,
     resolve_convention,
+    writable_file,
+    writable_folder,
     write_image_atomic,
 )
 from .options import BiasCorrection
@@ -123,28 +124,16 @@ def prepare_output(options: PredictOptions) -> None:
                         ("--qc", options.qc_dir)):
         if extra is not None and _inside(Path(extra), out):
             raise UsageError(f"{name} {extra} is inside the output folder {out}, which must hold only label maps")
-    _probe_folder(out, "output folder")
-    for name, folder in (("--save-probabilities", options.save_probabilities), ("--qc", options.qc_dir)):
-        if folder is not None:
-            _probe_folder(Path(folder), f"{name} folder")
-    if options.report is not None:
-        if Path(options.report).is_dir():
-            raise UsageError(f"--report {options.report} is a folder; it names the JSON file to write")
-        _probe_folder(Path(options.report).parent, "--report's folder")
-    remove_partial_files(out)
-
-
-def _probe_folder(folder: Path, what: str) -> None:
-    """Create ``folder`` if needed and write and remove a file in it, or raise UsageError naming it."""
-    if folder.exists() and not folder.is_dir():
-        raise UsageError(f"{what} {folder} is a file, not a folder")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f"{PARTIAL_MARKER}probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink(missing_ok=True)  # a second shard starting meanwhile may have removed it
-    except OSError as err:
-        raise UsageError(f"{what} {folder} is not writable: {err.strerror or err}") from None
+        writable_folder(out, "output folder")
+        for name, folder in (("--save-probabilities", options.save_probabilities), ("--qc", options.qc_dir)):
+            if folder is not None:
+                writable_folder(Path(folder), f"{name} folder")
+        if options.report is not None:
+            writable_file(Path(options.report), "--report")
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    remove_partial_files(out)
 
 
 def select_shard(cases: list[CaseFiles], errors: list[CaseError], shard: tuple[int, int]):

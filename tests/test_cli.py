@@ -264,6 +264,17 @@ def test_evaluate_with_no_matching_prediction_is_a_usage_error(tmp_path):
     assert result.returncode == 2 and "no prediction" in result.stderr
 
 
+def test_evaluate_outputs_that_cannot_be_written_are_usage_errors(tmp_path):
+    small_cases(tmp_path / "gt", 1)
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    for flag, target, message in [("--csv", tmp_path, "is a folder"), ("--qc", tmp_path / "a_file", "is a file")]:
+        result = python_cli("evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), flag,
+                            str(target))
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.strip() == result.stderr.strip().splitlines()[0] and message in result.stderr
+
+
 def test_run_sh_segments_with_an_ensemble_of_two_widths(tmp_path):
     """A combined weights folder (`python3 -m app combine`: fold 1 of width 4 in place of a width-2 fold 1)
     goes through the whole job, and its replaced fold is the one that runs (the probabilities differ from the
