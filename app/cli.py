@@ -518,6 +518,15 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _out_is_a_file(out: Path) -> bool:
+    """Whether ``--out`` names an existing file (said on stderr): the weights folder could not be made there.
+    Checked before anything runs; the folder itself is made only once the request is known to be good."""
+    if out.exists() and not out.is_dir():
+        print(f"error: --out {out} is a file, not a folder", file=sys.stderr)
+        return True
+    return False
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .io import CaseError
     from .phantoms import GENERATOR_VERSION, PhantomMix
@@ -533,6 +542,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .weights import WeightsError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if _out_is_a_file(args.out):
+        return EXIT_USAGE
     _set_threads(args.threads)
     cfg = TrainConfig(
         variant=args.variant, width=args.width, folds=args.folds, stage_steps=args.stage_steps,  # type: ignore[arg-type]
@@ -600,6 +611,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_average(args: argparse.Namespace) -> int:
     from .weights import WeightsError, average_ensembles
 
+    if _out_is_a_file(args.out):
+        return EXIT_USAGE
     try:
         manifest = average_ensembles(args.base, args.tuned, args.out, args.alpha)
     except (WeightsError, ValueError) as err:
@@ -612,6 +625,8 @@ def cmd_average(args: argparse.Namespace) -> int:
 def cmd_combine(args: argparse.Namespace) -> int:
     from .weights import WeightsError, combine_ensembles
 
+    if _out_is_a_file(args.out):
+        return EXIT_USAGE
     try:
         manifest = combine_ensembles(args.base, args.replacement, args.out)
     except (WeightsError, ValueError) as err:

@@ -201,6 +201,12 @@ def test_bad_counts_sizes_and_folders_of_phantoms_and_train_are_usage_errors(tmp
     result = python_cli("phantoms", "--out", str(tmp_path / "file"), "--n", "1", "--size", "32,32,32")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().startswith(f"error: cannot write the phantoms to {tmp_path / 'file'}: ")
+    file = tmp_path / "file"
+    for args in (["train", "--phantoms", "2", "--out", str(file)],
+                 ["average", "--base", "weights", "--tuned", "weights", "--alpha", "0.5", "--out", str(file)],
+                 ["combine", "--base", "weights", "--replacement", "weights", "--out", str(file)]):
+        result = python_cli(*args)
+        assert result.returncode == 2 and result.stderr.strip() == f"error: --out {file} is a file, not a folder"
 
 
 def test_training_data_that_cannot_be_used_is_a_one_line_error(tmp_path):
