@@ -198,14 +198,27 @@ def _case_from_folder(folder: Path) -> CaseFiles | None:
     return _assemble(case_id, classified)
 
 
-def _flat_cases(folder: Path) -> tuple[list[CaseFiles], list[CaseError]]:
-    """Cases whose files lie directly in the input folder, grouped by their ID prefix."""
+def _flat_groups(folder: Path) -> dict[str, list[tuple[Path, Layout, Modality | None]]]:
+    """The BraTS-named files directly in ``folder``, grouped by their ID prefix (toolkit names, which have
+    none, left out)."""
     groups: dict[str, list[tuple[Path, Layout, Modality | None]]] = {}
     for path, stem in _nifti_files(folder):
         for layout, modality, prefix in _classify(stem):
             if layout is not Layout.TOOLKIT:
                 groups.setdefault(prefix, []).append((path, layout, modality))
                 break
+    return groups
+
+
+def _holds_several_cases(folder: Path) -> bool:
+    """Whether images of more than one case ID lie side by side in ``folder`` (flat files, not a case folder)."""
+    return sum(any(m is not None for _, _, m in files) for files in _flat_groups(folder).values()) > 1
+
+
+def _flat_cases(folder: Path) -> tuple[list[CaseFiles], list[CaseError]]:
+    """Cases whose files lie directly in ``folder`` (the input folder, or a folder of flat files under it),
+    grouped by their ID prefix."""
+    groups = _flat_groups(folder)
     cases, errors = [], []
     for prefix, files in groups.items():
         if not any(m is not None for _, _, m in files):
@@ -220,11 +233,17 @@ def _flat_cases(folder: Path) -> tuple[list[CaseFiles], list[CaseError]]:
 def _find_case_folders(folder: Path, depth: int, found: Discovery, searched: set[Path]) -> None:
     """Add to ``found`` the case folders among ``folder``'s subfolders; a subfolder holding no BraTS-named
     file is searched in turn, ``depth`` levels in all (``searched``: the folders already searched, so that a
-    symlink loop ends). Case IDs are the case folders' names, wherever they lie."""
+    symlink loop ends). Case IDs are the case folders' names, wherever they lie; in a subfolder of flat files
+    of several cases, their ID prefixes, as in the input folder itself."""
     for entry in sorted(folder.iterdir()):
         if not entry.is_dir():  # follows symlinked case folders
             continue
         try:
+            if _holds_several_cases(entry):  # flat files of several cases: each ID prefix is a case
+                cases, errors = _flat_cases(entry)
+                found.cases.extend(cases)
+                found.errors.extend(errors)
+                continue
             case = _case_from_folder(entry)
             real = entry.resolve()
             if case is None and depth > 1 and real not in searched and not _skipped_folder(entry.name):
@@ -247,7 +266,7 @@ def _skipped_folder(name: str) -> bool:
 
 def find_cases(input_dir: Path | str) -> Discovery:
     """Find every case under ``input_dir``: case folders (any layout) up to MAX_CASE_DEPTH levels down, and
-    flat files in the folder itself.
+    flat files in the folder itself or in a folder of several cases' files.
 
     Raises ``FileNotFoundError``/``NotADirectoryError`` for a missing input folder; per-case problems are
     returned in ``Discovery.errors`` so the other cases still run.

@@ -81,6 +81,18 @@ def test_case_folders_are_found_up_to_three_levels_down(tmp_path):
     assert sorted(c.case_id for c in found.cases) == ["ONE_DOWN", "TOP", "TWO_DOWN"]
 
 
+def test_a_subfolder_of_several_cases_flat_files_gives_each_case(tmp_path):
+    for case_id in ("BraTS2021_00001", "BraTS2021_00002"):
+        for name in LAYOUT_FILES["2018"] + ["{id}_seg.nii.gz"]:
+            _write(tmp_path / "Validation" / name.format(id=case_id))
+    _write(tmp_path / "Validation" / "BraTS2021_00003_t1.nii.gz")  # a case short of three modalities
+    found = find_cases(tmp_path)
+    assert sorted(c.case_id for c in found.cases) == ["BraTS2021_00001", "BraTS2021_00002"]
+    assert all(c.segmentation.name == f"{c.case_id}_seg.nii.gz" for c in found.cases)
+    [error] = found.errors
+    assert error.case_id == "BraTS2021_00003" and "missing modality" in str(error)
+
+
 def test_macos_metadata_is_never_read_as_an_image(tmp_path):
     case = _case_folder(tmp_path / "Release" / "X")
     (case / "._X-t1n.nii.gz").write_bytes(b"\x00\x05\x16\x07")  # AppleDouble beside the image it describes
