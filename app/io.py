@@ -400,6 +400,18 @@ def sitk_read(path: Path) -> sitk.Image:
         return sitk.ReadImage(str(path))
 
 
+def sitk_read_header(path: Path) -> sitk.ImageFileReader:
+    """A reader that has read ``path``'s header only: its grid (``GetSize``, ``GetSpacing``, ``GetOrigin``,
+    ``GetDirection``, as an image's) without decoding the voxels; one file call at a time in this process."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    with _SITK_FILE_LOCK:
+        reader.ReadImageInformation()
+    return reader
+
+
 def sitk_write(image: sitk.Image, path: Path, compress: bool = True) -> None:
     """``sitk.WriteImage``, one at a time in this process."""
     import SimpleITK as sitk
@@ -430,8 +442,10 @@ def read_image(path: Path, case_id: str, warnings: list[str] | None = None) -> s
     return image
 
 
-def geometry_difference(a: sitk.Image, b: sitk.Image, tolerance: float = GEOMETRY_TOLERANCE) -> str | None:
-    """What differs between the grids of ``a`` and ``b`` (size, spacing, origin, direction), each property
+def geometry_difference(a: sitk.Image | sitk.ImageFileReader, b: sitk.Image | sitk.ImageFileReader,
+                        tolerance: float = GEOMETRY_TOLERANCE) -> str | None:
+    """What differs between the grids of ``a`` and ``b`` (images, or readers that have read a header: see
+    `sitk_read_header`) (size, spacing, origin, direction), each property
     with both values, as ``"origin (2.0, 0.0, 0.0) vs (0.0, 0.0, 0.0)"``; None when they agree within
     ``tolerance`` (origins within 100 times it: they are in mm, and headers round them)."""
     checks = (

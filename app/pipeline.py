@@ -40,11 +40,13 @@ from .io import (
     LoadedCase,
     check_nifti_integrity,
     find_cases,
+    geometry_difference,
     label_image,
     load_case,
     output_path,
     remove_partial_files,
     resolve_convention,
+    sitk_read_header,
     writable_file,
     writable_folder,
     write_image_atomic,
@@ -143,13 +145,15 @@ def select_shard(cases: list[CaseFiles], errors: list[CaseError], shard: tuple[i
     return [c for c in cases if c.case_id in mine], [e for e in errors if e.case_id in mine]
 
 
-def _existing_output_ok(path: Path) -> bool:
+def _existing_output_ok(path: Path, case: CaseFiles) -> bool:
+    """Whether ``path`` already holds this case's label map for `--skip-existing`: a complete NIfTI on the
+    grid of the case's reference image (a map left from another cohort with the same IDs is redone)."""
     if not path.is_file():
         return False
     try:
         check_nifti_integrity(path)
-        return True
-    except (ValueError, OSError):
+        return geometry_difference(sitk_read_header(path), sitk_read_header(case.reference)) is None
+    except (ValueError, OSError, RuntimeError):  # RuntimeError: ITK cannot read a header
         return False
 
 
@@ -319,7 +323,7 @@ def run_predict(predictor: EnsemblePredictor, options: PredictOptions, stream: T
         except CaseError as err:
             results.append(_failed(case.case_id, err, stream))
             continue
-        if options.skip_existing and _existing_output_ok(destination):
+        if options.skip_existing and _existing_output_ok(destination, case):
             result = CaseResult(case.case_id, CaseStatus.SKIPPED, output=str(destination))
             _print_result(result, stream)
             results.append(result)

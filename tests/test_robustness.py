@@ -434,6 +434,21 @@ def test_killed_run_then_skip_existing_finishes_cleanly(tmp_path, weights, sig):
     assert len(after) == 4 and all(after[n] == t for n, t in finished.items())
 
 
+def test_skip_existing_redoes_a_map_on_another_grid(cohort, weights):
+    """A label map left by another cohort under the same case ID (another grid) is not this case's: redone.
+    A complete map on the case's grid is kept."""
+    result, out = _predict(cohort, weights)
+    assert result.returncode == 0, result.stderr
+    stale, kept = sorted(out.iterdir())
+    sitk.WriteImage(sitk.Image(30, 30, 20, sitk.sitkUInt8), str(stale), True)
+    before = kept.stat().st_mtime_ns
+    rerun, _ = _predict(cohort, weights, "--skip-existing")
+    assert rerun.returncode == 0, rerun.stderr
+    assert rerun.stderr.count("skipped (already in output)") == 1 and f"{stale.name[:-7]}: ok" in rerun.stderr
+    assert kept.stat().st_mtime_ns == before
+    assert sitk.ReadImage(str(stale)).GetSize() == sitk.ReadImage(str(kept)).GetSize()
+
+
 def test_same_input_twice_gives_identical_bytes(cohort, weights, tmp_path):
     digests = []
     for run in range(2):
