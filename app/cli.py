@@ -221,7 +221,8 @@ def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None
     p.add_argument("--shard", default="0/1", help="I/N: process every N-th case starting at the I-th (0-based)")
     p.add_argument("--report", type=Path, default=None, help="write the per-case summary as JSON to this file")
     p.add_argument("--qc", type=Path, default=None, help="write one QC picture (PNG) per case to this folder")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: the CPU quota)")
+    p.add_argument("--threads", type=non_negative_int, default=0,
+                   help="CPU threads for torch (default 0: the CPU quota)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar, nor the 'started' line printed per case when stderr is not a terminal "
                         "(summary lines still printed)")
@@ -328,7 +329,8 @@ def _add_train_flags(tr: argparse.ArgumentParser) -> None:
                     help="training arithmetic: bf16 autocast (loss and weights stay fp32) or IEEE fp32 (cuDNN's "
                          "TF32 off); auto = bf16 on a GPU that computes it natively, else fp32; bf16 is refused "
                          "on a CPU (NaN gradients)")
-    tr.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: the CPU quota)")
+    tr.add_argument("--threads", type=non_negative_int, default=0,
+                    help="CPU threads for torch (default 0: the CPU quota)")
     tr.add_argument("--cache", type=Path, default=None,
                     help="folder for prepared training arrays (.npy, memory-mapped; shared by concurrent fold jobs)")
     tr.add_argument("--augment", default=AugmentLevel.DEFAULT.value, choices=choices(AugmentLevel),

@@ -171,6 +171,7 @@ def test_usage_errors_exit_2(tmp_path, weights):
         (["--input", str(empty), "--folds", "0,0"], "argument --folds: needs distinct numbers"),
         (["--input", str(empty), "--tile", "16,32"], "argument --tile: needs 3 comma-separated integers"),
         (["--input", str(empty), "--min-et-voxels", "-1"], "argument --min-et-voxels: needs an integer >= 0"),
+        (["--input", str(empty), "--threads", "-3"], "argument --threads: needs an integer >= 0"),
         (["--input", str(empty), "--scales", "1,3"], "argument --scales: needs comma-separated numbers: scales must"),
         (["--input", str(empty), "--scales", "1,x"], "argument --scales: needs comma-separated numbers"),
     ]:
