@@ -49,6 +49,9 @@ MLCUBE_CHOICE_KEYS = ("device", "tiling", "precision", "tta", "fusion", "bias_co
 MLCUBE_KEYS = ("folds", "scales", *MLCUBE_CHOICE_KEYS, "postprocess")
 
 
+INF = float("inf")
+
+
 def int_list(count: int | None = None, *, distinct: bool = False) -> Callable[[str], tuple[int, ...]]:
     """An argparse ``type`` for comma-separated integers: exactly ``count`` of them when given, none repeated
     when ``distinct``. A bad value is then a usage error (exit 2) that names the flag, like any other."""
@@ -118,7 +121,10 @@ def scale_list(text: str) -> tuple[float, ...]:
 
 def bounded_float(low: float, high: float, *, low_open: bool = False) -> Callable[[str], float]:
     """An argparse ``type`` for a number in [low, high] ((low, high] when ``low_open``)."""
-    what = f"a number in {'(' if low_open else '['}{low:g}, {high:g}]"
+    if high == INF:
+        what = f"a number {'>' if low_open else '>='} {low:g}"
+    else:
+        what = f"a number in {'(' if low_open else '['}{low:g}, {high:g}]"
 
     def parse(text: str) -> float:
         try:
@@ -275,8 +281,9 @@ BRIGHT_CORE_HELP = ("whole percentage (0-100, default 0: the presets as they are
 def _add_phantoms_flags(ph: argparse.ArgumentParser) -> None:
     ph.add_argument("--out", type=Path, required=True, help="folder to write the cases into")
     ph.add_argument("--n", type=positive_int, required=True, help="number of cases")
-    ph.add_argument("--seed", type=int, default=0, help="series seed; case i is deterministic for (seed, i)")
-    ph.add_argument("--start", type=int, default=0, help="index of the first case in the series")
+    ph.add_argument("--seed", type=non_negative_int, default=0,
+                    help="series seed; case i is deterministic for (seed, i)")
+    ph.add_argument("--start", type=non_negative_int, default=0, help="index of the first case in the series")
     ph.add_argument("--convention", default=Layout.BRATS2023.value, choices=choices(Layout), help="file naming layout")
     ph.add_argument("--size", type=phantom_size, default="240,240,155",
                     help="X,Y,Z voxels (1 mm); anatomy scales with it")
@@ -295,7 +302,7 @@ def _add_train_flags(tr: argparse.ArgumentParser) -> None:
     source.add_argument("--data", type=Path, help="training folder (BraTS layout, with *seg files)")
     source.add_argument("--phantoms", type=positive_int, metavar="N",
                         help="train on N generated phantoms made in memory (no NIfTI files), series --phantom-seed")
-    tr.add_argument("--phantom-seed", type=int, default=1, help="series seed of --phantoms")
+    tr.add_argument("--phantom-seed", type=non_negative_int, default=1, help="series seed of --phantoms")
     tr.add_argument("--phantom-ranges", default=PhantomPreset.TRAINING.value, choices=choices(PhantomPreset),
                     help="ranges --phantoms are drawn from (the phantoms command's --ranges): training, wide "
                          "(anatomy and appearance stretched beyond them) or mixed (the two alternating case by case)")
@@ -308,7 +315,7 @@ def _add_train_flags(tr: argparse.ArgumentParser) -> None:
     tr.add_argument("--out", type=Path, required=True, help="weights folder to (re)write; resumes if it has runs/")
     tr.add_argument("--variant", default=Variant.OMNET_CGA.value, choices=TRAINABLE_VARIANTS,
                     help="network (cascade = the three-model MC3 baseline)")
-    tr.add_argument("--width", type=int, default=32, help="base channel count w (the paper uses 32)")
+    tr.add_argument("--width", type=positive_int, default=32, help="base channel count w (the paper uses 32)")
     tr.add_argument("--folds", type=int, default=10, help="number of folds in the ensemble")
     tr.add_argument("--fold", type=int_list(distinct=True), default=None,
                     help="train only these folds, comma-separated (for separate cluster jobs)")
@@ -316,14 +323,17 @@ def _add_train_flags(tr: argparse.ArgumentParser) -> None:
                     help="curriculum steps: task 1 alone, +task 2, +task 3 (comma-separated)")
     tr.add_argument("--no-curriculum", action="store_true", help="all tasks from the first step (OM-Net0)")
     tr.add_argument("--no-transfer", action="store_true", help="disable online data transfer (OM-Net0)")
-    tr.add_argument("--batch", type=int, default=20, help="patches per task per step")
-    tr.add_argument("--lr", type=float, default=1e-3, help="base learning rate (SGD)")
-    tr.add_argument("--momentum", type=float, default=0.99, help="SGD momentum")
-    tr.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay on weights (not biases)")
-    tr.add_argument("--lr-halve-every", type=int, default=4000, help="halve the learning rate every N steps")
-    tr.add_argument("--validate-every", type=int, default=500, help="validate on the held-out fold every N steps")
-    tr.add_argument("--val-cases", type=int, default=0, help="held-out cases used for validation (0 = all)")
-    tr.add_argument("--seed", type=int, default=0, help="seed of the fold split and of sampling")
+    tr.add_argument("--batch", type=positive_int, default=20, help="patches per task per step")
+    tr.add_argument("--lr", type=bounded_float(0.0, INF), default=1e-3, help="base learning rate (SGD)")
+    tr.add_argument("--momentum", type=bounded_float(0.0, 1.0), default=0.99, help="SGD momentum")
+    tr.add_argument("--weight-decay", type=bounded_float(0.0, INF), default=5e-4,
+                    help="weight decay on weights (not biases)")
+    tr.add_argument("--lr-halve-every", type=positive_int, default=4000, help="halve the learning rate every N steps")
+    tr.add_argument("--validate-every", type=positive_int, default=500,
+                    help="validate on the held-out fold every N steps")
+    tr.add_argument("--val-cases", type=non_negative_int, default=0,
+                    help="held-out cases used for validation (0 = all)")
+    tr.add_argument("--seed", type=non_negative_int, default=0, help="seed of the fold split and of sampling")
     tr.add_argument("--device", default=Device.AUTO.value, choices=choices(Device), help="training device")
     tr.add_argument("--precision", default=Precision.AUTO.value, choices=choices(Precision),
                     help="training arithmetic: bf16 autocast (loss and weights stay fp32) or IEEE fp32 (cuDNN's "
@@ -367,11 +377,11 @@ def _add_train_flags(tr: argparse.ArgumentParser) -> None:
                          "network; its dropout then draws Inductor's own random numbers); costs tens of seconds of "
                          "compiling per process and needs a C++ compiler on a CPU, Triton "
                          "on a GPU, checked before any case is prepared; not for the cascade (README, Speed)")
-    tr.add_argument("--prepare-workers", type=int, default=0,
+    tr.add_argument("--prepare-workers", type=non_negative_int, default=0,
                     help="with --cache: prepare (and generate) every case in this many processes before training")
     tr.add_argument("--prepare-only", action="store_true",
                     help="with --cache and --prepare-workers: prepare the cases, then stop (before parallel fold jobs)")
-    tr.add_argument("--time-limit", type=float, default=None,
+    tr.add_argument("--time-limit", type=bounded_float(0.0, INF, low_open=True), default=None,
                     help="seconds per fold after which training stops at the next step (validated and saved)")
     tr.add_argument("--init-from", type=Path, default=None,
                     help="start from these model weights (same variant and width), e.g. to fine-tune: a safetensors "
