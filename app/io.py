@@ -182,11 +182,11 @@ def _assemble(case_id: str, files: list[tuple[Path, Layout, Modality | None]]) -
     return CaseFiles(case_id, layout, ordered, segmentation)
 
 
-def _case_from_folder(folder: Path) -> CaseFiles | None:
-    """The case in a case folder, or None if the folder holds no BraTS-named NIfTI file at all."""
-    case_id = folder.name
+def _case_from_files(case_id: str, files: list[tuple[Path, str]]) -> CaseFiles | None:
+    """The case in a case folder whose NIfTI files are ``files`` (`_nifti_files`), or None if none of them
+    is BraTS-named."""
     classified: list[tuple[Path, Layout, Modality | None]] = []
-    for path, stem in _nifti_files(folder):
+    for path, stem in files:
         readings = _classify(stem)
         if not readings:
             continue  # unknown extra file: ignored
@@ -198,36 +198,25 @@ def _case_from_folder(folder: Path) -> CaseFiles | None:
     return _assemble(case_id, classified)
 
 
-def _flat_groups(folder: Path) -> dict[str, list[tuple[Path, Layout, Modality | None]]]:
-    """The BraTS-named files directly in ``folder``, grouped by their ID prefix (toolkit names, which have
-    none, left out)."""
+def _flat_groups(files: list[tuple[Path, str]]) -> dict[str, list[tuple[Path, Layout, Modality | None]]]:
+    """The BraTS-named ones of a folder's NIfTI ``files``, grouped by their ID prefix, keeping the groups that
+    hold an image (toolkit names, which have no prefix, left out)."""
     groups: dict[str, list[tuple[Path, Layout, Modality | None]]] = {}
-    for path, stem in _nifti_files(folder):
+    for path, stem in files:
         for layout, modality, prefix in _classify(stem):
             if layout is not Layout.TOOLKIT:
                 groups.setdefault(prefix, []).append((path, layout, modality))
                 break
-    return groups
+    return {prefix: group for prefix, group in groups.items() if any(m is not None for _, _, m in group)}
 
 
-def _holds_several_cases(folder: Path) -> bool:
-    """Whether images of more than one case ID lie side by side in ``folder`` (flat files, not a case folder)."""
-    return sum(any(m is not None for _, _, m in files) for files in _flat_groups(folder).values()) > 1
-
-
-def _flat_cases(folder: Path) -> tuple[list[CaseFiles], list[CaseError]]:
-    """Cases whose files lie directly in ``folder`` (the input folder, or a folder of flat files under it),
-    grouped by their ID prefix."""
-    groups = _flat_groups(folder)
-    cases, errors = [], []
+def _add_flat_cases(groups: dict[str, list[tuple[Path, Layout, Modality | None]]], found: Discovery) -> None:
+    """Add to ``found`` the case each group of flat files (`_flat_groups`) makes, or its error."""
     for prefix, files in groups.items():
-        if not any(m is not None for _, _, m in files):
-            continue
         try:
-            cases.append(_assemble(prefix, files))
+            found.cases.append(_assemble(prefix, files))
         except CaseError as err:
-            errors.append(err)
-    return cases, errors
+            found.errors.append(err)
 
 
 def _find_case_folders(folder: Path, depth: int, found: Discovery, searched: set[Path]) -> None:
@@ -239,24 +228,19 @@ def _find_case_folders(folder: Path, depth: int, found: Discovery, searched: set
         if not entry.is_dir():  # follows symlinked case folders
             continue
         try:
-            if _holds_several_cases(entry):  # flat files of several cases: each ID prefix is a case
-                cases, errors = _flat_cases(entry)
-                found.cases.extend(cases)
-                found.errors.extend(errors)
-                continue
-            case = _case_from_folder(entry)
-            real = entry.resolve()
-            if case is None and depth > 1 and real not in searched and not _skipped_folder(entry.name):
+            files = _nifti_files(entry)
+            groups = _flat_groups(files)
+            if len(groups) > 1:  # flat files of several cases: each ID prefix is a case
+                _add_flat_cases(groups, found)
+            elif (case := _case_from_files(entry.name, files)) is not None:
+                found.cases.append(case)
+            elif depth > 1 and not _skipped_folder(entry.name) and (real := entry.resolve()) not in searched:
                 searched.add(real)
                 _find_case_folders(entry, depth - 1, found, searched)
         except CaseError as err:
             found.errors.append(err)
-            continue
         except OSError as err:  # an unreadable folder fails alone, as a bad case does
             found.errors.append(CaseError(entry.name, entry, f"cannot read the folder: {err.strerror or err}"))
-            continue
-        if case is not None:
-            found.cases.append(case)
 
 
 def _skipped_folder(name: str) -> bool:
@@ -278,9 +262,7 @@ def find_cases(input_dir: Path | str) -> Discovery:
         raise NotADirectoryError(f"input {root} is not a folder")
     found = Discovery()
     _find_case_folders(root, MAX_CASE_DEPTH, found, {root.resolve()})
-    flat_cases, flat_errors = _flat_cases(root)
-    found.errors.extend(flat_errors)
-    found.cases.extend(flat_cases)
+    _add_flat_cases(_flat_groups(_nifti_files(root)), found)
     _reject_duplicate_ids(found)
     return found
 
