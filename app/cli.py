@@ -539,6 +539,16 @@ def _out_is_a_file(out: Path) -> bool:
     return False
 
 
+def _training_stopped(err: Exception) -> int:
+    """Say why training cannot run and return its exit status: 1 for a training case that cannot be read (mend
+    or remove it, then resume), 2 for a request that cannot be met (--data, --init-from, --fold, --precision,
+    --device)."""
+    from .io import CaseError
+
+    print(f"error: {err}", file=sys.stderr)
+    return EXIT_CASE_FAILED if isinstance(err, CaseError) else EXIT_USAGE
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .io import CaseError
     from .phantoms import GENERATOR_VERSION, PhantomMix
@@ -588,12 +598,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         try:
             handles = folder_cases(cases) if isinstance(cases, Path) else cases
             prepare_all(handles, args.cache, max(1, args.prepare_workers))
-        except TrainingSetupError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return EXIT_USAGE
-        except CaseError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return EXIT_CASE_FAILED
+        except (TrainingSetupError, CaseError) as err:
+            return _training_stopped(err)
         print(f"prepared {len(handles)} case(s) in {args.cache}", file=sys.stderr)
         return EXIT_OK
     if args.manifest_only:
@@ -604,12 +610,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         manifest = train_ensemble(cfg, cases, args.out, args.fold, data, progress=not args.quiet,
                                   cache_dir=args.cache, time_limit=args.time_limit,
                                   prepare_workers=args.prepare_workers)
-    except (WeightsError, TrainingSetupError) as err:  # --data, --init-from, --fold, --precision or --device
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except CaseError as err:  # a training case that cannot be read: fix or remove it, then resume
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_CASE_FAILED
+    except (WeightsError, TrainingSetupError, CaseError) as err:
+        return _training_stopped(err)
     print(f"weights folder {args.out}: {len(manifest['folds'])} fold(s)", file=sys.stderr)
     return EXIT_OK
 
