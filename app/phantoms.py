@@ -152,11 +152,11 @@ def preset_of_case(preset: PhantomPreset, index: int) -> PhantomPreset:
     return preset
 
 
-def check_share(percent: int, what: str) -> int:
-    """``percent`` of cases drawn with option ``what``, validated (a whole percentage, as case IDs carry it)."""
+def check_share(percent: int, what: str) -> None:
+    """ValueError unless ``percent``, the share of cases drawn with option ``what``, is a whole percentage
+    0-100 (as case IDs carry it)."""
     if isinstance(percent, bool) or not isinstance(percent, int) or not 0 <= percent <= 100:
         raise ValueError(f"{what} share must be a whole percentage 0-100, got {percent!r}")
-    return percent
 
 
 # The tag of `PhantomMix.case_id`: which ranges a phantom was drawn from.
