@@ -29,6 +29,7 @@ from .conventions import (
     Layout,
     Modality,
 )
+from .errors import one_line
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -411,8 +412,7 @@ def read_image(path: Path, case_id: str, warnings: list[str] | None = None) -> s
         nonfinite = check_nifti_integrity(path)
         image = sitk_read(path)
     except (ValueError, RuntimeError, OSError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CaseError(case_id, path, f"unreadable NIfTI: {reason}") from None
+        raise CaseError(case_id, path, f"unreadable NIfTI: {one_line(err)}") from None
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise CaseError(
             case_id, path,

@@ -31,6 +31,7 @@ from .confidence import (
     far_edema_share,
 )
 from .conventions import AUTO_LABELS, MODALITY_ORDER, Modality, to_file_labels
+from .errors import one_line
 from .fusion import TaskProbabilities, fusion_region
 from .inference import CasePrediction, EnsemblePredictor
 from .io import (
@@ -398,7 +399,7 @@ def _guarded(case: CaseFiles, work: Callable[[], Any]) -> Any:
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as err:
-        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        reason = f"{type(err).__name__}: {one_line(err)}"
     error = CaseError(case.case_id, case.reference.parent, reason)
     return CaseResult(case.case_id, CaseStatus.FAILED, error=str(error))
 

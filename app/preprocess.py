@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 from scipy import ndimage
 
+from .errors import one_line
+
 if TYPE_CHECKING:
     import torch
 
@@ -166,7 +168,7 @@ def correct_bias(image: np.ndarray, names: list[str] | None = None, exclude: np.
         try:
             field = fields[c].result()
         except RuntimeError as err:
-            warnings.append(f"bias correction failed for {names[c]} ({str(err).splitlines()[0][:120]}); "
+            warnings.append(f"bias correction failed for {names[c]} ({one_line(err)[:120]}); "
                             "used as it is")
             continue
         channel = out[c][box]

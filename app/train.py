@@ -30,6 +30,7 @@ from torch import nn
 
 from .augment import AugmentConfig, augment_batch
 from .conventions import ENHANCING, MODALITY_ORDER, NECROSIS, NORMAL_BRAIN, Layout, from_file_labels
+from .errors import one_line
 from .fusion import dilate, to_host
 from .inference import EnsemblePredictor, ieee_fp32, native_bf16, resolve_device
 from .io import CaseFiles, cases_with_ground_truth, load_case, load_segmentation
@@ -781,8 +782,8 @@ def check_compile(cfg: TrainConfig, device: torch.device) -> None:
     try:
         torch.compile(lambda t: torch.relu(t) * 2.0)(torch.ones(8, device=device))
     except Exception as err:  # Inductor raises many types; what matters is that it cannot run here
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TrainingSetupError(f"--compile: torch.compile cannot run on {device.type} here ({message})") from err
+        raise TrainingSetupError(f"--compile: torch.compile cannot run on {device.type} here "
+                                 f"({one_line(err)})") from err
 
 
 def training_autocast(precision: str, device: torch.device) -> bool:

@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .errors import one_line
 from .model import build_model
 from .options import Variant
 
@@ -137,8 +138,7 @@ def load_fold(manifest: Manifest, entry: FoldWeights) -> nn.Module:
         state = load_file(str(entry.path))
         model.load_state_dict(state, strict=True)
     except (SafetensorError, RuntimeError, OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0]
-        raise WeightsError(f"{entry.path}: cannot load fold {entry.fold}: {first}") from None
+        raise WeightsError(f"{entry.path}: cannot load fold {entry.fold}: {one_line(err)}") from None
     return model.eval()
 
 

@@ -351,3 +351,17 @@ def test_simpleitk_file_calls_never_overlap(tmp_path, monkeypatch):
     assert most[0] == 1
     assert all(np.array_equal(loaded[0].image, other.image) for other in loaded[1:])
     assert len(list(tmp_path.glob("out*.nii.gz"))) == 5
+
+
+def test_one_line_gives_the_toolkits_reason_not_the_source_location(tmp_path):
+    from app.errors import one_line
+
+    with pytest.raises(RuntimeError) as missing:
+        sitk.ReadImage(str(tmp_path / "absent.nii.gz"))
+    assert ".cxx" in str(missing.value)  # SimpleITK's own message starts with the C++ file that threw
+    assert one_line(missing.value) == f'The file "{tmp_path / "absent.nii.gz"}" does not exist.'
+    with pytest.raises(RuntimeError) as unwritable:
+        sitk.WriteImage(sitk.Image(4, 4, 4, sitk.sitkUInt8), str(tmp_path / "absent" / "x.nii.gz"))
+    assert one_line(unwritable.value).startswith("nifti library failed to write image")  # ITK's class@address gone
+    assert one_line(ValueError("first line\n  second")) == "first line"
+    assert one_line(RuntimeError("  ")) == "RuntimeError"

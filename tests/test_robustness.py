@@ -164,6 +164,23 @@ def test_corrupt_gzip(cohort, weights):
     _assert_fails_alone(*_predict(cohort, weights), "BAD", "unreadable NIfTI", "BAD-t2w.nii.gz")
 
 
+def test_sheared_affine_names_the_reason_not_the_source_line(cohort, weights):
+    """ITK refuses a sheared (non-orthonormal) affine with its reason two lines into the message, below the
+    C++ file that threw: the failure line carries the reason."""
+    import nibabel
+
+    bad = _bad_case(cohort)
+    path = bad / "BAD-t2f.nii.gz"
+    image = nibabel.load(str(path))
+    affine = image.affine.copy()
+    affine[0, 1] = 0.3
+    nibabel.save(nibabel.Nifti1Image(np.asarray(image.dataobj), affine), str(path))
+    result, out = _predict(cohort, weights)
+    _assert_fails_alone(result, out, "BAD", "unreadable NIfTI: ITK only supports orthonormal direction cosines",
+                        "BAD-t2f.nii.gz")
+    assert ".cxx" not in result.stderr
+
+
 def test_case_id_escaping_the_output_folder(cohort, weights):
     [source] = small_cases(cohort.parent / "spare", 1, seed=22, layout=Layout.BRATS2018)
     for path in source.iterdir():  # flat files whose ID prefix is ".."
