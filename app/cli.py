@@ -395,10 +395,13 @@ def _add_train_flags(tr: argparse.ArgumentParser) -> None:
 
 def _add_evaluate_flags(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("--pred", type=Path, required=True, help="folder of <ID>.nii.gz predictions")
-    ev.add_argument("--gt", type=Path, required=True, help="folder of cases with ground truth (any BraTS layout)")
+    ev.add_argument("--gt", type=Path, required=True,
+                    help="folder of ground truths (<ID>-seg.nii.gz or <ID>_seg.nii.gz, in case folders or flat, "
+                         "with or without the images; any BraTS layout)")
     ev.add_argument("--csv", type=Path, default=None, help="write per-case and mean metrics to this CSV")
     ev.add_argument("--labels", default=AUTO_LABELS, choices=LABEL_CHOICES, help="label encoding of the files")
-    ev.add_argument("--qc", type=Path, default=None, help="write one QC picture per case (prediction vs truth)")
+    ev.add_argument("--qc", type=Path, default=None,
+                    help="write one QC picture per case (prediction vs truth; needs the images beside the truth)")
 
 
 def cpu_quota() -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
@@ -13,59 +14,111 @@ import SimpleITK as sitk
 from .conventions import AUTO_LABELS, from_file_labels
 from .io import (
     CaseError,
+    CaseFiles,
     find_cases,
+    find_segmentations,
     geometry_difference,
-    load_segmentation,
     read_image,
     writable_file,
     writable_folder,
 )
 from .metrics import REGIONS, case_scores
+from .qc import save_evaluation_picture
 
 METRICS = ("dice", "hd95", "sensitivity", "specificity", "ppv")
 
 
-def _file_labels_to_internal(labels: np.ndarray, convention: str, where: str) -> np.ndarray:
+def _file_labels_to_internal(labels: np.ndarray, convention: str, case_id: str, path: Path) -> np.ndarray:
     allowed = {"2018": {0, 1, 2, 4}, "2023": {0, 1, 2, 3}}.get(convention)
     if allowed is not None:
         extra = set(np.unique(labels).tolist()) - allowed
         if extra:
-            raise ValueError(f"{where}: labels {sorted(extra)} are not in the BraTS {convention} convention")
+            raise CaseError(case_id, path, f"labels {sorted(extra)} are not in the BraTS {convention} convention")
     try:
         return from_file_labels(labels)
     except ValueError as err:
-        raise ValueError(f"{where}: {err}") from None
+        raise CaseError(case_id, path, str(err)) from None
 
 
-def evaluate_cases(pred_dir: Path, gt_dir: Path, labels: str = AUTO_LABELS) -> tuple[list[dict], list[str]]:
-    """Rows of per-case metrics and the IDs whose prediction was missing (scored as empty)."""
-    found = find_cases(gt_dir)
-    cases = [c for c in found.cases if c.segmentation is not None]
-    if not cases:
-        raise ValueError(f"no case with a ground-truth segmentation under {gt_dir}")
-    rows, missing = [], []
-    for case in cases:
-        truth_image = read_image(case.segmentation, case.case_id)
-        truth = _file_labels_to_internal(load_segmentation(case), labels, str(case.segmentation))
-        pred_path = Path(pred_dir) / f"{case.case_id}.nii.gz"
-        if pred_path.is_file():
-            pred_image = read_image(pred_path, case.case_id)
-            difference = geometry_difference(pred_image, truth_image)
-            if difference is not None:
-                raise CaseError(case.case_id, pred_path,
-                                f"prediction geometry differs from the ground truth: {difference}")
-            pred = _file_labels_to_internal(sitk.GetArrayFromImage(pred_image), labels, str(pred_path))
-        else:
-            missing.append(case.case_id)
-            pred = np.zeros_like(truth)
+@dataclass
+class Evaluation:
+    """What `evaluate_cases` scored: per-case metric rows, the IDs whose prediction was absent and the
+    problems found on the way (each names the case and the file)."""
+
+    rows: list[dict] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # no prediction file: scored as empty
+    unusable: list[CaseError] = field(default_factory=list)  # a prediction that cannot be used: scored as empty
+    unscored: list[CaseError] = field(default_factory=list)  # ground truth that cannot be read: not scored
+    pictures: list[CaseError] = field(default_factory=list)  # QC pictures that could not be drawn
+
+    @property
+    def problems(self) -> list[str]:
+        """One line per problem, saying what became of the case."""
+        return ([f"{err} (scored as an empty prediction)" for err in self.unusable]
+                + [f"{err} (not scored)" for err in self.unscored]
+                + [f"{err} (no QC picture)" for err in self.pictures])
+
+
+def evaluate_cases(pred_dir: Path, gt_dir: Path, labels: str = AUTO_LABELS, qc_dir: Path | None = None) -> Evaluation:
+    """Score every case under ``gt_dir`` that has a ground truth against ``pred_dir/<ID>.nii.gz``.
+
+    One case's problem never stops the others: a prediction that cannot be read, lies on another grid or
+    holds labels outside the convention is scored as empty (as a missing one is, the challenge's rule) and
+    reported; a ground truth that cannot be read (or two for one ID) is reported and left out. Only the
+    ground truths are needed (`find_segmentations`); the images beside them, for ``qc_dir``'s pictures.
+    Raises ValueError when ``gt_dir`` holds no ground truth."""
+    segmentations, errors = find_segmentations(gt_dir)
+    if not segmentations and not errors:
+        raise ValueError(f"no ground-truth segmentation (<ID>-seg.nii.gz, <ID>_seg.nii.gz) under {gt_dir}")
+    result = Evaluation(unscored=errors)
+    with_images = {case.case_id: case for case in find_cases(gt_dir).cases} if qc_dir is not None else {}
+    for case_id, truth_path in segmentations.items():
+        try:
+            truth_image = read_image(truth_path, case_id)
+            truth = _file_labels_to_internal(sitk.GetArrayFromImage(truth_image), labels, case_id, truth_path)
+        except CaseError as err:
+            result.unscored.append(err)
+            continue
+        pred = _prediction(case_id, Path(pred_dir) / f"{case_id}.nii.gz", truth_image, labels, result)
         spacing = tuple(reversed(truth_image.GetSpacing()))  # array order z, y, x
-        scores = case_scores(pred, truth, spacing)
-        row = {"case": case.case_id}
+        scores = case_scores(np.zeros_like(truth) if pred is None else pred, truth, spacing)
+        row = {"case": case_id}
         for region in REGIONS:
             for metric in METRICS:
                 row[f"{metric}_{region}"] = getattr(scores[region], metric)
-        rows.append(row)
-    return rows, missing
+        result.rows.append(row)
+        if qc_dir is not None and pred is not None:
+            _picture(with_images.get(case_id), case_id, truth_path, pred, truth, qc_dir, result)
+    return result
+
+
+def _picture(case: CaseFiles | None, case_id: str, truth_path: Path, pred: np.ndarray, truth: np.ndarray,
+             folder: Path, result: Evaluation) -> None:
+    """Draw the case's QC picture, recording in ``result`` why it cannot be (no images beside its truth)."""
+    try:
+        if case is None:
+            raise CaseError(case_id, truth_path.parent, "the four images are not beside the ground truth")
+        save_evaluation_picture(case, pred, truth, folder)
+    except CaseError as err:
+        result.pictures.append(err)
+
+
+def _prediction(case_id: str, path: Path, truth_image: sitk.Image, labels: str,
+                result: Evaluation) -> np.ndarray | None:
+    """The case's prediction as an internal label map, or None (scored as empty) when it is absent or cannot
+    be used, which ``result`` records."""
+    if not path.is_file():
+        result.missing.append(case_id)
+        return None
+    try:
+        image = read_image(path, case_id)
+        difference = geometry_difference(image, truth_image)
+        if difference is not None:
+            raise CaseError(case_id, path, f"prediction geometry differs from the ground truth: {difference}")
+        return _file_labels_to_internal(sitk.GetArrayFromImage(image), labels, case_id, path)
+    except CaseError as err:
+        result.unusable.append(err)
+        return None
 
 
 def mean_row(rows: list[dict]) -> dict:
@@ -92,26 +145,26 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def evaluate_folder(pred_dir: Path, gt_dir: Path, csv_path: Path | None, labels: str, qc_dir: Path | None) -> int:
-    """CLI body: prints the table, writes the CSV (and QC pictures); exit 0, or 2 on unusable input."""
+    """CLI body: prints the table, writes the CSV (and QC pictures); exit 0, 1 when some case or file had a
+    problem (each listed; the others are scored), or 2 on unusable input."""
     try:
         if csv_path is not None:  # checked first: a table that cannot be saved is found before scoring
             writable_file(Path(csv_path), "--csv")
         if qc_dir is not None:
             writable_folder(Path(qc_dir), "--qc folder")
-        rows, missing = evaluate_cases(pred_dir, gt_dir, labels)
-    except (ValueError, OSError, CaseError) as err:
+        result = evaluate_cases(pred_dir, gt_dir, labels, qc_dir)
+    except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if rows and len(missing) == len(rows):  # nothing to score: a wrong --pred folder, not a result of 0
+    for problem in result.problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if result.rows and len(result.missing) == len(result.rows):  # a wrong --pred folder, not a result of 0
         print(f"error: no prediction in {pred_dir} matches a case under {gt_dir}", file=sys.stderr)
         return 2
-    print_table(rows)
-    if missing:
-        print(f"missing predictions (scored as empty): {', '.join(missing)}", file=sys.stderr)
-    if csv_path is not None:
-        write_csv(rows, csv_path)
-    if qc_dir is not None:
-        from .qc import save_evaluation_pictures
-
-        save_evaluation_pictures(pred_dir, gt_dir, qc_dir)
-    return 0
+    if result.rows:
+        print_table(result.rows)
+        if csv_path is not None:
+            write_csv(result.rows, csv_path)
+    if result.missing:
+        print(f"missing predictions (scored as empty): {', '.join(result.missing)}", file=sys.stderr)
+    return 1 if result.problems else 0

@@ -282,6 +282,46 @@ def cases_with_ground_truth(folder: Path | str) -> list[CaseFiles]:
     return cases
 
 
+def find_segmentations(folder: Path | str) -> tuple[dict[str, Path], list[CaseError]]:
+    """Every ground-truth segmentation under ``folder`` by case ID, with or without the case's images (an
+    evaluation's truth may be a folder of label maps only), and the errors of the IDs that cannot be used.
+
+    Searched as `find_cases` searches: the folder and its subfolders, MAX_CASE_DEPTH levels down. IDs as
+    `find_cases` gives them: a case folder's name (the folder holds one case's files), else the file's ID
+    prefix. Raises ``FileNotFoundError``/``NotADirectoryError`` for a missing folder."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise (NotADirectoryError if root.exists() else FileNotFoundError)(f"ground-truth folder {root} not found")
+    found: dict[str, list[Path]] = {}
+    errors: list[CaseError] = []
+    pending = [(root, MAX_CASE_DEPTH)]
+    while pending:
+        current, depth = pending.pop()
+        try:
+            readings = [(path, *r[-1]) for path, stem in _nifti_files(current) if (r := _classify(stem))]
+            subfolders = [sub for sub in sorted(current.iterdir(), reverse=True)
+                          if depth > 0 and sub.is_dir() and not _skipped_folder(sub.name)]
+        except OSError as err:
+            errors.append(CaseError(current.name, current, f"cannot read the folder: {err.strerror or err}"))
+            continue
+        one_case = current != root and len({prefix for *_, prefix in readings}) == 1
+        for path, _, modality, prefix in readings:
+            if modality is None and (prefix or one_case):  # a toolkit "seg.nii.gz" needs its case folder
+                found.setdefault(current.name if one_case else prefix, []).append(path)
+        pending += [(sub, depth - 1) for sub in subfolders]
+    segmentations = {}
+    for case_id, paths in sorted(found.items()):
+        try:
+            validate_case_id(case_id)
+            if len(paths) > 1:
+                raise CaseError(case_id, paths[0], f"two ground truths ({', '.join(str(p) for p in paths)})")
+        except CaseError as err:
+            errors.append(err)
+        else:
+            segmentations[case_id] = paths[0]
+    return segmentations, errors
+
+
 def _reject_duplicate_ids(found: Discovery) -> None:
     # Output files are named by ID; IDs that differ only in case collide on case-insensitive disks.
     by_key: dict[str, list[CaseFiles]] = {}

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from PIL import Image, ImageDraw, ImageFont
 
 from .conventions import EDEMA, ENHANCING, NECROSIS, LabelConvention, Modality, from_file_labels
-from .io import LoadedCase, find_cases, load_case, sitk_read
+from .io import CaseFiles, LoadedCase, load_case
 
 COLOURS = {EDEMA: (0, 200, 0), NECROSIS: (40, 90, 255), ENHANCING: (255, 30, 30)}
 LEGEND = ((EDEMA, "edema (ED)"), (NECROSIS, "NCR/NET"), (ENHANCING, "enhancing (ET)"))
@@ -112,19 +112,12 @@ def save_case_picture(loaded: LoadedCase, file_labels: np.ndarray, convention: L
     return _save(picture, Path(folder), loaded.files.case_id)
 
 
-def save_evaluation_pictures(pred_dir: Path, gt_dir: Path, folder: Path) -> list[Path]:
-    """QC pictures of prediction beside ground truth (``evaluate --qc``)."""
-    written = []
-    for case in find_cases(gt_dir).cases:
-        pred_path = Path(pred_dir) / f"{case.case_id}.nii.gz"
-        if case.segmentation is None or not pred_path.is_file():
-            continue
-        loaded = load_case(case)
-        pred = from_file_labels(sitk.GetArrayFromImage(sitk_read(pred_path)))
-        truth = from_file_labels(sitk.GetArrayFromImage(sitk_read(case.segmentation)))
-        images = _modalities(loaded)
-        rows = [("prediction", "FLAIR", pred), ("ground truth", "FLAIR", truth),
-                ("prediction", "T1c", pred), ("ground truth", "T1c", truth)]
-        picture = render(case.case_id, images, rows, _spacing_zyx(loaded.reference))
-        written.append(_save(picture, Path(folder), case.case_id))
-    return written
+def save_evaluation_picture(case: CaseFiles, pred: np.ndarray, truth: np.ndarray, folder: Path) -> Path:
+    """QC picture of a prediction beside the ground truth (``evaluate --qc``), both internal label maps;
+    raises `CaseError` when the case's images cannot be read."""
+    loaded = load_case(case)
+    images = _modalities(loaded)
+    rows = [("prediction", "FLAIR", pred), ("ground truth", "FLAIR", truth),
+            ("prediction", "T1c", pred), ("ground truth", "T1c", truth)]
+    picture = render(case.case_id, images, rows, _spacing_zyx(loaded.reference))
+    return _save(picture, Path(folder), case.case_id)

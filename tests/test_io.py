@@ -14,6 +14,7 @@ from app.io import (
     CaseError,
     check_nifti_integrity,
     find_cases,
+    find_segmentations,
     geometry_difference,
     label_image,
     load_case,
@@ -126,6 +127,27 @@ def test_ground_truth_is_recognised_and_extras_ignored(tmp_path):
     (tmp_path / "X" / "readme.txt").write_text("hello")
     [case] = find_cases(tmp_path).cases
     assert case.segmentation is not None and case.segmentation.name == "X-seg.nii.gz"
+
+
+def test_ground_truths_are_found_with_or_without_their_images(tmp_path):
+    """IDs as `find_cases` gives them: a case folder's name, else the prefix; a toolkit "seg.nii.gz" only in
+    its case folder; two files for one ID and unusable IDs refused by name."""
+    for name in LAYOUT_FILES["toolkit"] + ["seg.nii.gz"]:
+        _write(tmp_path / "T" / name)
+    _write(tmp_path / "renamed" / "A-seg.nii.gz")  # a case folder named otherwise than its files
+    for case_id in ("B", "C"):  # several cases' flat files in one subfolder, with and without images
+        _write(tmp_path / "flat" / f"{case_id}_seg.nii.gz")
+    _write(tmp_path / "flat" / "B_flair.nii.gz")
+    _write(tmp_path / "D-seg.nii.gz")
+    _write(tmp_path / "twice" / "D" / "D-seg.nii.gz")
+    _write(tmp_path / "seg.nii.gz")  # no case folder: no ID
+    _write(tmp_path / "..-seg.nii.gz")
+    _write(tmp_path / ".hidden" / "E" / "E-seg.nii.gz")
+    found, errors = find_segmentations(tmp_path)
+    assert {case_id: path.relative_to(tmp_path).as_posix() for case_id, path in found.items()} == {
+        "T": "T/seg.nii.gz", "renamed": "renamed/A-seg.nii.gz", "B": "flat/B_seg.nii.gz", "C": "flat/C_seg.nii.gz"}
+    assert sorted((e.case_id, e.reason.split(" (")[0]) for e in errors) == [
+        ("..", "case ID '..' would escape or hide in the output folder"), ("D", "two ground truths")]
 
 
 def test_missing_modality_and_mixed_conventions_fail_alone(tmp_path):

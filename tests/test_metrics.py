@@ -1,10 +1,12 @@
 import csv
+import shutil
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
+from app.conventions import Layout
 from app.metrics import EMPTY_HD95, case_scores, dice, hd95
 from app.phantoms import generate, make_phantom
 
@@ -110,3 +112,73 @@ def test_evaluate_cli_table_csv_missing_and_qc(tmp_path):
     [picture] = list((tmp_path / "qc").iterdir())
     assert picture.suffix == ".png" and sitk.ReadImage(str(picture)).GetSize()[0] > 600
     assert "| mean |" in result.stdout
+
+
+def test_evaluate_scores_the_other_cases_when_one_file_is_bad(tmp_path):
+    """A prediction that cannot be read, lies on another grid or holds a foreign label is scored as empty and
+    named; a ground truth that cannot be read is named and not scored; the good case is scored; exit 1."""
+    gt = tmp_path / "gt"
+    generate(gt, 5, seed=52, size=(64, 64, 48))
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    good, truncated, shifted, foreign, bad_truth = sorted(gt.iterdir())
+    for case in (good, truncated, shifted, foreign, bad_truth):
+        shutil.copy(next(case.glob("*-seg.nii.gz")), pred / f"{case.name}.nii.gz")
+    data = (pred / f"{truncated.name}.nii.gz").read_bytes()
+    (pred / f"{truncated.name}.nii.gz").write_bytes(data[: len(data) // 2])
+    image = sitk.ReadImage(str(pred / f"{shifted.name}.nii.gz"))
+    image.SetOrigin((5.0, 0.0, 0.0))
+    sitk.WriteImage(image, str(pred / f"{shifted.name}.nii.gz"))
+    truth = sitk.ReadImage(str(pred / f"{foreign.name}.nii.gz"))
+    array = sitk.GetArrayFromImage(truth)
+    array[0, 0, 0] = 7
+    relabelled = sitk.GetImageFromArray(array)
+    relabelled.CopyInformation(truth)
+    sitk.WriteImage(relabelled, str(pred / f"{foreign.name}.nii.gz"))
+    next(bad_truth.glob("*-seg.nii.gz")).write_bytes(b"not a NIfTI")
+    result = python_cli("evaluate", "--pred", str(pred), "--gt", str(gt), "--csv", str(tmp_path / "m.csv"),
+                        "--qc", str(tmp_path / "qc"))
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    expected = {truncated.name: ("unreadable NIfTI", "scored as an empty prediction"),
+                shifted.name: ("origin", "scored as an empty prediction"),
+                foreign.name: ("labels [7]", "scored as an empty prediction"),
+                bad_truth.name: ("unreadable NIfTI", "not scored")}
+    assert len(errors) == len(expected), result.stderr
+    for case_id, fragments in expected.items():
+        [line] = [line for line in errors if f"case {case_id} " in line]
+        assert all(fragment in line for fragment in fragments), line
+    by_case = {r["case"]: r for r in csv.DictReader(open(tmp_path / "m.csv"))}
+    assert set(by_case) == {good.name, truncated.name, shifted.name, foreign.name, "mean"}
+    assert float(by_case[good.name]["dice_WT"]) == 1.0
+    assert all(float(by_case[c]["dice_WT"]) == 0.0 for c in (truncated.name, shifted.name, foreign.name))
+    assert [p.name for p in (tmp_path / "qc").iterdir()] == [f"{good.name}.png"]
+
+
+@pytest.mark.parametrize("layout", [Layout.BRATS2023, Layout.BRATS2018])
+def test_evaluate_reads_a_folder_of_ground_truths_alone(tmp_path, layout):
+    """Label maps without their images, flat or one folder per case (IDs as prediction gives them: the case
+    folder's name, else the file's prefix), are scored; QC pictures, which need the images, are refused per
+    case."""
+    full = tmp_path / "full"
+    generate(full, 3, seed=53, layout=layout, size=(64, 64, 48))
+    flat, foldered, pred = tmp_path / "flat", tmp_path / "foldered", tmp_path / "pred"
+    for folder in (flat, pred):
+        folder.mkdir()
+    for case in sorted(full.iterdir()):
+        [seg] = [p for p in case.iterdir() if "seg" in p.name]
+        shutil.copy(seg, flat / seg.name)
+        (foldered / "release" / case.name).mkdir(parents=True)
+        shutil.copy(seg, foldered / "release" / case.name / seg.name)
+        shutil.copy(seg, pred / f"{case.name}.nii.gz")
+    (pred / f"{case.name}.nii.gz").unlink()  # the last case's prediction is missing
+    for gt in (flat, foldered):
+        result = python_cli("evaluate", "--pred", str(pred), "--gt", str(gt), "--csv", str(tmp_path / "m.csv"))
+        assert result.returncode == 0, result.stderr
+        by_case = {r["case"]: r for r in csv.DictReader(open(tmp_path / "m.csv"))}
+        assert sorted(by_case) == sorted([c.name for c in full.iterdir()] + ["mean"])
+        assert [float(by_case[c.name]["dice_WT"]) for c in sorted(full.iterdir())] == [1.0, 1.0, 0.0]
+        assert f"missing predictions (scored as empty): {case.name}" in result.stderr
+    with_qc = python_cli("evaluate", "--pred", str(pred), "--gt", str(flat), "--qc", str(tmp_path / "qc"))
+    assert with_qc.returncode == 1 and with_qc.stderr.count("not beside the ground truth (no QC picture)") == 2
+    assert "| mean |" in with_qc.stdout
