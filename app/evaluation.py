@@ -101,6 +101,8 @@ def _picture(case: CaseFiles | None, case_id: str, truth_path: Path, pred: np.nd
         save_evaluation_picture(case, pred, truth, folder)
     except CaseError as err:
         result.pictures.append(err)
+    except OSError as err:  # a full disk: the scores still stand
+        result.pictures.append(CaseError(case_id, Path(folder) / f"{case_id}.png", err.strerror or str(err)))
 
 
 def _prediction(case_id: str, path: Path, truth_image: sitk.Image, labels: str,

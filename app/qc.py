@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from PIL import Image, ImageDraw, ImageFont
 
 from .conventions import EDEMA, ENHANCING, NECROSIS, LabelConvention, Modality, from_file_labels
-from .io import CaseFiles, LoadedCase, load_case
+from .io import CaseError, CaseFiles, LoadedCase, load_case
 
 COLOURS = {EDEMA: (0, 200, 0), NECROSIS: (40, 90, 255), ENHANCING: (255, 30, 30)}
 LEGEND = ((EDEMA, "edema (ED)"), (NECROSIS, "NCR/NET"), (ENHANCING, "enhancing (ET)"))
@@ -114,8 +114,11 @@ def save_case_picture(loaded: LoadedCase, file_labels: np.ndarray, convention: L
 
 def save_evaluation_picture(case: CaseFiles, pred: np.ndarray, truth: np.ndarray, folder: Path) -> Path:
     """QC picture of a prediction beside the ground truth (``evaluate --qc``), both internal label maps;
-    raises `CaseError` when the case's images cannot be read."""
+    raises `CaseError` when the case's images cannot be read or lie on another grid than the labels."""
     loaded = load_case(case)
+    if loaded.image.shape[1:] != truth.shape:
+        raise CaseError(case.case_id, case.reference, f"the images' grid {loaded.image.shape[1:]} is not the "
+                        f"ground truth's {truth.shape}")
     images = _modalities(loaded)
     rows = [("prediction", "FLAIR", pred), ("ground truth", "FLAIR", truth),
             ("prediction", "T1c", pred), ("ground truth", "T1c", truth)]

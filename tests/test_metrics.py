@@ -118,11 +118,13 @@ def test_evaluate_scores_the_other_cases_when_one_file_is_bad(tmp_path):
     """A prediction that cannot be read, lies on another grid or holds a foreign label is scored as empty and
     named; a ground truth that cannot be read is named and not scored; the good case is scored; exit 1."""
     gt = tmp_path / "gt"
-    generate(gt, 5, seed=52, size=(64, 64, 48))
+    generate(gt, 6, seed=52, size=(64, 64, 48))
     pred = tmp_path / "pred"
     pred.mkdir()
-    good, truncated, shifted, foreign, bad_truth = sorted(gt.iterdir())
-    for case in (good, truncated, shifted, foreign, bad_truth):
+    good, truncated, shifted, foreign, bad_truth, regridded = sorted(gt.iterdir())
+    truth_path = next(regridded.glob("*-seg.nii.gz"))  # its truth on a grid of its own: scored, not drawn
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((40, 64, 64), np.uint8)), str(truth_path))
+    for case in (good, truncated, shifted, foreign, bad_truth, regridded):
         shutil.copy(next(case.glob("*-seg.nii.gz")), pred / f"{case.name}.nii.gz")
     data = (pred / f"{truncated.name}.nii.gz").read_bytes()
     (pred / f"{truncated.name}.nii.gz").write_bytes(data[: len(data) // 2])
@@ -143,14 +145,15 @@ def test_evaluate_scores_the_other_cases_when_one_file_is_bad(tmp_path):
     expected = {truncated.name: ("unreadable NIfTI", "scored as an empty prediction"),
                 shifted.name: ("origin", "scored as an empty prediction"),
                 foreign.name: ("labels [7]", "scored as an empty prediction"),
-                bad_truth.name: ("unreadable NIfTI", "not scored")}
+                bad_truth.name: ("unreadable NIfTI", "not scored"),
+                regridded.name: ("is not the ground truth's (40, 64, 64)", "no QC picture")}
     assert len(errors) == len(expected), result.stderr
     for case_id, fragments in expected.items():
         [line] = [line for line in errors if f"case {case_id} " in line]
         assert all(fragment in line for fragment in fragments), line
     by_case = {r["case"]: r for r in csv.DictReader(open(tmp_path / "m.csv"))}
-    assert set(by_case) == {good.name, truncated.name, shifted.name, foreign.name, "mean"}
-    assert float(by_case[good.name]["dice_WT"]) == 1.0
+    assert set(by_case) == {good.name, truncated.name, shifted.name, foreign.name, regridded.name, "mean"}
+    assert float(by_case[good.name]["dice_WT"]) == 1.0 and float(by_case[regridded.name]["dice_WT"]) == 1.0
     assert all(float(by_case[c]["dice_WT"]) == 0.0 for c in (truncated.name, shifted.name, foreign.name))
     assert [p.name for p in (tmp_path / "qc").iterdir()] == [f"{good.name}.png"]
 
