@@ -32,6 +32,7 @@ from .options import (
     Mirroring,
     PhantomPreset,
     Precision,
+    Resampling,
     Tiling,
     Variant,
     choices,
@@ -44,8 +45,8 @@ if TYPE_CHECKING:  # the real import is deferred: it pulls in scikit-learn, and 
 EXIT_OK, EXIT_CASE_FAILED, EXIT_USAGE = 0, 1, 2
 # parameters.yaml keys that are predict flags with a fixed set of values (mlcube/workspace/parameters.yaml),
 # and every key the file may hold; the --parameters_file help and the check both read these.
-MLCUBE_CHOICE_KEYS = ("device", "tiling", "precision", "tta", "fusion", "bias_correction", "edema_relabel",
-                      "edema_split", "keep_largest", "labels")
+MLCUBE_CHOICE_KEYS = ("device", "tiling", "precision", "tta", "fusion", "bias_correction", "resample",
+                      "edema_relabel", "edema_split", "keep_largest", "labels")
 MLCUBE_KEYS = ("folds", "scales", *MLCUBE_CHOICE_KEYS, "postprocess")
 
 
@@ -180,6 +181,11 @@ def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None
                         "(SimpleITK N4, fitted inside the brain outside the tumour that two folds find first; "
                         "about 4 s of CPU plus a fifth of the ensemble's network time per case); none: the "
                         "images as they are (the paper's path)")
+    p.add_argument("--resample", default=Resampling.AUTO.value, choices=choices(Resampling),
+                   help="auto (default): a case whose voxels are coarser than 1 mm along some axis (thick slices; "
+                        "by more than 5%%) is segmented on a grid of about 1 mm along it (BraTS's, which the network "
+                        "learnt), finer axes as they are, and its labels resampled back onto its own grid; off: "
+                        "every case on its own voxels")
     p.add_argument("--labels", default=AUTO_LABELS, choices=LABEL_CHOICES,
                    help="label encoding: auto follows the case layout (2023 files -> ET=3, others -> ET=4)")
     p.add_argument("--no-postprocess", action="store_true",
@@ -499,7 +505,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         options = PredictOptions(
             input_dir=args.input, output_dir=args.output, labels=args.labels,
             postprocess=postprocess_config(args),
-            bias_correction=BiasCorrection(args.bias_correction), skip_existing=args.skip_existing,
+            bias_correction=BiasCorrection(args.bias_correction), resampling=Resampling(args.resample),
+            skip_existing=args.skip_existing,
             save_probabilities=args.save_probabilities, shard=shard,
             report=args.report, qc_dir=args.qc, progress=not args.quiet and sys.stderr.isatty(),
             announce=not args.quiet and not sys.stderr.isatty(),

@@ -19,14 +19,13 @@ from functools import partial
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .ensemble import MIRRORS, DeviceOutOfMemory, Progress, TiledEnsemble
 from .fusion import TaskProbabilities, dilate, fuse, fuse_tensors, fusion_region, omnet_probabilities, to_host
 from .options import Device, Fusion, Mirroring, Precision, Tiling, parse_option, parse_scales
-from .preprocess import CROP_MARGIN, brain_mask, crop_to_brain, enclosed_in_a_slice
+from .preprocess import CROP_MARGIN, brain_mask, crop_to_brain, enclosed_in_a_slice, resample
 from .tiling import FAST_MARGIN, FAST_TILE, Tile, TilePlanner
 
 
@@ -85,14 +84,6 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
                 module[i] = fuse_conv_bn_eval(conv, bn, transpose=isinstance(conv, nn.ConvTranspose3d))
                 module[i + 1] = nn.Identity()
     return model
-
-
-def resample(volume: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """A (C, D, H, W) or (D, H, W) tensor resampled trilinearly to spatial ``shape`` (voxel centres kept
-    at their physical places: align_corners=False)."""
-    batch = volume[None, None] if volume.ndim == 3 else volume[None]
-    out = F.interpolate(batch.float(), size=tuple(shape), mode="trilinear", align_corners=False)[0]
-    return out[0] if volume.ndim == 3 else out
 
 
 def scaled_shape(shape: Sequence[int], scale: float) -> tuple[int, ...]:

@@ -141,6 +141,16 @@ class BiasCorrection(str, Enum):
     N4 = "n4"
 
 
+class Resampling(str, Enum):
+    """The grid the network reads a case on. AUTO: a case whose voxels are coarser than 1 mm along some axis
+    (thick slices; by more than 5%) is resampled to about 1 mm along it, BraTS's grid and the training's,
+    and its labels brought back (app.preprocess.Regrid); finer axes are read as they are. OFF: every case
+    on its own voxels."""
+
+    AUTO = "auto"
+    OFF = "off"
+
+
 class AugmentLevel(str, Enum):
     """Training augmentation (app.augment.AugmentConfig.for_level): NONE switches it off; STRONG draws
     the intensity and geometry transforms more often and over wider ranges (flips as DEFAULT)."""

@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from functools import partial
 from pathlib import Path
@@ -52,9 +52,9 @@ from .io import (
     writable_folder,
     write_image_atomic,
 )
-from .options import BiasCorrection
+from .options import BiasCorrection, Resampling
 from .postprocess import PostprocessConfig, postprocess
-from .preprocess import BiasCorrected, correct_bias
+from .preprocess import BiasCorrected, Regrid, correct_bias
 
 # Where post-processing finds its images in a loaded case (`load_case` stacks the four in MODALITY_ORDER).
 T1_CHANNEL = MODALITY_ORDER.index(Modality.T1)
@@ -72,6 +72,7 @@ class PredictOptions:
     labels: str = AUTO_LABELS
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     bias_correction: BiasCorrection = BiasCorrection.N4
+    resampling: Resampling = Resampling.AUTO
     skip_existing: bool = False
     save_probabilities: Path | None = None
     shard: tuple[int, int] = (0, 1)
@@ -163,17 +164,19 @@ def _voxel_counts(file_labels: np.ndarray) -> dict[str, int]:
     return {str(k): int(counts[k]) for k in np.flatnonzero(counts) if k != 0}
 
 
-def _save_probabilities(folder: Path, loaded: LoadedCase, box, probabilities: TaskProbabilities | None) -> None:
+def _save_probabilities(folder: Path, loaded: LoadedCase, box, probabilities: TaskProbabilities | None,
+                        regrid: Regrid | None = None) -> None:
     """Fold-averaged task probabilities as one 7-component NIfTI (task-1 tumour, task-2 classes 0-4,
-    task-3 ET) on the case's grid."""
+    task-3 ET) on the case's grid (resampled back from the 1 mm grid with ``regrid``)."""
     folder.mkdir(parents=True, exist_ok=True)
-    shape = loaded.image.shape[1:]
-    stack = np.zeros((*shape, 7), np.float32)
+    stack = np.zeros((7, *(loaded.image.shape[1:] if regrid is None else regrid.working)), np.float32)
     if probabilities is not None:
-        stack[(*box, 0)] = probabilities.tumour
-        stack[(*box, slice(1, 6))] = np.moveaxis(probabilities.classes, 0, -1)
-        stack[(*box, 6)] = probabilities.enhancing
-    image = sitk.GetImageFromArray(stack, isVector=True)
+        stack[(0, *box)] = probabilities.tumour
+        stack[(slice(1, 6), *box)] = probabilities.classes
+        stack[(6, *box)] = probabilities.enhancing
+    if regrid is not None:
+        stack = regrid.volume_to_native(stack)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.moveaxis(stack, 0, -1)), isVector=True)
     image.CopyInformation(loaded.reference)
     write_image_atomic(image, folder / f"{loaded.files.case_id}_probabilities.nii.gz")
 
@@ -258,6 +261,16 @@ def complete_segmentation(prediction: CasePrediction, image: np.ndarray, post: P
     return result
 
 
+@dataclass
+class Predicted:
+    """`CaseRunner.predict`'s half of a case: the prediction, the (bias-corrected) image it was made on, and
+    the regrid between that image's grid and the case's (None: the case's own grid)."""
+
+    prediction: CasePrediction
+    image: np.ndarray
+    regrid: Regrid | None
+
+
 class CaseRunner:
     """Segments one loaded case and writes its outputs, in two halves that consecutive cases overlap:
     `predict` (the device's work) and `finish` (the CPU's: post-processing, encoding, writing). No
@@ -269,29 +282,44 @@ class CaseRunner:
     def run(self, loaded: LoadedCase, progress: Callable[[int, int], None] | None = None) -> CaseResult:
         return self.finish(loaded, self.predict(loaded, progress))
 
-    def predict(self, loaded: LoadedCase, progress: Callable[[int, int], None] | None = None) -> CasePrediction:
-        """`predict_corrected`; the corrected image replaces the loaded one, so that `finish`
-        post-processes (and draws the QC picture) with it."""
-        loaded.image, prediction = predict_corrected(self.predictor, loaded.image, self.options.bias_correction,
-                                                     [m.value for m in loaded.files.modalities], progress)
-        return prediction
+    def predict(self, loaded: LoadedCase, progress: Callable[[int, int], None] | None = None) -> Predicted:
+        """`predict_corrected`, on a 1 mm grid when the case's voxels are not (`Regrid`)."""
+        regrid = self.regrid(loaded)
+        image = loaded.image if regrid is None else regrid.to_working(loaded.image)
+        corrected, prediction = predict_corrected(self.predictor, image, self.options.bias_correction,
+                                                  [m.value for m in loaded.files.modalities], progress)
+        return Predicted(prediction, corrected, regrid)
 
-    def finish(self, loaded: LoadedCase, prediction: CasePrediction) -> CaseResult:
-        case = loaded.files
-        seg = complete_segmentation(prediction, loaded.image, self.options.postprocess,
-                                    loaded.reference.GetSpacing()[::-1])
+    def regrid(self, loaded: LoadedCase) -> Regrid | None:
+        """The regrid the case needs under the options' `Resampling`; a `CaseError` for a spacing no brain
+        has."""
+        if self.options.resampling is Resampling.OFF:
+            return None
+        try:
+            return Regrid.for_case(loaded.image.shape[1:], loaded.reference.GetSpacing()[::-1])
+        except ValueError as err:
+            raise CaseError(loaded.files.case_id, loaded.files.reference, str(err)) from None
+
+    def finish(self, loaded: LoadedCase, predicted: Predicted) -> CaseResult:
+        case, regrid = loaded.files, predicted.regrid
+        spacing = loaded.reference.GetSpacing()[::-1] if regrid is None else regrid.working_spacing
+        seg = complete_segmentation(predicted.prediction, predicted.image, self.options.postprocess, spacing)
         convention = resolve_convention(self.options.labels, case.layout)
-        file_labels = to_file_labels(seg.labels, convention)
+        file_labels = to_file_labels(seg.labels if regrid is None else regrid.labels_to_native(seg.labels),
+                                     convention)
         destination = output_path(self.options.output_dir, case.case_id)
         write_image_atomic(label_image(file_labels, loaded.reference), destination)
         if self.options.save_probabilities is not None:
-            _save_probabilities(self.options.save_probabilities, loaded, seg.box, seg.probabilities)
+            _save_probabilities(self.options.save_probabilities, loaded, seg.box, seg.probabilities, regrid)
         if self.options.qc_dir is not None:
             from .qc import save_case_picture
 
-            save_case_picture(loaded, file_labels, convention, self.options.qc_dir)
+            # Drawn on the corrected image where it lies on the case's grid, else on the image as read.
+            shown = loaded if regrid is not None else replace(loaded, image=predicted.image)
+            save_case_picture(shown, file_labels, convention, self.options.qc_dir)
+        notes = [] if regrid is None else [regrid.describe()]
         return CaseResult(case.case_id, CaseStatus.OK, output=str(destination), voxels=_voxel_counts(file_labels),
-                          warnings=[*loaded.warnings, *seg.warnings], confidence=seg.confidence,
+                          warnings=[*loaded.warnings, *notes, *seg.warnings], confidence=seg.confidence,
                           expected_dice=seg.expected_dice, drawn_core_share=round(seg.drawn_core_share, 4),
                           far_edema_share=round(seg.far_edema_share, 4))
 
@@ -359,10 +387,10 @@ def _run_pipelined(runner: CaseRunner, todo: list[CaseFiles], options: PredictOp
     return results
 
 
-def _finish_one(runner: CaseRunner, case: CaseFiles, loaded: LoadedCase, prediction: CasePrediction, start: float,
+def _finish_one(runner: CaseRunner, case: CaseFiles, loaded: LoadedCase, predicted: Predicted, start: float,
                 options: PredictOptions, stream: TextIO) -> CaseResult:
     """The finisher thread's job: post-process and write one case, then print its line at once."""
-    result = _guarded(case, partial(runner.finish, loaded, prediction))
+    result = _guarded(case, partial(runner.finish, loaded, predicted))
     if result.status is CaseStatus.OK:
         result.seconds = round(time.perf_counter() - start, 2)
     _print_result(result, stream, options.progress)
@@ -370,7 +398,7 @@ def _finish_one(runner: CaseRunner, case: CaseFiles, loaded: LoadedCase, predict
 
 
 def _predict_one(runner: CaseRunner, case: CaseFiles, future: Future, options: PredictOptions,
-                 stream: TextIO) -> tuple[LoadedCase, CasePrediction]:
+                 stream: TextIO) -> tuple[LoadedCase, Predicted]:
     if options.announce:
         print(f"{case.case_id}: started", file=stream, flush=True)
     loaded = future.result()

@@ -6,6 +6,7 @@ the normalised image is 0, which is also what the network sees beyond the crop (
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
@@ -83,6 +84,109 @@ def crop_to_brain(image: np.ndarray, margin: int = CROP_MARGIN) -> BrainCrop | N
         return None
     box = bounding_box(mask, margin)
     return BrainCrop(box, normalise(image[(slice(None), *box)], mask[box]), mask[box])
+
+
+# The network learnt BraTS's grid: 1 mm voxels. Along an axis whose voxels are coarser (thick slices), a case
+# is resampled to about 1 mm over the same field of view, segmented there (post-processing's voxel counts
+# then count voxels of that grid) and its labels brought back (`Regrid`); finer axes are kept as they are:
+# shrinking them to 1 mm cost Dice (four phantoms on 0.7 mm voxels: WT 0.90 read as they were, 0.86 shrunk
+# to 1 mm; on 0.5 x 0.5 x 1 mm, 0.91 against 0.84), while 3 mm slices read as they were lost WT (0.77
+# against 0.83 on 1 mm). Within this share of 1 mm an axis counts as 1 mm.
+NETWORK_SPACING_MM = 1.0
+SPACING_TOLERANCE = 0.05
+# A working grid larger than this along an axis (a 512 mm field of view) means a spacing in the header
+# that cannot be the brain's: refused rather than resampled into a volume that does not fit in memory.
+MAX_WORKING_SIDE = 512
+
+
+@dataclass(frozen=True)
+class Regrid:
+    """Between a case's own grid (``native`` voxels, ``spacing`` mm, array order z, y, x) and the grid the
+    network reads it on (``working``): about 1 mm along the axes whose voxels are coarser, the case's own
+    voxels along the others, over the same field of view. Voxel centres keep their physical places
+    (trilinear resampling with align_corners=False): the working grid's voxels are ``native * spacing /
+    working`` mm."""
+
+    native: tuple[int, ...]
+    spacing: tuple[float, ...]
+    working: tuple[int, ...]
+
+    @classmethod
+    def for_case(cls, shape: tuple[int, ...], spacing: tuple[float, ...]) -> Regrid | None:
+        """The regrid a case of ``shape`` voxels of ``spacing`` mm needs, or None when no axis is coarser
+        than 1 mm (by more than SPACING_TOLERANCE). Raises ValueError for a working grid over
+        MAX_WORKING_SIDE voxels."""
+        if len(shape) != len(spacing) or min(spacing) <= 0:
+            raise ValueError(f"bad grid: {shape} voxels of {spacing} mm")
+        coarse = [s > NETWORK_SPACING_MM * (1 + SPACING_TOLERANCE) for s in spacing]
+        if not any(coarse):
+            return None
+        working = tuple(round(n * s / NETWORK_SPACING_MM) if c else n for n, s, c in zip(shape, spacing, coarse))
+        if max(w for w, c in zip(working, coarse) if c) > MAX_WORKING_SIDE:
+            raise ValueError(f"{_xyz(shape, 'd')} voxels of {_xyz(spacing)} mm span {_xyz(working, 'd')} mm: a "
+                             f"field of view over {MAX_WORKING_SIDE} mm is not a brain's (is the header's spacing "
+                             "right?)")
+        return cls(tuple(shape), tuple(spacing), working)
+
+    @property
+    def working_spacing(self) -> tuple[float, ...]:
+        return tuple(n * s / m for n, s, m in zip(self.native, self.spacing, self.working))
+
+    def describe(self) -> str:
+        return (f"voxels of {_xyz(self.spacing)} mm: segmented on a grid of "
+                f"{_xyz(self.working_spacing)} mm and resampled back")
+
+    def to_working(self, image: np.ndarray) -> np.ndarray:
+        """A raw (C, D, H, W) case on the working grid. The brain is resampled as a mask and each modality
+        divided by it, so that voxels at the brain's edge are not darkened by the background's zeros, and
+        everything outside the resampled brain is 0, as in a skull-stripped case."""
+        brain = _resample(brain_mask(image).astype(np.float32)[None], self.working)[0]
+        inside = brain > 0.5
+        out = _resample(image.astype(np.float32, copy=False), self.working)
+        out /= np.where(inside, brain, 1.0)[None]
+        out *= inside[None]
+        return out
+
+    def labels_to_native(self, labels: np.ndarray) -> np.ndarray:
+        """An integer label map on the working grid brought back to the case's grid: each label's mask
+        resampled trilinearly, and every voxel given the label of highest weight (nnU-Net's way; nearest
+        neighbour would step where the native grid is finer)."""
+        best = np.zeros(self.native, np.float32)
+        out = np.zeros(self.native, labels.dtype)
+        for value in np.unique(labels):
+            weight = _resample((labels == value).astype(np.float32)[None], self.native)[0]
+            higher = weight > best
+            out[higher], best[higher] = value, weight[higher]
+        return out
+
+    def volume_to_native(self, volume: np.ndarray) -> np.ndarray:
+        """A float (C, d, h, w) volume on the working grid (probabilities) on the case's grid, trilinearly."""
+        return _resample(volume.astype(np.float32, copy=False), self.native)
+
+
+def _xyz(values: tuple, spec: str = ".2f") -> str:
+    """Array-order (z, y, x) ``values`` as "XxYxZ", the order image headers print."""
+    return "x".join(format(v, spec) for v in reversed(values))
+
+
+def resample(volume: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """A (C, D, H, W) or (D, H, W) tensor resampled trilinearly to spatial ``shape`` (voxel centres kept
+    at their physical places: align_corners=False)."""
+    import torch.nn.functional as F
+
+    batch = volume[None, None] if volume.ndim == 3 else volume[None]
+    out = F.interpolate(batch.float(), size=tuple(shape), mode="trilinear", align_corners=False)[0]
+    return out[0] if volume.ndim == 3 else out
+
+
+def _resample(volume: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """`resample` for a (C, D, H, W) numpy array, a channel at a time (float32)."""
+    import torch
+
+    out = np.empty((volume.shape[0], *shape), np.float32)
+    for c in range(volume.shape[0]):
+        out[c] = resample(torch.from_numpy(np.ascontiguousarray(volume[c], np.float32)), shape).numpy()
+    return out
 
 
 # N4 settings: fitted on a copy shrunk by up to 8 per axis (a 1 mm brain becomes ~20x25x20 voxels, enough

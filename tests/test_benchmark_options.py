@@ -322,3 +322,21 @@ def test_train_benchmark_refuses_a_patch_the_network_cannot_pool():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "--patch-size 20,40,40: every side must be a positive multiple of 8" in done.stderr
+
+
+def test_voxel_sizes_regrids_the_phantoms_and_scores_both_modes_on_their_own_grids(tmp_path, capsys):
+    """benchmarks/voxel_sizes.py on one small phantom, one shipped fold, one thick-slice grid."""
+    import SimpleITK as sitk
+    from voxel_sizes import main
+
+    assert main(["--work", str(tmp_path), "--cases", "1", "--size", "96,112,64", "--folds", "0",
+                 "--spacings", "1,1,2.5"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    rows = [line for line in table if line.startswith("| 1 x 1")]
+    assert [row.split(" | ")[1] for row in rows] == ["(as generated)", "`--resample auto`", "`--resample off`"]
+    assert all(0.0 <= float(value) <= 1.0 for row in rows for value in row.split(" | ")[2:5])
+    [case] = (tmp_path / "1_1_2.5").iterdir()
+    image = sitk.ReadImage(str(next(case.glob("*-t2f.nii.gz"))))
+    assert image.GetSize() == (96, 112, 26) and image.GetSpacing() == (1.0, 1.0, 2.5)
+    [written] = (tmp_path / "pred-1_1_2.5-auto").iterdir()
+    assert sitk.ReadImage(str(written)).GetSize() == (96, 112, 26)

@@ -210,17 +210,20 @@ def test_unknown_extra_file_is_ignored(cohort, weights):
     assert len(list(out.iterdir())) == 2
 
 
-def test_odd_size_and_anisotropic_spacing(tmp_path, weights):
+@pytest.mark.parametrize("resample", ["auto", "off"])
+def test_odd_size_and_anisotropic_spacing(tmp_path, weights, resample):
     [case] = small_cases(tmp_path / "in", 1, size=(57, 61, 29))
     for path in case.iterdir():
         image = sitk.ReadImage(str(path))
         image.SetSpacing((0.9, 1.1, 2.5))
         sitk.WriteImage(image, str(path), True)
-    result, out = _predict(tmp_path / "in", weights)
+    result, out = _predict(tmp_path / "in", weights, "--resample", resample)
     assert result.returncode == 0, result.stderr
     [written] = list(out.iterdir())
     image = sitk.ReadImage(str(written))
     assert image.GetSize() == (57, 61, 29) and np.allclose(image.GetSpacing(), (0.9, 1.1, 2.5))
+    noted = "voxels of 0.90x1.10x2.50 mm: segmented on a grid of 0.90x1.00x1.01 mm" in result.stderr
+    assert noted == (resample == "auto"), result.stderr
 
 
 def test_nan_and_inf_voxels_warn_and_work(cohort, weights):

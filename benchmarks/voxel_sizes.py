@@ -1,0 +1,114 @@
+"""Voxel sizes other than BraTS's 1 mm: held-out phantoms re-gridded, segmented by the product with and without
+`--resample`, scored on their own grids.
+
+Each phantom (generator 2, a series never trained on) is written at 1 mm, then re-gridded to every voxel size
+asked for over the same field of view: images trilinear, ground truth nearest neighbour, voxel centres in their
+physical places. Every folder goes through `python3 -m app predict` (`--resample auto` and `off`) and
+`python3 -m app evaluate` against its own ground truth, as a user would run them. Prints a Markdown table of
+mean Dice (WT, TC, ET) and seconds per case per voxel size and mode.
+
+    python3 benchmarks/voxel_sizes.py --work DIR [--weights weights] [--cases 4] [--seed 25]
+        [--spacings 0.7,0.7,0.7/0.5,0.5,1/1,1,3] [--size 240,240,155] [--folds 0,1,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+ROOT = Path(__file__).resolve().parent.parent
+MODES = ("auto", "off")
+
+
+def spacing_list(text: str) -> list[tuple[float, float, float]]:
+    """``X,Y,Z/X,Y,Z/...`` voxel sizes in mm, each positive."""
+    sizes = []
+    for item in text.split("/"):
+        values = tuple(float(v) for v in item.split(","))
+        if len(values) != 3 or min(values) <= 0:
+            raise argparse.ArgumentTypeError(f"a voxel size is three positive mm values X,Y,Z, got {item!r}")
+        sizes.append(values)
+    return sizes
+
+
+def regrid_image(image: sitk.Image, spacing: tuple[float, float, float], label: bool) -> sitk.Image:
+    """``image`` on voxels of ``spacing`` mm over the same field of view (voxel centres in place)."""
+    size = [max(1, round(n * s / t)) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing)]
+    origin = [o + (t - s) / 2 for o, s, t in zip(image.GetOrigin(), image.GetSpacing(), spacing)]
+    reference = sitk.Image(size, image.GetPixelID())
+    reference.SetSpacing(spacing)
+    reference.SetOrigin(origin)
+    reference.SetDirection(image.GetDirection())
+    source = image if label else sitk.Cast(image, sitk.sitkFloat32)
+    interpolator = sitk.sitkNearestNeighbor if label else sitk.sitkLinear
+    return sitk.Resample(source, reference, sitk.Transform(), interpolator, 0.0, source.GetPixelID())
+
+
+def regrid_folder(source: Path, target: Path, spacing: tuple[float, float, float]) -> None:
+    for case in sorted(p for p in source.iterdir() if p.is_dir()):
+        (target / case.name).mkdir(parents=True, exist_ok=True)
+        for path in case.iterdir():
+            image = regrid_image(sitk.ReadImage(str(path)), spacing, path.name.endswith("-seg.nii.gz"))
+            sitk.WriteImage(image, str(target / case.name / path.name), True)
+
+
+def _app(*args: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "app", *args], cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"python3 -m app {args[0]} failed ({result.returncode}):\n{result.stderr[-2000:]}")
+
+
+def score(cases: Path, out: Path, mode: str, predict_flags: list[str]) -> dict[str, float]:
+    """Mean Dice per region and seconds per case of the product on ``cases`` with ``--resample mode``."""
+    report, table = out.with_suffix(".json"), out.with_suffix(".csv")
+    _app("predict", "--input", str(cases), "--output", str(out), "--resample", mode, "--quiet", "--report",
+         str(report), *predict_flags)
+    _app("evaluate", "--pred", str(out), "--gt", str(cases), "--csv", str(table))
+    rows = [r for r in csv.DictReader(open(table)) if r["case"] != "mean"]
+    seconds = [c["seconds"] for c in json.loads(report.read_text())["cases"]]
+    return {**{region: float(np.mean([float(r[f"dice_{region}"]) for r in rows])) for region in ("WT", "TC", "ET")},
+            "seconds": float(np.mean(seconds)), "cases": len(rows)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, required=True, help="folder for the phantoms and predictions")
+    parser.add_argument("--weights", type=Path, default=ROOT / "weights", help="weights folder to score")
+    parser.add_argument("--cases", type=int, default=4, help="held-out phantoms")
+    parser.add_argument("--seed", type=int, default=25, help="phantom series seed (25: never trained on)")
+    parser.add_argument("--spacings", type=spacing_list, default=spacing_list("0.7,0.7,0.7/0.5,0.5,1/1,1,3"),
+                        help="voxel sizes X,Y,Z in mm, separated by /")
+    parser.add_argument("--size", default="240,240,155", help="phantom size X,Y,Z at 1 mm")
+    parser.add_argument("--folds", default=None, help="folds to ensemble (default: all)")
+    args = parser.parse_args(argv)
+    flags = ["--weights", str(args.weights), *(["--folds", args.folds] if args.folds else [])]
+    source = args.work / "1mm"
+    if not source.is_dir():
+        _app("phantoms", "--out", str(source), "--n", str(args.cases), "--seed", str(args.seed), "--size", args.size)
+    rows = [("1 x 1 x 1", "(as generated)", score(source, args.work / "pred-1mm", "auto", flags))]
+    for spacing in args.spacings:
+        name = " x ".join(f"{s:g}" for s in spacing)
+        folder = args.work / name.replace(" x ", "_")
+        if not folder.is_dir():
+            regrid_folder(source, folder, spacing)
+        for mode in MODES:
+            result = score(folder, args.work / f"pred-{folder.name}-{mode}", mode, flags)
+            rows.append((name, f"`--resample {mode}`", result))
+    print(f"{rows[0][2]['cases']} held-out phantoms, series seed {args.seed}, re-gridded; mean Dice on their own grids")
+    print("| voxels (mm) | mode | Dice WT | TC | ET | s per case |")
+    print("|---|---|---|---|---|---|")
+    for name, mode, result in rows:
+        print(f"| {name} | {mode} | {result['WT']:.4f} | {result['TC']:.4f} | {result['ET']:.4f} | "
+              f"{result['seconds']:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
