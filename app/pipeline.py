@@ -167,7 +167,7 @@ def _voxel_counts(file_labels: np.ndarray) -> dict[str, int]:
 def _save_probabilities(folder: Path, loaded: LoadedCase, box, probabilities: TaskProbabilities | None,
                         regrid: Regrid | None = None) -> None:
     """Fold-averaged task probabilities as one 7-component NIfTI (task-1 tumour, task-2 classes 0-4,
-    task-3 ET) on the case's grid (resampled back from the 1 mm grid with ``regrid``)."""
+    task-3 ET) on the case's grid (resampled back from the working grid with ``regrid``)."""
     folder.mkdir(parents=True, exist_ok=True)
     stack = np.zeros((7, *(loaded.image.shape[1:] if regrid is None else regrid.working)), np.float32)
     if probabilities is not None:
@@ -283,7 +283,7 @@ class CaseRunner:
         return self.finish(loaded, self.predict(loaded, progress))
 
     def predict(self, loaded: LoadedCase, progress: Callable[[int, int], None] | None = None) -> Predicted:
-        """`predict_corrected`, on a 1 mm grid when the case's voxels are not (`Regrid`)."""
+        """`predict_corrected`, on about 1 mm along the axes where the case's voxels are coarser (`Regrid`)."""
         regrid = self.regrid(loaded)
         image = loaded.image if regrid is None else regrid.to_working(loaded.image)
         corrected, prediction = predict_corrected(self.predictor, image, self.options.bias_correction,
