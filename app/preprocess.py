@@ -140,9 +140,9 @@ class Regrid:
         """A raw (C, D, H, W) case on the working grid. The brain is resampled as a mask and each modality
         divided by it, so that voxels at the brain's edge are not darkened by the background's zeros, and
         everything outside the resampled brain is 0, as in a skull-stripped case."""
-        brain = _resample(brain_mask(image).astype(np.float32)[None], self.working)[0]
+        brain = _resample(brain_mask(image)[None], self.working)[0]
         inside = brain > 0.5
-        out = _resample(image.astype(np.float32, copy=False), self.working)
+        out = _resample(image, self.working)
         out /= np.where(inside, brain, 1.0)[None]
         out *= inside[None]
         return out
@@ -154,14 +154,14 @@ class Regrid:
         best = np.zeros(self.native, np.float32)
         out = np.zeros(self.native, labels.dtype)
         for value in np.unique(labels):
-            weight = _resample((labels == value).astype(np.float32)[None], self.native)[0]
+            weight = _resample((labels == value)[None], self.native)[0]
             higher = weight > best
             out[higher], best[higher] = value, weight[higher]
         return out
 
     def volume_to_native(self, volume: np.ndarray) -> np.ndarray:
         """A float (C, d, h, w) volume on the working grid (probabilities) on the case's grid, trilinearly."""
-        return _resample(volume.astype(np.float32, copy=False), self.native)
+        return _resample(volume, self.native)
 
 
 def _xyz(values: tuple, spec: str = ".2f") -> str:
@@ -180,7 +180,8 @@ def resample(volume: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 
 
 def _resample(volume: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """`resample` for a (C, D, H, W) numpy array, a channel at a time (float32)."""
+    """`resample` for a (C, D, H, W) numpy array of any numeric or bool type, a channel at a time, each
+    channel converted to float32 as it goes (so a caller need not copy the whole array first)."""
     import torch
 
     out = np.empty((volume.shape[0], *shape), np.float32)
