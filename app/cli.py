@@ -184,8 +184,9 @@ def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None
     p.add_argument("--resample", default=Resampling.AUTO.value, choices=choices(Resampling),
                    help="auto (default): a case whose voxels are coarser than 1 mm along some axis (thick slices; "
                         "by more than 5%%) is segmented on a grid of about 1 mm along it (BraTS's, which the network "
-                        "learnt), finer axes as they are, and its labels resampled back onto its own grid; off: "
-                        "every case on its own voxels")
+                        "learnt), finer axes as they are, and its labels resampled back onto its own grid; all: "
+                        "finer axes too (by more than 5%%) to about 1 mm (nnU-Net's way); off: every case on its "
+                        "own voxels")
     p.add_argument("--labels", default=AUTO_LABELS, choices=LABEL_CHOICES,
                    help="label encoding: auto follows the case layout (2023 files -> ET=3, others -> ET=4)")
     p.add_argument("--no-postprocess", action="store_true",

@@ -144,10 +144,11 @@ class BiasCorrection(str, Enum):
 class Resampling(str, Enum):
     """The grid the network reads a case on. AUTO: a case whose voxels are coarser than 1 mm along some axis
     (thick slices; by more than 5%) is resampled to about 1 mm along it, BraTS's grid and the training's,
-    and its labels brought back (app.preprocess.Regrid); finer axes are read as they are. OFF: every case
-    on its own voxels."""
+    and its labels brought back (app.preprocess.Regrid); finer axes are read as they are. ALL: finer axes
+    too (by more than 5%) are resampled to about 1 mm (nnU-Net's way). OFF: every case on its own voxels."""
 
     AUTO = "auto"
+    ALL = "all"
     OFF = "off"
 
 

@@ -283,7 +283,8 @@ class CaseRunner:
         return self.finish(loaded, self.predict(loaded, progress))
 
     def predict(self, loaded: LoadedCase, progress: Callable[[int, int], None] | None = None) -> Predicted:
-        """`predict_corrected`, on about 1 mm along the axes where the case's voxels are coarser (`Regrid`)."""
+        """`predict_corrected`, on about 1 mm along the axes where the case's voxels are coarser (with
+        `Resampling.ALL` also finer; `Regrid`)."""
         regrid = self.regrid(loaded)
         image = loaded.image if regrid is None else regrid.to_working(loaded.image)
         corrected, prediction = predict_corrected(self.predictor, image, self.options.bias_correction,
@@ -296,7 +297,8 @@ class CaseRunner:
         if self.options.resampling is Resampling.OFF:
             return None
         try:
-            return Regrid.for_case(loaded.image.shape[1:], loaded.reference.GetSpacing()[::-1])
+            return Regrid.for_case(loaded.image.shape[1:], loaded.reference.GetSpacing()[::-1],
+                                   finer=self.options.resampling is Resampling.ALL)
         except ValueError as err:
             raise CaseError(loaded.files.case_id, loaded.files.reference, str(err)) from None
 

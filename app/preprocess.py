@@ -88,10 +88,11 @@ def crop_to_brain(image: np.ndarray, margin: int = CROP_MARGIN) -> BrainCrop | N
 
 # The network learnt BraTS's grid: 1 mm voxels. Along an axis whose voxels are coarser (thick slices), a case
 # is resampled to about 1 mm over the same field of view, segmented there (post-processing's voxel counts
-# then count voxels of that grid) and its labels brought back (`Regrid`); finer axes are kept as they are:
-# shrinking them to 1 mm cost Dice (four phantoms on 0.7 mm voxels: WT 0.90 read as they were, 0.86 shrunk
-# to 1 mm; on 0.5 x 0.5 x 1 mm, 0.91 against 0.84), while 3 mm slices read as they were lost WT (0.77
-# against 0.83 on 1 mm). Within this share of 1 mm an axis counts as 1 mm.
+# then count voxels of that grid) and its labels brought back (`Regrid`): 3 mm slices read as they were
+# lost WT (0.77 against 0.83 on 1 mm). By default finer axes are kept as they are: on this project's
+# phantoms shrinking them to 1 mm cost Dice (0.7 mm voxels: WT 0.90 read as they were, 0.86 shrunk; 0.5 x
+# 0.5 x 1 mm, 0.91 against 0.84), but enlarging the second generator's brains cost some of them the whole
+# tumour, so `finer=True` shrinks them too (nnU-Net's way). Within this share of 1 mm an axis counts as 1 mm.
 NETWORK_SPACING_MM = 1.0
 SPACING_TOLERANCE = 0.05
 # A working grid larger than this along an axis (a 512 mm field of view) means a spacing in the header
@@ -102,27 +103,29 @@ MAX_WORKING_SIDE = 512
 @dataclass(frozen=True)
 class Regrid:
     """Between a case's own grid (``native`` voxels, ``spacing`` mm, array order z, y, x) and the grid the
-    network reads it on (``working``): about 1 mm along the axes whose voxels are coarser, the case's own
-    voxels along the others, over the same field of view. Voxel centres keep their physical places
-    (trilinear resampling with align_corners=False): the working grid's voxels are ``native * spacing /
-    working`` mm."""
+    network reads it on (``working``): about 1 mm along the axes whose voxels are coarser (and, if asked,
+    finer) than 1 mm, the case's own voxels along the others, over the same field of view. Voxel centres
+    keep their physical places (trilinear resampling with align_corners=False): the working grid's voxels
+    are ``native * spacing / working`` mm."""
 
     native: tuple[int, ...]
     spacing: tuple[float, ...]
     working: tuple[int, ...]
 
     @classmethod
-    def for_case(cls, shape: tuple[int, ...], spacing: tuple[float, ...]) -> Regrid | None:
+    def for_case(cls, shape: tuple[int, ...], spacing: tuple[float, ...], finer: bool = False) -> Regrid | None:
         """The regrid a case of ``shape`` voxels of ``spacing`` mm needs, or None when no axis is coarser
-        than 1 mm (by more than SPACING_TOLERANCE). Raises ValueError for a working grid over
-        MAX_WORKING_SIDE voxels."""
+        than 1 mm (or, with ``finer``, finer) by more than SPACING_TOLERANCE. Raises ValueError for a
+        working grid over MAX_WORKING_SIDE voxels."""
         if len(shape) != len(spacing) or min(spacing) <= 0:
             raise ValueError(f"bad grid: {shape} voxels of {spacing} mm")
-        coarse = [s > NETWORK_SPACING_MM * (1 + SPACING_TOLERANCE) for s in spacing]
-        if not any(coarse):
+        moved = [s > NETWORK_SPACING_MM * (1 + SPACING_TOLERANCE)
+                 or (finer and s < NETWORK_SPACING_MM * (1 - SPACING_TOLERANCE)) for s in spacing]
+        if not any(moved):
             return None
-        working = tuple(round(n * s / NETWORK_SPACING_MM) if c else n for n, s, c in zip(shape, spacing, coarse))
-        if max(w for w, c in zip(working, coarse) if c) > MAX_WORKING_SIDE:
+        working = tuple(max(1, round(n * s / NETWORK_SPACING_MM)) if m else n
+                        for n, s, m in zip(shape, spacing, moved))
+        if max(w for w, m in zip(working, moved) if m) > MAX_WORKING_SIDE:
             raise ValueError(f"{_xyz(shape, 'd')} voxels of {_xyz(spacing)} mm span {_xyz(working, 'd')} mm: a "
                              f"field of view over {MAX_WORKING_SIDE} mm is not a brain's (is the header's spacing "
                              "right?)")

@@ -1,14 +1,15 @@
-"""Voxel sizes other than BraTS's 1 mm: held-out phantoms re-gridded, segmented by the product with and without
-`--resample`, scored on their own grids.
+"""Voxel sizes other than BraTS's 1 mm: held-out phantoms re-gridded, segmented by the product under each
+`--resample` mode, scored on their own grids.
 
-Each phantom (generator 2, a series never trained on) is written at 1 mm, then re-gridded to every voxel size
-asked for over the same field of view: images trilinear, ground truth nearest neighbour, voxel centres in their
-physical places. Every folder goes through `python3 -m app predict` (`--resample auto` and `off`) and
-`python3 -m app evaluate` against its own ground truth, as a user would run them. Prints a Markdown table of
-mean Dice (WT, TC, ET) and seconds per case per voxel size and mode.
+Each phantom (generator 2, a series never trained on; or the first cases of any 1 mm folder with ground
+truth, `--data`) is re-gridded to every voxel size asked for over the same field of view: images trilinear,
+ground truth nearest neighbour, voxel centres in their physical places. Every folder goes through `python3 -m
+app predict` (`--resample auto`, `off`, `all` or those asked for) and `python3 -m app evaluate` against its
+own ground truth, as a user would run them. Prints a Markdown table of mean Dice (WT, TC, ET) and seconds per
+case per voxel size and mode.
 
-    python3 benchmarks/voxel_sizes.py --work DIR [--weights weights] [--cases 4] [--seed 25]
-        [--spacings 0.7,0.7,0.7/0.5,0.5,1/1,1,3] [--size 240,240,155] [--folds 0,1,...]
+    python3 benchmarks/voxel_sizes.py --work DIR [--weights weights] [--cases 4] [--seed 25 | --data DIR]
+        [--spacings 0.7,0.7,0.7/0.5,0.5,1/1,1,3] [--modes auto,off] [--size 240,240,155] [--folds 0,1,...]
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import numpy as np
 import SimpleITK as sitk
 
 ROOT = Path(__file__).resolve().parent.parent
-MODES = ("auto", "off")
+sys.path.insert(0, str(ROOT))
+MODES = ("auto", "off", "all")
+LABEL_SUFFIXES = ("-seg.nii.gz", "_seg.nii.gz")
 
 
 def spacing_list(text: str) -> list[tuple[float, float, float]]:
@@ -36,6 +39,26 @@ def spacing_list(text: str) -> list[tuple[float, float, float]]:
             raise argparse.ArgumentTypeError(f"a voxel size is three positive mm values X,Y,Z, got {item!r}")
         sizes.append(values)
     return sizes
+
+
+def mode_list(text: str) -> tuple[str, ...]:
+    """Comma-separated `--resample` modes, each one the product knows."""
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in modes if m not in MODES]
+    if not modes or unknown:
+        raise argparse.ArgumentTypeError(f"modes are {', '.join(MODES)}; got {text!r}")
+    return modes
+
+
+def link_first_cases(data: Path, target: Path, count: int) -> None:
+    """``target`` holding one folder per case, of links to the files of the first ``count`` cases with ground
+    truth under ``data`` (by ID; any layout predict reads). ValueError when ``data`` holds none."""
+    from app.io import cases_with_ground_truth
+
+    for case in sorted(cases_with_ground_truth(data), key=lambda c: c.case_id)[:count]:
+        (target / case.case_id).mkdir(parents=True)
+        for path in (*case.modalities.values(), case.segmentation):
+            (target / case.case_id / path.name).symlink_to(path.resolve())
 
 
 def regrid_image(image: sitk.Image, spacing: tuple[float, float, float], label: bool) -> sitk.Image:
@@ -55,7 +78,7 @@ def regrid_folder(source: Path, target: Path, spacing: tuple[float, float, float
     for case in sorted(p for p in source.iterdir() if p.is_dir()):
         (target / case.name).mkdir(parents=True, exist_ok=True)
         for path in case.iterdir():
-            image = regrid_image(sitk.ReadImage(str(path)), spacing, path.name.endswith("-seg.nii.gz"))
+            image = regrid_image(sitk.ReadImage(str(path)), spacing, path.name.endswith(LABEL_SUFFIXES))
             sitk.WriteImage(image, str(target / case.name / path.name), True)
 
 
@@ -87,21 +110,34 @@ def main(argv: list[str] | None = None) -> int:
                         help="voxel sizes X,Y,Z in mm, separated by /")
     parser.add_argument("--size", default="240,240,155", help="phantom size X,Y,Z at 1 mm")
     parser.add_argument("--folds", default=None, help="folds to ensemble (default: all)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="a 1 mm folder of cases with ground truth, one folder per case (another generator's, "
+                             "a BraTS training folder): its first --cases cases instead of generated phantoms")
+    parser.add_argument("--modes", type=mode_list, default=("auto", "off"),
+                        help="--resample modes to run on each re-gridded folder, comma-separated (auto, off, all)")
     args = parser.parse_args(argv)
     flags = ["--weights", str(args.weights), *(["--folds", args.folds] if args.folds else [])]
     source = args.work / "1mm"
     if not source.is_dir():
-        _app("phantoms", "--out", str(source), "--n", str(args.cases), "--seed", str(args.seed), "--size", args.size)
+        if args.data is None:
+            _app("phantoms", "--out", str(source), "--n", str(args.cases), "--seed", str(args.seed),
+                 "--size", args.size)
+        else:
+            try:
+                link_first_cases(args.data, source, args.cases)
+            except ValueError as err:
+                parser.error(f"--data: {err}")
     rows = [("1 x 1 x 1", "(as generated)", score(source, args.work / "pred-1mm", "auto", flags))]
     for spacing in args.spacings:
         name = " x ".join(f"{s:g}" for s in spacing)
         folder = args.work / name.replace(" x ", "_")
         if not folder.is_dir():
             regrid_folder(source, folder, spacing)
-        for mode in MODES:
+        for mode in args.modes:
             result = score(folder, args.work / f"pred-{folder.name}-{mode}", mode, flags)
             rows.append((name, f"`--resample {mode}`", result))
-    print(f"{rows[0][2]['cases']} held-out phantoms, series seed {args.seed}, re-gridded; mean Dice on their own grids")
+    origin = f"series seed {args.seed}" if args.data is None else f"from {args.data}"
+    print(f"{rows[0][2]['cases']} held-out cases, {origin}, re-gridded; mean Dice on their own grids")
     print("| voxels (mm) | mode | Dice WT | TC | ET | s per case |")
     print("|---|---|---|---|---|---|")
     for name, mode, result in rows:

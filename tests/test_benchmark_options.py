@@ -312,6 +312,34 @@ def test_agreement_measures_on_the_cases_with_ground_truth_of_a_folder(tmp_path)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 
 
+def test_voxel_sizes_reads_another_generator_s_folder_and_runs_the_modes_asked_for(tmp_path, capsys):
+    """voxel_sizes.py --data (BraTS 2021 files, `_seg` ground truth re-gridded as labels) --modes all: finer
+    voxels shrunk to 1 mm by the product and the labels written back on the case's own grid."""
+    import SimpleITK as sitk
+    from signal_phantoms import make_case, write_case
+    from voxel_sizes import main
+
+    data = tmp_path / "data"
+    for index in range(2):
+        write_case(make_case(7, index, (96, 96, 64)), data)
+    work = tmp_path / "work"
+    assert main(["--work", str(work), "--data", str(data), "--cases", "1", "--folds", "0", "--spacings", "0.8,0.8,0.8",
+                 "--modes", "all"]) == 0
+    rows = [line.split(" | ")[:2] for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 x 1")
+            or line.startswith("| 0.8")]
+    assert rows == [["| 1 x 1 x 1", "(as generated)"], ["| 0.8 x 0.8 x 0.8", "`--resample all`"]]
+    [case] = (work / "0.8_0.8_0.8").iterdir()
+    truth = sitk.ReadImage(str(case / f"{case.name}_seg.nii.gz"))
+    assert truth.GetSize() == (120, 120, 80) and truth.GetPixelID() == sitk.sitkUInt8
+    assert set(sitk.GetArrayViewFromImage(truth).ravel()) <= {0, 1, 2, 4}
+    [written] = (work / "pred-0.8_0.8_0.8-all").iterdir()
+    assert sitk.ReadImage(str(written)).GetSize() == (120, 120, 80)
+    with pytest.raises(SystemExit):
+        main(["--work", str(tmp_path / "none"), "--data", str(tmp_path / "work" / "pred-0.8_0.8_0.8-all")])
+    with pytest.raises(SystemExit):
+        main(["--work", str(tmp_path / "w"), "--modes", "auto,nearest"])
+
+
 def test_train_benchmark_refuses_a_patch_the_network_cannot_pool():
     """A patch side that is not a multiple of 8 fails at once with the reason, before any phantom is made."""
     import subprocess

@@ -28,6 +28,15 @@ def test_only_axes_coarser_than_1mm_are_resampled_to_1mm_over_the_same_millimetr
         Regrid.for_case((155, 240, 240), (0.0, 1.0, 1.0))
 
 
+def test_with_finer_the_finer_axes_are_shrunk_to_1mm_too():
+    assert Regrid.for_case((155, 240, 240), (1.04, 0.96, 1.0), finer=True) is None
+    regrid = Regrid.for_case((155, 480, 480), (1.0, 0.5, 0.5), finer=True)
+    assert regrid.working == (155, 240, 240)
+    regrid = Regrid.for_case((62, 480, 301), (2.5, 0.5, 0.8), finer=True)
+    assert regrid.working == (155, 240, 241)
+    assert np.allclose(regrid.working_spacing, (1.0, 1.0, 0.999), atol=1e-3)
+
+
 def test_labels_come_back_exactly_when_the_working_grid_repeats_each_voxel():
     labels = np.random.default_rng(0).integers(0, 4, (6, 10, 12)).astype(np.uint8)
     regrid = Regrid.for_case(labels.shape, (2.0, 1.0, 3.0))
@@ -92,7 +101,8 @@ def test_a_case_off_1mm_is_segmented_on_1mm_and_its_labels_written_on_its_own_gr
     result = CaseRunner(predictor, options).run(loaded)
     assert result.status is CaseStatus.OK
     native = loaded.image.shape[1:]
-    assert predictor.shapes == [native if resampling is Resampling.OFF else (48, 100, 128)]
+    working = {Resampling.OFF: native, Resampling.AUTO: (48, 100, 128), Resampling.ALL: (48, 80, 64)}
+    assert predictor.shapes == [working[resampling]]
     written = sitk.ReadImage(str(tmp_path / "out" / "CASE.nii.gz"))
     assert written.GetSize() == loaded.reference.GetSize()
     assert np.allclose(written.GetSpacing(), (0.5, 0.8, 2.0))
@@ -102,8 +112,9 @@ def test_a_case_off_1mm_is_segmented_on_1mm_and_its_labels_written_on_its_own_gr
     probabilities = sitk.ReadImage(str(tmp_path / "probabilities" / "CASE_probabilities.nii.gz"))
     assert probabilities.GetSize() == written.GetSize() and probabilities.GetNumberOfComponentsPerPixel() == 7
     note = [w for w in result.warnings if "resampled back" in w]
-    assert note == ([] if resampling is Resampling.OFF else
-                    ["voxels of 0.50x0.80x2.00 mm: segmented on a grid of 0.50x0.80x1.00 mm and resampled back"])
+    grid = {Resampling.AUTO: "0.50x0.80x1.00", Resampling.ALL: "1.00x1.00x1.00"}.get(resampling)
+    assert note == ([] if grid is None else
+                    [f"voxels of 0.50x0.80x2.00 mm: segmented on a grid of {grid} mm and resampled back"])
 
 
 def test_a_spacing_no_brain_has_fails_the_case_by_name(tmp_path):
