@@ -91,8 +91,9 @@ def crop_to_brain(image: np.ndarray, margin: int = CROP_MARGIN) -> BrainCrop | N
 # then count voxels of that grid) and its labels brought back (`Regrid`): 3 mm slices read as they were
 # lost WT (0.77 against 0.83 on 1 mm). By default finer axes are kept as they are: on this project's
 # phantoms shrinking them to 1 mm cost Dice (0.7 mm voxels: WT 0.90 read as they were, 0.86 shrunk; 0.5 x
-# 0.5 x 1 mm, 0.91 against 0.84), but enlarging the second generator's brains cost some of them the whole
-# tumour, so `finer=True` shrinks them too (nnU-Net's way). Within this share of 1 mm an axis counts as 1 mm.
+# 0.5 x 1 mm, 0.91 against 0.84), on the second generator's at 0.8 mm the two were level. `finer=True`
+# shrinks them too (nnU-Net's way), so that post-processing's voxel counts mean about 1 mm³ each again.
+# Within this share of 1 mm an axis counts as 1 mm.
 NETWORK_SPACING_MM = 1.0
 SPACING_TOLERANCE = 0.05
 # A working grid larger than this along an axis (a 512 mm field of view) means a spacing in the header
