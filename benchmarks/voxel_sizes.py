@@ -4,9 +4,9 @@
 Each phantom (generator 2, a series never trained on; or the first cases of any 1 mm folder with ground
 truth, `--data`) is re-gridded to every voxel size asked for over the same field of view: images trilinear,
 ground truth nearest neighbour, voxel centres in their physical places. Every folder goes through `python3 -m
-app predict` (`--resample auto`, `off`, `all` or those asked for) and `python3 -m app evaluate` against its
-own ground truth, as a user would run them. Prints a Markdown table of mean Dice (WT, TC, ET) and seconds per
-case per voxel size and mode.
+app predict` under each `--resample` mode of `--modes` (default `auto` and `off`) and `python3 -m app
+evaluate` against its own ground truth, as a user would run them. Prints a Markdown table of mean Dice (WT,
+TC, ET) and seconds per case per voxel size and mode.
 
     python3 benchmarks/voxel_sizes.py --work DIR [--weights weights] [--cases 4] [--seed 25 | --data DIR]
         [--spacings 0.7,0.7,0.7/0.5,0.5,1/1,1,3] [--modes auto,off] [--size 240,240,155] [--folds 0,1,...]
