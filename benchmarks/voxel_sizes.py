@@ -90,7 +90,9 @@ def _app(*args: str) -> None:
 
 def score(cases: Path, out: Path, mode: str, predict_flags: list[str]) -> dict[str, float]:
     """Mean Dice per region and seconds per case of the product on ``cases`` with ``--resample mode``."""
-    report, table = out.with_suffix(".json"), out.with_suffix(".csv")
+    # Beside the folder, named after all of it: with_suffix would cut "pred-0.7_0.7_0.7-auto" at its last
+    # dot, and the modes of one voxel size would share one report.
+    report, table = out.parent / f"{out.name}.json", out.parent / f"{out.name}.csv"
     _app("predict", "--input", str(cases), "--output", str(out), "--resample", mode, "--quiet", "--report",
          str(report), *predict_flags)
     _app("evaluate", "--pred", str(out), "--gt", str(cases), "--csv", str(table))

@@ -334,6 +334,7 @@ def test_voxel_sizes_reads_another_generator_s_folder_and_runs_the_modes_asked_f
     assert set(sitk.GetArrayViewFromImage(truth).ravel()) <= {0, 1, 2, 4}
     [written] = (work / "pred-0.8_0.8_0.8-all").iterdir()
     assert sitk.ReadImage(str(written)).GetSize() == (120, 120, 80)
+    assert (work / "pred-0.8_0.8_0.8-all.json").is_file() and (work / "pred-0.8_0.8_0.8-all.csv").is_file()
     with pytest.raises(SystemExit):
         main(["--work", str(tmp_path / "none"), "--data", str(tmp_path / "work" / "pred-0.8_0.8_0.8-all")])
     with pytest.raises(SystemExit):
