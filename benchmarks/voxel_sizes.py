@@ -26,7 +26,10 @@ import SimpleITK as sitk
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-MODES = ("auto", "off", "all")
+
+from app.options import Resampling, choices  # noqa: E402
+
+MODES = tuple(choices(Resampling))
 LABEL_SUFFIXES = ("-seg.nii.gz", "_seg.nii.gz")
 
 
@@ -53,9 +56,9 @@ def mode_list(text: str) -> tuple[str, ...]:
 def link_first_cases(data: Path, target: Path, count: int) -> None:
     """``target`` holding one folder per case, of links to the files of the first ``count`` cases with ground
     truth under ``data`` (by ID; any layout predict reads). ValueError when ``data`` holds none."""
-    from app.io import cases_with_ground_truth
+    from agreement import folder_cases
 
-    for case in sorted(cases_with_ground_truth(data), key=lambda c: c.case_id)[:count]:
+    for case in folder_cases(data, count):
         (target / case.case_id).mkdir(parents=True)
         for path in (*case.modalities.values(), case.segmentation):
             (target / case.case_id / path.name).symlink_to(path.resolve())
@@ -116,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="a 1 mm folder of cases with ground truth, one folder per case (another generator's, "
                              "a BraTS training folder): its first --cases cases instead of generated phantoms")
     parser.add_argument("--modes", type=mode_list, default=("auto", "off"),
-                        help="--resample modes to run on each re-gridded folder, comma-separated (auto, off, all)")
+                        help=f"--resample modes to run on each re-gridded folder, comma-separated ({', '.join(MODES)})")
     args = parser.parse_args(argv)
     flags = ["--weights", str(args.weights), *(["--folds", args.folds] if args.folds else [])]
     source = args.work / "1mm"
