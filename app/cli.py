@@ -221,12 +221,14 @@ def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None
                         "core, and then whatever the core encloses in such a slice, become NCR/NET")
     p.add_argument("--keep-doubtful-components", action="store_true",
                    help="skip post-processing step 5 (ours, not the paper's): by default a tumour component whose "
-                        "mean fold-averaged task-1 tumour probability is under 0.5 is removed, the largest only "
-                        "when another component reaches 0.5 and holds core (--keep-largest)")
-    p.add_argument("--keep-largest", default=KeepLargest.WHEN_NONE_SURE.value, choices=choices(KeepLargest),
-                   help="whether step 5 spares the largest tumour component: when-none-sure (default) = only when "
-                        "no component with core reaches 0.5, so a large doubtful component beside a smaller sure "
-                        "tumour goes; always = it stays however doubtful (the rule before round 46)")
+                        "mean fold-averaged task-1 tumour probability is under 0.5 is removed, but for one when "
+                        "no component reaches 0.5 and holds core (--keep-largest)")
+    p.add_argument("--keep-largest", default=KeepLargest.MOST_CORE.value, choices=choices(KeepLargest),
+                   help="which tumour component step 5 spares however doubtful: most-core (default) = only when no "
+                        "component with core reaches 0.5, and then the one holding the most core (the largest "
+                        "where none holds core), so a large doubtful component beside a smaller sure tumour goes; "
+                        "when-none-sure = as most-core, but the largest (rounds 46-51); always = the largest, "
+                        "whatever the others (the rule before round 46)")
     p.add_argument("--skip-existing", action="store_true",
                    help="skip cases whose complete label map is already in the output folder")
     p.add_argument("--save-probabilities", type=Path, default=None,

@@ -75,16 +75,20 @@ class EdemaSplit(str, Enum):
 
 
 class KeepLargest(str, Enum):
-    """Whether post-processing step 5 (app.postprocess.drop_doubtful_components) spares the largest tumour
-    component whatever the ensemble thinks of it. WHEN_NONE_SURE (the default): it stays only when no
-    component holding core reaches even odds; when one does, every component under even odds goes, the
-    largest included (a large false component, such as cortex read as edema, beside a smaller tumour the
-    ensemble is sure of; a sure component of edema alone does not count, round 49).
-    ALWAYS: it always stays (the case's tumour, however unsure the ensemble is of it; the rule before round
+    """Which tumour component post-processing step 5 (app.postprocess.drop_doubtful_components) spares
+    whatever the ensemble thinks of it. MOST_CORE (the default since round 52): one stays only when no
+    component holding core reaches even odds, and it is the one holding the most core (NCR/NET or ET), the
+    largest only where no component holds core: a small enhancing tumour the whole-brain task doubts, beside
+    larger edema alone, is the case's tumour rather than that edema. When a component holding core reaches
+    even odds, every component under even odds goes, the largest included (a large false component, such as
+    cortex read as edema, beside a smaller tumour the ensemble is sure of; a sure component of edema alone
+    does not count, round 49). WHEN_NONE_SURE: as MOST_CORE, but the largest stays (rounds 46-51). ALWAYS: the
+    largest always stays (the case's tumour, however unsure the ensemble is of it; the rule before round
     46)."""
 
     ALWAYS = "always"
     WHEN_NONE_SURE = "when-none-sure"
+    MOST_CORE = "most-core"
 
 
 # The dark-tail split's width, in robust standard deviations below the median (fixed before it was measured).

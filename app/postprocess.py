@@ -29,11 +29,13 @@ steps and three of ours.
 5. (Ours.) A tumour component whose mean task-1 tumour probability (fold-averaged) is under even odds is
    removed: task 2, which decides within 5 voxels of task 1's tumour, called it tumour, but the ensemble's
    whole-brain task reads its voxels as more likely brain than tumour (tuning phantoms: 16 such components
-   removed, none holding tumour, 12 of them all edema; WT +0.012, docs/EXPERIMENTS.md). The largest
-   component stays when no component holding core (NCR/NET or ET) reaches even odds, so a case always keeps
-   a tumour; when one does, a larger doubtful one goes too (``keep_largest`` WHEN_NONE_SURE, the default
-   since round 46: cortex read as edema, larger than the tumour beside it; the core since round 49, as sure
-   edema alone also took a tumour's place; ALWAYS keeps the largest whatever, as before).
+   removed, none holding tumour, 12 of them all edema; WT +0.012, docs/EXPERIMENTS.md). When no component
+   holding core (NCR/NET or ET) reaches even odds, one component stays, so a case always keeps a tumour: the
+   one holding the most core, the largest where none holds core (``keep_largest`` MOST_CORE, the default
+   since round 52: a small enhancing tumour the whole-brain task doubted had given way to larger edema alone).
+   When one does, a larger doubtful one goes too (since round 46: cortex read as edema, larger than the
+   tumour beside it; the core since round 49, as sure edema alone also took a tumour's place).
+   WHEN_NONE_SURE spares the largest instead (rounds 46-51); ALWAYS keeps the largest whatever, as before.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ class PostprocessConfig:
     min_enhancement: float = MIN_ENHANCEMENT
     fill_enclosed_core: bool = True  # step 4
     drop_doubtful_components: bool = True  # step 5; needs the task-1 tumour probability
-    keep_largest: KeepLargest = KeepLargest.WHEN_NONE_SURE  # step 5: when the largest component stays
+    keep_largest: KeepLargest = KeepLargest.MOST_CORE  # step 5: which component stays when none vouches
 
     def __post_init__(self):
         object.__setattr__(self, "edema_relabel", parse_option(EdemaRelabel, self.edema_relabel, "edema_relabel"))
@@ -352,16 +354,26 @@ def holds_sure_component(labels: np.ndarray, tumour_probability: np.ndarray,
         return False
     box, components, sizes = _components(tumour)
     means = _component_means(components, sizes, tumour_probability[box])
-    return bool(_vouching(components, sizes, labels[box], means, threshold).any())
+    return bool(_vouching(means, _core_counts(components, sizes, labels[box]), threshold).any())
 
 
-def _vouching(components: np.ndarray, sizes: np.ndarray, labels: np.ndarray, means: np.ndarray,
-              threshold: float) -> np.ndarray:
-    """Per component (label 1 first, over the same box as ``labels``): whether its mean probability
-    (``means``, from `_component_means`) reaches ``threshold`` and it holds core."""
-    sure = means >= threshold
-    cores = np.bincount(components.ravel(), weights=core_mask(labels).ravel(), minlength=sizes.size + 1)[1:]
-    return sure & (cores > 0)
+def _vouching(means: np.ndarray, cores: np.ndarray, threshold: float) -> np.ndarray:
+    """Per component: whether its mean probability (``means``, from `_component_means`) reaches ``threshold``
+    and it holds core (``cores``, from `_core_counts`)."""
+    return (means >= threshold) & (cores > 0)
+
+
+def _core_counts(components: np.ndarray, sizes: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The core (NCR/NET or ET) voxels of each component (label 1 first, over the same box as ``labels``)."""
+    return np.bincount(components.ravel(), weights=core_mask(labels).ravel(), minlength=sizes.size + 1)[1:]
+
+
+def _spared(sizes: np.ndarray, cores: np.ndarray, keep_largest: KeepLargest) -> np.ndarray:
+    """Per component: whether step 5 spares it however doubtful, where it spares one. The largest; with
+    MOST_CORE the one holding the most core, the largest only where none holds core."""
+    if keep_largest is KeepLargest.MOST_CORE and cores.max() > 0:
+        return cores == cores.max()
+    return sizes == sizes.max()
 
 
 def _component_means(components: np.ndarray, sizes: np.ndarray, probability: np.ndarray) -> np.ndarray:
@@ -371,13 +383,14 @@ def _component_means(components: np.ndarray, sizes: np.ndarray, probability: np.
 
 def drop_doubtful_components(labels: np.ndarray, tumour_probability: np.ndarray,
                              threshold: float = DOUBTFUL_TUMOUR_PROBABILITY,
-                             keep_largest: KeepLargest | str = KeepLargest.WHEN_NONE_SURE) -> np.ndarray:
+                             keep_largest: KeepLargest | str = KeepLargest.MOST_CORE) -> np.ndarray:
     """Step 5: remove every tumour component whose mean ``tumour_probability`` is under ``threshold``, but
-    the largest: ALWAYS, it stays (the case's tumour, however unsure the ensemble is of it); WHEN_NONE_SURE,
-    it stays only when no component both reaches ``threshold`` and holds core (NCR/NET or ET) (app.options
-    .KeepLargest). A sure component of edema alone does not vouch for itself as the tumour: on the
-    out-of-distribution sweep's thicker cortex one such (2,852 voxels at 0.53) took the place of a tumour merged
-    with cortex into a component just under even odds (README, Step 5)."""
+    the one ``keep_largest`` spares (app.options.KeepLargest): ALWAYS, the largest (the case's tumour, however
+    unsure the ensemble is of it); WHEN_NONE_SURE, the largest only when no component both reaches
+    ``threshold`` and holds core (NCR/NET or ET); MOST_CORE (the default), as WHEN_NONE_SURE but the one
+    holding the most core (the largest where none holds core). A sure component of edema alone does not vouch
+    for itself as the tumour: on the out-of-distribution sweep's thicker cortex one such (2,852 voxels at 0.53)
+    took the place of a tumour merged with cortex into a component just under even odds (README, Step 5)."""
     keep_largest = parse_option(KeepLargest, keep_largest, "keep_largest")
     tumour = labels > 0
     if not tumour.any():
@@ -386,9 +399,10 @@ def drop_doubtful_components(labels: np.ndarray, tumour_probability: np.ndarray,
     if sizes.size < 2:
         return labels
     means = _component_means(components, sizes, tumour_probability[box])
+    cores = _core_counts(components, sizes, labels[box])
     doubtful = means < threshold
-    if keep_largest is KeepLargest.ALWAYS or not _vouching(components, sizes, labels[box], means, threshold).any():
-        doubtful &= sizes < sizes.max()
+    if keep_largest is KeepLargest.ALWAYS or not _vouching(means, cores, threshold).any():
+        doubtful &= ~_spared(sizes, cores, keep_largest)
     doomed = np.flatnonzero(doubtful) + 1
     if doomed.size == 0:
         return labels

@@ -438,7 +438,7 @@ def test_doubtful_components_go_and_always_spares_the_largest():
 
 def test_the_largest_goes_only_when_another_component_is_sure():
     labels, probability = _three_components()
-    out = drop_doubtful_components(labels, probability)  # the default
+    out = drop_doubtful_components(labels, probability)  # the default, most-core
     np.testing.assert_array_equal(out, drop_doubtful_components(labels, probability, keep_largest="when-none-sure"))
     assert not out[2:20, 2:20, 2:20].any() and not out[2:10, 25:35, 25:35].any()  # both under even odds
     np.testing.assert_array_equal(out[22:28, 25:31, 2:8], labels[22:28, 25:31, 2:8])  # the sure one stays
@@ -447,23 +447,53 @@ def test_the_largest_goes_only_when_another_component_is_sure():
     edema_only = labels.copy()
     edema_only[22:28, 25:31, 2:8] = 2  # sure but no core: it does not vouch for itself as the tumour
     assert not holds_sure_component(edema_only, probability)  # the core lies in a doubtful component
-    out = drop_doubtful_components(edema_only, probability)
+    out = drop_doubtful_components(edema_only, probability, keep_largest="when-none-sure")
     np.testing.assert_array_equal(out, drop_doubtful_components(edema_only, probability, keep_largest="always"))
     np.testing.assert_array_equal(out[2:20, 2:20, 2:20], labels[2:20, 2:20, 2:20])
     probability[22:28, 25:31, 2:8] = 0.4  # none sure: the largest stays, as with ALWAYS
-    for keep in KeepLargest:
+    for keep in (KeepLargest.ALWAYS, KeepLargest.WHEN_NONE_SURE):
         out = drop_doubtful_components(labels, probability, keep_largest=keep.value)
-        np.testing.assert_array_equal(out, drop_doubtful_components(labels, probability))
+        np.testing.assert_array_equal(out, drop_doubtful_components(labels, probability, keep_largest="always"))
         np.testing.assert_array_equal(out[2:20, 2:20, 2:20], labels[2:20, 2:20, 2:20])
         assert (out > 0).sum() == 18 ** 3
     t1c = np.ones(labels.shape, np.float32)
     probability[22:28, 25:31, 2:8] = 0.8
     config = PostprocessConfig(remove_small_components=False, edema_relabel=EdemaRelabel.OFF, min_enhancing_voxels=0,
                                fill_enclosed_core=False, keep_largest="when-none-sure")  # step 1 would take it
-    assert config.keep_largest is KeepLargest.WHEN_NONE_SURE and PostprocessConfig().keep_largest is config.keep_largest
+    assert config.keep_largest is KeepLargest.WHEN_NONE_SURE
+    assert PostprocessConfig().keep_largest is KeepLargest.MOST_CORE
     assert not postprocess(labels, t1c, config, tumour_probability=probability, t1=t1c)[2:20, 2:20, 2:20].any()
     with pytest.raises(ValueError, match="keep_largest must be one of"):
         PostprocessConfig(keep_largest="biggest")
+
+
+def test_most_core_spares_the_component_holding_the_most_core():
+    """sig7 07009 at --scales 1.25 (round 52): a small enhancing tumour the whole-brain task doubts, a larger
+    doubtful lobe of edema alone and a sure one of edema alone; none vouches for itself as the tumour."""
+    labels = np.zeros((30, 40, 40), np.uint8)
+    probability = np.zeros(labels.shape, np.float32)
+    labels[2:20, 2:20, 2:20] = 2  # the largest: edema alone, doubtful
+    probability[2:20, 2:20, 2:20] = 0.3
+    labels[2:10, 25:35, 25:35] = 2  # the tumour: ET inside edema, doubtful
+    labels[4:8, 28:32, 28:32] = 3
+    probability[2:10, 25:35, 25:35] = 0.45
+    labels[22:28, 25:31, 2:8] = 2  # edema alone, sure: it does not vouch
+    probability[22:28, 25:31, 2:8] = 0.8
+    tumour, largest, sure = (np.s_[2:10, 25:35, 25:35], np.s_[2:20, 2:20, 2:20], np.s_[22:28, 25:31, 2:8])
+    largest_kept = drop_doubtful_components(labels, probability, keep_largest="when-none-sure")
+    assert largest_kept[largest].all() and not largest_kept[tumour].any() and largest_kept[sure].all()
+    out = drop_doubtful_components(labels, probability)  # the default, most-core
+    np.testing.assert_array_equal(out[tumour], labels[tumour])
+    assert not out[largest].any() and out[sure].all()
+    assert (out > 0).sum() == 8 * 10 * 10 + 6 ** 3
+    labels[labels == 3] = 2  # no core anywhere: the largest, as with WHEN_NONE_SURE
+    np.testing.assert_array_equal(drop_doubtful_components(labels, probability, keep_largest="most-core"),
+                                  drop_doubtful_components(labels, probability, keep_largest="when-none-sure"))
+    labels[4:8, 28:32, 28:32] = 3
+    labels[23:25, 26:28, 3:5] = 1  # the sure lobe holds core: it vouches, and both doubtful ones go
+    out = drop_doubtful_components(labels, probability, keep_largest=KeepLargest.MOST_CORE)
+    np.testing.assert_array_equal(out, drop_doubtful_components(labels, probability, keep_largest="when-none-sure"))
+    assert (out > 0).sum() == 6 ** 3
 
 
 def test_step5_is_on_by_default_and_needs_the_probability():
