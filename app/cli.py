@@ -385,7 +385,7 @@ def _add_train_flags(tr: argparse.ArgumentParser) -> None:
                     help="run the training step's network through torch.compile (fused kernels for the same "
                          "network; its dropout then draws Inductor's own random numbers); costs tens of seconds of "
                          "compiling per process and needs a C++ compiler on a CPU, Triton "
-                         "on a GPU, checked before any case is prepared; not for the cascade (README, Speed)")
+                         "on a GPU, checked before any case is prepared; not for the cascade (docs/SPEED.md)")
     tr.add_argument("--prepare-workers", type=non_negative_int, default=0,
                     help="with --cache: prepare (and generate) every case in this many processes before training")
     tr.add_argument("--prepare-only", action="store_true",

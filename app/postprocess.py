@@ -390,7 +390,8 @@ def drop_doubtful_components(labels: np.ndarray, tumour_probability: np.ndarray,
     ``threshold`` and holds core (NCR/NET or ET); MOST_CORE (the default), as WHEN_NONE_SURE but the one
     holding the most core (the largest where none holds core). A sure component of edema alone does not vouch
     for itself as the tumour: on the out-of-distribution sweep's thicker cortex one such (2,852 voxels at 0.53)
-    took the place of a tumour merged with cortex into a component just under even odds (README, Step 5)."""
+    took the place of a tumour merged with cortex into a component just under even odds (docs/MEASUREMENTS.md,
+    step 5)."""
     keep_largest = parse_option(KeepLargest, keep_largest, "keep_largest")
     tumour = labels > 0
     if not tumour.any():

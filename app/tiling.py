@@ -22,7 +22,7 @@ DIVISOR = 8
 PAPER_TILE = (16, 32, 32)
 PAPER_KEEP = (5, 20, 20)
 # Fast tiling's default: 24x48x48 tiles that discard 2 voxels at each side where tiles meet, instead of the
-# paper's 11x12x12 (1.43x redundancy instead of 8.19x); README, Speed, has the measured agreement and
+# paper's 11x12x12 (1.43x redundancy instead of 8.19x); docs/SPEED.md has the measured agreement and
 # speed. Much larger tiles (a whole brain) are faster still, but networks trained on 16x32x32 patches change
 # their answers with that much more context; `--tile` and `--tile-margin` choose.
 FAST_TILE = (24, 48, 48)

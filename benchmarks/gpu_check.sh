@@ -65,7 +65,7 @@ mkdir -p "$WORK/cpu_in"
 for case in $(ls "$WORK/in" | head -n "$CPU_CASES"); do ln -sfn "$WORK/in/$case" "$WORK/cpu_in/$case"; done
 ./run.sh --input "$WORK/cpu_in" --output "$WORK/cpu" --device cpu --quiet 2> "$OUT/cpu.log"
 python3 benchmarks/compare_labels.py "$WORK/shipped" "$WORK/cpu" | tee "$OUT/gpu_vs_cpu.md" | tail -n 1
-# On 2026-12-04 GPU and CPU labels differed only with N4 on (one case: TC 0.921; README, Speed, GPU): the same
+# On 2026-12-04 GPU and CPU labels differed only with N4 on (one case: TC 0.921; docs/SPEED.md, GPU): the same
 # pair without N4, and with N4 but fp32 on both, say whether the GPU's bf16 tumour scout is where they part
 # (`--precision fp32` turns off the TF32 that cuDNN would otherwise use for fp32 convolutions on the GPU).
 for variant in "none --bias-correction none" "fp32 --precision fp32"; do

@@ -9,7 +9,7 @@
 # its own fold there instead of a random start, without the curriculum (STAGES_INIT). Otherwise round 31's recipe.
 # Round 34 (the network): ARMS="w16p16:16:16,32,32:40 w16p24:16:24,48,48:16 w8p16:8:16,32,32:40".
 # Round 35 (folds 5-9 from scratch): ARMS="f5:16:24,48,48:16:5 ... f9:16:24,48,48:16:9"; each returned fold goes
-# into the width-16 folder with `python3 -m app combine`; the next sessions' calls: README, The shipped weights.
+# into the width-16 folder with `python3 -m app combine`; the next sessions' calls: docs/WEIGHTS.md.
 # A second call while the machine is still warm (it goes back after 30 s idle, so have the call ready) finds
 # the prepared phantoms in $WORK/cache: 7 s instead of 116 (round 35), so a session's last ~300 s still train.
 # Compare a fold with the shipped fold alone on this CPU afterwards (`./run.sh --weights <arm folder>`, then
@@ -33,7 +33,7 @@ RARE_WEIGHT="${RARE_WEIGHT:-2}"
 BRIGHT_CORTEX="${BRIGHT_CORTEX:-50}"
 WORKERS="${WORKERS:-16}"; WORK="${WORK:-/tmp/omnet_pilot}"; mkdir -p "$WORK"
 source "$(dirname "$0")/gpu_env.sh"
-# COMPILE=1: train's --compile (1.2-1.4x faster width-16 steps on a CPU, unmeasured on a GPU; README, Speed).
+# COMPILE=1: train's --compile (1.2-1.4x faster width-16 steps on a CPU, unmeasured on a GPU; docs/SPEED.md).
 # Probed first with train's own check, so a machine where torch.compile cannot run trains eager steps instead
 # of failing every arm.
 compile_flag=()

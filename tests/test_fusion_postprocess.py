@@ -291,7 +291,7 @@ def test_et_that_step3_takes_does_not_shield_the_tumour_from_step2(mode, split):
     """A tumour whose 1,032 false ET voxels (600 + 432, neither block enhancing) fail step 3's check: by
     default step 2 counts that ET as absent and splits the edema, as it would have without the specks (the
     same tumour through the paper's tiling and the fast one once ended with cores of 6,266 and 38,988
-    voxels for this reason: README, Speed); the paper's rule counts the ET as predicted, over 1,000, and
+    voxels for this reason: docs/SPEED.md); the paper's rule counts the ET as predicted, over 1,000, and
     leaves the edema. Step 3 takes the ET either way."""
     labels, t1c, t1 = _small_rim(t1_bright=True)
     second = (slice(17, 23), slice(26, 32), slice(22, 34))
