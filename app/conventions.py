@@ -87,11 +87,38 @@ def to_file_labels(internal: np.ndarray, convention: LabelConvention) -> np.ndar
     return out
 
 
-def from_file_labels(labels: np.ndarray) -> np.ndarray:
-    """Map a ground-truth label map of either convention to internal codes 0/1/2/3."""
+def ground_truth_convention(layout: Layout) -> LabelConvention | None:
+    """The convention a ground truth named in ``layout`` is held to, or None to read either.
+
+    Only 2023-named files are held to theirs: BraTS 2024's post-treatment glioma and paediatric releases keep
+    the 2023 names but give label 4 a meaning of its own (the resection cavity; edema), which read as ET
+    would train and score the wrong region without a word. A 2018-named file whose ET was re-coded 3 is read
+    as it is, and a toolkit "seg.nii.gz" carries no convention in its name."""
+    return LabelConvention.BRATS2023 if layout is Layout.BRATS2023 else None
+
+
+# Why a label outside a convention is there, where BraTS gave it a meaning of its own.
+_STRAY_LABEL_MEANING = {
+    (LabelConvention.BRATS2023, 4): "BraTS 2024's post-treatment glioma files mark the resection cavity 4, a "
+                                    "region this model has no class for (its paediatric files use 1-4 for "
+                                    "other regions): re-code the file to 0-3 first",
+    (LabelConvention.BRATS2018, 3): "BraTS 2018-2021 files mark ET 4",
+}
+
+
+def from_file_labels(labels: np.ndarray, convention: LabelConvention | None = None) -> np.ndarray:
+    """Map a ground-truth label map to internal codes 0/1/2/3.
+
+    With ``convention`` the file may hold only that convention's labels; without one either is read (4 or 3
+    marking ET, never both). ValueError names the labels that do not fit and, where BraTS used one for
+    something else, what."""
     values = set(np.unique(labels).tolist())
-    if not values <= {0, 1, 2, 3, 4}:
-        raise ValueError(f"unexpected labels {sorted(values - {0, 1, 2, 3, 4})}")
+    allowed = set(convention.labels) if convention is not None else {0, 1, 2, 3, 4}
+    stray = sorted(values - allowed)
+    if stray:
+        name = f"the BraTS {convention.value} convention {list(convention.labels)}" if convention else "0-4"
+        meanings = [_STRAY_LABEL_MEANING[(convention, v)] for v in stray if (convention, v) in _STRAY_LABEL_MEANING]
+        raise ValueError(f"labels {stray} are not in {name}" + "".join(f": {m}" for m in meanings))
     if 3 in values and 4 in values:
         raise ValueError("labels mix 3 and 4: neither BraTS 2018 nor 2023 convention")
     out = labels.astype(np.uint8, copy=True)

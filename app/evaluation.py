@@ -11,7 +11,7 @@ from typing import TextIO
 import numpy as np
 import SimpleITK as sitk
 
-from .conventions import AUTO_LABELS, from_file_labels
+from .conventions import AUTO_LABELS, LabelConvention, from_file_labels, ground_truth_convention
 from .io import (
     CaseError,
     CaseFiles,
@@ -19,6 +19,7 @@ from .io import (
     find_segmentations,
     geometry_difference,
     read_image,
+    segmentation_layout,
     writable_file,
     writable_folder,
 )
@@ -28,16 +29,23 @@ from .qc import save_evaluation_picture
 METRICS = ("dice", "hd95", "sensitivity", "specificity", "ppv")
 
 
-def _file_labels_to_internal(labels: np.ndarray, convention: str, case_id: str, path: Path) -> np.ndarray:
-    allowed = {"2018": {0, 1, 2, 4}, "2023": {0, 1, 2, 3}}.get(convention)
-    if allowed is not None:
-        extra = set(np.unique(labels).tolist()) - allowed
-        if extra:
-            raise CaseError(case_id, path, f"labels {sorted(extra)} are not in the BraTS {convention} convention")
+def _file_labels_to_internal(labels: np.ndarray, convention: LabelConvention | None, case_id: str,
+                             path: Path) -> np.ndarray:
     try:
-        return from_file_labels(labels)
+        return from_file_labels(labels, convention)
     except ValueError as err:
         raise CaseError(case_id, path, str(err)) from None
+
+
+def _truth_convention(path: Path) -> LabelConvention | None:
+    """What a ground truth's file name holds it to under --labels auto (`ground_truth_convention`)."""
+    layout = segmentation_layout(path)
+    return None if layout is None else ground_truth_convention(layout)
+
+
+def _chosen_convention(labels: str) -> LabelConvention | None:
+    """The --labels choice as a convention; None for auto."""
+    return None if labels == AUTO_LABELS else LabelConvention(labels)
 
 
 @dataclass
@@ -75,7 +83,8 @@ def evaluate_cases(pred_dir: Path, gt_dir: Path, labels: str = AUTO_LABELS, qc_d
     for case_id, truth_path in segmentations.items():
         try:
             truth_image = read_image(truth_path, case_id)
-            truth = _file_labels_to_internal(sitk.GetArrayFromImage(truth_image), labels, case_id, truth_path)
+            convention = _chosen_convention(labels) or _truth_convention(truth_path)
+            truth = _file_labels_to_internal(sitk.GetArrayFromImage(truth_image), convention, case_id, truth_path)
         except CaseError as err:
             result.unscored.append(err)
             continue
@@ -117,7 +126,7 @@ def _prediction(case_id: str, path: Path, truth_image: sitk.Image, labels: str,
         difference = geometry_difference(image, truth_image)
         if difference is not None:
             raise CaseError(case_id, path, f"prediction geometry differs from the ground truth: {difference}")
-        return _file_labels_to_internal(sitk.GetArrayFromImage(image), labels, case_id, path)
+        return _file_labels_to_internal(sitk.GetArrayFromImage(image), _chosen_convention(labels), case_id, path)
     except CaseError as err:
         result.unusable.append(err)
         return None

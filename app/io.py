@@ -322,6 +322,13 @@ def find_segmentations(folder: Path | str) -> tuple[dict[str, Path], list[CaseEr
     return segmentations, errors
 
 
+def segmentation_layout(path: Path | str) -> Layout | None:
+    """The layout a ground-truth file's name follows, as `find_segmentations` reads it (None: not such a name)."""
+    stem = _strip_nifti(Path(path).name)
+    readings = [r for r in _classify(stem) if r[1] is None] if stem is not None else []
+    return readings[-1][0] if readings else None
+
+
 def _reject_duplicate_ids(found: Discovery) -> None:
     # Output files are named by ID; IDs that differ only in case collide on case-insensitive disks.
     by_key: dict[str, list[CaseFiles]] = {}

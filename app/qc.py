@@ -104,8 +104,8 @@ def _spacing_zyx(reference: sitk.Image) -> tuple[float, float, float]:
 
 
 def save_case_picture(loaded: LoadedCase, file_labels: np.ndarray, convention: LabelConvention, folder: Path) -> Path:
-    """QC picture of a prediction (``predict --qc``)."""
-    labels = from_file_labels(file_labels)
+    """QC picture of a prediction (``predict --qc``), its labels written in ``convention``."""
+    labels = from_file_labels(file_labels, convention)
     images = _modalities(loaded)
     rows = [("prediction", "FLAIR", labels), ("prediction", "T1c", labels)]
     picture = render(loaded.files.case_id, images, rows, _spacing_zyx(loaded.reference))

@@ -29,11 +29,19 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .augment import AugmentConfig, augment_batch
-from .conventions import ENHANCING, MODALITY_ORDER, NECROSIS, NORMAL_BRAIN, Layout, from_file_labels
+from .conventions import (
+    ENHANCING,
+    MODALITY_ORDER,
+    NECROSIS,
+    NORMAL_BRAIN,
+    Layout,
+    from_file_labels,
+    ground_truth_convention,
+)
 from .errors import one_line
 from .fusion import dilate, to_host
 from .inference import EnsemblePredictor, ieee_fp32, native_bf16, resolve_device
-from .io import CaseFiles, cases_with_ground_truth, load_case, load_segmentation
+from .io import CaseError, CaseFiles, cases_with_ground_truth, load_case, load_segmentation
 from .metrics import region_dice
 from .model import CORE_CLASSES, TUMOUR_CLASSES, build_model
 from .options import AugmentLevel, Device, Precision, Variant, parse_option
@@ -135,7 +143,11 @@ class CaseHandle:
 
 def _load_files(case: CaseFiles) -> tuple[np.ndarray, np.ndarray]:
     loaded = load_case(case)
-    return loaded.image, from_file_labels(load_segmentation(case, loaded.reference))
+    file_labels = load_segmentation(case, loaded.reference)
+    try:
+        return loaded.image, from_file_labels(file_labels, ground_truth_convention(case.layout))
+    except ValueError as err:  # a label this model cannot train on: the case and file named, as a bad image is
+        raise CaseError(case.case_id, case.segmentation, str(err)) from None
 
 
 def _load_phantom(seed: int, index: int, size: tuple[int, int, int], mix: PhantomMix) -> tuple[np.ndarray, np.ndarray]:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import SimpleITK as sitk
 import torch
 
 from app.conventions import Layout
@@ -48,3 +49,13 @@ def python_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "app", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def relabel_edema(seg: Path, label: int, every: int = 1) -> None:
+    """Mark the edema (2) of every ``every``-th axial slice of the ground truth ``seg`` as ``label``, in place."""
+    image = sitk.ReadImage(str(seg))
+    labels = sitk.GetArrayFromImage(image)
+    labels[::every][labels[::every] == 2] = label
+    relabelled = sitk.GetImageFromArray(labels)
+    relabelled.CopyInformation(image)
+    sitk.WriteImage(relabelled, str(seg), True)

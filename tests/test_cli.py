@@ -14,7 +14,7 @@ from app.options import EdemaRelabel, EdemaSplit, KeepLargest
 from app.postprocess import PostprocessConfig, drop_doubtful_components, fill_enclosed_core
 from app.weights import read_manifest, write_manifest
 
-from .helpers import python_cli, random_weights, run_cli, small_cases
+from .helpers import python_cli, random_weights, relabel_edema, run_cli, small_cases
 
 
 @pytest.fixture(scope="module")
@@ -245,6 +245,24 @@ def test_training_data_that_cannot_be_used_is_a_one_line_error(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: case {bad.name} [") and "geometry differs" in last and "origin" in last
     assert "Traceback" not in result.stderr
+
+
+def test_a_training_label_the_model_has_no_class_for_names_its_case_and_file(tmp_path):
+    """A 2023-named truth with label 4 (BraTS 2024's resection cavity) stops training with a one-line error,
+    never read as ET; in a 2018-named case 4 is ET and the case prepares."""
+    [cavity] = small_cases(tmp_path / "data2023", 1, seed=26)
+    [seg] = cavity.glob("*-seg.nii.gz")
+    relabel_edema(seg, 4, every=2)
+    result = python_cli("train", "--data", str(tmp_path / "data2023"), "--out", str(tmp_path / "w"),
+                        "--cache", str(tmp_path / "cache"), "--prepare-only")
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: case {cavity.name} [{seg}]: labels [4]") and "resection cavity" in last
+    assert "Traceback" not in result.stderr
+    small_cases(tmp_path / "data2018", 1, seed=26, layout=Layout.BRATS2018)
+    result = python_cli("train", "--data", str(tmp_path / "data2018"), "--out", str(tmp_path / "w"),
+                        "--cache", str(tmp_path / "cache"), "--prepare-only")
+    assert result.returncode == 0 and "prepared 1 case(s)" in result.stderr, result.stderr
 
 
 def test_side_outputs_inside_the_output_folder_are_refused(tmp_path, weights):

@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from app.conventions import LabelConvention, Layout, Modality, from_file_labels, to_file_labels
+from app.conventions import (
+    LabelConvention,
+    Layout,
+    Modality,
+    from_file_labels,
+    ground_truth_convention,
+    to_file_labels,
+)
 from app.io import (
     CaseError,
     check_nifti_integrity,
@@ -21,6 +28,7 @@ from app.io import (
     nonzero_border_share,
     output_path,
     remove_partial_files,
+    segmentation_layout,
     write_image_atomic,
 )
 
@@ -220,6 +228,25 @@ def test_label_conventions_round_trip():
     assert from_file_labels(np.array([0, 1, 2, 4])).tolist() == [0, 1, 2, 3]
     with pytest.raises(ValueError):
         from_file_labels(np.array([3, 4]))
+
+
+def test_a_convention_holds_ground_truths_to_its_labels_and_says_what_a_stray_one_meant():
+    """BraTS 2024's post-treatment files keep the 2023 names but mark the resection cavity 4: read without a
+    convention it would be ET."""
+    cavity = np.array([0, 2, 4])
+    assert from_file_labels(cavity).tolist() == [0, 2, 3]
+    with pytest.raises(ValueError, match=r"labels \[4\] are not in the BraTS 2023 .*resection cavity"):
+        from_file_labels(cavity, LabelConvention.BRATS2023)
+    assert from_file_labels(cavity, LabelConvention.BRATS2018).tolist() == [0, 2, 3]
+    with pytest.raises(ValueError, match=r"labels \[3\] are not in the BraTS 2018 .*mark ET 4"):
+        from_file_labels(np.array([0, 3]), LabelConvention.BRATS2018)
+    with pytest.raises(ValueError, match=r"labels \[5\] are not in 0-4$"):
+        from_file_labels(np.array([0, 5]))
+    assert [ground_truth_convention(layout) for layout in Layout] == [LabelConvention.BRATS2023, None, None]
+    names = ["BraTS-GLI-00000-000-seg.nii.gz", "BraTS2021_00000_seg.nii.gz", "X_brain_seg.nii", "seg.nii.gz",
+             "BraTS-GLI-00000-000-t1c.nii.gz", "notes.txt"]
+    assert [segmentation_layout(name) for name in names] == [Layout.BRATS2023, Layout.BRATS2018,
+                                                             Layout.BRATS2018, Layout.TOOLKIT, None, None]
 
 
 def test_load_case_zeroes_nan_with_warning_and_rejects_zero_modality(tmp_path):

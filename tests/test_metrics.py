@@ -10,7 +10,7 @@ from app.conventions import Layout
 from app.metrics import EMPTY_HD95, case_scores, dice, hd95
 from app.phantoms import generate, make_phantom
 
-from .helpers import python_cli
+from .helpers import python_cli, relabel_edema
 
 
 def test_empty_mask_rules_of_the_legacy_evaluation():
@@ -156,6 +156,31 @@ def test_evaluate_scores_the_other_cases_when_one_file_is_bad(tmp_path):
     assert float(by_case[good.name]["dice_WT"]) == 1.0 and float(by_case[regridded.name]["dice_WT"]) == 1.0
     assert all(float(by_case[c]["dice_WT"]) == 0.0 for c in (truncated.name, shifted.name, foreign.name))
     assert [p.name for p in (tmp_path / "qc").iterdir()] == [f"{good.name}.png"]
+
+
+def test_evaluate_holds_a_2023_named_truth_to_labels_0_to_3(tmp_path):
+    """Under --labels auto a 2023-named truth with label 4 (BraTS 2024's resection cavity) is named and not
+    scored, never read as ET; a 2018-named truth's 4 is its ET; --labels 2023 holds every file to 0-3."""
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    generate(gt / "new", 2, seed=54, size=(64, 64, 48))
+    generate(gt / "old", 1, seed=55, layout=Layout.BRATS2018, size=(64, 64, 48))
+    pred.mkdir()
+    for seg in sorted(gt.rglob("*seg.nii.gz")):
+        shutil.copy(seg, pred / f"{seg.parent.name}.nii.gz")
+    cavity, kept = sorted((gt / "new").iterdir())
+    [seg] = cavity.glob("*-seg.nii.gz")
+    relabel_edema(seg, 4)
+    result = python_cli("evaluate", "--pred", str(pred), "--gt", str(gt), "--csv", str(tmp_path / "m.csv"))
+    assert result.returncode == 1, result.stderr
+    [error] = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert error.startswith(f"error: case {cavity.name} [{seg}]: labels [4]") and "resection cavity" in error
+    assert error.endswith("(not scored)")
+    by_case = {r["case"]: r for r in csv.DictReader(open(tmp_path / "m.csv"))}
+    [old] = (gt / "old").iterdir()
+    assert sorted(by_case) == sorted([kept.name, old.name, "mean"])
+    assert float(by_case[old.name]["dice_ET"]) == 1.0 and float(by_case[kept.name]["dice_ET"]) == 1.0
+    strict = python_cli("evaluate", "--pred", str(pred), "--gt", str(gt), "--labels", "2023")
+    assert strict.returncode == 1 and f"case {old.name} " in strict.stderr and "labels [4]" in strict.stderr
 
 
 @pytest.mark.parametrize("layout", [Layout.BRATS2023, Layout.BRATS2018])
