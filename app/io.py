@@ -268,8 +268,9 @@ def find_cases(input_dir: Path | str) -> Discovery:
     return found
 
 
-def cases_with_ground_truth(folder: Path | str) -> list[CaseFiles]:
-    """The cases under ``folder`` that have a ground-truth segmentation (a training or evaluation folder).
+def cases_with_ground_truth(folder: Path | str, left_out: list[str] | None = None) -> list[CaseFiles]:
+    """The cases under ``folder`` that have a ground-truth segmentation (a training or evaluation folder); the
+    IDs of those without one are appended to ``left_out`` when given.
 
     Unlike prediction, which runs the cases it can, a case that cannot be assembled is an error here, as is a
     folder without any case with ground truth: ValueError naming them."""
@@ -279,6 +280,8 @@ def cases_with_ground_truth(folder: Path | str) -> list[CaseFiles]:
     cases = [c for c in found.cases if c.segmentation is not None]
     if not cases:
         raise ValueError(f"no cases with ground truth under {folder}")
+    if left_out is not None:
+        left_out.extend(c.case_id for c in found.cases if c.segmentation is None)
     return cases
 
 

@@ -162,12 +162,18 @@ def as_handle(case: CaseFiles | CaseHandle) -> CaseHandle:
 
 
 def folder_cases(data_dir: Path) -> list[CaseHandle]:
-    """The cases with ground truth in a BraTS training folder (any layout `find_cases` reads);
-    `TrainingSetupError` when the folder is missing, holds no such case or a case that cannot be assembled."""
+    """The cases with ground truth in a BraTS training folder (any layout `find_cases` reads), a warning naming
+    those without; `TrainingSetupError` when the folder is missing, holds no such case or a case that cannot
+    be assembled."""
+    left_out: list[str] = []
     try:
-        return [as_handle(c) for c in cases_with_ground_truth(data_dir)]
+        cases = cases_with_ground_truth(data_dir, left_out)
     except (OSError, ValueError) as err:
         raise TrainingSetupError(f"--data {data_dir}: {err}") from err
+    if left_out:  # a misnamed ground truth (BraTS 2020's case 355 ships one) must not vanish unseen
+        log.warning("%d case(s) under %s have no ground truth named <ID>-seg, <ID>_seg or seg and are left out of "
+                    "training: %s", len(left_out), data_dir, ", ".join(left_out))
+    return [as_handle(c) for c in cases]
 
 
 def phantom_cases(n: int, seed: int, size: tuple[int, int, int], mix: PhantomMix = DEFAULT_MIX) -> list[CaseHandle]:

@@ -265,6 +265,19 @@ def test_a_training_label_the_model_has_no_class_for_names_its_case_and_file(tmp
     assert result.returncode == 0 and "prepared 1 case(s)" in result.stderr, result.stderr
 
 
+def test_a_training_case_without_a_recognised_ground_truth_is_left_out_by_name(tmp_path):
+    """BraTS 2020's case 355 ships its truth as W39_1998.09.19_Segm.nii: training goes on without it and
+    says so, naming the case."""
+    misnamed, kept = small_cases(tmp_path / "data", 2, seed=27, layout=Layout.BRATS2018)
+    [seg] = misnamed.glob("*_seg.nii.gz")
+    seg.rename(misnamed / "W39_1998.09.19_Segm.nii.gz")
+    result = python_cli("train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "w"),
+                        "--cache", str(tmp_path / "cache"), "--prepare-only")
+    assert result.returncode == 0 and "prepared 1 case(s)" in result.stderr, result.stderr
+    [warning] = [line for line in result.stderr.splitlines() if "no ground truth" in line]
+    assert warning.endswith(f"left out of training: {misnamed.name}") and kept.name not in warning
+
+
 def test_side_outputs_inside_the_output_folder_are_refused(tmp_path, weights):
     small_cases(tmp_path / "in", 1)
     out = tmp_path / "out"
