@@ -55,6 +55,7 @@ class Evaluation:
 
     rows: list[dict] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # no prediction file: scored as empty
+    unmatched: list[str] = field(default_factory=list)  # a prediction file whose ID has no ground truth
     unusable: list[CaseError] = field(default_factory=list)  # a prediction that cannot be used: scored as empty
     unscored: list[CaseError] = field(default_factory=list)  # ground truth that cannot be read: not scored
     pictures: list[CaseError] = field(default_factory=list)  # QC pictures that could not be drawn
@@ -98,7 +99,17 @@ def evaluate_cases(pred_dir: Path, gt_dir: Path, labels: str = AUTO_LABELS, qc_d
         result.rows.append(row)
         if qc_dir is not None and pred is not None:
             _picture(with_images.get(case_id), case_id, truth_path, pred, truth, qc_dir, result)
+    known = set(segmentations) | {err.case_id for err in errors}
+    result.unmatched = [case_id for case_id in _prediction_ids(Path(pred_dir)) if case_id not in known]
     return result
+
+
+def _prediction_ids(pred_dir: Path) -> list[str]:
+    """The IDs of the label maps in a prediction folder (``<ID>.nii.gz``; hidden names left out)."""
+    if not pred_dir.is_dir():
+        return []
+    names = (p.name for p in pred_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+    return sorted(name[: -len(".nii.gz")] for name in names if name.endswith(".nii.gz"))
 
 
 def _picture(case: CaseFiles | None, case_id: str, truth_path: Path, pred: np.ndarray, truth: np.ndarray,
@@ -178,4 +189,6 @@ def evaluate_folder(pred_dir: Path, gt_dir: Path, csv_path: Path | None, labels:
             write_csv(result.rows, csv_path)
     if result.missing:
         print(f"missing predictions (scored as empty): {', '.join(result.missing)}", file=sys.stderr)
+    if result.unmatched:  # a misnamed or absent ground truth (BraTS 2020's case 355) would leave it unseen
+        print(f"predictions without a ground truth (not scored): {', '.join(result.unmatched)}", file=sys.stderr)
     return 1 if result.problems else 0

@@ -99,10 +99,12 @@ def test_evaluate_cli_table_csv_missing_and_qc(tmp_path):
     first = sorted(gt.iterdir())[0]
     seg = next(first.glob("*-seg.nii.gz"))
     sitk.WriteImage(sitk.ReadImage(str(seg)), str(pred / f"{first.name}.nii.gz"))
+    shutil.copy(pred / f"{first.name}.nii.gz", pred / "BraTS20_Training_355.nii.gz")  # its truth misnamed
     result = python_cli("evaluate", "--pred", str(pred), "--gt", str(gt), "--csv", str(tmp_path / "m.csv"),
                         "--qc", str(tmp_path / "qc"))
     assert result.returncode == 0, result.stderr
     assert "missing predictions" in result.stderr
+    assert "predictions without a ground truth (not scored): BraTS20_Training_355\n" in result.stderr
     rows = list(csv.DictReader(open(tmp_path / "m.csv")))
     by_case = {r["case"]: r for r in rows}
     assert float(by_case[first.name]["dice_WT"]) == 1.0 and float(by_case[first.name]["hd95_ET"]) == 0.0
