@@ -286,6 +286,96 @@ def to_device(case: TrainingCase, device: torch.device) -> TrainingCase:
     return TrainingCase(case.case_id, image, target, case.centres, offset)
 
 
+def case_to_host(case: TrainingCase) -> TrainingCase:
+    """A case `to_device` moved, back in host memory (the image stays float16)."""
+    return TrainingCase(case.case_id, to_host(case.image), to_host(case.target), case.centres, to_host(case.offset))
+
+
+# A GPU holds the training cases only when all of them fit in this share of its free memory; the rest is
+# left to the network, its activations and cuDNN's workspace. A BraTS 2023 training set (1,251 cases of about
+# 47 MB there) needs some 59 GB: an 80 GB card just holds it, a 24-48 GB one does not.
+DEVICE_CASE_SHARE = 0.75
+# Without --cache the host holds every prepared case (float32); past this share of its memory, say so.
+HOST_CASE_SHARE = 0.5
+
+
+def device_bytes(case: TrainingCase) -> int:
+    """Bytes a prepared case takes on a GPU (`to_device`: the image as float16, the labels as uint8)."""
+    return 2 * math.prod(case.image.shape) + math.prod(case.target.shape)
+
+
+def host_bytes(case: TrainingCase) -> int:
+    """Bytes a prepared case takes in host memory when it is not memory-mapped."""
+    return case.image.nbytes + case.target.nbytes + sum(c.nbytes for c in case.centres)
+
+
+def physical_memory() -> int:
+    """The host's physical memory in bytes (0 where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+@dataclass
+class PreparedCases:
+    """The prepared training cases of one process, kept from one fold to the next.
+
+    On a GPU they are moved there (`to_device`) when the run's ``total_cases`` fit its free memory, judged
+    once from the first case's size; otherwise, or when the GPU runs out of memory while they move, every
+    case stays on (or returns to) the host, memory-mapped from ``cache_dir`` when there is one, and each step
+    copies its patches to the GPU. The same training, only the patches' journey differs."""
+
+    device: torch.device
+    total_cases: int
+    cache_dir: Path | None = None
+    resident: bool | None = None  # on the GPU; None until the first case is prepared
+    cases: dict[str, TrainingCase] = field(default_factory=dict)
+
+    def training_data(self, handles: Sequence[CaseFiles | CaseHandle]) -> list[TrainingCase]:
+        for handle in handles:
+            if handle.case_id not in self.cases:
+                case = prepare_case(handle, self.cache_dir)
+                if self.resident is None:
+                    self.resident = self._fits(case)
+                self.cases[handle.case_id] = self._place(case)
+        return [self.cases[h.case_id] for h in handles]
+
+    def _fits(self, case: TrainingCase) -> bool:
+        if self.device.type != "cuda":
+            self._check_host(case)
+            return False
+        need = device_bytes(case) * self.total_cases
+        free = torch.cuda.mem_get_info(self.device)[0]
+        if need <= DEVICE_CASE_SHARE * free:
+            return True
+        log.warning("the %d training cases need about %.1f GiB on the GPU, more than %.0f%% of its %.1f GiB "
+                    "free: they stay on the host and each step copies its patches to the GPU", self.total_cases,
+                    need / 2**30, 100 * DEVICE_CASE_SHARE, free / 2**30)
+        self._check_host(case)
+        return False
+
+    def _check_host(self, case: TrainingCase) -> None:
+        need, memory = host_bytes(case) * self.total_cases, physical_memory()
+        if self.cache_dir is None and memory and need > HOST_CASE_SHARE * memory:
+            log.warning("the %d training cases need about %.1f GiB of host memory, over %.0f%% of its %.1f GiB: "
+                        "pass --cache DIR to keep them on disk, memory-mapped", self.total_cases, need / 2**30,
+                        100 * HOST_CASE_SHARE, memory / 2**30)
+
+    def _place(self, case: TrainingCase) -> TrainingCase:
+        if not self.resident:
+            return case
+        try:
+            return to_device(case, self.device)
+        except torch.cuda.OutOfMemoryError:
+            self.resident = False
+            self.cases = {case_id: case_to_host(c) for case_id, c in self.cases.items()}
+            torch.cuda.empty_cache()
+            log.warning("the GPU ran out of memory after %d training cases: every case stays on the host and "
+                        "each step copies its patches to the GPU", len(self.cases))
+            return case
+
+
 def sample_patches(cases: Sequence[TrainingCase], task: int, count: int, rng: np.random.Generator,
                    with_offsets: bool = False, case_probabilities: np.ndarray | None = None,
                    with_cases: bool = False, patch_size: Sequence[int] = PATCH):
@@ -600,12 +690,12 @@ def starting_point(init_from: str, fold: int) -> tuple[str, dict[str, Any]]:
 def train_fold(cfg: TrainConfig, train_cases: Sequence[CaseFiles | CaseHandle],
                val_cases: Sequence[CaseFiles | CaseHandle], fold_dir: Path, fold: int, progress: bool = True,
                cache_dir: Path | None = None, time_limit: float | None = None,
-               prepared: dict[str, TrainingCase] | None = None) -> FoldResult:
+               prepared: PreparedCases | None = None) -> FoldResult:
     """Train one fold with resumable checkpoints in ``fold_dir``; keeps the best-validating snapshot.
 
     ``time_limit`` (seconds) ends training early at a validation point once exceeded (a cluster job's
     wall time); it counts from the end of data preparation. The steps actually done are recorded.
-    ``prepared`` keeps cases already on the device between folds trained in one process.
+    ``prepared`` keeps the cases prepared (and placed: `PreparedCases`) between folds trained in one process.
     """
     device = resolve_device(cfg.device)
     fold_dir.mkdir(parents=True, exist_ok=True)
@@ -625,8 +715,9 @@ def train_fold(cfg: TrainConfig, train_cases: Sequence[CaseFiles | CaseHandle],
     state.resume(model, optimizer, rng, device, average)
     if state.meta["step"] < cfg.total_steps:
         log.info("fold %d: preparing %d training cases", fold, len(train_cases))
-        prepared = {} if prepared is None else prepared
-        data = [_on_device(c, cache_dir, device, prepared) for c in train_cases]
+        if prepared is None:
+            prepared = PreparedCases(device, len(train_cases), cache_dir)
+        data = prepared.training_data(train_cases)
         validation = [validation_case(prepare_case(c, cache_dir)) for c in val_cases]
         use_amp = training_autocast(cfg.precision, device)
         # fp32 training is IEEE fp32, as at inference: cuDNN would otherwise run its convolutions as TF32.
@@ -637,13 +728,6 @@ def train_fold(cfg: TrainConfig, train_cases: Sequence[CaseFiles | CaseHandle],
     result.config = _jsonable(asdict(cfg))
     result.initialised_from = start_record
     return result
-
-
-def _on_device(case: CaseFiles | CaseHandle, cache_dir: Path | None, device: torch.device,
-               prepared: dict[str, TrainingCase]) -> TrainingCase:
-    if case.case_id not in prepared:
-        prepared[case.case_id] = to_device(prepare_case(case, cache_dir), device)
-    return prepared[case.case_id]
 
 
 def validation_case(case: TrainingCase) -> ValidationCase:
@@ -951,7 +1035,7 @@ def train_ensemble(cfg: TrainConfig, cases: Path | Sequence[CaseHandle], out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     if cache_dir is not None and prepare_workers > 1:
         prepare_all(list(by_id.values()), cache_dir, prepare_workers)
-    prepared: dict[str, TrainingCase] = {}  # cases stay on the device from one fold to the next
+    prepared = PreparedCases(device, len(by_id), cache_dir)  # kept from one fold to the next
     for fold in fold_numbers:
         held_out = splits[fold]
         val_ids = held_out[: cfg.val_cases] if cfg.val_cases else held_out

@@ -18,6 +18,7 @@ from app.phantoms import PhantomMix, generate
 from app.train import (
     PATCH,
     CaseDifficulty,
+    PreparedCases,
     TrainConfig,
     TrainingCase,
     TrainingSetupError,
@@ -677,3 +678,52 @@ def test_training_on_phantoms_made_in_memory_runs_without_simpleitk(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert load_ensemble(out)[0].fold_numbers() == [2]
+
+
+def test_training_cases_stay_on_the_host_when_the_gpu_cannot_hold_them(cases, monkeypatch, caplog):
+    """Judged from the first case's size times the run's cases against the GPU's free memory (simulated
+    here: no GPU in CI); a set that does not fit stays on the host, named in a warning, and trains the same."""
+    gib = 2**30
+    monkeypatch.setattr(app.train, "to_device", lambda case, device: app.train.TrainingCase(
+        case.case_id, torch.as_tensor(np.asarray(case.image, np.float16)), torch.as_tensor(case.target),
+        case.centres, torch.as_tensor(case.offset)))
+    for free, resident in ((80 * gib, True), (1000, False)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 80 * gib))
+        prepared = PreparedCases(torch.device("cuda"), total_cases=1251)
+        data = prepared.training_data(cases[:2])
+        assert prepared.resident is resident
+        assert all(isinstance(c.image, torch.Tensor) is resident for c in data)
+    assert "the 1251 training cases need about" in caplog.text and "stay on the host" in caplog.text
+    images, targets = sample_patches(data, 0, 3, np.random.default_rng(0))
+    assert images.shape == (3, 4, *PATCH) and targets.shape == (3, *PATCH)
+
+
+def test_a_gpu_that_runs_out_of_memory_while_cases_move_sends_them_all_back(cases, monkeypatch, caplog):
+    moved = []
+
+    def to_device(case, device):  # the third case does not fit
+        if len(moved) == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        moved.append(case.case_id)
+        return app.train.TrainingCase(case.case_id, torch.as_tensor(np.asarray(case.image, np.float16)),
+                                      torch.as_tensor(case.target), case.centres, torch.as_tensor(case.offset))
+
+    monkeypatch.setattr(app.train, "to_device", to_device)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    prepared = PreparedCases(torch.device("cuda"), total_cases=4, resident=True)
+    data = prepared.training_data(cases[:3])
+    assert prepared.resident is False and moved == [c.case_id for c in cases[:2]]
+    assert not any(isinstance(c.image, torch.Tensor) for c in data)
+    assert "ran out of memory after 2 training cases" in caplog.text
+    assert prepared.training_data(cases[3:]) == [prepared.cases[cases[3].case_id]]  # the next fold's: host
+    images, *_ = _batch(data, (0, 1), 2, np.random.default_rng(0), torch.device("cpu"))
+    assert images.dtype == torch.float32 and images.shape[0] == 4
+
+
+def test_a_host_that_cannot_hold_the_cases_is_told_to_use_a_cache(cases, monkeypatch, caplog, tmp_path):
+    monkeypatch.setattr(app.train, "physical_memory", lambda: 2**20)
+    PreparedCases(torch.device("cpu"), total_cases=10).training_data(cases[:1])
+    assert "pass --cache DIR" in caplog.text
+    caplog.clear()
+    PreparedCases(torch.device("cpu"), total_cases=10, cache_dir=tmp_path).training_data(cases[:1])
+    assert caplog.text == ""  # memory-mapped: the host's memory is not what holds them
