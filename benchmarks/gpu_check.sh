@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check for a lent machine (sized for about 9 minutes of an H100), run once from the
 # repository root; everything it prints is also kept in $OUT, packed at the end as $OUT/gpu_check.tar:
-#   1. the environment and the CUDA-capable tests
+#   1. the environment and the CUDA-capable tests (a fold trained with its cases on the GPU and on the host)
 #   2. predict through ./run.sh on N generated cases (default 20), in one run each: the shipped ensemble and
 #      random width-32 (the paper's width) ten-fold weights; wall time per case and the GPU memory peak
 #      (nvidia-smi, so the CUDA context is included)
@@ -24,6 +24,8 @@ source "$(dirname "$0")/gpu_env.sh"
 log "tests that exercise the model, tiling, fusion and the pipelined predict"
 python3 -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_fusion_postprocess.py \
   tests/test_pipelining.py 2>&1 | tail -2
+log "training on the GPU with the cases resident and left on the host"
+python3 -m pytest -q -p no:cacheprovider tests/test_train.py -k real_gpu -rs 2>&1 | tail -2
 
 log "$N phantom cases"
 python3 -m app phantoms --out "$WORK/in" --n "$N" --seed 7 --start 100 --size "$SIZE"

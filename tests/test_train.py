@@ -698,6 +698,16 @@ def test_training_cases_stay_on_the_host_when_the_gpu_cannot_hold_them(cases, mo
     assert images.shape == (3, 4, *PATCH) and targets.shape == (3, *PATCH)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh runs it)")
+def test_a_fold_trains_on_a_real_gpu_with_its_cases_resident_or_left_on_the_host(cases, tmp_path):
+    cfg = replace(TINY, device="cuda", stage_steps=(2, 2, 2), validate_every=6)
+    for resident in (True, False):
+        prepared = PreparedCases(torch.device("cuda"), total_cases=4, resident=resident)
+        result = train_fold(cfg, cases[:2], cases[3:], tmp_path / str(resident), 0, False, prepared=prepared)
+        assert result.steps == 6 and np.isfinite(result.history[-1]["loss"])
+        assert all(isinstance(c.image, torch.Tensor) is resident for c in prepared.cases.values())
+
+
 def test_a_gpu_that_runs_out_of_memory_while_cases_move_sends_them_all_back(cases, monkeypatch, caplog):
     moved = []
 
