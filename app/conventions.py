@@ -29,6 +29,11 @@ class Layout(str, Enum):
     TOOLKIT = "toolkit"  # <ID>/{t1,t1c|t1ce,t2,flair|fla}.nii.gz
 
 
+# The direction matrix (ITK, row-major) of a BraTS volume as SimpleITK reads it: array axes x and y run
+# towards the patient's right and front, z upwards. The networks learnt brains stored this way.
+BRATS_DIRECTION = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
+
+
 class LabelConvention(str, Enum):
     """File label encodings: 2018-2021 data mark ET with 4, 2023+ data with 3."""
 

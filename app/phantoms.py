@@ -31,13 +31,21 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .conventions import EDEMA, ENHANCING, NECROSIS, LabelConvention, Layout, Modality, to_file_labels
+from .conventions import (
+    BRATS_DIRECTION,
+    EDEMA,
+    ENHANCING,
+    NECROSIS,
+    LabelConvention,
+    Layout,
+    Modality,
+    to_file_labels,
+)
 from .options import MIN_PHANTOM_SIDE, PhantomPreset
 
 GENERATOR_VERSION = "2.2"
 DEFAULT_SIZE = (240, 240, 155)  # x, y, z as BraTS stores it (1 mm isotropic)
-# BraTS volumes are LPS-oriented with this origin once read by SimpleITK.
-BRATS_DIRECTION = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
+# BraTS volumes have this origin (and `BRATS_DIRECTION`) once read by SimpleITK.
 BRATS_ORIGIN = (-0.0, -239.0, 0.0)
 
 # Tissue codes used only inside the generator.

@@ -54,7 +54,7 @@ from .io import (
 )
 from .options import BiasCorrection, Resampling
 from .postprocess import PostprocessConfig, postprocess
-from .preprocess import BiasCorrected, Regrid, correct_bias
+from .preprocess import BiasCorrected, WorkingGrid, correct_bias
 
 # Where post-processing finds its images in a loaded case (`load_case` stacks the four in MODALITY_ORDER).
 T1_CHANNEL = MODALITY_ORDER.index(Modality.T1)
@@ -165,17 +165,16 @@ def _voxel_counts(file_labels: np.ndarray) -> dict[str, int]:
 
 
 def _save_probabilities(folder: Path, loaded: LoadedCase, box, probabilities: TaskProbabilities | None,
-                        regrid: Regrid | None = None) -> None:
+                        grid: WorkingGrid) -> None:
     """Fold-averaged task probabilities as one 7-component NIfTI (task-1 tumour, task-2 classes 0-4,
-    task-3 ET) on the case's grid (resampled back from the working grid with ``regrid``)."""
+    task-3 ET) on the case's grid (brought back from the working grid)."""
     folder.mkdir(parents=True, exist_ok=True)
-    stack = np.zeros((7, *(loaded.image.shape[1:] if regrid is None else regrid.working)), np.float32)
+    stack = np.zeros((7, *grid.working_shape(loaded.image.shape[1:])), np.float32)
     if probabilities is not None:
         stack[(0, *box)] = probabilities.tumour
         stack[(slice(1, 6), *box)] = probabilities.classes
         stack[(6, *box)] = probabilities.enhancing
-    if regrid is not None:
-        stack = regrid.volume_to_native(stack)
+    stack = grid.volume_to_native(stack)
     image = sitk.GetImageFromArray(np.ascontiguousarray(np.moveaxis(stack, 0, -1)), isVector=True)
     image.CopyInformation(loaded.reference)
     write_image_atomic(image, folder / f"{loaded.files.case_id}_probabilities.nii.gz")
@@ -264,11 +263,11 @@ def complete_segmentation(prediction: CasePrediction, image: np.ndarray, post: P
 @dataclass
 class Predicted:
     """`CaseRunner.predict`'s half of a case: the prediction, the (bias-corrected) image it was made on, and
-    the regrid between that image's grid and the case's (None: the case's own grid)."""
+    the way between that image's grid and the case's."""
 
     prediction: CasePrediction
     image: np.ndarray
-    regrid: Regrid | None
+    grid: WorkingGrid
 
 
 class CaseRunner:
@@ -283,43 +282,41 @@ class CaseRunner:
         return self.finish(loaded, self.predict(loaded, progress))
 
     def predict(self, loaded: LoadedCase, progress: Callable[[int, int], None] | None = None) -> Predicted:
-        """`predict_corrected`, on about 1 mm along the axes where the case's voxels are coarser (with
-        `Resampling.ALL` also finer; `Regrid`)."""
-        regrid = self.regrid(loaded)
-        image = loaded.image if regrid is None else regrid.to_working(loaded.image)
-        corrected, prediction = predict_corrected(self.predictor, image, self.options.bias_correction,
+        """`predict_corrected` on the case as BraTS stores a brain, on about 1 mm along the axes where its
+        voxels are coarser (with `Resampling.ALL` also finer): `WorkingGrid`."""
+        grid = self.working_grid(loaded)
+        corrected, prediction = predict_corrected(self.predictor, grid.to_working(loaded.image),
+                                                  self.options.bias_correction,
                                                   [m.value for m in loaded.files.modalities], progress)
-        return Predicted(prediction, corrected, regrid)
+        return Predicted(prediction, corrected, grid)
 
-    def regrid(self, loaded: LoadedCase) -> Regrid | None:
-        """The regrid the case needs under the options' `Resampling`; a `CaseError` for a spacing no brain
-        has."""
-        if self.options.resampling is Resampling.OFF:
-            return None
+    def working_grid(self, loaded: LoadedCase) -> WorkingGrid:
+        """The working grid the case needs under the options' `Resampling`; a `CaseError` for a spacing no
+        brain has."""
         try:
-            return Regrid.for_case(loaded.image.shape[1:], loaded.reference.GetSpacing()[::-1],
-                                   finer=self.options.resampling is Resampling.ALL)
+            return WorkingGrid.for_case(loaded.image.shape[1:], loaded.reference.GetSpacing()[::-1],
+                                        loaded.reference.GetDirection(),
+                                        resample=self.options.resampling is not Resampling.OFF,
+                                        finer=self.options.resampling is Resampling.ALL)
         except ValueError as err:
             raise CaseError(loaded.files.case_id, loaded.files.reference, str(err)) from None
 
     def finish(self, loaded: LoadedCase, predicted: Predicted) -> CaseResult:
-        case, regrid = loaded.files, predicted.regrid
-        spacing = loaded.reference.GetSpacing()[::-1] if regrid is None else regrid.working_spacing
-        seg = complete_segmentation(predicted.prediction, predicted.image, self.options.postprocess, spacing)
+        case, grid = loaded.files, predicted.grid
+        seg = complete_segmentation(predicted.prediction, predicted.image, self.options.postprocess, grid.spacing)
         convention = resolve_convention(self.options.labels, case.layout)
-        file_labels = to_file_labels(seg.labels if regrid is None else regrid.labels_to_native(seg.labels),
-                                     convention)
+        file_labels = to_file_labels(grid.labels_to_native(seg.labels), convention)
         destination = output_path(self.options.output_dir, case.case_id)
         write_image_atomic(label_image(file_labels, loaded.reference), destination)
         if self.options.save_probabilities is not None:
-            _save_probabilities(self.options.save_probabilities, loaded, seg.box, seg.probabilities, regrid)
+            _save_probabilities(self.options.save_probabilities, loaded, seg.box, seg.probabilities, grid)
         if self.options.qc_dir is not None:
             from .qc import save_case_picture
 
             # Drawn on the corrected image where it lies on the case's grid, else on the image as read.
-            shown = loaded if regrid is not None else replace(loaded, image=predicted.image)
+            shown = replace(loaded, image=predicted.image) if grid.native else loaded
             save_case_picture(shown, file_labels, convention, self.options.qc_dir)
-        notes = [] if regrid is None else [regrid.describe()]
+        notes = grid.notes()
         return CaseResult(case.case_id, CaseStatus.OK, output=str(destination), voxels=_voxel_counts(file_labels),
                           warnings=[*loaded.warnings, *notes, *seg.warnings], confidence=seg.confidence,
                           expected_dice=seg.expected_dice, drawn_core_share=round(seg.drawn_core_share, 4),

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 from scipy import ndimage
 
+from .conventions import BRATS_DIRECTION
 from .errors import one_line
 
 if TYPE_CHECKING:
@@ -166,6 +167,105 @@ class Regrid:
     def volume_to_native(self, volume: np.ndarray) -> np.ndarray:
         """A float (C, d, h, w) volume on the working grid (probabilities) on the case's grid, trilinearly."""
         return _resample(volume, self.native)
+
+
+@dataclass(frozen=True)
+class Reorientation:
+    """Between a case's own array (axes z, y, x as SimpleITK gives them) and the same voxels stored as BraTS
+    stores a brain (`BRATS_DIRECTION`): an axis permutation and flips, exact both ways. A case stored in
+    another axis order (sagittal or coronal slices first, a permuted header) would show the networks a brain
+    on its side; flips they learnt from augmentation, axis orders they did not."""
+
+    axes: tuple[int, int, int]  # working array axis k holds the case's array axis axes[k]
+    flips: tuple[bool, bool, bool]  # per working axis, after the permutation
+
+    @classmethod
+    def for_direction(cls, direction: Sequence[float]) -> Reorientation | None:
+        """The reorientation a case with this (row-major 3x3) direction matrix needs, or None when it is
+        stored as BraTS stores it or no axis order fits it (an obliquity near 45 degrees: read as it is)."""
+        matrix, target = np.asarray(direction, float).reshape(3, 3), np.asarray(BRATS_DIRECTION).reshape(3, 3)
+        physical = np.abs(matrix).argmax(axis=0)  # the physical axis each index axis (x, y, z) runs along
+        if sorted(physical) != [0, 1, 2]:
+            return None
+        source = [int(np.flatnonzero(physical == k)[0]) for k in range(3)]  # index axis along physical k
+        flips = [bool(np.sign(matrix[k, j]) != np.sign(target[k, k])) for k, j in enumerate(source)]
+        # Array axes run z, y, x: index axis j is array axis 2 - j.
+        axes = tuple(2 - source[2 - a] for a in range(3))
+        flips_by_array_axis = tuple(flips[2 - a] for a in range(3))
+        if axes == (0, 1, 2) and not any(flips_by_array_axis):
+            return None
+        return cls(axes, flips_by_array_axis)  # type: ignore[arg-type]
+
+    def describe(self) -> str:
+        return "stored in another orientation than BraTS's: segmented turned to it and turned back"
+
+    def permute(self, values: Sequence) -> tuple:
+        """Per-axis values of the case's array (voxel sizes, the shape) in the working array's axis order."""
+        return tuple(values[a] for a in self.axes)
+
+    def to_working(self, array: np.ndarray) -> np.ndarray:
+        """A case's (..., D, H, W) array as BraTS stores it."""
+        lead = array.ndim - 3
+        out = np.transpose(array, (*range(lead), *(lead + a for a in self.axes)))
+        flipped = tuple(lead + a for a in range(3) if self.flips[a])
+        return np.ascontiguousarray(np.flip(out, flipped) if flipped else out)
+
+    def to_native(self, array: np.ndarray) -> np.ndarray:
+        """A (..., D, H, W) array on the working axes back in the case's own storage."""
+        lead = array.ndim - 3
+        flipped = tuple(lead + a for a in range(3) if self.flips[a])
+        out = np.flip(array, flipped) if flipped else array
+        inverse = np.argsort(self.axes)
+        return np.ascontiguousarray(np.transpose(out, (*range(lead), *(lead + int(a) for a in inverse))))
+
+
+@dataclass(frozen=True)
+class WorkingGrid:
+    """A case's way onto the array the networks read and back: first `Reorientation` (BraTS's storage), then
+    `Regrid` (about 1 mm), each None where the case needs none."""
+
+    reorientation: Reorientation | None
+    regrid: Regrid | None
+    spacing: tuple[float, ...]  # the working array's voxel sizes, array order
+
+    @classmethod
+    def for_case(cls, shape: tuple[int, ...], spacing: tuple[float, ...], direction: Sequence[float],
+                 resample: bool = True, finer: bool = False) -> WorkingGrid:
+        """The working grid of a case of ``shape`` voxels of ``spacing`` mm (array order) with this direction
+        matrix; ``resample`` and ``finer`` as `Regrid.for_case` reads them (ValueError as it raises)."""
+        reorientation = Reorientation.for_direction(direction)
+        if reorientation is not None:
+            shape, spacing = reorientation.permute(shape), reorientation.permute(spacing)
+        regrid = Regrid.for_case(shape, spacing, finer) if resample else None
+        return cls(reorientation, regrid, tuple(spacing) if regrid is None else regrid.working_spacing)
+
+    @property
+    def native(self) -> bool:
+        """Whether the networks read the case's own array."""
+        return self.reorientation is None and self.regrid is None
+
+    def notes(self) -> list[str]:
+        return [step.describe() for step in (self.reorientation, self.regrid) if step is not None]
+
+    def working_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The working array's shape (D, H, W) for the case's."""
+        if self.regrid is not None:
+            return self.regrid.working
+        return self.reorientation.permute(shape) if self.reorientation else tuple(shape)
+
+    def to_working(self, image: np.ndarray) -> np.ndarray:
+        """A raw (C, D, H, W) case on the working grid."""
+        image = image if self.reorientation is None else self.reorientation.to_working(image)
+        return image if self.regrid is None else self.regrid.to_working(image)
+
+    def labels_to_native(self, labels: np.ndarray) -> np.ndarray:
+        labels = labels if self.regrid is None else self.regrid.labels_to_native(labels)
+        return labels if self.reorientation is None else self.reorientation.to_native(labels)
+
+    def volume_to_native(self, volume: np.ndarray) -> np.ndarray:
+        """A float (C, d, h, w) volume on the working grid (probabilities) on the case's."""
+        volume = volume if self.regrid is None else self.regrid.volume_to_native(volume)
+        return volume if self.reorientation is None else self.reorientation.to_native(volume)
 
 
 def _xyz(values: tuple, spec: str = ".2f") -> str:

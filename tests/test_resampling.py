@@ -1,17 +1,18 @@
-"""Cases whose voxels are not 1 mm: the regrid onto the network's grid and back (app.preprocess.Regrid), and
-the case runner that segments them there."""
+"""Cases whose voxels are not 1 mm or that are not stored as BraTS stores a brain: the way onto the network's
+grid and back (app.preprocess.Regrid, Reorientation, WorkingGrid), and the case runner that segments them
+there."""
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from app.conventions import Layout, Modality
+from app.conventions import BRATS_DIRECTION, Layout, Modality
 from app.inference import CasePrediction
 from app.io import CaseFiles, LoadedCase
 from app.options import BiasCorrection, Resampling
 from app.pipeline import CaseRunner, CaseStatus, PredictOptions
 from app.postprocess import PostprocessConfig
-from app.preprocess import MAX_WORKING_SIDE, Regrid
+from app.preprocess import MAX_WORKING_SIDE, Regrid, Reorientation, WorkingGrid
 
 
 def test_only_axes_coarser_than_1mm_are_resampled_to_1mm_over_the_same_millimetres():
@@ -35,6 +36,33 @@ def test_with_finer_the_finer_axes_are_shrunk_to_1mm_too():
     regrid = Regrid.for_case((62, 480, 301), (2.5, 0.5, 0.8), finer=True)
     assert regrid.working == (155, 240, 241)
     assert np.allclose(regrid.working_spacing, (1.0, 1.0, 0.999), atol=1e-3)
+
+
+TURNS = {  # the same voxels stored another way, as tools and scanners write them
+    "flipped x and y (ITK's identity direction)": lambda image: sitk.DICOMOrient(image, "LPS"),
+    "axes permuted": lambda image: sitk.PermuteAxes(image, [2, 0, 1]),
+    "sagittal slices first": lambda image: sitk.DICOMOrient(image, "ASL"),
+    "flipped and permuted": lambda image: sitk.PermuteAxes(sitk.Flip(image, [True, False, True]), [1, 2, 0]),
+}
+
+
+@pytest.mark.parametrize("turn", list(TURNS))
+def test_a_case_stored_another_way_is_read_as_brats_stores_it_and_turned_back_exactly(turn):
+    brats = sitk.GetImageFromArray(np.random.default_rng(0).random((5, 6, 7)).astype(np.float32))
+    brats.SetDirection(BRATS_DIRECTION)
+    brats.SetSpacing((1.0, 1.0, 3.0))  # thick axial slices: the regrid follows them wherever they are stored
+    assert Reorientation.for_direction(BRATS_DIRECTION) is None
+    turned = TURNS[turn](brats)
+    assert turned.GetDirection() != BRATS_DIRECTION
+    array = sitk.GetArrayFromImage(turned)
+    grid = WorkingGrid.for_case(array.shape, turned.GetSpacing()[::-1], turned.GetDirection())
+    reference = WorkingGrid.for_case((5, 6, 7), (3.0, 1.0, 1.0), BRATS_DIRECTION)
+    assert grid.reorientation is not None and grid.regrid == reference.regrid and grid.spacing == reference.spacing
+    assert np.array_equal(grid.reorientation.to_working(array[None])[0], sitk.GetArrayFromImage(brats))
+    assert np.array_equal(grid.to_working(array[None]), reference.to_working(sitk.GetArrayFromImage(brats)[None]))
+    labels = (np.arange(np.prod(array.shape)) % 4).reshape(array.shape).astype(np.uint8)
+    assert np.array_equal(grid.reorientation.to_native(grid.reorientation.to_working(labels)), labels)
+    assert grid.notes()[0].startswith("stored in another orientation")
 
 
 def test_labels_come_back_exactly_when_the_working_grid_repeats_each_voxel():

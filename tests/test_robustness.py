@@ -228,6 +228,28 @@ def test_odd_size_and_anisotropic_spacing(tmp_path, weights, resample):
     assert grid is None or f"segmented on a grid of {grid} mm" in notes[0], result.stderr
 
 
+def test_a_case_stored_in_another_axis_order_gets_the_same_labels_on_its_own_grid(tmp_path, weights):
+    """The same voxels stored with the axes permuted and flipped (sagittal slices first): segmented as BraTS
+    stores a brain, so its labels are the BraTS-stored copy's, turned, on exactly its own geometry."""
+    [case] = small_cases(tmp_path / "in", 1, seed=23)
+    turned = tmp_path / "in" / "TURNED"
+    turned.mkdir()
+    for path in case.iterdir():
+        image = sitk.PermuteAxes(sitk.Flip(sitk.ReadImage(str(path)), [True, False, False]), [2, 0, 1])
+        sitk.WriteImage(image, str(turned / path.name.replace(case.name, "TURNED")), True)
+    result, out = _predict(tmp_path / "in", weights)
+    assert result.returncode == 0, result.stderr
+    [note] = [line for line in result.stderr.splitlines() if "stored in another orientation" in line]
+    assert note.startswith("TURNED")
+    written = sitk.ReadImage(str(out / "TURNED.nii.gz"))
+    source = sitk.ReadImage(str(next(turned.glob("*-t2f.nii.gz"))))
+    assert written.GetSize() == source.GetSize() and written.GetDirection() == source.GetDirection()
+    assert written.GetOrigin() == source.GetOrigin() and written.GetSpacing() == source.GetSpacing()
+    back = sitk.Flip(sitk.PermuteAxes(written, [1, 2, 0]), [True, False, False])
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case.name}.nii.gz")))
+    assert labels.any() and np.array_equal(sitk.GetArrayFromImage(back), labels)
+
+
 def test_nan_and_inf_voxels_warn_and_work(cohort, weights):
     case = sorted(cohort.iterdir())[0]
     path = next(case.glob("*-t2f.nii.gz"))
