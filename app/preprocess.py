@@ -197,7 +197,7 @@ class Reorientation:
         return cls(axes, flips_by_array_axis)  # type: ignore[arg-type]
 
     def describe(self) -> str:
-        return "stored in another orientation than BraTS's: segmented turned to it and turned back"
+        return "stored in another orientation than BraTS's: segmented in BraTS's, its labels turned back"
 
     def permute(self, values: Sequence) -> tuple:
         """Per-axis values of the case's array (voxel sizes, the shape) in the working array's axis order."""
