@@ -46,7 +46,7 @@ from .metrics import region_dice
 from .model import CORE_CLASSES, TUMOUR_CLASSES, build_model
 from .options import AugmentLevel, Device, Precision, Variant, parse_option
 from .phantoms import DEFAULT_MIX, PhantomMix, make_phantom
-from .preprocess import TRAINING_CROP_MARGIN, crop_to_brain
+from .preprocess import TRAINING_CROP_MARGIN, Reorientation, crop_to_brain
 from .tiling import DIVISOR, FAST_TILE, poolable
 from .weights import WeightsError, read_manifest, save_state, select_folds, sha256_of, write_json_atomic, write_manifest
 
@@ -142,12 +142,16 @@ class CaseHandle:
 
 
 def _load_files(case: CaseFiles) -> tuple[np.ndarray, np.ndarray]:
+    """A case's image and internal labels, stored as BraTS stores a brain, as prediction reads it too
+    (`Reorientation`): a network must learn the storage it will be shown."""
     loaded = load_case(case)
     file_labels = load_segmentation(case, loaded.reference)
     try:
-        return loaded.image, from_file_labels(file_labels, ground_truth_convention(case.layout))
+        labels = from_file_labels(file_labels, ground_truth_convention(case.layout))
     except ValueError as err:  # a label this model cannot train on: the case and file named, as a bad image is
         raise CaseError(case.case_id, case.segmentation, str(err)) from None
+    turn = Reorientation.for_direction(loaded.reference.GetDirection())
+    return (loaded.image, labels) if turn is None else (turn.to_working(loaded.image), turn.to_working(labels))
 
 
 def _load_phantom(seed: int, index: int, size: tuple[int, int, int], mix: PhantomMix) -> tuple[np.ndarray, np.ndarray]:

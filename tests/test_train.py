@@ -737,3 +737,19 @@ def test_a_host_that_cannot_hold_the_cases_is_told_to_use_a_cache(cases, monkeyp
     caplog.clear()
     PreparedCases(torch.device("cpu"), total_cases=10, cache_dir=tmp_path).training_data(cases[:1])
     assert caplog.text == ""  # memory-mapped: the host's memory is not what holds them
+
+
+def test_a_training_case_stored_in_another_orientation_is_prepared_as_brats_stores_it(cases, tmp_path):
+    """Prediction turns such a case to BraTS's storage, so training must learn that storage too."""
+    import SimpleITK as sitk
+
+    turned = tmp_path / "TURNED"
+    turned.mkdir()
+    source = cases[0].reference.parent
+    for path in source.iterdir():
+        image = sitk.PermuteAxes(sitk.Flip(sitk.ReadImage(str(path)), [False, True, False]), [1, 2, 0])
+        sitk.WriteImage(image, str(turned / path.name.replace(source.name, "TURNED")))
+    [case] = find_cases(turned).cases
+    assert sitk.ReadImage(str(case.reference)).GetSize() != sitk.ReadImage(str(cases[0].reference)).GetSize()
+    ours, brats = prepare_case(case), prepare_case(cases[0])
+    assert np.array_equal(ours.image, brats.image) and np.array_equal(ours.target, brats.target)
