@@ -680,13 +680,17 @@ def test_training_on_phantoms_made_in_memory_runs_without_simpleitk(tmp_path):
     assert load_ensemble(out)[0].fold_numbers() == [2]
 
 
+def _as_tensors(case: TrainingCase, device=None) -> TrainingCase:
+    """Stands in for `to_device` where CI has no GPU: the case's arrays as (CPU) tensors, the image float16."""
+    return TrainingCase(case.case_id, torch.as_tensor(np.asarray(case.image, np.float16)),
+                        torch.as_tensor(case.target), case.centres, torch.as_tensor(case.offset))
+
+
 def test_training_cases_stay_on_the_host_when_the_gpu_cannot_hold_them(cases, monkeypatch, caplog):
     """Judged from the first case's size times the run's cases against the GPU's free memory (simulated
     here: no GPU in CI); a set that does not fit stays on the host, named in a warning, and trains the same."""
     gib = 2**30
-    monkeypatch.setattr(app.train, "to_device", lambda case, device: app.train.TrainingCase(
-        case.case_id, torch.as_tensor(np.asarray(case.image, np.float16)), torch.as_tensor(case.target),
-        case.centres, torch.as_tensor(case.offset)))
+    monkeypatch.setattr(app.train, "to_device", _as_tensors)
     for free, resident in ((80 * gib, True), (1000, False)):
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 80 * gib))
         prepared = PreparedCases(torch.device("cuda"), total_cases=1251)
@@ -715,8 +719,7 @@ def test_a_gpu_that_runs_out_of_memory_while_cases_move_sends_them_all_back(case
         if len(moved) == 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
         moved.append(case.case_id)
-        return app.train.TrainingCase(case.case_id, torch.as_tensor(np.asarray(case.image, np.float16)),
-                                      torch.as_tensor(case.target), case.centres, torch.as_tensor(case.offset))
+        return _as_tensors(case)
 
     monkeypatch.setattr(app.train, "to_device", to_device)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
