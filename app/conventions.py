@@ -117,13 +117,20 @@ def from_file_labels(labels: np.ndarray, convention: LabelConvention | None = No
     With ``convention`` the file may hold only that convention's labels; without one either is read (4 or 3
     marking ET, never both). ValueError names the labels that do not fit and, where BraTS used one for
     something else, what."""
-    values = set(np.unique(labels).tolist())
+    unique = np.unique(labels)
+    fractional = unique[unique != np.round(unique)]
+    if fractional.size:  # a map resampled by interpolation: its labels blurred into each other at every edge
+        examples = ", ".join(f"{v:.3g}" for v in fractional[:3])
+        raise ValueError(f"{fractional.size} label values are not whole numbers ({examples}, ...): a label map "
+                         "must be resampled by nearest neighbour, never interpolated")
+    values = set(unique.tolist())
     allowed = set(convention.labels) if convention is not None else {0, 1, 2, 3, 4}
     stray = sorted(values - allowed)
     if stray:
         name = f"the BraTS {convention.value} convention {list(convention.labels)}" if convention else "0-4"
         meanings = [_STRAY_LABEL_MEANING[(convention, v)] for v in stray if (convention, v) in _STRAY_LABEL_MEANING]
-        raise ValueError(f"labels {stray} are not in {name}" + "".join(f": {m}" for m in meanings))
+        shown = f"{[int(v) for v in stray[:8]]}" + (f" and {len(stray) - 8} more" if len(stray) > 8 else "")
+        raise ValueError(f"labels {shown} are not in {name}" + "".join(f": {m}" for m in meanings))
     if 3 in values and 4 in values:
         raise ValueError("labels mix 3 and 4: neither BraTS 2018 nor 2023 convention")
     out = labels.astype(np.uint8, copy=True)

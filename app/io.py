@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import gzip
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -53,6 +54,9 @@ MAX_CASE_DEPTH = 3
 # never images, although their names end like the image's.
 APPLEDOUBLE_PREFIX = "._"
 MACOS_METADATA_FOLDER = "__MACOSX"
+# nnU-Net's raw data number a case's channels, <ID>_0000 ... <ID>_0003, which only its dataset.json maps to
+# modalities (and datasets order them differently): such files are named, never guessed.
+NNUNET_CHANNEL = re.compile(r"_\d{4}$")
 # Temporary files we may leave in an output folder if killed mid-rename; removed at the next start.
 PARTIAL_MARKER = ".omnet-partial-"
 
@@ -90,6 +94,9 @@ class Discovery:
 
     cases: list[CaseFiles] = field(default_factory=list)
     errors: list[CaseError] = field(default_factory=list)
+    # NIfTI files outside every case whose names no BraTS layout reads: not read, and named to the user, since
+    # one may be a case under names we do not know (nnU-Net's channel numbers, a site's own).
+    unread: list[Path] = field(default_factory=list)
 
 
 @dataclass
@@ -157,8 +164,16 @@ def validate_case_id(case_id: str) -> str:
     return case_id
 
 
-def _assemble(case_id: str, files: list[tuple[Path, Layout, Modality | None]]) -> CaseFiles:
-    """Build a case from classified files, refusing mixed layouts, duplicates and gaps."""
+def _unnamed(files: list[tuple[Path, str]]) -> list[Path]:
+    """The ones of a folder's NIfTI ``files`` (`_nifti_files`) whose names no layout reads."""
+    return [path for path, stem in files if not _classify(stem)]
+
+
+def _assemble(case_id: str, files: list[tuple[Path, Layout, Modality | None]],
+              unnamed: list[Path] | None = None) -> CaseFiles:
+    """Build a case from classified files, refusing mixed layouts, duplicates and gaps; a gap's error names
+    the case's ``unnamed`` files (NIfTI files beside them whose names no layout reads), one of which may be
+    the missing modality under another name (MSD's "t1gd", a site's "t1post")."""
     validate_case_id(case_id)
     layouts = {layout for _, layout, _ in files}
     if len(layouts) > 1:
@@ -178,7 +193,8 @@ def _assemble(case_id: str, files: list[tuple[Path, Layout, Modality | None]]) -
     missing = [m.value for m in MODALITY_ORDER if m not in modalities]
     if missing:
         folder = files[0][0].parent
-        raise CaseError(case_id, folder, f"missing modality {', '.join(missing)}")
+        beside = f" (beside them, named as no BraTS layout: {', '.join(p.name for p in unnamed)})" if unnamed else ""
+        raise CaseError(case_id, folder, f"missing modality {', '.join(missing)}{beside}")
     ordered = {m: modalities[m] for m in MODALITY_ORDER}
     return CaseFiles(case_id, layout, ordered, segmentation)
 
@@ -196,7 +212,7 @@ def _case_from_files(case_id: str, files: list[tuple[Path, str]]) -> CaseFiles |
         classified.append((path, layout, modality))
     if not any(m is not None for _, _, m in classified):
         return None
-    return _assemble(case_id, classified)
+    return _assemble(case_id, classified, _unnamed(files))
 
 
 def _flat_groups(files: list[tuple[Path, str]]) -> dict[str, list[tuple[Path, Layout, Modality | None]]]:
@@ -211,11 +227,14 @@ def _flat_groups(files: list[tuple[Path, str]]) -> dict[str, list[tuple[Path, La
     return {prefix: group for prefix, group in groups.items() if any(m is not None for _, _, m in group)}
 
 
-def _add_flat_cases(groups: dict[str, list[tuple[Path, Layout, Modality | None]]], found: Discovery) -> None:
-    """Add to ``found`` the case each group of flat files (`_flat_groups`) makes, or its error."""
-    for prefix, files in groups.items():
+def _add_flat_cases(files: list[tuple[Path, str]], found: Discovery) -> None:
+    """Add to ``found`` the case each group of a folder's flat ``files`` (`_flat_groups`) makes, or its error,
+    and the files whose names no layout reads to its unread ones."""
+    unnamed = _unnamed(files)
+    found.unread.extend(unnamed)
+    for prefix, group in _flat_groups(files).items():
         try:
-            found.cases.append(_assemble(prefix, files))
+            found.cases.append(_assemble(prefix, group, [p for p in unnamed if p.name.startswith(prefix)]))
         except CaseError as err:
             found.errors.append(err)
 
@@ -230,14 +249,15 @@ def _find_case_folders(folder: Path, depth: int, found: Discovery, searched: set
             continue
         try:
             files = _nifti_files(entry)
-            groups = _flat_groups(files)
-            if len(groups) > 1:  # flat files of several cases: each ID prefix is a case
-                _add_flat_cases(groups, found)
+            if len(_flat_groups(files)) > 1:  # flat files of several cases: each ID prefix is a case
+                _add_flat_cases(files, found)
             elif (case := _case_from_files(entry.name, files)) is not None:
                 found.cases.append(case)
-            elif depth > 1 and not _skipped_folder(entry.name) and (real := entry.resolve()) not in searched:
+            elif not _skipped_folder(entry.name) and (real := entry.resolve()) not in searched:
                 searched.add(real)
-                _find_case_folders(entry, depth - 1, found, searched)
+                found.unread.extend(_unnamed(files))
+                if depth > 1:
+                    _find_case_folders(entry, depth - 1, found, searched)
         except CaseError as err:
             found.errors.append(err)
         except OSError as err:  # an unreadable folder fails alone, as a bad case does
@@ -263,14 +283,16 @@ def find_cases(input_dir: Path | str) -> Discovery:
         raise NotADirectoryError(f"input {root} is not a folder")
     found = Discovery()
     _find_case_folders(root, MAX_CASE_DEPTH, found, {root.resolve()})
-    _add_flat_cases(_flat_groups(_nifti_files(root)), found)
+    _add_flat_cases(_nifti_files(root), found)
     _reject_duplicate_ids(found)
     return found
 
 
-def cases_with_ground_truth(folder: Path | str, left_out: list[str] | None = None) -> list[CaseFiles]:
+def cases_with_ground_truth(folder: Path | str, left_out: list[str] | None = None,
+                            unread: list[Path] | None = None) -> list[CaseFiles]:
     """The cases under ``folder`` that have a ground-truth segmentation (a training or evaluation folder); the
-    IDs of those without one are appended to ``left_out`` when given.
+    IDs of those without one are appended to ``left_out`` when given, the NIfTI files outside every case that
+    no layout names (`Discovery.unread`) to ``unread``.
 
     Unlike prediction, which runs the cases it can, a case that cannot be assembled is an error here, as is a
     folder without any case with ground truth: ValueError naming them."""
@@ -279,9 +301,12 @@ def cases_with_ground_truth(folder: Path | str, left_out: list[str] | None = Non
         raise ValueError("; ".join(str(e) for e in found.errors))
     cases = [c for c in found.cases if c.segmentation is not None]
     if not cases:
-        raise ValueError(f"no cases with ground truth under {folder}")
+        note = f"; {unread_files_note(found.unread, folder)}" if found.unread else ""
+        raise ValueError(f"no cases with ground truth under {folder}{note}")
     if left_out is not None:
         left_out.extend(c.case_id for c in found.cases if c.segmentation is None)
+    if unread is not None:
+        unread.extend(found.unread)
     return cases
 
 
@@ -330,6 +355,20 @@ def segmentation_layout(path: Path | str) -> Layout | None:
     stem = _strip_nifti(Path(path).name)
     readings = [r for r in _classify(stem) if r[1] is None] if stem is not None else []
     return readings[-1][0] if readings else None
+
+
+def unread_files_note(unread: list[Path], root: Path | str, shown: int = 3) -> str:
+    """One line naming a `Discovery`'s unread files (paths relative to ``root``, the first ``shown`` of them),
+    and how to name them when they carry nnU-Net's channel numbers."""
+    names = [str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in unread]
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    note = (f"{len(names)} NIfTI file(s) outside every case were not read, named as no BraTS layout: "
+            f"{', '.join(names[:shown])}{more}")
+    stems = (_strip_nifti(p.name) or "" for p in unread)
+    if any(NNUNET_CHANNEL.search(stem) for stem in stems):
+        note += (" (names ending _0000 to _0003 number nnU-Net's channels, in the order its dataset.json sets: "
+                 "rename each to its modality's BraTS name, <ID>_flair/_t1/_t1ce/_t2 or <ID>-t2f/-t1n/-t1c/-t2w)")
+    return note
 
 
 def _reject_duplicate_ids(found: Discovery) -> None:
@@ -464,10 +503,13 @@ def read_image(path: Path, case_id: str, warnings: list[str] | None = None) -> s
     except (ValueError, RuntimeError, OSError) as err:
         raise CaseError(case_id, path, f"unreadable NIfTI: {one_line(err)}") from None
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        several = image.GetDimension() == 4 or image.GetNumberOfComponentsPerPixel() > 1
         raise CaseError(
             case_id, path,
             f"expected a 3D scalar image, got {image.GetDimension()}D with "
-            f"{image.GetNumberOfComponentsPerPixel()} component(s)",
+            f"{image.GetNumberOfComponentsPerPixel()} component(s)"
+            # The Medical Segmentation Decathlon's BraTS task stores a case's four modalities in one 4D file.
+            + (": split a file of several modalities into one 3D file per modality, BraTS-named" if several else ""),
         )
     if nonfinite and warnings is not None:
         warnings.append(f"{path.name}: {nonfinite} NaN/Inf voxels treated as background")

@@ -48,6 +48,7 @@ from .io import (
     remove_partial_files,
     resolve_convention,
     sitk_read_header,
+    unread_files_note,
     writable_file,
     writable_folder,
     write_image_atomic,
@@ -336,10 +337,15 @@ def run_predict(predictor: EnsemblePredictor, options: PredictOptions, stream: T
         found = find_cases(options.input_dir)
     except OSError as err:
         raise UsageError(str(err)) from None
+    # Our own label maps, when the output folder lies inside the input folder, are no one's lost cases.
+    found.unread = [path for path in found.unread if not _inside(path, options.output_dir)]
+    unread = f"; {unread_files_note(found.unread, options.input_dir)}" if found.unread else ""
     if not found.cases and not found.errors:
         raise UsageError(f"no BraTS case found under {options.input_dir} (case folders are looked for up to "
-                         f"{MAX_CASE_DEPTH} levels down; BraTS-named files directly in it form cases too)")
+                         f"{MAX_CASE_DEPTH} levels down; BraTS-named files directly in it form cases too){unread}")
     prepare_output(options)
+    if unread:  # perhaps cases under names we do not know: said before the cases run, not only at the end
+        print(f"warning: {unread[2:]}", file=stream, flush=True)
     cases, errors = select_shard(found.cases, found.errors, options.shard)
     results = [CaseResult(e.case_id, CaseStatus.FAILED, error=str(e)) for e in errors]
     for result in results:
@@ -359,7 +365,7 @@ def run_predict(predictor: EnsemblePredictor, options: PredictOptions, stream: T
             todo.append(case)
     results += _run_pipelined(CaseRunner(predictor, options), todo, options, stream)
     if options.report is not None:
-        write_report(results, options.report)
+        write_report(results, options.report, found.unread)
     return results
 
 
@@ -460,13 +466,16 @@ def _print_result(result: CaseResult, stream: TextIO, bars: bool = False) -> Non
         print(line, file=stream, flush=True)
 
 
-def write_report(results: list[CaseResult], path: Path) -> None:
+def write_report(results: list[CaseResult], path: Path, unread: list[Path] | None = None) -> None:
+    """The run's summary as JSON: counts, one record per case and the ``unread`` NIfTI files (outside every
+    case, named as no BraTS layout)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     summary = {
         "succeeded": sum(r.status is CaseStatus.OK for r in results),
         "skipped": sum(r.status is CaseStatus.SKIPPED for r in results),
         "failed": sum(r.status is CaseStatus.FAILED for r in results),
         "cases": [asdict(r) for r in results],
+        "unread_files": [str(p) for p in unread or []],
     }
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(summary, indent=2) + "\n")

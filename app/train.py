@@ -41,7 +41,7 @@ from .conventions import (
 from .errors import one_line
 from .fusion import dilate, to_host
 from .inference import EnsemblePredictor, ieee_fp32, native_bf16, resolve_device
-from .io import CaseError, CaseFiles, cases_with_ground_truth, load_case, load_segmentation
+from .io import CaseError, CaseFiles, cases_with_ground_truth, load_case, load_segmentation, unread_files_note
 from .metrics import region_dice
 from .model import CORE_CLASSES, TUMOUR_CLASSES, build_model
 from .options import AugmentLevel, Device, Precision, Variant, parse_option
@@ -170,13 +170,16 @@ def folder_cases(data_dir: Path) -> list[CaseHandle]:
     those without; `TrainingSetupError` when the folder is missing, holds no such case or a case that cannot
     be assembled."""
     left_out: list[str] = []
+    unread: list[Path] = []
     try:
-        cases = cases_with_ground_truth(data_dir, left_out)
+        cases = cases_with_ground_truth(data_dir, left_out, unread)
     except (OSError, ValueError) as err:
         raise TrainingSetupError(f"--data {data_dir}: {err}") from err
     if left_out:  # a misnamed ground truth (BraTS 2020's case 355 ships one) must not vanish unseen
         log.warning("%d case(s) under %s have no ground truth named <ID>-seg, <ID>_seg or seg and are left out of "
                     "training: %s", len(left_out), data_dir, ", ".join(left_out))
+    if unread:  # nor may a case under names we do not know
+        log.warning("%s: %s", data_dir, unread_files_note(unread, data_dir))
     return [as_handle(c) for c in cases]
 
 

@@ -1,6 +1,7 @@
 """The main job through ./run.sh as a subprocess, on real NIfTI cases in every layout."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -271,11 +272,15 @@ def test_a_training_case_without_a_recognised_ground_truth_is_left_out_by_name(t
     misnamed, kept = small_cases(tmp_path / "data", 2, seed=27, layout=Layout.BRATS2018)
     [seg] = misnamed.glob("*_seg.nii.gz")
     seg.rename(misnamed / "W39_1998.09.19_Segm.nii.gz")
+    (tmp_path / "data" / "extra").mkdir()  # and files outside every case, under names no layout reads
+    shutil.copy(kept / f"{kept.name}_flair.nii.gz", tmp_path / "data" / "extra" / "BraTS20_0000.nii.gz")
     result = python_cli("train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "w"),
                         "--cache", str(tmp_path / "cache"), "--prepare-only")
     assert result.returncode == 0 and "prepared 1 case(s)" in result.stderr, result.stderr
     [warning] = [line for line in result.stderr.splitlines() if "no ground truth" in line]
     assert warning.endswith(f"left out of training: {misnamed.name}") and kept.name not in warning
+    [unread] = [line for line in result.stderr.splitlines() if "outside every case" in line]
+    assert "1 NIfTI file(s) outside every case were not read" in unread and "extra/BraTS20_0000.nii.gz" in unread
 
 
 def test_side_outputs_inside_the_output_folder_are_refused(tmp_path, weights):

@@ -29,6 +29,7 @@ from app.io import (
     output_path,
     remove_partial_files,
     segmentation_layout,
+    unread_files_note,
     write_image_atomic,
 )
 
@@ -110,6 +111,39 @@ def test_macos_metadata_is_never_read_as_an_image(tmp_path):
     found = find_cases(tmp_path)
     assert not found.errors and [c.case_id for c in found.cases] == ["X"]
     assert found.cases[0].modalities[Modality.T1].name == "X-t1n.nii.gz"
+
+
+def test_a_missing_modality_names_the_files_beside_it_that_no_layout_reads(tmp_path):
+    """MSD's "t1gd" for T1c: the case fails naming the file, in a case folder and among flat files; a case
+    folder's other extras (a brain mask) are neither read nor listed."""
+    for name in ["{id}_t1.nii.gz", "{id}_t1gd.nii.gz", "{id}_t2.nii.gz", "{id}_flair.nii.gz"]:
+        _write(tmp_path / "in" / "MSD_1" / name.format(id="MSD_1"))
+        _write(tmp_path / "flat" / name.format(id="MSD_2"))
+    _case_folder(tmp_path / "flat" / "sub", "2018")
+    _write(tmp_path / "flat" / "sub" / "sub_mask.nii.gz")
+    for folder, case_id in [("in", "MSD_1"), ("flat", "MSD_2")]:
+        found = find_cases(tmp_path / folder)
+        [error] = found.errors
+        assert error.case_id == case_id
+        beside = f"beside them, named as no BraTS layout: {case_id}_t1gd.nii.gz"
+        assert str(error).endswith(f"missing modality t1c ({beside})")
+    assert [c.case_id for c in found.cases] == ["sub"]
+    assert found.unread == [tmp_path / "flat" / "MSD_2_t1gd.nii.gz"]
+
+
+def test_nifti_files_outside_every_case_are_listed_unread_with_a_hint_for_nnunet_names(tmp_path):
+    _case_folder(tmp_path / "GOOD")
+    channels = [_write(tmp_path / "imagesTs" / f"BraTS2021_00000_{c:04d}.nii.gz") for c in range(4)]
+    loose = _write(tmp_path / "T1_post.nii")
+    _write(tmp_path / "__MACOSX" / "stray.nii.gz")  # an archive's metadata folder is not searched
+    found = find_cases(tmp_path)
+    assert [c.case_id for c in found.cases] == ["GOOD"] and not found.errors
+    assert sorted(found.unread) == sorted([*channels, loose])
+    note = unread_files_note(found.unread, tmp_path)
+    assert note.startswith("5 NIfTI file(s) outside every case were not read, named as no BraTS layout: ")
+    assert "imagesTs/BraTS2021_00000_0000.nii.gz" in note and "and 2 more" in note
+    assert "nnU-Net's channels" in note and "<ID>_flair" in note
+    assert "nnU-Net" not in unread_files_note([loose], tmp_path)
 
 
 def test_an_unreadable_folder_fails_alone(tmp_path, monkeypatch):
@@ -242,6 +276,11 @@ def test_a_convention_holds_ground_truths_to_its_labels_and_says_what_a_stray_on
         from_file_labels(np.array([0, 3]), LabelConvention.BRATS2018)
     with pytest.raises(ValueError, match=r"labels \[5\] are not in 0-4$"):
         from_file_labels(np.array([0, 5]))
+    with pytest.raises(ValueError, match=r"labels \[5, 6, 7, 8, 9, 10, 11, 12\] and 7 more are not in 0-4$"):
+        from_file_labels(np.arange(20))  # a map of another atlas: its labels named, not thousands of them
+    assert from_file_labels(np.array([0.0, 1.0, 4.0], np.float32)).tolist() == [0, 1, 3]  # float, whole: fine
+    with pytest.raises(ValueError, match=r"^2 label values are not whole numbers \(0\.5, 1\.25, ...\): .*nearest"):
+        from_file_labels(np.array([0, 0.5, 1, 1.25, 2], np.float32))  # a map resampled by interpolation
     assert [ground_truth_convention(layout) for layout in Layout] == [LabelConvention.BRATS2023, None, None]
     names = ["BraTS-GLI-00000-000-seg.nii.gz", "BraTS2021_00000_seg.nii.gz", "X_brain_seg.nii", "seg.nii.gz",
              "BraTS-GLI-00000-000-t1c.nii.gz", "notes.txt"]

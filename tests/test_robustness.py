@@ -61,10 +61,17 @@ def _assert_fails_alone(result, out: Path, case_id: str, fragment: str, file_hin
 # ------------------------------------------------------------------------------- must fail alone
 
 
-def test_missing_modality(cohort, weights):
+@pytest.mark.parametrize("renamed", [None, "BAD-t1gd.nii.gz"])
+def test_missing_modality(cohort, weights, renamed):
+    """Deleted, or under a name no layout reads (MSD's "t1gd"): the failure names the file it did not read."""
     bad = _bad_case(cohort)
-    (bad / "BAD-t1c.nii.gz").unlink()
-    _assert_fails_alone(*_predict(cohort, weights), "BAD", "missing modality t1c")
+    if renamed:
+        (bad / "BAD-t1c.nii.gz").rename(bad / renamed)
+    else:
+        (bad / "BAD-t1c.nii.gz").unlink()
+    result, out = _predict(cohort, weights)
+    _assert_fails_alone(result, out, "BAD", "missing modality t1c", renamed)
+    assert ("named as no BraTS layout" in result.stderr) == bool(renamed)
 
 
 def test_mixed_conventions(cohort, weights):
@@ -133,12 +140,17 @@ def test_spacing_rounding_is_tolerated(cohort, weights):
     assert len(list(out.iterdir())) == 3
 
 
-@pytest.mark.parametrize("shape", [(64, 64), (2, 48, 64, 64)])
-def test_2d_and_4d_images(cohort, weights, shape):
+@pytest.mark.parametrize("shape, hint", [((64, 64), "got 2D with 1 component(s)"),
+                                         ((4, 48, 64, 64), "split a file of several modalities")])
+def test_2d_and_4d_images(cohort, weights, shape, hint):
+    """A 4D file (the Medical Segmentation Decathlon stores a case's four modalities in one) is refused with
+    what to do."""
     bad = _bad_case(cohort)
     image = sitk.GetImageFromArray(np.ones(shape, np.int16))
     sitk.WriteImage(image, str(bad / "BAD-t2f.nii.gz"), True)
-    _assert_fails_alone(*_predict(cohort, weights), "BAD", "expected a 3D scalar image", "BAD-t2f.nii.gz")
+    result, out = _predict(cohort, weights)
+    _assert_fails_alone(result, out, "BAD", "expected a 3D scalar image", "BAD-t2f.nii.gz")
+    assert hint in result.stderr
 
 
 def test_all_zero_modality(cohort, weights):
@@ -200,6 +212,33 @@ def test_cases_inside_an_unpacked_release_folder(tmp_path, weights):
     result, out = _predict(tmp_path / "in", weights)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{c.name}.nii.gz" for c in cases)
+
+
+def test_nifti_files_outside_every_case_are_named_before_the_cases_run(cohort, weights, tmp_path):
+    """nnU-Net's channel-numbered files beside BraTS cases are not guessed at: a warning names them (with how
+    to rename them) before the first case starts, the report lists them, and the cases still run. Alone, they
+    are a usage error saying the same."""
+    nnunet = cohort / "imagesTs"
+    nnunet.mkdir()
+    [source] = small_cases(tmp_path / "spare", 1, seed=22)
+    for channel, name in enumerate(["t2f", "t1n", "t1c", "t2w"]):
+        shutil.copy(source / f"{source.name}-{name}.nii.gz", nnunet / f"BraTS2021_00000_{channel:04d}.nii.gz")
+    report = tmp_path / "report.json"
+    result, out = _predict(cohort, weights, "--report", str(report))
+    assert result.returncode == 0, result.stderr
+    assert len(list(out.iterdir())) == 2
+    lines = result.stderr.splitlines()
+    [warning] = [i for i, line in enumerate(lines) if line.startswith("warning: 4 NIfTI file(s) outside every case")]
+    assert warning < min(i for i, line in enumerate(lines) if line.endswith(": started"))
+    assert "imagesTs/BraTS2021_00000_0000.nii.gz" in lines[warning] and "nnU-Net's channels" in lines[warning]
+    unread = json.loads(report.read_text())["unread_files"]
+    assert sorted(unread) == sorted(str(p) for p in nnunet.iterdir())
+    for _ in range(2):  # our own label maps, in an output folder inside the input, are never listed
+        again = run_cli("--input", str(cohort), "--output", str(cohort / "labels"), "--weights", str(weights))
+        assert again.returncode == 0 and "warning: 4 NIfTI file(s)" in again.stderr, again.stderr
+    alone, _ = _predict(nnunet, weights)
+    assert alone.returncode == 2
+    assert "no BraTS case found" in alone.stderr and "nnU-Net's channels" in alone.stderr
 
 
 def test_unknown_extra_file_is_ignored(cohort, weights):
