@@ -427,6 +427,65 @@ def _nifti_header(raw: bytes) -> _NiftiLayout:
     return _NiftiLayout(max(offset, first_data_byte), voxels * bitpix // 8, float_dtype)
 
 
+@dataclass(frozen=True)
+class NiftiSpace:
+    """The fields of a NIfTI header that place its voxels in space. Readers choose between the qform and the
+    sform differently (nibabel takes the sform whenever its code is set, ITK the qform when only it is
+    "scanner"), so a file whose two disagree means different places to different readers; a label map that
+    carries its image's fields verbatim lies where the image lies for every reader."""
+
+    pixdim: tuple[float, ...]  # qfac, then the voxel size along i, j, k
+    spatial_units: int  # xyzt_units & 7
+    qform_code: int
+    sform_code: int
+    quatern: tuple[float, ...]  # b, c, d, then the offsets x, y, z
+    srow: tuple[float, ...]  # the sform's three rows, 4 numbers each
+
+
+# Where each field of `NiftiSpace` sits: (pixdim, xyzt_units, qform_code, quatern_b, srow_x) offsets and the
+# struct codes of a number and of a code, for NIfTI-1 and NIfTI-2 headers (sform_code follows qform_code).
+_SPACE_FIELDS = {NIFTI1_HEADER: (76, 123, 252, 256, 280, "f", "h", "B"),
+                 NIFTI2_HEADER: (104, 500, 344, 352, 400, "d", "i", "i")}
+
+
+def _header_endian(raw: bytes | bytearray) -> tuple[str, int]:
+    for endian in ("<", ">"):
+        (size,) = struct.unpack(endian + "i", raw[:4])
+        if size in _SPACE_FIELDS:
+            return endian, size
+    raise ValueError("not a NIfTI file (bad header size)")
+
+
+def read_nifti_space(path: Path | str) -> NiftiSpace:
+    """A NIfTI file's `NiftiSpace`, from its header alone."""
+    path = Path(path)
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as stream:
+        raw = stream.read(NIFTI2_HEADER)
+    endian, size = _header_endian(raw)
+    pixdim_at, units_at, qform_at, quatern_at, srow_at, number, code, units = _SPACE_FIELDS[size]
+    return NiftiSpace(
+        pixdim=struct.unpack_from(f"{endian}4{number}", raw, pixdim_at),
+        spatial_units=struct.unpack_from(endian + units, raw, units_at)[0] & 7,
+        qform_code=struct.unpack_from(endian + code, raw, qform_at)[0],
+        sform_code=struct.unpack_from(endian + code, raw, qform_at + struct.calcsize(code))[0],
+        quatern=struct.unpack_from(f"{endian}6{number}", raw, quatern_at),
+        srow=struct.unpack_from(f"{endian}12{number}", raw, srow_at),
+    )
+
+
+def _set_nifti_space(raw: bytearray, space: NiftiSpace) -> None:
+    """Write ``space`` into the NIfTI header at the start of ``raw``, in that header's format and byte order."""
+    endian, size = _header_endian(raw)
+    pixdim_at, units_at, qform_at, quatern_at, srow_at, number, code, units = _SPACE_FIELDS[size]
+    struct.pack_into(f"{endian}4{number}", raw, pixdim_at, *space.pixdim)
+    time_units = struct.unpack_from(endian + units, raw, units_at)[0] & ~7
+    struct.pack_into(endian + units, raw, units_at, time_units | space.spatial_units)
+    struct.pack_into(f"{endian}2{code}", raw, qform_at, space.qform_code, space.sform_code)
+    struct.pack_into(f"{endian}6{number}", raw, quatern_at, *space.quatern)
+    struct.pack_into(f"{endian}12{number}", raw, srow_at, *space.srow)
+
+
 def _read_payload(path: Path) -> bytes:
     if not path.name.lower().endswith(".gz"):
         return path.read_bytes()
@@ -438,8 +497,8 @@ def _read_payload(path: Path) -> bytes:
 
 
 def check_nifti_integrity(path: Path) -> int:
-    """Raise ValueError if the file is truncated or its gzip stream is corrupt; return the number of
-    NaN/Inf voxels.
+    """Raise ValueError if the file is truncated, its gzip stream is corrupt or it is NIfTI-2; return the
+    number of NaN/Inf voxels.
 
     SimpleITK returns a partly zero image from a truncated .nii.gz without any error, and reads NaN/Inf
     as 0 without saying so, so we read the whole stream once (gzip checks its CRC and length), compare its
@@ -448,6 +507,8 @@ def check_nifti_integrity(path: Path) -> int:
     raw = _read_payload(path)
     if len(raw) < NIFTI1_HEADER:
         raise ValueError("file too short to be NIfTI")
+    if _header_endian(raw)[1] == NIFTI2_HEADER:  # ITK's own message would be "Unable to determine ImageIO reader"
+        raise ValueError("a NIfTI-2 file, which SimpleITK cannot read: save it as NIfTI-1")
     layout = _nifti_header(raw[:NIFTI2_HEADER + 4])
     if len(raw) < layout.vox_offset + layout.data_bytes:
         raise ValueError(f"truncated: {len(raw)} bytes, header promises {layout.vox_offset + layout.data_bytes}")
@@ -629,8 +690,21 @@ def label_image(labels: np.ndarray, reference: sitk.Image) -> sitk.Image:
     return image
 
 
-def write_image_atomic(image: sitk.Image, destination: Path) -> None:
-    """Write ``image`` so that ``destination`` is either absent or complete, never partial.
+def _write_with_space(image: sitk.Image, path: Path, space: NiftiSpace) -> None:
+    """Write ``image`` to ``path`` (a .nii.gz) with the header fields of ``space`` in place of ITK's."""
+    plain = path.with_name(path.name.removesuffix(".gz"))
+    sitk_write(image, plain, compress=False)
+    raw = bytearray(plain.read_bytes())
+    plain.unlink()
+    _set_nifti_space(raw, space)
+    # No name and no time in the gzip header: the same labels give the same bytes.
+    with open(path, "wb") as file, gzip.GzipFile(filename="", fileobj=file, mode="wb", compresslevel=6, mtime=0) as z:
+        z.write(raw)
+
+
+def write_image_atomic(image: sitk.Image, destination: Path, space: NiftiSpace | None = None) -> None:
+    """Write ``image`` so that ``destination`` is either absent or complete, never partial; with ``space`` (a
+    .nii.gz destination) its header places the voxels with those fields (see `NiftiSpace`).
 
     The file is encoded in a private temporary folder (outside the output folder); if that is on the same
     filesystem it is renamed into place, otherwise copied to a hidden temporary name beside the destination,
@@ -639,7 +713,10 @@ def write_image_atomic(image: sitk.Image, destination: Path) -> None:
     destination = Path(destination)
     with tempfile.TemporaryDirectory(prefix="omnet-write-") as staging:
         staged = Path(staging) / destination.name
-        sitk_write(image, staged)
+        if space is None:
+            sitk_write(image, staged)
+        else:
+            _write_with_space(image, staged, space)
         try:
             os.replace(staged, destination)
             return

@@ -155,6 +155,9 @@ def test_save_probabilities_writes_seven_components(tmp_path, weights, scales):
     [prob] = list((tmp_path / "probs").iterdir())
     image = sitk.ReadImage(str(prob))
     assert image.GetNumberOfComponentsPerPixel() == 7
+    [flair] = (tmp_path / "in").glob("*/*-t2f.nii.gz")
+    reference = sitk.ReadImage(str(flair))
+    assert image.GetOrigin() == reference.GetOrigin() and image.GetDirection() == reference.GetDirection()
     array = sitk.GetArrayFromImage(image)
     assert array.min() >= 0 and array.max() <= 1.0001
     # Task 2's five class probabilities sum to one inside the processed crop.

@@ -27,6 +27,8 @@ from app.io import (
     load_case,
     nonzero_border_share,
     output_path,
+    read_image,
+    read_nifti_space,
     remove_partial_files,
     segmentation_layout,
     unread_files_note,
@@ -236,6 +238,56 @@ def test_truncated_gzip_is_detected_although_simpleitk_reads_it(tmp_path):
     short.write_bytes(gzip.compress(gzip.decompress(data)[:5000]))
     with pytest.raises(ValueError, match="truncated"):
         check_nifti_integrity(short)
+
+
+def test_a_nifti2_file_is_refused_with_what_to_do(tmp_path):
+    import nibabel
+
+    path = tmp_path / "n2.nii.gz"
+    nibabel.save(nibabel.Nifti2Image(np.ones((5, 6, 7), np.int16), np.eye(4)), str(path))
+    with pytest.raises(CaseError, match=r"^case X \[.*n2.nii.gz\]: unreadable NIfTI: a NIfTI-2 file, .*as NIfTI-1$"):
+        read_image(path, "X")
+
+
+@pytest.mark.parametrize("header", ["nifti1", "nifti2", "big-endian"])
+def test_a_label_map_carries_its_images_qform_and_sform_as_they_are(tmp_path, header):
+    """An image whose sform and qform disagree lies in one place for nibabel (the sform) and another for ITK
+    (here the qform): the label map written with the image's `NiftiSpace` lies where the image lies for both,
+    whatever the image's header format (SimpleITK reads no NIfTI-2 file, but a future one may) and byte order;
+    the same labels give the same bytes."""
+    import nibabel
+
+    sform = np.array([[-0.9, 0, 0, 100], [0, -1.1, 0, 120], [0, 0, 2.5, -50], [0, 0, 0, 1]])
+    qform = sform.copy()
+    qform[:3, 3] += 10
+    image_class = nibabel.Nifti2Image if header == "nifti2" else nibabel.Nifti1Image
+    image = image_class(np.ones((7, 6, 5), np.int16), None)
+    image.set_sform(sform, code=2)
+    image.set_qform(qform, code=1)
+    if header == "big-endian":
+        image = nibabel.Nifti1Image(image.get_fdata().astype(">i2"), None, image.header.as_byteswapped(">"))
+    path = tmp_path / "image.nii.gz"
+    nibabel.save(image, str(path))
+    twin = tmp_path / "twin.nii.gz"  # SimpleITK reads no NIfTI-2 file: its grid from a NIfTI-1 twin
+    nibabel.save(nibabel.Nifti1Image(np.asarray(image.dataobj), None, nibabel.Nifti1Header.from_header(image.header)),
+                 str(twin))
+    reference = sitk.ReadImage(str(twin))
+    labels = np.zeros((5, 6, 7), np.uint8)
+    labels[2, 3, 4] = 2
+    written = [tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"]
+    for destination in written:
+        write_image_atomic(label_image(labels, reference), destination, read_nifti_space(path))
+    assert written[0].read_bytes() == written[1].read_bytes()
+    ours, theirs = nibabel.load(str(written[0])), nibabel.load(str(path))
+    assert np.allclose(ours.affine, theirs.affine) and np.allclose(ours.get_qform(), theirs.get_qform())
+    assert [int(ours.header[f]) for f in ("qform_code", "sform_code")] == [1, 2]
+    back = sitk.ReadImage(str(written[0]))
+    assert back.GetPixelID() == sitk.sitkUInt8 and sitk.GetArrayFromImage(back)[2, 3, 4] == 2
+    for read in ("GetOrigin", "GetSpacing", "GetDirection"):
+        assert np.allclose(getattr(back, read)(), getattr(reference, read)(), atol=1e-5), read
+    plain = tmp_path / "plain.nii.gz"  # ITK's own header, for comparison: the qform's place, for nibabel too
+    write_image_atomic(label_image(labels, reference), plain)
+    assert not np.allclose(nibabel.load(str(plain)).affine, theirs.affine)
 
 
 def test_label_image_copies_geometry_and_is_uint8(tmp_path):

@@ -289,6 +289,32 @@ def test_a_case_stored_in_another_axis_order_gets_the_same_labels_on_its_own_gri
     assert labels.any() and np.array_equal(sitk.GetArrayFromImage(back), labels)
 
 
+def test_a_case_whose_qform_and_sform_disagree_gets_a_label_map_where_its_images_lie(tmp_path, weights):
+    """nibabel places such an image by its sform, ITK here by its qform, 10 mm apart: the label map carries
+    the FLAIR's header fields as they are, so it lies on the images for either reader."""
+    import nibabel
+
+    [case] = small_cases(tmp_path / "in", 1, seed=23)
+    for path in case.iterdir():
+        image = nibabel.load(str(path))
+        qform = image.affine.copy()
+        qform[:3, 3] += 10
+        moved = nibabel.Nifti1Image(np.asarray(image.dataobj), None, image.header)
+        moved.set_sform(image.affine, code=2)
+        moved.set_qform(qform, code=1)
+        nibabel.save(moved, str(path))
+    result, out = _predict(tmp_path / "in", weights)
+    assert result.returncode == 0, result.stderr
+    flair, written = next(case.glob("*-t2f.nii.gz")), out / f"{case.name}.nii.gz"
+    assert np.allclose(nibabel.load(str(written)).affine, nibabel.load(str(flair)).affine)
+    ours, theirs = sitk.ReadImage(str(written)), sitk.ReadImage(str(flair))
+    assert ours.GetOrigin() == theirs.GetOrigin() and ours.GetDirection() == theirs.GetDirection()
+    assert ours.GetSpacing() == theirs.GetSpacing() and ours.GetSize() == theirs.GetSize()
+    skipped = run_cli("--input", str(tmp_path / "in"), "--output", str(out), "--weights", str(weights),
+                      "--skip-existing")
+    assert skipped.returncode == 0 and "skipped (already in output)" in skipped.stderr  # its grid matches
+
+
 def test_nan_and_inf_voxels_warn_and_work(cohort, weights):
     case = sorted(cohort.iterdir())[0]
     path = next(case.glob("*-t2f.nii.gz"))
