@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .conventions import AUTO_LABELS, LABEL_CHOICES, Layout
+from .conventions import AUTO_LABELS, AUTO_LESION_RULE, LABEL_CHOICES, LESION_RULES, Layout
 from .options import (
     ENHANCEMENT_CHECK_VOXELS,
     MIN_ENHANCEMENT,
@@ -411,6 +411,11 @@ def _add_evaluate_flags(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("--labels", default=AUTO_LABELS, choices=LABEL_CHOICES, help="label encoding of the files")
     ev.add_argument("--qc", type=Path, default=None,
                     help="write one QC picture per case (prediction vs truth; needs the images beside the truth)")
+    ev.add_argument("--lesion-rule", default=AUTO_LESION_RULE, choices=[AUTO_LESION_RULE, *LESION_RULES],
+                    help="settings of the lesion-wise scores (BraTS 2023's, per challenge: GLI, SSA and PED merge "
+                         "lesions within 3 voxels and leave out those of at most 50 mm3, MEN within 1 and 50 mm3, "
+                         "MET within 1 and 2 mm3); auto (default) = the challenge a case's ID names "
+                         "(BraTS-MEN-...), GLI for other IDs")
 
 
 def cpu_quota() -> int:
@@ -632,7 +637,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_folder
 
-    return evaluate_folder(args.pred, args.gt, args.csv, args.labels, args.qc)
+    return evaluate_folder(args.pred, args.gt, args.csv, args.labels, args.qc, args.lesion_rule)
 
 
 def cmd_average(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 
 import numpy as np
@@ -136,3 +137,23 @@ def from_file_labels(labels: np.ndarray, convention: LabelConvention | None = No
     out = labels.astype(np.uint8, copy=True)
     out[labels == 4] = ENHANCING
     return out
+
+
+# ------------------------------------------------------------ lesion-wise evaluation (BraTS 2023+)
+
+
+@dataclass(frozen=True)
+class LesionRule:
+    """One BraTS challenge's two settings of the lesion-wise evaluation."""
+
+    dilation: int  # iterations of an 18-connected dilation: lesions this close merge, predictions this close match
+    max_ignored_mm3: float  # lesions of at most this volume are left out of the scores (not their matches)
+
+
+# The settings of BraTS 2023's lesion-wise evaluation per challenge, as its case IDs name them (BraTS-GLI-...).
+LESION_RULES = {
+    "GLI": LesionRule(3, 50.0), "SSA": LesionRule(3, 50.0), "PED": LesionRule(3, 50.0),
+    "MEN": LesionRule(1, 50.0), "MET": LesionRule(1, 2.0),
+}
+DEFAULT_LESION_CHALLENGE = "GLI"  # for IDs that name no challenge (BraTS 2018-2021's, a site's own)
+AUTO_LESION_RULE = "auto"  # the rule of the challenge a case's ID names

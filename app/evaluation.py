@@ -11,7 +11,14 @@ from typing import TextIO
 import numpy as np
 import SimpleITK as sitk
 
-from .conventions import AUTO_LABELS, LabelConvention, from_file_labels, ground_truth_convention
+from .conventions import (
+    AUTO_LABELS,
+    AUTO_LESION_RULE,
+    LESION_RULES,
+    LabelConvention,
+    from_file_labels,
+    ground_truth_convention,
+)
 from .io import (
     CaseError,
     CaseFiles,
@@ -23,10 +30,12 @@ from .io import (
     writable_file,
     writable_folder,
 )
-from .metrics import REGIONS, case_scores
+from .metrics import REGIONS, case_lesion_scores, case_scores, lesion_challenge
 from .qc import save_evaluation_picture
 
 METRICS = ("dice", "hd95", "sensitivity", "specificity", "ppv")
+# BraTS 2023's lesion-wise scores per region: the two it ranks by, then the lesions missed and the false positives.
+LESION_METRICS = ("dice", "hd95", "fn", "fp")
 
 
 def _file_labels_to_internal(labels: np.ndarray, convention: LabelConvention | None, case_id: str,
@@ -59,6 +68,7 @@ class Evaluation:
     unusable: list[CaseError] = field(default_factory=list)  # a prediction that cannot be used: scored as empty
     unscored: list[CaseError] = field(default_factory=list)  # ground truth that cannot be read: not scored
     pictures: list[CaseError] = field(default_factory=list)  # QC pictures that could not be drawn
+    lesion_rules: dict[str, int] = field(default_factory=dict)  # cases scored lesion-wise by each challenge's rule
 
     @property
     def problems(self) -> list[str]:
@@ -68,8 +78,11 @@ class Evaluation:
                 + [f"{err} (no QC picture)" for err in self.pictures])
 
 
-def evaluate_cases(pred_dir: Path, gt_dir: Path, labels: str = AUTO_LABELS, qc_dir: Path | None = None) -> Evaluation:
-    """Score every case under ``gt_dir`` that has a ground truth against ``pred_dir/<ID>.nii.gz``.
+def evaluate_cases(pred_dir: Path, gt_dir: Path, labels: str = AUTO_LABELS, qc_dir: Path | None = None,
+                   lesion_rule: str = AUTO_LESION_RULE) -> Evaluation:
+    """Score every case under ``gt_dir`` that has a ground truth against ``pred_dir/<ID>.nii.gz``: the legacy
+    region metrics and BraTS 2023's lesion-wise ones, by the rule of the challenge the case's ID names
+    (``lesion_rule`` "auto", GLI's for other IDs) or of ``lesion_rule`` (a `LESION_RULES` key).
 
     One case's problem never stops the others: a prediction that cannot be read, lies on another grid or
     holds labels outside the convention is scored as empty (as a missing one is, the challenge's rule) and
@@ -92,11 +105,18 @@ def evaluate_cases(pred_dir: Path, gt_dir: Path, labels: str = AUTO_LABELS, qc_d
         pred = _prediction(case_id, Path(pred_dir) / f"{case_id}.nii.gz", truth_image, labels, result)
         spacing = tuple(reversed(truth_image.GetSpacing()))  # array order z, y, x
         scores = case_scores(np.zeros_like(truth) if pred is None else pred, truth, spacing)
+        challenge = lesion_challenge(case_id) if lesion_rule == AUTO_LESION_RULE else lesion_rule
+        lesions = case_lesion_scores(np.zeros_like(truth) if pred is None else pred, truth, spacing,
+                                     LESION_RULES[challenge])
         row = {"case": case_id}
         for region in REGIONS:
             for metric in METRICS:
                 row[f"{metric}_{region}"] = getattr(scores[region], metric)
+        for region in REGIONS:
+            for metric in LESION_METRICS:
+                row[f"lesion_{metric}_{region}"] = getattr(lesions[region], metric)
         result.rows.append(row)
+        result.lesion_rules[challenge] = result.lesion_rules.get(challenge, 0) + 1
         if qc_dir is not None and pred is not None:
             _picture(with_images.get(case_id), case_id, truth_path, pred, truth, qc_dir, result)
     known = set(segmentations) | {err.case_id for err in errors}
@@ -149,12 +169,20 @@ def mean_row(rows: list[dict]) -> dict:
 
 
 def print_table(rows: list[dict], stream: TextIO = sys.stdout) -> None:
-    header = ["case"] + [f"{m}_{r}" for m in ("dice", "hd95") for r in REGIONS]
+    """Dice and HD95 per region, legacy then lesion-wise, per case and their mean."""
+    header = ["case"] + [f"{m}_{r}" for m in ("dice", "hd95", "lesion_dice", "lesion_hd95") for r in REGIONS]
     print("| " + " | ".join(header) + " |", file=stream)
     print("|" + "---|" * len(header), file=stream)
     for row in rows + [mean_row(rows)]:
-        cells = [row["case"]] + [f"{row[h]:.4f}" if h.startswith("dice") else f"{row[h]:.2f}" for h in header[1:]]
+        cells = [row["case"]] + [f"{row[h]:.2f}" if "hd95" in h else f"{row[h]:.4f}" for h in header[1:]]
         print("| " + " | ".join(cells) + " |", file=stream)
+
+
+def lesion_rules_line(counts: dict[str, int]) -> str:
+    """Which challenges' lesion-wise rules scored how many cases, with their settings."""
+    used = [f"{name} for {n} case(s) (dilation {LESION_RULES[name].dilation}, lesions of at most "
+            f"{LESION_RULES[name].max_ignored_mm3:g} mm3 left out)" for name, n in sorted(counts.items())]
+    return "lesion-wise scores by BraTS 2023's rules: " + "; ".join(used)
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -166,7 +194,8 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(all_rows)
 
 
-def evaluate_folder(pred_dir: Path, gt_dir: Path, csv_path: Path | None, labels: str, qc_dir: Path | None) -> int:
+def evaluate_folder(pred_dir: Path, gt_dir: Path, csv_path: Path | None, labels: str, qc_dir: Path | None,
+                    lesion_rule: str = AUTO_LESION_RULE) -> int:
     """CLI body: prints the table, writes the CSV (and QC pictures); exit 0, 1 when some case or file had a
     problem (each listed; the others are scored), or 2 on unusable input."""
     try:
@@ -174,7 +203,7 @@ def evaluate_folder(pred_dir: Path, gt_dir: Path, csv_path: Path | None, labels:
             writable_file(Path(csv_path), "--csv")
         if qc_dir is not None:
             writable_folder(Path(qc_dir), "--qc folder")
-        result = evaluate_cases(pred_dir, gt_dir, labels, qc_dir)
+        result = evaluate_cases(pred_dir, gt_dir, labels, qc_dir, lesion_rule)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -185,6 +214,7 @@ def evaluate_folder(pred_dir: Path, gt_dir: Path, csv_path: Path | None, labels:
         return 2
     if result.rows:
         print_table(result.rows)
+        print(lesion_rules_line(result.lesion_rules))
         if csv_path is not None:
             write_csv(result.rows, csv_path)
     if result.missing:

@@ -1,13 +1,14 @@
 import csv
 import shutil
 
+import cc3d
 import numpy as np
 import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from app.conventions import Layout
-from app.metrics import EMPTY_HD95, case_scores, dice, hd95
+from app.conventions import LESION_RULES, Layout, LesionRule
+from app.metrics import EMPTY_HD95, LESION_PENALTY_HD95, case_scores, dice, hd95, lesion_challenge, lesion_scores
 from app.phantoms import generate, make_phantom
 
 from .helpers import python_cli, relabel_edema
@@ -39,6 +40,78 @@ def test_sensitivity_specificity_ppv():
     assert wt.sensitivity == pytest.approx(0.5)
     assert wt.ppv == pytest.approx(32 / 33)
     assert wt.specificity == pytest.approx(1 - 1 / 936)
+
+
+def _cube(mask: np.ndarray, corner: tuple[int, int, int], size: int) -> None:
+    mask[tuple(slice(c, c + size) for c in corner)] = True
+
+
+def test_lesion_wise_scores_by_hand():
+    """Three lesions (two of them 3 voxels apart, so one lesion), a fourth too small to count: one found
+    exactly, one missed, one false positive; the small lesion's match is no false positive."""
+    truth = np.zeros((40, 40, 40), bool)
+    _cube(truth, (2, 2, 2), 5)
+    _cube(truth, (2, 2, 10), 5)  # 3 voxels from the first: within twice GLI's dilation of 3, one lesion
+    _cube(truth, (20, 20, 20), 5)  # missed
+    _cube(truth, (32, 32, 32), 3)  # 27 mm3: left out of the scores
+    pred = np.zeros_like(truth)
+    _cube(pred, (2, 2, 2), 5)
+    _cube(pred, (2, 2, 10), 5)
+    _cube(pred, (32, 32, 32), 2)  # matches the small lesion: not a false positive
+    _cube(pred, (10, 30, 2), 4)  # touches nothing: a false positive
+    scores = lesion_scores(pred, truth)
+    assert (scores.tp, scores.fn, scores.fp) == (1, 1, 1)
+    assert scores.dice == pytest.approx(1 / 3)
+    assert scores.hd95 == pytest.approx(2 * LESION_PENALTY_HD95 / 3)
+    # MET's rule (dilation 1, lesions up to 2 mm3 left out): the pair are two lesions, the small one counts.
+    met = lesion_scores(pred, truth, rule=LESION_RULES["MET"])
+    assert (met.tp, met.fn, met.fp) == (3, 1, 1)
+    empty = np.zeros_like(truth)
+    assert lesion_scores(empty, empty) == lesion_scores(empty, truth & False)
+    assert (lesion_scores(empty, empty).dice, lesion_scores(empty, empty).hd95) == (1.0, 0.0)
+    assert (lesion_scores(pred, empty).dice, lesion_scores(pred, empty).hd95) == (0.0, LESION_PENALTY_HD95)
+
+
+def _lesion_scores_plainly(pred, truth, spacing, rule: LesionRule) -> tuple[float, float]:
+    """The lesion-wise rule written out over whole volumes, without `lesion_scores`'s bounding boxes."""
+    structure = ndimage.generate_binary_structure(3, 2)
+    components = cc3d.connected_components(pred, connectivity=26)
+    grown = ndimage.binary_dilation(truth, structure, iterations=rule.dilation)
+    lesions = cc3d.connected_components(grown, connectivity=26) * truth
+    matched, dice_sum, hd95_sum, counted = set(), 0.0, 0.0, 0
+    for number in range(1, int(lesions.max()) + 1):
+        lesion = lesions == number
+        near = ndimage.binary_dilation(lesion, structure, iterations=rule.dilation)
+        touched = [c for c in np.unique(components[near]) if c]
+        matched.update(touched)
+        if lesion.sum() * np.prod(spacing) > rule.max_ignored_mm3:
+            counted += 1
+            found = np.isin(components, touched)
+            dice_sum += dice(found, lesion) if touched else 0.0
+            hd95_sum += hd95(found, lesion, spacing) if touched else LESION_PENALTY_HD95
+    fp = sum(c not in matched for c in range(1, int(components.max()) + 1))
+    if counted + fp == 0:
+        return 1.0, 0.0
+    return dice_sum / (counted + fp), (hd95_sum + fp * LESION_PENALTY_HD95) / (counted + fp)
+
+
+def test_lesion_wise_scores_agree_with_the_rule_written_out_over_whole_volumes():
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        truth, pred = np.zeros((40, 50, 45), bool), np.zeros((40, 50, 45), bool)
+        for mask, count, largest in ((truth, rng.integers(0, 6), 6), (pred, rng.integers(0, 4), 4)):
+            for _ in range(count):
+                _cube(mask, tuple(rng.integers(0, 40, 3)), int(rng.integers(1, largest)))
+        pred |= ndimage.binary_dilation(truth, iterations=int(rng.integers(0, 2))) & (rng.random(truth.shape) > 0.05)
+        spacing = (1.0, 1.0, 1.0) if trial % 2 else (2.0, 0.9, 1.1)
+        rule = list(LESION_RULES.values())[trial % len(LESION_RULES)]
+        ours = lesion_scores(pred, truth, spacing, rule)
+        assert (ours.dice, ours.hd95) == pytest.approx(_lesion_scores_plainly(pred, truth, spacing, rule)), trial
+
+
+def test_the_lesion_rule_follows_the_challenge_a_case_id_names():
+    ids = ("BraTS-MEN-00004-000", "BraTS-met-00001-000", "BraTS-GLI-00000-000", "BraTS2021_00000", "BraTS-PHA-00001")
+    assert [lesion_challenge(i) for i in ids] == ["MEN", "MET", "GLI", "GLI", "GLI"]
 
 
 def _perturbations(labels: np.ndarray):
@@ -111,6 +184,11 @@ def test_evaluate_cli_table_csv_missing_and_qc(tmp_path):
     missing = [r for r in rows if r["case"] not in (first.name, "mean")][0]
     assert float(missing["dice_WT"]) == 0.0 and float(missing["hd95_WT"]) == EMPTY_HD95
     assert by_case["mean"]["dice_WT"] == "0.5"
+    assert float(by_case[first.name]["lesion_dice_ET"]) == 1.0 and float(missing["lesion_dice_WT"]) == 0.0
+    assert float(missing["lesion_fn_WT"]) >= 1 and float(missing["lesion_hd95_WT"]) == LESION_PENALTY_HD95
+    assert "lesion-wise scores by BraTS 2023's rules: GLI for 2 case(s) (dilation 3," in result.stdout
+    met = python_cli("evaluate", "--pred", str(pred), "--gt", str(gt), "--lesion-rule", "MET")
+    assert "rules: MET for 2 case(s) (dilation 1, lesions of at most 2 mm3 left out)" in met.stdout, met.stderr
     [picture] = list((tmp_path / "qc").iterdir())
     assert picture.suffix == ".png" and sitk.ReadImage(str(picture)).GetSize()[0] > 600
     assert "| mean |" in result.stdout
