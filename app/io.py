@@ -107,6 +107,7 @@ class LoadedCase:
     image: np.ndarray  # (4, D, H, W) float32
     reference: sitk.Image  # geometry carrier (pixel data of the FLAIR image)
     warnings: list[str] = field(default_factory=list)
+    space: NiftiSpace | None = None  # the FLAIR header's qform and sform, which its label map carries
 
 
 # --------------------------------------------------------------------------------------------- discovery
@@ -632,7 +633,11 @@ def load_case(case: CaseFiles) -> LoadedCase:
     if border > MAX_NONZERO_BORDER_SHARE:
         warnings.append(f"{border:.0%} of the volume's border is nonzero: is the case skull-stripped? every "
                         "nonzero voxel is read as brain")
-    return LoadedCase(case, image, reference, warnings)
+    try:
+        space = read_nifti_space(case.reference)
+    except (ValueError, OSError, EOFError) as err:  # read a moment ago: only a file replaced meanwhile
+        raise CaseError(case.case_id, case.reference, f"unreadable NIfTI header: {one_line(err)}") from None
+    return LoadedCase(case, image, reference, warnings, space)
 
 
 def nonzero_border_share(image: np.ndarray) -> float:

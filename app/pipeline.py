@@ -45,7 +45,6 @@ from .io import (
     label_image,
     load_case,
     output_path,
-    read_nifti_space,
     remove_partial_files,
     resolve_convention,
     sitk_read_header,
@@ -179,8 +178,7 @@ def _save_probabilities(folder: Path, loaded: LoadedCase, box, probabilities: Ta
     stack = grid.volume_to_native(stack)
     image = sitk.GetImageFromArray(np.ascontiguousarray(np.moveaxis(stack, 0, -1)), isVector=True)
     image.CopyInformation(loaded.reference)
-    write_image_atomic(image, folder / f"{loaded.files.case_id}_probabilities.nii.gz",
-                       read_nifti_space(loaded.files.reference))
+    write_image_atomic(image, folder / f"{loaded.files.case_id}_probabilities.nii.gz", loaded.space)
 
 
 @dataclass
@@ -310,8 +308,7 @@ class CaseRunner:
         convention = resolve_convention(self.options.labels, case.layout)
         file_labels = to_file_labels(grid.labels_to_native(seg.labels), convention)
         destination = output_path(self.options.output_dir, case.case_id)
-        write_image_atomic(label_image(file_labels, loaded.reference), destination,
-                           read_nifti_space(loaded.files.reference))
+        write_image_atomic(label_image(file_labels, loaded.reference), destination, loaded.space)
         if self.options.save_probabilities is not None:
             _save_probabilities(self.options.save_probabilities, loaded, seg.box, seg.probabilities, grid)
         if self.options.qc_dir is not None:
