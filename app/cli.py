@@ -20,6 +20,7 @@ from .options import (
     ENHANCEMENT_CHECK_VOXELS,
     MIN_ENHANCEMENT,
     MIN_ENHANCING_VOXELS,
+    MIN_ISLAND_VOXELS,
     MIN_PHANTOM_SIDE,
     TRAINABLE_VARIANTS,
     AugmentLevel,
@@ -191,7 +192,7 @@ def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None
                    help="label encoding: auto follows the case layout (2023 files -> ET=3, others -> ET=4)")
     p.add_argument("--no-postprocess", action="store_true",
                    help="skip all post-processing (the paper's two steps, --min-et-voxels and its enhancement check, "
-                        "the core filling and the doubtful-component removal)")
+                        "the core filling, the doubtful-component removal and the island removal)")
     p.add_argument("--no-small-component-removal", action="store_true", help="skip post-processing step 1")
     p.add_argument("--edema-relabel", default=EdemaRelabel.NON_ENHANCING.value, choices=choices(EdemaRelabel),
                    help="when post-processing step 2 (K-means: edema dark on T1c -> NCR/NET) runs: non-enhancing "
@@ -223,6 +224,11 @@ def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None
                    help="skip post-processing step 5 (ours, not the paper's): by default a tumour component whose "
                         "mean fold-averaged task-1 tumour probability is under 0.5 is removed, but for one when "
                         "no component reaches 0.5 and holds core (--keep-largest)")
+    p.add_argument("--min-island-voxels", type=non_negative_int, default=MIN_ISLAND_VOXELS,
+                   help="post-processing step 6 (ours, not the paper's): an ET component of fewer voxels than this "
+                        "(not the largest) becomes NCR/NET, then a core component of fewer (not the largest) "
+                        f"becomes edema: specks that BraTS's lesion-wise scores count as false lesions (default "
+                        f"{MIN_ISLAND_VOXELS}); 0 switches it off")
     p.add_argument("--keep-largest", default=KeepLargest.MOST_CORE.value, choices=choices(KeepLargest),
                    help="which tumour component step 5 spares however doubtful: most-core (default) = only when no "
                         "component with core reaches 0.5, and then the one holding the most core (the largest "
@@ -488,6 +494,7 @@ def postprocess_config(args: argparse.Namespace) -> PostprocessConfig:
         fill_enclosed_core=not (off or args.no_core_filling),
         drop_doubtful_components=not (off or args.keep_doubtful_components),
         keep_largest=KeepLargest(args.keep_largest),
+        min_island_voxels=0 if off else args.min_island_voxels,
     )
 
 

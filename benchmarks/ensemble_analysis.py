@@ -52,6 +52,7 @@ STEPS_OFF = {
     "without step 3": PostprocessConfig(min_enhancing_voxels=0, enhancement_check_voxels=0),
     "without step 4": PostprocessConfig(fill_enclosed_core=False),
     "without step 5": PostprocessConfig(drop_doubtful_components=False),
+    "without step 6": PostprocessConfig(min_island_voxels=0),
 }
 
 

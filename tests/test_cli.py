@@ -11,8 +11,8 @@ import SimpleITK as sitk
 from app.cli import _mlcube_to_predict, build_parser, postprocess_config
 from app.conventions import Layout, Modality, from_file_labels
 from app.io import find_cases
-from app.options import EdemaRelabel, EdemaSplit, KeepLargest
-from app.postprocess import PostprocessConfig, drop_doubtful_components, fill_enclosed_core
+from app.options import MIN_ISLAND_VOXELS, EdemaRelabel, EdemaSplit, KeepLargest
+from app.postprocess import PostprocessConfig, drop_core_islands, drop_doubtful_components, fill_enclosed_core
 from app.weights import read_manifest, write_manifest
 
 from .helpers import python_cli, random_weights, relabel_edema, run_cli, small_cases
@@ -62,15 +62,17 @@ def test_labels_flag_overrides_convention_and_report_is_written(tmp_path, weight
     assert data["cases"][0]["status"] == "ok" and data["cases"][0]["seconds"] > 0
 
 
-def test_core_filling_then_doubtful_components_end_the_post_processing(tmp_path, weights):
-    """Steps 4 and 5 are the last two and each can be switched off: the default output is step 5 applied to
-    the output without it (with the probabilities predict saved), which is step 4 applied to the output
-    without either."""
+def test_core_filling_doubtful_components_then_islands_end_the_post_processing(tmp_path, weights):
+    """Steps 4, 5 and 6 are the last three and each can be switched off: the default output is step 6 applied
+    to the output without it, which is step 5 applied to the output without either (with the probabilities
+    predict saved), which is step 4 applied to the output without any."""
     small_cases(tmp_path / "in", 1)
     [case] = find_cases(tmp_path / "in").cases
     outputs = {}
-    runs = (("default", []), ("kept", ["--keep-doubtful-components", "--save-probabilities", str(tmp_path / "p")]),
-            ("unfilled", ["--keep-doubtful-components", "--no-core-filling"]))
+    no_islands = ["--min-island-voxels", "0"]
+    runs = (("default", []), ("no_islands", no_islands),
+            ("kept", [*no_islands, "--keep-doubtful-components", "--save-probabilities", str(tmp_path / "p")]),
+            ("unfilled", [*no_islands, "--keep-doubtful-components", "--no-core-filling"]))
     for name, flags in runs:
         result = run_cli("--input", str(tmp_path / "in"), "--output", str(tmp_path / name), "--weights", str(weights),
                          "--bias-correction", "none", *flags)
@@ -81,7 +83,8 @@ def test_core_filling_then_doubtful_components_end_the_post_processing(tmp_path,
     saved = sitk.ReadImage(str(tmp_path / "p" / f"{case.case_id}_probabilities.nii.gz"))
     tumour = sitk.GetArrayFromImage(saved)[..., 0]  # component 0: task 1's tumour probability
     np.testing.assert_array_equal(outputs["kept"], fill_enclosed_core(outputs["unfilled"], t1c != 0))
-    np.testing.assert_array_equal(outputs["default"], drop_doubtful_components(outputs["kept"], tumour))
+    np.testing.assert_array_equal(outputs["no_islands"], drop_doubtful_components(outputs["kept"], tumour))
+    np.testing.assert_array_equal(outputs["default"], drop_core_islands(outputs["no_islands"], MIN_ISLAND_VOXELS))
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -96,6 +99,8 @@ def test_core_filling_then_doubtful_components_end_the_post_processing(tmp_path,
     (["--keep-largest", "always"], PostprocessConfig(keep_largest=KeepLargest.ALWAYS)),
     (["--keep-largest", "when-none-sure"], PostprocessConfig(keep_largest=KeepLargest.WHEN_NONE_SURE)),
     (["--keep-largest", "most-core"], PostprocessConfig()),
+    (["--min-island-voxels", "0"], PostprocessConfig(min_island_voxels=0)),
+    (["--min-island-voxels", "100"], PostprocessConfig(min_island_voxels=100)),
     (["--et-check-voxels", "0"], PostprocessConfig(enhancement_check_voxels=0)),
     (["--et-check-voxels", "2000", "--min-et-enhancement", "0.8"],
      PostprocessConfig(enhancement_check_voxels=2000, min_enhancement=0.8)),

@@ -23,6 +23,7 @@ from app.options import MIN_ENHANCING_VOXELS, EdemaRelabel, EdemaSplit, Fusion, 
 from app.pipeline import complete_segmentation
 from app.postprocess import (
     PostprocessConfig,
+    drop_core_islands,
     drop_doubtful_components,
     drop_scant_enhancement,
     enhancement,
@@ -143,10 +144,10 @@ def test_dark_tail_split_takes_only_edema_that_stands_out():
 
 def test_postprocess_config_picks_step2s_split():
     labels, t1c = _spread_edema_case(dark_block=True)
-    steps_1_to_3 = dict(remove_small_components=False, min_enhancing_voxels=0, fill_enclosed_core=False,
-                        drop_doubtful_components=False)
+    step_2_alone = dict(remove_small_components=False, min_enhancing_voxels=0, fill_enclosed_core=False,
+                        drop_doubtful_components=False, min_island_voxels=0)
     for split in EdemaSplit:
-        out = postprocess(labels, t1c, PostprocessConfig(edema_split=split.value, **steps_1_to_3))
+        out = postprocess(labels, t1c, PostprocessConfig(edema_split=split.value, **step_2_alone))
         np.testing.assert_array_equal(out, relabel_dark_edema(labels, t1c, split=split))
     assert PostprocessConfig().edema_split is EdemaSplit.K_MEANS
     with pytest.raises(ValueError, match="edema_split must be one of"):
@@ -523,6 +524,36 @@ def test_the_pipeline_reads_step5s_probability_from_the_prediction_box():
     out = complete_segmentation(CasePrediction(volume, box, p, None), image, config).labels
     np.testing.assert_array_equal(out[box], drop_doubtful_components(labels, probability))
     assert (out[box] != labels).any() and not out[tuple(slice(0, s.start) for s in box)].any()
+
+
+def test_core_islands_become_the_region_around_them_and_the_largest_stays():
+    """Step 6: an ET speck becomes NCR/NET, a core speck (NCR/NET, or ET that was a speck) becomes edema; the
+    largest core and ET stay however small; WT never changes; 0 switches the step off."""
+    labels = np.zeros((40, 40, 40), np.uint8)
+    labels[5:35, 5:35, 5:35] = 2
+    labels[10:20, 10:20, 10:20] = 1
+    labels[12:16, 12:16, 12:16] = 3  # the largest ET, inside the largest core: both stay
+    labels[28:30, 28:30, 28:30] = 3  # an ET speck of 8 voxels alone in the edema: core speck too
+    labels[28:31, 8:11, 28:31] = 1  # an NCR/NET speck of 27 voxels
+    labels[25:29, 25:29, 8:10] = 1  # a core component of 32 voxels: kept at 30
+    labels[26, 26, 8] = 3  # with an ET speck of 1 voxel, which becomes NCR/NET
+    out = drop_core_islands(labels, 30)
+    assert (out[28:30, 28:30, 28:30] == 2).all() and (out[28:31, 8:11, 28:31] == 2).all()
+    assert (out[25:29, 25:29, 8:10] == 1).all()
+    assert (out[12:16, 12:16, 12:16] == 3).all() and (out[10:20, 10:20, 10:20] > 0).all()
+    assert np.array_equal(out > 0, labels > 0)
+    lone = np.zeros_like(labels)
+    lone[5:35, 5:35, 5:35] = 2
+    lone[20, 20, 20] = 3  # the only core: the largest, so it stays
+    assert np.array_equal(drop_core_islands(lone, 30), lone)
+    t1c = np.ones(labels.shape, np.float32)
+    assert np.array_equal(postprocess(labels, t1c, PostprocessConfig.off()), labels)
+    default = PostprocessConfig(edema_relabel=EdemaRelabel.OFF, min_enhancing_voxels=0, fill_enclosed_core=False,
+                                drop_doubtful_components=False)
+    assert np.array_equal(postprocess(labels, t1c, default), out)
+    assert np.array_equal(postprocess(labels, t1c, replace(default, min_island_voxels=0)), labels)
+    with pytest.raises(ValueError, match="min_island_voxels must be >= 0"):
+        PostprocessConfig(min_island_voxels=-1)
 
 
 def test_enclosed_background_outside_the_scan_is_not_filled():
