@@ -88,7 +88,9 @@ def evaluate_cases(pred_dir: Path, gt_dir: Path, labels: str = AUTO_LABELS, qc_d
     holds labels outside the convention is scored as empty (as a missing one is, the challenge's rule) and
     reported; a ground truth that cannot be read (or two for one ID) is reported and left out. Only the
     ground truths are needed (`find_segmentations`); the images beside them, for ``qc_dir``'s pictures.
-    Raises ValueError when ``gt_dir`` holds no ground truth."""
+    Raises ValueError when ``gt_dir`` holds no ground truth or ``lesion_rule`` names no rule."""
+    if lesion_rule != AUTO_LESION_RULE and lesion_rule not in LESION_RULES:
+        raise ValueError(f"lesion_rule must be one of {[AUTO_LESION_RULE, *LESION_RULES]}, got {lesion_rule!r}")
     segmentations, errors = find_segmentations(gt_dir)
     if not segmentations and not errors:
         raise ValueError(f"no ground-truth segmentation (<ID>-seg.nii.gz, <ID>_seg.nii.gz) under {gt_dir}")

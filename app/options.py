@@ -49,11 +49,11 @@ def parse_scales(scales: Sequence[float]) -> tuple[float, ...]:
 # tissue around it, by MIN_ENHANCEMENT brain standard deviations (z(T1c) - z(T1)). Otherwise the tumour
 # counts as non-enhancing.
 MIN_ENHANCING_VOXELS = 100
+ENHANCEMENT_CHECK_VOXELS = 1000
+MIN_ENHANCEMENT = 1.0
 # Post-processing step 6: core and ET components under this many voxels (not the largest) are specks, not
 # lesions (round 58 chose it among 10, 30 and 100 on 128 design phantoms).
 MIN_ISLAND_VOXELS = 30
-ENHANCEMENT_CHECK_VOXELS = 1000
-MIN_ENHANCEMENT = 1.0
 
 
 class EdemaRelabel(str, Enum):

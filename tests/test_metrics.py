@@ -8,6 +8,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from app.conventions import LESION_RULES, Layout, LesionRule
+from app.evaluation import evaluate_cases
 from app.metrics import EMPTY_HD95, LESION_PENALTY_HD95, case_scores, dice, hd95, lesion_challenge, lesion_scores
 from app.phantoms import generate, make_phantom
 
@@ -109,9 +110,11 @@ def test_lesion_wise_scores_agree_with_the_rule_written_out_over_whole_volumes()
         assert (ours.dice, ours.hd95) == pytest.approx(_lesion_scores_plainly(pred, truth, spacing, rule)), trial
 
 
-def test_the_lesion_rule_follows_the_challenge_a_case_id_names():
+def test_the_lesion_rule_follows_the_challenge_a_case_id_names(tmp_path):
     ids = ("BraTS-MEN-00004-000", "BraTS-met-00001-000", "BraTS-GLI-00000-000", "BraTS2021_00000", "BraTS-PHA-00001")
     assert [lesion_challenge(i) for i in ids] == ["MEN", "MET", "GLI", "GLI", "GLI"]
+    with pytest.raises(ValueError, match=r"lesion_rule must be one of \['auto', 'GLI'"):
+        evaluate_cases(tmp_path, tmp_path, lesion_rule="GBM")
 
 
 def _perturbations(labels: np.ndarray):
