@@ -228,12 +228,12 @@ def _flat_groups(files: list[tuple[Path, str]]) -> dict[str, list[tuple[Path, La
     return {prefix: group for prefix, group in groups.items() if any(m is not None for _, _, m in group)}
 
 
-def _add_flat_cases(files: list[tuple[Path, str]], found: Discovery) -> None:
-    """Add to ``found`` the case each group of a folder's flat ``files`` (`_flat_groups`) makes, or its error,
-    and the files whose names no layout reads to its unread ones."""
-    unnamed = _unnamed(files)
+def _add_flat_cases(groups: dict[str, list[tuple[Path, Layout, Modality | None]]], unnamed: list[Path],
+                    found: Discovery) -> None:
+    """Add to ``found`` the case each group of a folder's flat files (`_flat_groups`) makes, or its error, and
+    the folder's ``unnamed`` files (`_unnamed`) to its unread ones."""
     found.unread.extend(unnamed)
-    for prefix, group in _flat_groups(files).items():
+    for prefix, group in groups.items():
         try:
             found.cases.append(_assemble(prefix, group, [p for p in unnamed if p.name.startswith(prefix)]))
         except CaseError as err:
@@ -250,8 +250,9 @@ def _find_case_folders(folder: Path, depth: int, found: Discovery, searched: set
             continue
         try:
             files = _nifti_files(entry)
-            if len(_flat_groups(files)) > 1:  # flat files of several cases: each ID prefix is a case
-                _add_flat_cases(files, found)
+            groups = _flat_groups(files)
+            if len(groups) > 1:  # flat files of several cases: each ID prefix is a case
+                _add_flat_cases(groups, _unnamed(files), found)
             elif (case := _case_from_files(entry.name, files)) is not None:
                 found.cases.append(case)
             elif not _skipped_folder(entry.name) and (real := entry.resolve()) not in searched:
@@ -284,7 +285,8 @@ def find_cases(input_dir: Path | str) -> Discovery:
         raise NotADirectoryError(f"input {root} is not a folder")
     found = Discovery()
     _find_case_folders(root, MAX_CASE_DEPTH, found, {root.resolve()})
-    _add_flat_cases(_nifti_files(root), found)
+    files = _nifti_files(root)
+    _add_flat_cases(_flat_groups(files), _unnamed(files), found)
     _reject_duplicate_ids(found)
     return found
 
@@ -403,29 +405,20 @@ _FLOAT_CODES = {16: "f4", 64: "f8"}
 
 
 def _nifti_header(raw: bytes) -> _NiftiLayout:
-    """Voxel offset, payload size and float dtype from a NIfTI-1 or NIfTI-2 header."""
-    for endian in ("<", ">"):
-        (size,) = struct.unpack(endian + "i", raw[:4])
-        if size == NIFTI1_HEADER:
-            dims = struct.unpack(endian + "8h", raw[40:56])
-            datatype, bitpix = struct.unpack(endian + "2h", raw[70:74])
-            offset = int(struct.unpack(endian + "f", raw[108:112])[0])
-            break
-        if size == NIFTI2_HEADER:
-            datatype, bitpix = struct.unpack(endian + "2h", raw[12:16])
-            dims = struct.unpack(endian + "8q", raw[16:80])
-            offset = struct.unpack(endian + "q", raw[168:176])[0]
-            break
-    else:
-        raise ValueError("not a NIfTI file (bad header size)")
+    """Voxel offset, payload size and float dtype from a NIfTI-1 header; ValueError for a NIfTI-2 one."""
+    endian, size = _header_endian(raw)
+    if size == NIFTI2_HEADER:  # ITK's own message would be "Unable to determine ImageIO reader"
+        raise ValueError("a NIfTI-2 file, which SimpleITK cannot read: save it as NIfTI-1")
+    dims = struct.unpack(endian + "8h", raw[40:56])
+    datatype, bitpix = struct.unpack(endian + "2h", raw[70:74])
+    offset = int(struct.unpack(endian + "f", raw[108:112])[0])
     ndim = dims[0]
     if not 1 <= ndim <= 7:
         raise ValueError(f"bad NIfTI dimension count {ndim}")
     voxels = int(np.prod([max(int(d), 1) for d in dims[1 : ndim + 1]]))
     float_dtype = endian + _FLOAT_CODES[datatype] if datatype in _FLOAT_CODES else None
     # Data never starts inside the header or its 4-byte extension flag, whatever vox_offset says.
-    first_data_byte = NIFTI1_HEADER + 4 if size == NIFTI1_HEADER else NIFTI2_HEADER + 4
-    return _NiftiLayout(max(offset, first_data_byte), voxels * bitpix // 8, float_dtype)
+    return _NiftiLayout(max(offset, NIFTI1_HEADER + 4), voxels * bitpix // 8, float_dtype)
 
 
 @dataclass(frozen=True)
@@ -508,9 +501,7 @@ def check_nifti_integrity(path: Path) -> int:
     raw = _read_payload(path)
     if len(raw) < NIFTI1_HEADER:
         raise ValueError("file too short to be NIfTI")
-    if _header_endian(raw)[1] == NIFTI2_HEADER:  # ITK's own message would be "Unable to determine ImageIO reader"
-        raise ValueError("a NIfTI-2 file, which SimpleITK cannot read: save it as NIfTI-1")
-    layout = _nifti_header(raw[:NIFTI2_HEADER + 4])
+    layout = _nifti_header(raw[:NIFTI1_HEADER])
     if len(raw) < layout.vox_offset + layout.data_bytes:
         raise ValueError(f"truncated: {len(raw)} bytes, header promises {layout.vox_offset + layout.data_bytes}")
     if layout.float_dtype is None:
