@@ -106,10 +106,10 @@ def evaluate_cases(pred_dir: Path, gt_dir: Path, labels: str = AUTO_LABELS, qc_d
             continue
         pred = _prediction(case_id, Path(pred_dir) / f"{case_id}.nii.gz", truth_image, labels, result)
         spacing = tuple(reversed(truth_image.GetSpacing()))  # array order z, y, x
-        scores = case_scores(np.zeros_like(truth) if pred is None else pred, truth, spacing)
+        scored = np.zeros_like(truth) if pred is None else pred
+        scores = case_scores(scored, truth, spacing)
         challenge = lesion_challenge(case_id) if lesion_rule == AUTO_LESION_RULE else lesion_rule
-        lesions = case_lesion_scores(np.zeros_like(truth) if pred is None else pred, truth, spacing,
-                                     LESION_RULES[challenge])
+        lesions = case_lesion_scores(scored, truth, spacing, LESION_RULES[challenge])
         row = {"case": case_id}
         for region in REGIONS:
             for metric in METRICS:

@@ -16,6 +16,7 @@ import numpy as np
 from scipy import ndimage
 
 from .conventions import DEFAULT_LESION_CHALLENGE, ENHANCING, LESION_RULES, LesionRule, core_mask
+from .preprocess import bounding_box
 
 REGIONS = ("WT", "TC", "ET")
 EMPTY_HD95 = 373.13
@@ -135,7 +136,7 @@ def _joint_box(boxes: list[tuple[slice, ...]]) -> tuple[slice, ...]:
 def _lesions(truth: np.ndarray, dilation: int) -> np.ndarray:
     """The truth's lesions, numbered: its voxels grouped by the 26-connected components of the truth dilated
     ``dilation`` times (so lesions closer than that are one lesion)."""
-    box = _padded_box(ndimage.find_objects(truth.astype(np.uint8))[0], dilation, truth.shape)
+    box = bounding_box(truth, dilation)
     dilated = ndimage.binary_dilation(truth[box], _DILATION_STRUCTURE, iterations=dilation)
     lesions = np.zeros(truth.shape, np.uint32)
     lesions[box] = cc3d.connected_components(dilated, connectivity=26) * truth[box]

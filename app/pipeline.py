@@ -339,13 +339,14 @@ def run_predict(predictor: EnsemblePredictor, options: PredictOptions, stream: T
         raise UsageError(str(err)) from None
     # Our own label maps, when the output folder lies inside the input folder, are no one's lost cases.
     found.unread = [path for path in found.unread if not _inside(path, options.output_dir)]
-    unread = f"; {unread_files_note(found.unread, options.input_dir)}" if found.unread else ""
+    unread = unread_files_note(found.unread, options.input_dir) if found.unread else None
     if not found.cases and not found.errors:
         raise UsageError(f"no BraTS case found under {options.input_dir} (case folders are looked for up to "
-                         f"{MAX_CASE_DEPTH} levels down; BraTS-named files directly in it form cases too){unread}")
+                         f"{MAX_CASE_DEPTH} levels down; BraTS-named files directly in it form cases too)"
+                         + (f"; {unread}" if unread else ""))
     prepare_output(options)
     if unread:  # perhaps cases under names we do not know: said before the cases run, not only at the end
-        print(f"warning: {unread[2:]}", file=stream, flush=True)
+        print(f"warning: {unread}", file=stream, flush=True)
     cases, errors = select_shard(found.cases, found.errors, options.shard)
     results = [CaseResult(e.case_id, CaseStatus.FAILED, error=str(e)) for e in errors]
     for result in results:
