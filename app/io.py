@@ -31,6 +31,7 @@ from .conventions import (
     Modality,
 )
 from .errors import one_line
+from .plausibility import content_warnings
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -43,10 +44,6 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 NIFTI1_HEADER, NIFTI2_HEADER = 348, 540  # header sizes in bytes (also each header's first field)
 # Geometry may differ by float rounding between modalities written by different tools.
 GEOMETRY_TOLERANCE = 1e-4
-# BraTS images are skull-stripped: zero outside the brain, so the volume's border is background. A case
-# whose border is mostly nonzero in some modality (an unstripped head, or a scanner's noise floor) is read
-# as if every nonzero voxel were brain, and gets a warning saying so.
-MAX_NONZERO_BORDER_SHARE = 0.5
 # Case folders are looked for this many levels below the input folder: a BraTS release unpacked there keeps
 # its cases one level down (<release>/<case>/), and a site may sort them by centre or date below that.
 MAX_CASE_DEPTH = 3
@@ -600,8 +597,8 @@ def same_geometry(a: sitk.Image, b: sitk.Image, tolerance: float = GEOMETRY_TOLE
 def load_case(case: CaseFiles) -> LoadedCase:
     """Read and validate a case's four modalities into one float32 array (4, D, H, W).
 
-    NaN/Inf voxels become 0 (background) with a warning; an all-zero modality or disagreeing geometry
-    is an error for this case.
+    NaN/Inf voxels become 0 (background) with a warning, and images that may not be what their names say get
+    `plausibility.content_warnings`'s; an all-zero modality or disagreeing geometry is an error for this case.
     """
     warnings: list[str] = []
     reference: sitk.Image | None = None
@@ -620,26 +617,12 @@ def load_case(case: CaseFiles) -> LoadedCase:
                 reference = image
     assert reference is not None
     image = np.stack(channels)
-    border = nonzero_border_share(image)
-    if border > MAX_NONZERO_BORDER_SHARE:
-        warnings.append(f"{border:.0%} of the volume's border is nonzero: is the case skull-stripped? every "
-                        "nonzero voxel is read as brain")
+    warnings.extend(content_warnings(image, list(case.modalities), float(np.prod(reference.GetSpacing())) / 1000))
     try:
         space = read_nifti_space(case.reference)
     except (ValueError, OSError, EOFError) as err:  # read a moment ago: only a file replaced meanwhile
         raise CaseError(case.case_id, case.reference, f"unreadable NIfTI header: {one_line(err)}") from None
     return LoadedCase(case, image, reference, warnings, space)
-
-
-def nonzero_border_share(image: np.ndarray) -> float:
-    """The share of the voxels on the six faces of a (C, D, H, W) case that are nonzero in any modality
-    (edges and corners count once per face): 0 for a skull-stripped brain inside its volume, near 1 for a
-    head with a noisy background."""
-    if image.ndim != 4:
-        raise ValueError(f"expected (C, D, H, W) image, got shape {image.shape}")
-    faces = [image[:, i] for i in (0, -1)] + [image[:, :, i] for i in (0, -1)] + [image[..., i] for i in (0, -1)]
-    nonzero = sum(int((face != 0).any(0).sum()) for face in faces)
-    return nonzero / sum(face[0].size for face in faces)
 
 
 def _checked_array(case: CaseFiles, modality: Modality, path: Path, image: sitk.Image,

@@ -145,6 +145,8 @@ def _load_files(case: CaseFiles) -> tuple[np.ndarray, np.ndarray]:
     """A case's image and internal labels, stored as BraTS stores a brain, as prediction reads it too
     (`Reorientation`): a network must learn the storage it will be shown."""
     loaded = load_case(case)
+    for warning in loaded.warnings:  # read as prediction reads it, and trained on: the user is told why
+        log.warning("case %s [%s]: %s", case.case_id, case.reference.parent, warning)
     file_labels = load_segmentation(case, loaded.reference)
     try:
         labels = from_file_labels(file_labels, ground_truth_convention(case.layout))

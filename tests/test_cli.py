@@ -291,6 +291,18 @@ def test_a_training_case_without_a_recognised_ground_truth_is_left_out_by_name(t
     assert "1 NIfTI file(s) outside every case were not read" in unread and "extra/BraTS20_0000.nii.gz" in unread
 
 
+def test_a_training_case_read_with_a_warning_is_named_in_the_log(tmp_path):
+    """A training case is read as prediction reads it, and its warnings (here a T1c that is a copy of the T1)
+    reach the log with its name; the case still prepares."""
+    [copied] = small_cases(tmp_path / "data", 1, seed=28)
+    shutil.copy(next(copied.glob("*-t1n.nii.gz")), next(copied.glob("*-t1c.nii.gz")))
+    result = python_cli("train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "w"),
+                        "--cache", str(tmp_path / "cache"), "--prepare-only")
+    assert result.returncode == 0 and "prepared 1 case(s)" in result.stderr, result.stderr
+    [warning] = [line for line in result.stderr.splitlines() if "hold the same image" in line]
+    assert f"case {copied.name} [{copied}]: t1 and t1c hold the same image" in warning
+
+
 def test_side_outputs_inside_the_output_folder_are_refused(tmp_path, weights):
     small_cases(tmp_path / "in", 1)
     out = tmp_path / "out"

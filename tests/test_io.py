@@ -25,7 +25,6 @@ from app.io import (
     geometry_difference,
     label_image,
     load_case,
-    nonzero_border_share,
     output_path,
     read_image,
     read_nifti_space,
@@ -34,6 +33,7 @@ from app.io import (
     unread_files_note,
     write_image_atomic,
 )
+from app.phantoms import generate
 
 
 def _write(path: Path, array=None, spacing=(1.0, 1.0, 1.0)):
@@ -356,6 +356,18 @@ def test_load_case_zeroes_nan_with_warning_and_rejects_zero_modality(tmp_path):
         load_case(case)
 
 
+def test_load_case_warns_of_flair_and_t2_files_whose_names_are_exchanged(tmp_path):
+    """A BraTS-sized case read from disk earns no warning; with its t2f and t2w files' names exchanged it earns
+    the swap warning, at the brain's size in millilitres that the headers' spacing gives."""
+    [folder] = [Path(p) for p in generate(tmp_path / "in", 1, seed=62)]
+    [case] = find_cases(tmp_path / "in").cases
+    assert load_case(case).warnings == []
+    flair, t2 = next(folder.glob("*-t2f.nii.gz")), next(folder.glob("*-t2w.nii.gz"))
+    flair.rename(tmp_path / "flair"), t2.rename(flair), (tmp_path / "flair").rename(t2)
+    [warning] = load_case(case).warnings
+    assert warning.startswith("flair and t2 look swapped")
+
+
 def test_geometry_difference_names_each_property_with_both_values():
     a = sitk.Image(8, 7, 6, sitk.sitkInt16)
     b = sitk.Image(8, 7, 6, sitk.sitkInt16)
@@ -370,18 +382,6 @@ def test_geometry_difference_names_each_property_with_both_values():
                                          "(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)")
     c = sitk.Image(8, 7, 5, sitk.sitkInt16)
     assert geometry_difference(c, a) == "size (8, 7, 5) vs (8, 7, 6)"
-
-
-def test_nonzero_border_share_tells_a_stripped_brain_from_a_noisy_head():
-    image = np.zeros((4, 10, 12, 14), np.float32)
-    image[:, 2:8, 2:10, 2:12] = 1  # a brain inside its volume
-    assert nonzero_border_share(image) == 0.0
-    image[3, 0] = 5  # one face of one modality: a sixth of the border's voxels or more
-    assert 1 / 6 < nonzero_border_share(image) < 0.5
-    image[1] += np.random.default_rng(0).uniform(1, 2, image.shape[1:])  # noise everywhere in T1
-    assert nonzero_border_share(image) == 1.0
-    with pytest.raises(ValueError, match="expected"):
-        nonzero_border_share(image[0])
 
 
 def test_case_error_survives_pickling():

@@ -343,6 +343,22 @@ def test_unstripped_case_warns_and_works(cohort, weights):
     assert len(list(out.iterdir())) == 2
 
 
+def test_a_modality_filled_with_a_copy_of_another_warns_and_works(cohort, weights, tmp_path):
+    """T1 copied into T1c's place (a missing T1c filled in) is segmented with a warning naming the two, in the
+    case's line and the report; the case beside it gets none."""
+    copied, clean = sorted(cohort.iterdir())
+    shutil.copy(next(copied.glob("*-t1n.nii.gz")), next(copied.glob("*-t1c.nii.gz")))
+    report = tmp_path / "report.json"
+    result, out = _predict(cohort, weights, "--report", str(report))
+    assert result.returncode == 0, result.stderr
+    [warned] = [line for line in result.stderr.splitlines() if "hold the same image" in line]
+    assert warned.startswith(f"{copied.name}: ok") and "t1 and t1c hold the same image (correlation 1.0000" in warned
+    assert len(list(out.iterdir())) == 2
+    cases = {c["case_id"]: c for c in json.loads(report.read_text())["cases"]}
+    assert any("t1 and t1c hold the same image" in w for w in cases[copied.name]["warnings"])
+    assert not any("same image" in w for w in cases[clean.name]["warnings"])
+
+
 def test_spaces_non_ascii_and_symlinked_case_folders(tmp_path, weights):
     [a, b] = small_cases(tmp_path / "store", 2, seed=23, layout=Layout.TOOLKIT)
     cohort = tmp_path / "in"

@@ -1,0 +1,110 @@
+"""Checks that a case's four images are what their names say: a skull-stripped brain, four distinct
+contrasts, FLAIR and T2 in their own places. Each failed check is a warning (the case is still segmented):
+the images are readable, and only their user can say whether they are wrong.
+
+Every check reads the (C, D, H, W) image as `io.load_case` stacks it, on every second voxel along each axis,
+which answers each of them as well as every voxel does: about 0.2 s for a BraTS case on one CPU core."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import combinations
+
+import numpy as np
+
+from .conventions import Modality
+
+# BraTS images are skull-stripped: zero outside the brain, so the volume's border is background. A case
+# whose border is mostly nonzero in some modality (an unstripped head, or a scanner's noise floor) is read
+# as if every nonzero voxel were brain, and gets a warning saying so.
+MAX_NONZERO_BORDER_SHARE = 0.5
+# A missing modality is sometimes filled with a copy of another (T1 for a T1c never acquired): what tells the
+# two apart is then lost, and the labels read from it are guessed. Distinct MR contrasts correlate far below
+# this inside the brain (at most 0.91 over 24 phantoms of both generators, EXPERIMENTS round 61); a copy,
+# rescaled or rounded into another dtype, correlates above it.
+COPIED_MODALITY_CORRELATION = 0.999
+# CSF, the darkest tissue on T1, is the brightest on T2 and dark on FLAIR (whose inversion suppresses it). Where
+# T1 is darkest, T2 stands above FLAIR in brain-wide rank (`csf_contrast`): by 0.15 to 0.92 over 40 BraTS-sized
+# phantoms of ours and 0.27 to 0.95 over 20 of the second generator (EXPERIMENTS round 61), so the same cases
+# named the other way round give -0.15 to -0.95. Below this the two are taken for swapped, with a margin for a
+# FLAIR that suppresses CSF poorly and a large dark necrosis. (At a quarter to 0.4 of the BraTS size, blur and
+# thick slices wipe out thin CSF and our phantoms reach -0.17: the check is for brains of real size.)
+SWAPPED_CSF_CONTRAST = -0.2
+# A brain smaller than this (a test volume, a crop) is not checked for it: adult brains hold 1,000-1,500 ml.
+MIN_CSF_CHECK_BRAIN_ML = 400.0
+# The share of brain voxels darkest on T1 that `csf_contrast` reads as CSF (with dark necrosis, if any).
+DARKEST_T1_SHARE = 0.05
+
+
+def _brain_sample(image: np.ndarray) -> np.ndarray:
+    """(C, N) float64 values of every second voxel along each axis that is inside the brain (nonzero in
+    some modality)."""
+    if image.ndim != 4:
+        raise ValueError(f"expected (C, D, H, W) image, got shape {image.shape}")
+    sample = image[:, ::2, ::2, ::2]
+    return sample[:, (sample != 0).any(0)].astype(np.float64)
+
+
+def nonzero_border_share(image: np.ndarray) -> float:
+    """The share of the voxels on the six faces of a (C, D, H, W) case that are nonzero in any modality
+    (edges and corners count once per face): 0 for a skull-stripped brain inside its volume, near 1 for a
+    head with a noisy background."""
+    if image.ndim != 4:
+        raise ValueError(f"expected (C, D, H, W) image, got shape {image.shape}")
+    faces = [image[:, i] for i in (0, -1)] + [image[:, :, i] for i in (0, -1)] + [image[..., i] for i in (0, -1)]
+    nonzero = sum(int((face != 0).any(0).sum()) for face in faces)
+    return nonzero / sum(face[0].size for face in faces)
+
+
+def copied_modalities(image: np.ndarray) -> list[tuple[int, int, float]]:
+    """The channel pairs (a, b, correlation) of a (C, D, H, W) case whose voxels inside the brain are one
+    image, however rescaled: Pearson correlation at least `COPIED_MODALITY_CORRELATION`."""
+    voxels = _brain_sample(image)
+    if voxels.shape[1] < 2:
+        return []
+    with np.errstate(invalid="ignore", divide="ignore"):  # a constant channel has no correlation: NaN, never a copy
+        correlation = np.corrcoef(voxels)
+    return [(a, b, float(correlation[a, b])) for a, b in combinations(range(len(image)), 2)
+            if correlation[a, b] >= COPIED_MODALITY_CORRELATION]
+
+
+def csf_contrast(image: np.ndarray, modalities: Sequence[Modality]) -> float | None:
+    """How far T2 stands above FLAIR where T1 is darkest (CSF): the difference of their median brain-wide
+    ranks (0-1) over the `DARKEST_T1_SHARE` of brain voxels darkest on T1. Positive when the two are named
+    right, negative when swapped; None for a brain too small to tell."""
+    from scipy.stats import rankdata
+
+    if len(modalities) != len(image):
+        raise ValueError(f"{len(modalities)} modality names for {len(image)} channels")
+    voxels = _brain_sample(image)
+    if voxels.shape[1] < 1 / DARKEST_T1_SHARE:
+        return None
+    flair, t1, t2 = (voxels[list(modalities).index(m)] for m in (Modality.FLAIR, Modality.T1, Modality.T2))
+    darkest = rankdata(t1) <= DARKEST_T1_SHARE * t1.size
+    if not darkest.any():  # T1 constant over most of the brain: nothing to call dark
+        return None
+    rank = {name: rankdata(values)[darkest] / values.size for name, values in (("flair", flair), ("t2", t2))}
+    return float(np.median(rank["t2"]) - np.median(rank["flair"]))
+
+
+def content_warnings(image: np.ndarray, modalities: Sequence[Modality], voxel_ml: float) -> list[str]:
+    """The warnings a case's images earn: an unstripped border, a modality that is a copy of another, FLAIR
+    and T2 that look swapped (in a brain of at least `MIN_CSF_CHECK_BRAIN_ML`; ``voxel_ml``: one voxel's
+    volume)."""
+    warnings = []
+    border = nonzero_border_share(image)
+    if border > MAX_NONZERO_BORDER_SHARE:
+        warnings.append(f"{border:.0%} of the volume's border is nonzero: is the case skull-stripped? every "
+                        "nonzero voxel is read as brain")
+    names = [m.value for m in modalities]
+    for a, b, r in copied_modalities(image):
+        warnings.append(f"{names[a]} and {names[b]} hold the same image (correlation {r:.4f} inside the brain): "
+                        "a missing modality filled with a copy? the contrast between them is lost, and the labels "
+                        "read from it (ET from t1c against t1, edema from flair against t2) are unreliable")
+    brain_ml = float(np.count_nonzero((image != 0).any(0))) * voxel_ml
+    contrast = csf_contrast(image, modalities) if brain_ml >= MIN_CSF_CHECK_BRAIN_ML else None
+    if contrast is not None and contrast < SWAPPED_CSF_CONTRAST:
+        warnings.append(f"flair and t2 look swapped: CSF (darkest on t1) is brighter on the flair than on the t2 "
+                        f"image (rank difference {-contrast:.2f}), as on a T2 and never on a FLAIR; check which file "
+                        "is which")
+    return warnings
