@@ -2,8 +2,8 @@
 contrasts, FLAIR and T2 in their own places. Each failed check is a warning (the case is still segmented):
 the images are readable, and only their user can say whether they are wrong.
 
-Every check reads the (C, D, H, W) image as `io.load_case` stacks it, on every second voxel along each axis,
-which answers each of them as well as every voxel does: about 0.2 s for a BraTS case on one CPU core."""
+The copy and swap checks read the (C, D, H, W) image as `io.load_case` stacks it, on every second voxel along
+each axis, which answers them as well as every voxel does: about 0.2 s for a BraTS case on one CPU core."""
 
 from __future__ import annotations
 
@@ -23,12 +23,13 @@ MAX_NONZERO_BORDER_SHARE = 0.5
 # this inside the brain (at most 0.91 over 24 phantoms of both generators, EXPERIMENTS round 61); a copy,
 # rescaled or rounded into another dtype, correlates above it.
 COPIED_MODALITY_CORRELATION = 0.999
-# CSF, the darkest tissue on T1, is the brightest on T2 and dark on FLAIR (whose inversion suppresses it). Where
-# T1 is darkest, T2 stands above FLAIR in brain-wide rank (`csf_contrast`): by 0.15 to 0.92 over 40 BraTS-sized
-# phantoms of ours and 0.27 to 0.95 over 20 of the second generator (EXPERIMENTS round 61), so the same cases
-# named the other way round give -0.15 to -0.95. Below this the two are taken for swapped, with a margin for a
-# FLAIR that suppresses CSF poorly and a large dark necrosis. (At a quarter to 0.4 of the BraTS size, blur and
-# thick slices wipe out thin CSF and our phantoms reach -0.17: the check is for brains of real size.)
+# CSF, the darkest tissue on T1, is the brightest on T2 and dark on FLAIR (whose inversion suppresses it).
+# Where T1 is darkest, T2 stands above FLAIR in brain-wide rank (`csf_contrast`): by 0.15 to 0.92 over 40
+# BraTS-sized phantoms of ours and 0.27 to 0.95 over 20 of the second generator (EXPERIMENTS round 61), so
+# the same cases named the other way round give -0.15 to -0.95. Below this the two are taken for swapped, with
+# a margin for a FLAIR that suppresses CSF poorly and a large dark necrosis. (At a quarter to 0.4 of the BraTS
+# size, blur and thick slices wipe out thin CSF and our phantoms reach -0.17: the check is for brains of real
+# size.)
 SWAPPED_CSF_CONTRAST = -0.2
 # A brain smaller than this (a test volume, a crop) is not checked for it: adult brains hold 1,000-1,500 ml.
 MIN_CSF_CHECK_BRAIN_ML = 400.0
