@@ -22,6 +22,7 @@ from .options import (
     MIN_ENHANCING_VOXELS,
     MIN_ISLAND_VOXELS,
     MIN_PHANTOM_SIDE,
+    POOR_DICE,
     TRAINABLE_VARIANTS,
     AugmentLevel,
     BiasCorrection,
@@ -422,6 +423,13 @@ def _add_evaluate_flags(ev: argparse.ArgumentParser) -> None:
                          "lesions within 3 voxels and leave out those of at most 50 mm3, MEN within 1 and 50 mm3, "
                          "MET within 1 and 2 mm3); auto (default) = the challenge a case's ID names "
                          "(BraTS-MEN-...), GLI for other IDs")
+    ev.add_argument("--predict-report", type=Path, default=None,
+                    help="the JSON that predict --report wrote for these predictions: each case's confidence joins "
+                         "its row (CSV columns confidence and warned), and a line says how many poor cases the "
+                         "low-confidence warning caught and how many others it flagged")
+    ev.add_argument("--poor", type=float, default=POOR_DICE,
+                    help="with --predict-report: mean Dice over WT, TC and ET under which a case is poor "
+                         "(default: %(default)s)")
 
 
 def cpu_quota() -> int:
@@ -644,7 +652,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_folder
 
-    return evaluate_folder(args.pred, args.gt, args.csv, args.labels, args.qc, args.lesion_rule)
+    return evaluate_folder(args.pred, args.gt, args.csv, args.labels, args.qc, args.lesion_rule,
+                           args.predict_report, args.poor)
 
 
 def cmd_average(args: argparse.Namespace) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import TextIO
 import numpy as np
 import SimpleITK as sitk
 
+from .confidence import LOW_CONFIDENCE_WARNING
 from .conventions import (
     AUTO_LABELS,
     AUTO_LESION_RULE,
@@ -19,6 +22,7 @@ from .conventions import (
     from_file_labels,
     ground_truth_convention,
 )
+from .errors import one_line
 from .io import (
     CaseError,
     CaseFiles,
@@ -31,6 +35,7 @@ from .io import (
     writable_folder,
 )
 from .metrics import REGIONS, case_lesion_scores, case_scores, lesion_challenge
+from .options import POOR_DICE
 from .qc import save_evaluation_picture
 
 METRICS = ("dice", "hd95", "sensitivity", "specificity", "ppv")
@@ -165,19 +170,110 @@ def _prediction(case_id: str, path: Path, truth_image: sitk.Image, labels: str,
         return None
 
 
+@dataclass(frozen=True)
+class PredictedCase:
+    """What `predict --report` recorded of a case: its confidence (None where none was computed: a failed or
+    skipped case) and whether it earned the low-confidence warning."""
+
+    confidence: float | None
+    warned: bool
+
+
+def read_predict_report(path: Path) -> dict[str, PredictedCase]:
+    """The cases of a JSON file that `predict --report` wrote, by ID; ValueError naming the file when it
+    cannot be read or is not such a report."""
+    try:
+        cases = json.loads(Path(path).read_text())["cases"]
+        report = {}
+        for case in cases:
+            confidence = case.get("confidence")
+            if not (confidence is None or isinstance(confidence, (int, float))):
+                raise TypeError("confidence is not a number")
+            report[str(case["case_id"])] = PredictedCase(confidence, LOW_CONFIDENCE_WARNING in case.get("warnings", []))
+        return report
+    except OSError as err:
+        raise ValueError(f"--predict-report {path}: {one_line(err)}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"--predict-report {path} is not JSON: give the file predict --report wrote") from None
+    except (KeyError, TypeError, AttributeError):
+        raise ValueError(f"--predict-report {path} is not a report that predict --report writes (a list of cases "
+                         "with case_id, confidence and warnings)") from None
+
+
+def join_confidence(rows: list[dict], report: dict[str, PredictedCase]) -> None:
+    """Give every scored row the ``confidence`` its case has in ``report`` and ``warned`` (1 or 0): NaN for
+    a case the report holds no confidence for."""
+    for row in rows:
+        case = report.get(row["case"])
+        known = case is not None and case.confidence is not None
+        row["confidence"] = float(case.confidence) if known else math.nan
+        row["warned"] = float(case.warned) if known else math.nan
+
+
+@dataclass(frozen=True)
+class ConfidenceCheck:
+    """How the confidence of `predict --report` tracked the Dice on scored cases: the poor cases (mean
+    Dice under ``poor``) the low-confidence warning caught, the others it flagged, and the Pearson r of the
+    confidence with the mean Dice (None for fewer than two cases or a constant column)."""
+
+    cases: int
+    without_confidence: int
+    poor_line: float
+    poor: int
+    caught: int
+    flagged_others: int
+    pearson: float | None
+
+    def line(self) -> str:
+        r = "undefined" if self.pearson is None else f"{self.pearson:.2f}"
+        line = (f"confidence from the predict report, on {self.cases} case(s): the low-confidence warning caught "
+                f"{self.caught} of {self.poor} poor case(s) (mean Dice under {self.poor_line:g}) and flagged "
+                f"{self.flagged_others} of {self.cases - self.poor} other(s); Pearson r with the mean Dice {r}")
+        if self.without_confidence:
+            line += f"; {self.without_confidence} scored case(s) have no confidence in the report"
+        return line
+
+
+def check_confidence(rows: list[dict], poor: float = POOR_DICE) -> ConfidenceCheck:
+    """`ConfidenceCheck` of rows that `join_confidence` gave a confidence."""
+    known = [row for row in rows if not math.isnan(row["confidence"])]
+    dice = np.array([np.mean([row[f"dice_{region}"] for region in REGIONS]) for row in known])
+    confidence = np.array([row["confidence"] for row in known])
+    warned = np.array([row["warned"] == 1 for row in known], bool)
+    bad = dice < poor
+    pearson = None
+    if len(known) >= 2 and confidence.std() > 0 and dice.std() > 0:
+        pearson = float(np.corrcoef(confidence, dice)[0, 1])
+    return ConfidenceCheck(len(known), len(rows) - len(known), poor, int(bad.sum()), int((bad & warned).sum()),
+                           int((~bad & warned).sum()), pearson)
+
+
 def mean_row(rows: list[dict]) -> dict:
+    """Every column's mean; NaN (a case without a confidence) is left out of it."""
     keys = [k for k in rows[0] if k != "case"]
-    return {"case": "mean", **{k: float(np.mean([r[k] for r in rows])) for k in keys}}
+    return {"case": "mean", **{k: _mean([r[k] for r in rows]) for k in keys}}
+
+
+def _mean(values: list[float]) -> float:
+    known = [v for v in values if not math.isnan(v)]
+    return float(np.mean(known)) if known else math.nan
 
 
 def print_table(rows: list[dict], stream: TextIO = sys.stdout) -> None:
     """Dice and HD95 per region, legacy then lesion-wise, per case and their mean."""
     header = ["case"] + [f"{m}_{r}" for m in ("dice", "hd95", "lesion_dice", "lesion_hd95") for r in REGIONS]
+    header += ["confidence"] if "confidence" in rows[0] else []
     print("| " + " | ".join(header) + " |", file=stream)
     print("|" + "---|" * len(header), file=stream)
     for row in rows + [mean_row(rows)]:
-        cells = [row["case"]] + [f"{row[h]:.2f}" if "hd95" in h else f"{row[h]:.4f}" for h in header[1:]]
+        cells = [row["case"]] + [_cell(h, row[h]) for h in header[1:]]
         print("| " + " | ".join(cells) + " |", file=stream)
+
+
+def _cell(column: str, value: float) -> str:
+    if math.isnan(value):
+        return "-"
+    return f"{value:.2f}" if "hd95" in column or column == "confidence" else f"{value:.4f}"
 
 
 def lesion_rules_line(counts: dict[str, int]) -> str:
@@ -197,14 +293,19 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def evaluate_folder(pred_dir: Path, gt_dir: Path, csv_path: Path | None, labels: str, qc_dir: Path | None,
-                    lesion_rule: str = AUTO_LESION_RULE) -> int:
-    """CLI body: prints the table, writes the CSV (and QC pictures); exit 0, 1 when some case or file had a
-    problem (each listed; the others are scored), or 2 on unusable input."""
+                    lesion_rule: str = AUTO_LESION_RULE, predict_report: Path | None = None,
+                    poor: float = POOR_DICE) -> int:
+    """CLI body: prints the table (with ``predict_report``'s confidence per case and how it tracked the Dice),
+    writes the CSV (and QC pictures); exit 0, 1 when some case or file had a problem (each listed; the others
+    are scored), or 2 on unusable input."""
     try:
+        if not 0 < poor <= 1:
+            raise ValueError(f"--poor must be in (0, 1], got {poor}")
         if csv_path is not None:  # checked first: a table that cannot be saved is found before scoring
             writable_file(Path(csv_path), "--csv")
         if qc_dir is not None:
             writable_folder(Path(qc_dir), "--qc folder")
+        report = None if predict_report is None else read_predict_report(predict_report)
         result = evaluate_cases(pred_dir, gt_dir, labels, qc_dir, lesion_rule)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -215,8 +316,12 @@ def evaluate_folder(pred_dir: Path, gt_dir: Path, csv_path: Path | None, labels:
         print(f"error: no prediction in {pred_dir} matches a case under {gt_dir}", file=sys.stderr)
         return 2
     if result.rows:
+        if report is not None:
+            join_confidence(result.rows, report)
         print_table(result.rows)
         print(lesion_rules_line(result.lesion_rules))
+        if report is not None:
+            print(check_confidence(result.rows, poor).line())
         if csv_path is not None:
             write_csv(result.rows, csv_path)
     if result.missing:

@@ -54,6 +54,9 @@ MIN_ENHANCEMENT = 1.0
 # Post-processing step 6: core and ET components under this many voxels (not the largest) are specks, not
 # lesions (round 58 chose it among 10, 30 and 100 on 128 design phantoms).
 MIN_ISLAND_VOXELS = 30
+# evaluate --predict-report: a case is poor when its mean legacy Dice over WT, TC and ET is under this, the line
+# every calibration of the confidence drew (README, Confidence).
+POOR_DICE = 0.7
 
 
 class EdemaRelabel(str, Enum):

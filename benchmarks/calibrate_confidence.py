@@ -3,11 +3,13 @@
     python3 benchmarks/calibrate_confidence.py sweep.csv [more.csv ...] [--poor 0.7]
 
 Input: CSV files with columns WT, TC, ET and confidence, one row per case (or case-condition), as
-`benchmarks/ood_sweep.py --csv` writes them. A case is *poor* when its mean Dice over WT, TC and ET is below
-``--poor``. For each candidate threshold the table gives how many cases the warning flags, how many poor
-cases it catches (sensitivity), how many good cases it leaves alone (specificity), and the mean Dice of the
-flagged and unflagged cases; the threshold with the highest Youden index (sensitivity + specificity - 1) is
-printed last: that is the value `app.confidence.LOW_CONFIDENCE` should hold.
+`benchmarks/ood_sweep.py --csv` writes them, or the per-case CSV of `python3 -m app evaluate --predict-report
+report.json --csv rows.csv` (your own labelled cases, with the report `predict --report` wrote for them). A
+case is *poor* when its mean Dice over WT, TC and ET is below ``--poor``. For each candidate threshold the
+table gives how many cases the warning flags, how many poor cases it catches (sensitivity), how many good
+cases it leaves alone (specificity), and the mean Dice of the flagged and unflagged cases; the threshold with
+the highest Youden index (sensitivity + specificity - 1) is printed last: that is the value
+`app.confidence.LOW_CONFIDENCE` should hold.
 """
 
 from __future__ import annotations
@@ -32,10 +34,19 @@ def sweep_rows(paths: list[Path]) -> list[dict]:
 
 
 def read_rows(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
-    """(confidence, mean Dice) per row of every file."""
-    rows = sweep_rows(paths)
-    return (np.array([row["confidence"] for row in rows]),
-            np.array([np.mean([row[r] for r in ("WT", "TC", "ET")]) for row in rows]))
+    """(confidence, mean Dice) per row of every file: the sweep's (columns WT, TC, ET) or `evaluate
+    --predict-report --csv`'s (dice_WT, dice_TC, dice_ET; its mean row and cases without a confidence left
+    out)."""
+    confidence, dice = [], []
+    for path in paths:
+        with open(path, newline="") as handle:
+            for row in csv.DictReader(handle):
+                columns = ("WT", "TC", "ET") if "WT" in row else ("dice_WT", "dice_TC", "dice_ET")
+                if row.get("case") == "mean" or np.isnan(float(row["confidence"])):
+                    continue
+                confidence.append(float(row["confidence"]))
+                dice.append(np.mean([float(row[c]) for c in columns]))
+    return np.array(confidence), np.array(dice)
 
 
 def threshold_rows(confidence: np.ndarray, dice: np.ndarray, poor: float) -> list[dict]:
@@ -58,7 +69,8 @@ def threshold_rows(confidence: np.ndarray, dice: np.ndarray, poor: float) -> lis
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("csv", type=Path, nargs="+", help="CSV files with WT, TC, ET and confidence columns")
+    parser.add_argument("csv", type=Path, nargs="+",
+                        help="CSV files with WT, TC, ET (or dice_WT, dice_TC, dice_ET) and confidence columns")
     parser.add_argument("--poor", type=float, default=0.7, help="mean Dice below which a case needs review")
     args = parser.parse_args()
     confidence, dice = read_rows(args.csv)

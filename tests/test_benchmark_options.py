@@ -97,6 +97,10 @@ def test_confidence_calibration_finds_the_threshold_that_separates_poor_cases(tm
     best = max(threshold_rows(confidence, dice, poor=0.7), key=lambda r: (r["youden"], -r["flagged"]))
     assert best["flagged"] == 3 and best["sensitivity"] == 1.0 and best["specificity"] == 1.0
     assert 0.6 < best["threshold"] <= 0.8
+    evaluated = tmp_path / "evaluate.csv"  # evaluate --predict-report --csv: a case without one, the mean row
+    evaluated.write_text("case,dice_WT,dice_TC,dice_ET,confidence,warned\n" + "".join(
+        f"c{i},{d},{d},{d},{c},0\n" for i, (c, d) in enumerate(rows)) + "lost,0,0,0,nan,nan\nmean,1,1,1,1,0\n")
+    assert [a.tolist() for a in read_rows([evaluated])] == [a.tolist() for a in (confidence, dice)]
 
 
 def test_ensemble_analysis_scores_steps_folds_and_candidates_and_resumes(tmp_path):

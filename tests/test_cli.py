@@ -1,5 +1,6 @@
 """The main job through ./run.sh as a subprocess, on real NIfTI cases in every layout."""
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -332,6 +333,41 @@ def test_first_run_messages_name_the_flag_and_the_defaults(tmp_path):
     assert help_text.returncode == 0 and "run.sh supplies --input /input --output /output" in help_text.stdout
     train_help = python_cli("train", "--help")
     assert "(default: 32)" in train_help.stdout
+
+
+def test_evaluate_joins_the_confidence_predict_reported_and_says_how_it_tracked_the_dice(tmp_path, weights):
+    """predict --report, then evaluate --predict-report: each case's row carries the confidence and warning
+    the report gave it, and the summary line counts the poor cases the warning caught from those rows (a
+    case the report lacks is named as such); a file that is not such a report stops evaluate before scoring."""
+    cases = small_cases(tmp_path / "in", 3, seed=29)
+    report = tmp_path / "report.json"
+    result = run_cli("--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--weights", str(weights),
+                     "--report", str(report))
+    assert result.returncode == 0, result.stderr
+    predicted = {c["case_id"]: c for c in json.loads(report.read_text())["cases"]}
+    trimmed = json.loads(report.read_text())
+    trimmed["cases"] = [c for c in trimmed["cases"] if c["case_id"] != cases[2].name]
+    (tmp_path / "trimmed.json").write_text(json.dumps(trimmed))
+    result = python_cli("evaluate", "--pred", str(tmp_path / "out"), "--gt", str(tmp_path / "in"), "--csv",
+                        str(tmp_path / "e.csv"), "--predict-report", str(tmp_path / "trimmed.json"), "--poor", "1")
+    assert result.returncode == 0, result.stderr
+    rows = {r["case"]: r for r in csv.DictReader(open(tmp_path / "e.csv"))}
+    for case in cases[:2]:
+        row, reported = rows[case.name], predicted[case.name]
+        assert float(row["confidence"]) == pytest.approx(reported["confidence"])
+        assert float(row["warned"]) == float("low confidence: review this segmentation" in reported["warnings"])
+    assert rows[cases[2].name]["confidence"] == "nan"
+    warned = sum(float(rows[c.name]["warned"]) for c in cases[:2])
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("confidence from the predict report")]
+    assert f"on 2 case(s): the low-confidence warning caught {warned:.0f} of 2 poor case(s) (mean Dice under 1)" in line
+    assert line.endswith("; 1 scored case(s) have no confidence in the report")
+    (tmp_path / "bad.json").write_text('{"succeeded": 1}')
+    for bad, message in [(tmp_path / "bad.json", "is not a report that predict --report writes"),
+                         (tmp_path / "e.csv", "is not JSON"), (tmp_path / "absent.json", "No such file")]:
+        result = python_cli("evaluate", "--pred", str(tmp_path / "out"), "--gt", str(tmp_path / "in"),
+                            "--predict-report", str(bad))
+        assert result.returncode == 2 and message in result.stderr and "| mean |" not in result.stdout, result.stderr
+        assert result.stderr.strip() == result.stderr.strip().splitlines()[0]
 
 
 def test_evaluate_with_no_matching_prediction_is_a_usage_error(tmp_path):

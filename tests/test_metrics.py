@@ -8,7 +8,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from app.conventions import LESION_RULES, Layout, LesionRule
-from app.evaluation import evaluate_cases
+from app.evaluation import check_confidence, evaluate_cases
 from app.metrics import EMPTY_HD95, LESION_PENALTY_HD95, case_scores, dice, hd95, lesion_challenge, lesion_scores
 from app.phantoms import generate, make_phantom
 
@@ -293,3 +293,17 @@ def test_evaluate_reads_a_folder_of_ground_truths_alone(tmp_path, layout):
     with_qc = python_cli("evaluate", "--pred", str(pred), "--gt", str(flat), "--qc", str(tmp_path / "qc"))
     assert with_qc.returncode == 1 and with_qc.stderr.count("not beside the ground truth (no QC picture)") == 2
     assert "| mean |" in with_qc.stdout
+
+
+def test_the_confidence_check_counts_poor_cases_caught_and_others_flagged():
+    def row(dice: float, confidence: float, warned: float) -> dict:
+        return {"case": "x", "dice_WT": dice, "dice_TC": dice, "dice_ET": dice, "confidence": confidence,
+                "warned": warned}
+
+    unknown = float("nan")
+    rows = [row(0.5, 0.4, 1), row(0.6, 0.8, 0), row(0.9, 0.6, 1), row(0.95, 0.9, 0), row(0.3, unknown, unknown)]
+    check = check_confidence(rows, poor=0.7)
+    assert (check.cases, check.without_confidence, check.poor, check.caught, check.flagged_others) == (4, 1, 2, 1, 1)
+    assert check.pearson == pytest.approx(np.corrcoef([0.4, 0.8, 0.6, 0.9], [0.5, 0.6, 0.9, 0.95])[0, 1])
+    assert "caught 1 of 2 poor case(s) (mean Dice under 0.7) and flagged 1 of 2 other(s)" in check.line()
+    assert check_confidence(rows[:1]).pearson is None
