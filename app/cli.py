@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .conventions import AUTO_LABELS, AUTO_LESION_RULE, LABEL_CHOICES, LESION_RULES, Layout
+from .conventions import AUTO_LABELS, AUTO_LESION_RULE, LABEL_CHOICES, LESION_RULES, Layout, TruthRecoding
 from .options import (
     ENHANCEMENT_CHECK_VOXELS,
     MIN_ENHANCEMENT,
@@ -88,6 +88,20 @@ def non_negative_int(text: str) -> int:
     if values[0] < 0:
         raise argparse.ArgumentTypeError(f"needs an integer >= 0, got {text!r}")
     return values[0]
+
+
+def truth_recoding(text: str) -> TruthRecoding:
+    """An argparse ``type`` for --truth-recode (`TruthRecoding.parse`)."""
+    try:
+        return TruthRecoding.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+TRUTH_RECODE_HELP = ("re-code the ground truths' labels as they are read, FROM:TO pairs applied at once (1:3,3:1 "
+                     "exchanges two): 4:0 reads BraTS 2024's post-treatment resection cavity as background; a "
+                     "release that numbers its regions otherwise is re-coded to 1 NCR/NET, 2 edema, 3 ET by its "
+                     "own label table. The files stay as they are (default: read as stored)")
 
 
 def positive_int(text: str) -> int:
@@ -406,6 +420,8 @@ def _add_train_flags(tr: argparse.ArgumentParser) -> None:
                     help="only rewrite manifest.json from the folds already finished in --out "
                          "(after separate fold jobs)")
     tr.add_argument("--data-note", default=None, help="free text recorded in the manifest about the data")
+    tr.add_argument("--truth-recode", type=truth_recoding, default=None,
+                    help=f"with --data: {TRUTH_RECODE_HELP}; recorded in the manifest")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -423,6 +439,7 @@ def _add_evaluate_flags(ev: argparse.ArgumentParser) -> None:
                          "lesions within 3 voxels and leave out those of at most 50 mm3, MEN within 1 and 50 mm3, "
                          "MET within 1 and 2 mm3); auto (default) = the challenge a case's ID names "
                          "(BraTS-MEN-...), GLI for other IDs")
+    ev.add_argument("--truth-recode", type=truth_recoding, default=None, help=TRUTH_RECODE_HELP)
     ev.add_argument("--predict-report", type=Path, default=None,
                     help="the JSON that predict --report wrote for these predictions: each case's confidence joins "
                          "its row (CSV columns confidence and warned), and a line says how many poor cases the "
@@ -613,6 +630,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         patch_size=args.patch_size,  # type: ignore[arg-type]
         compile=args.compile,
     )
+    if args.phantoms is not None and args.truth_recode is not None:
+        print("error: --truth-recode re-codes the ground truths of --data; phantoms carry the model's own labels",
+              file=sys.stderr)
+        return EXIT_USAGE
     if args.phantoms is not None:
         mix = PhantomMix(PhantomPreset(args.phantom_ranges), args.phantom_bright_cortex, args.phantom_bright_core)
         cases = phantom_cases(args.phantoms, args.phantom_seed, args.phantom_size, mix)
@@ -623,13 +644,14 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "note": args.data_note}
     else:
         cases = args.data
-        data = {"path": str(args.data), "note": args.data_note}
+        data = {"path": str(args.data), "note": args.data_note,
+                "truth_recode": None if args.truth_recode is None else str(args.truth_recode)}
     if args.prepare_only:
         if args.cache is None:
             print("error: --prepare-only needs --cache", file=sys.stderr)
             return EXIT_USAGE
         try:
-            handles = folder_cases(cases) if isinstance(cases, Path) else cases
+            handles = folder_cases(cases, args.truth_recode) if isinstance(cases, Path) else cases
             prepare_all(handles, args.cache, max(1, args.prepare_workers))
         except (TrainingSetupError, CaseError) as err:
             return _training_stopped(err)
@@ -642,7 +664,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         manifest = train_ensemble(cfg, cases, args.out, args.fold, data, progress=not args.quiet,
                                   cache_dir=args.cache, time_limit=args.time_limit,
-                                  prepare_workers=args.prepare_workers)
+                                  prepare_workers=args.prepare_workers, recoding=args.truth_recode)
     except (WeightsError, TrainingSetupError, CaseError) as err:
         return _training_stopped(err)
     print(f"weights folder {args.out}: {len(manifest['folds'])} fold(s)", file=sys.stderr)
@@ -653,7 +675,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_folder
 
     return evaluate_folder(args.pred, args.gt, args.csv, args.labels, args.qc, args.lesion_rule,
-                           args.predict_report, args.poor)
+                           args.predict_report, args.poor, args.truth_recode)
 
 
 def cmd_average(args: argparse.Namespace) -> int:

@@ -107,7 +107,8 @@ def ground_truth_convention(layout: Layout) -> LabelConvention | None:
 _STRAY_LABEL_MEANING = {
     (LabelConvention.BRATS2023, 4): "BraTS 2024's post-treatment glioma files mark the resection cavity 4, a "
                                     "region this model has no class for (its paediatric files use 1-4 for "
-                                    "other regions): re-code the file to 0-3 first",
+                                    "other regions): re-code them as they are read (--truth-recode 4:0 reads "
+                                    "the cavity as background) or on disk to 0-3",
     (LabelConvention.BRATS2018, 3): "BraTS 2018-2021 files mark ET 4",
 }
 
@@ -137,6 +138,44 @@ def from_file_labels(labels: np.ndarray, convention: LabelConvention | None = No
     out = labels.astype(np.uint8, copy=True)
     out[labels == 4] = ENHANCING
     return out
+
+
+@dataclass(frozen=True)
+class TruthRecoding:
+    """Ground-truth labels re-coded as they are read, all pairs at once (``1:3,3:1`` exchanges two): a
+    release whose labels mean other regions trains and scores with its files unchanged on disk. ``4:0`` reads
+    BraTS 2024's post-treatment resection cavity as background; a paediatric release's own label table says
+    which of its labels is ET, edema and the rest of the core (our 3, 2 and 1 in the 2023 convention)."""
+
+    pairs: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def parse(cls, text: str) -> TruthRecoding:
+        """``FROM:TO[,FROM:TO...]`` with labels 0-255, each FROM once; ValueError saying what is wrong."""
+        pairs = []
+        for item in text.split(","):
+            try:
+                source, target = (int(part) for part in item.split(":"))
+            except ValueError:
+                raise ValueError(f"truth recoding must be FROM:TO pairs separated by commas (e.g. 4:0), "
+                                 f"got {text!r}") from None
+            if not (0 <= source <= 255 and 0 <= target <= 255):
+                raise ValueError(f"truth recoding {item!r}: labels must be 0-255")
+            pairs.append((source, target))
+        sources = [source for source, _ in pairs]
+        if len(set(sources)) != len(sources):
+            raise ValueError(f"truth recoding {text!r} re-codes a label twice")
+        return cls(tuple(pairs))
+
+    def apply(self, labels: np.ndarray) -> np.ndarray:
+        """``labels`` with every pair's FROM replaced by its TO (all at once: a TO is never re-coded again)."""
+        out = labels.copy()
+        for source, target in self.pairs:
+            out[labels == source] = target
+        return out
+
+    def __str__(self) -> str:
+        return ",".join(f"{source}:{target}" for source, target in self.pairs)
 
 
 # ------------------------------------------------------------ lesion-wise evaluation (BraTS 2023+)

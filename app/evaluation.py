@@ -19,6 +19,7 @@ from .conventions import (
     AUTO_LESION_RULE,
     LESION_RULES,
     LabelConvention,
+    TruthRecoding,
     from_file_labels,
     ground_truth_convention,
 )
@@ -84,10 +85,11 @@ class Evaluation:
 
 
 def evaluate_cases(pred_dir: Path, gt_dir: Path, labels: str = AUTO_LABELS, qc_dir: Path | None = None,
-                   lesion_rule: str = AUTO_LESION_RULE) -> Evaluation:
+                   lesion_rule: str = AUTO_LESION_RULE, recoding: TruthRecoding | None = None) -> Evaluation:
     """Score every case under ``gt_dir`` that has a ground truth against ``pred_dir/<ID>.nii.gz``: the legacy
     region metrics and BraTS 2023's lesion-wise ones, by the rule of the challenge the case's ID names
-    (``lesion_rule`` "auto", GLI's for other IDs) or of ``lesion_rule`` (a `LESION_RULES` key).
+    (``lesion_rule`` "auto", GLI's for other IDs) or of ``lesion_rule`` (a `LESION_RULES` key). The truths'
+    labels are re-coded by ``recoding`` as they are read.
 
     One case's problem never stops the others: a prediction that cannot be read, lies on another grid or
     holds labels outside the convention is scored as empty (as a missing one is, the challenge's rule) and
@@ -105,7 +107,9 @@ def evaluate_cases(pred_dir: Path, gt_dir: Path, labels: str = AUTO_LABELS, qc_d
         try:
             truth_image = read_image(truth_path, case_id)
             convention = _chosen_convention(labels) or _truth_convention(truth_path)
-            truth = _file_labels_to_internal(sitk.GetArrayFromImage(truth_image), convention, case_id, truth_path)
+            stored = sitk.GetArrayFromImage(truth_image)
+            stored = stored if recoding is None else recoding.apply(stored)
+            truth = _file_labels_to_internal(stored, convention, case_id, truth_path)
         except CaseError as err:
             result.unscored.append(err)
             continue
@@ -294,7 +298,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def evaluate_folder(pred_dir: Path, gt_dir: Path, csv_path: Path | None, labels: str, qc_dir: Path | None,
                     lesion_rule: str = AUTO_LESION_RULE, predict_report: Path | None = None,
-                    poor: float = POOR_DICE) -> int:
+                    poor: float = POOR_DICE, recoding: TruthRecoding | None = None) -> int:
     """CLI body: prints the table (with ``predict_report``'s confidence per case and how it tracked the Dice),
     writes the CSV (and QC pictures); exit 0, 1 when some case or file had a problem (each listed; the others
     are scored), or 2 on unusable input."""
@@ -306,7 +310,7 @@ def evaluate_folder(pred_dir: Path, gt_dir: Path, csv_path: Path | None, labels:
         if qc_dir is not None:
             writable_folder(Path(qc_dir), "--qc folder")
         report = None if predict_report is None else read_predict_report(predict_report)
-        result = evaluate_cases(pred_dir, gt_dir, labels, qc_dir, lesion_rule)
+        result = evaluate_cases(pred_dir, gt_dir, labels, qc_dir, lesion_rule, recoding)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -27,9 +27,8 @@ COPIED_MODALITY_CORRELATION = 0.999
 # Where T1 is darkest, T2 stands above FLAIR in brain-wide rank (`csf_contrast`): by 0.15 to 0.92 over 40
 # BraTS-sized phantoms of ours and 0.27 to 0.95 over 20 of the second generator (EXPERIMENTS round 61), so
 # the same cases named the other way round give -0.15 to -0.95. Below this the two are taken for swapped, with
-# a margin for a FLAIR that suppresses CSF poorly and a large dark necrosis. (At a quarter to 0.4 of the BraTS
-# size, blur and thick slices wipe out thin CSF and our phantoms reach -0.17: the check is for brains of real
-# size.)
+# a margin for a FLAIR that suppresses CSF poorly and a large dark necrosis. (At 0.4 of the BraTS size, blur
+# and thick slices wipe out thin CSF, and one of our phantoms gave -0.10: the check is for brains of real size.)
 SWAPPED_CSF_CONTRAST = -0.2
 # A brain smaller than this (a test volume, a crop) is not checked for it: adult brains hold 1,000-1,500 ml.
 MIN_CSF_CHECK_BRAIN_ML = 400.0

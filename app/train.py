@@ -35,6 +35,7 @@ from .conventions import (
     NECROSIS,
     NORMAL_BRAIN,
     Layout,
+    TruthRecoding,
     from_file_labels,
     ground_truth_convention,
 )
@@ -139,15 +140,23 @@ class CaseHandle:
 
     case_id: str
     load: Callable[[], tuple[np.ndarray, np.ndarray]]
+    cache_key: str = ""  # its prepared arrays' name in a cache folder, where it is not the case ID
+
+    @property
+    def cache_name(self) -> str:
+        return self.cache_key or self.case_id
 
 
-def _load_files(case: CaseFiles) -> tuple[np.ndarray, np.ndarray]:
-    """A case's image and internal labels, stored as BraTS stores a brain, as prediction reads it too
-    (`Reorientation`): a network must learn the storage it will be shown."""
+def _load_files(case: CaseFiles, recoding: TruthRecoding | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A case's image and internal labels (its truth's file labels re-coded by ``recoding`` first), stored as
+    BraTS stores a brain, as prediction reads it too (`Reorientation`): a network must learn the storage it
+    will be shown."""
     loaded = load_case(case)
     for warning in loaded.warnings:  # read as prediction reads it, and trained on: the user is told why
         log.warning("case %s [%s]: %s", case.case_id, case.reference.parent, warning)
     file_labels = load_segmentation(case, loaded.reference)
+    if recoding is not None:
+        file_labels = recoding.apply(file_labels)
     try:
         labels = from_file_labels(file_labels, ground_truth_convention(case.layout))
     except ValueError as err:  # a label this model cannot train on: the case and file named, as a bad image is
@@ -161,16 +170,21 @@ def _load_phantom(seed: int, index: int, size: tuple[int, int, int], mix: Phanto
     return np.stack([phantom.images[m].astype(np.float32) for m in MODALITY_ORDER]), phantom.labels
 
 
-def as_handle(case: CaseFiles | CaseHandle) -> CaseHandle:
+def as_handle(case: CaseFiles | CaseHandle, recoding: TruthRecoding | None = None) -> CaseHandle:
+    """A handle of a case on disk (its truth re-coded by ``recoding``, cached under a name that says so), or
+    the handle itself."""
     if isinstance(case, CaseHandle):
         return case
-    return CaseHandle(case.case_id, partial(_load_files, case))
+    if recoding is None:
+        return CaseHandle(case.case_id, partial(_load_files, case))
+    key = f"{case.case_id}.recoded-" + str(recoding).replace(":", "to").replace(",", "-")
+    return CaseHandle(case.case_id, partial(_load_files, case, recoding), key)
 
 
-def folder_cases(data_dir: Path) -> list[CaseHandle]:
-    """The cases with ground truth in a BraTS training folder (any layout `find_cases` reads), a warning naming
-    those without; `TrainingSetupError` when the folder is missing, holds no such case or a case that cannot
-    be assembled."""
+def folder_cases(data_dir: Path, recoding: TruthRecoding | None = None) -> list[CaseHandle]:
+    """The cases with ground truth in a BraTS training folder (any layout `find_cases` reads; the truths'
+    labels re-coded by ``recoding`` as they are read), a warning naming those without; `TrainingSetupError`
+    when the folder is missing, holds no such case or a case that cannot be assembled."""
     left_out: list[str] = []
     unread: list[Path] = []
     try:
@@ -182,7 +196,7 @@ def folder_cases(data_dir: Path) -> list[CaseHandle]:
                     "training: %s", len(left_out), data_dir, ", ".join(left_out))
     if unread:  # nor may a case under names we do not know
         log.warning("%s: %s", data_dir, unread_files_note(unread, data_dir))
-    return [as_handle(c) for c in cases]
+    return [as_handle(c, recoding) for c in cases]
 
 
 def phantom_cases(n: int, seed: int, size: tuple[int, int, int], mix: PhantomMix = DEFAULT_MIX) -> list[CaseHandle]:
@@ -212,18 +226,18 @@ def prepare_case(case: CaseFiles | CaseHandle, cache_dir: Path | None = None) ->
     stored as .npy once and memory-mapped afterwards, so concurrent fold jobs share one copy."""
     handle = as_handle(case)
     if cache_dir is not None:
-        cached = _load_cached(handle.case_id, cache_dir)
+        cached = _load_cached(handle, cache_dir)
         if cached is not None:
             return cached
     prepared = prepare_arrays(handle.case_id, *handle.load())
     if cache_dir is not None:
-        _store_cached(prepared, cache_dir)
+        _store_cached(prepared, cache_dir, handle.cache_name)
     return prepared
 
 
 def prepare_all(cases: Sequence[CaseHandle], cache_dir: Path, workers: int) -> None:
     """Fill ``cache_dir`` for every case, ``workers`` processes at a time (phantoms are made there too)."""
-    todo = [c for c in cases if _load_cached(c.case_id, cache_dir) is None]
+    todo = [c for c in cases if _load_cached(c, cache_dir) is None]
     if not todo:
         return
     log.info("preparing %d cases with %d workers", len(todo), workers)
@@ -234,22 +248,22 @@ def prepare_all(cases: Sequence[CaseHandle], cache_dir: Path, workers: int) -> N
 _CACHE_PARTS = ("image", "target", "c0", "c1", "c2", "offset")
 
 
-def _cache_paths(case_id: str, cache_dir: Path) -> list[Path]:
-    return [cache_dir / f"{case_id}.{part}.npy" for part in _CACHE_PARTS]
+def _cache_paths(name: str, cache_dir: Path) -> list[Path]:
+    return [cache_dir / f"{name}.{part}.npy" for part in _CACHE_PARTS]
 
 
-def _load_cached(case_id: str, cache_dir: Path) -> TrainingCase | None:
-    paths = _cache_paths(case_id, cache_dir)
+def _load_cached(handle: CaseHandle, cache_dir: Path) -> TrainingCase | None:
+    paths = _cache_paths(handle.cache_name, cache_dir)
     if not all(p.is_file() for p in paths):
         return None
     image, target, *centres, offset = (np.load(p, mmap_mode="r") for p in paths)
-    return TrainingCase(case_id, image, target, list(centres), np.asarray(offset))
+    return TrainingCase(handle.case_id, image, target, list(centres), np.asarray(offset))
 
 
-def _store_cached(case: TrainingCase, cache_dir: Path) -> None:
+def _store_cached(case: TrainingCase, cache_dir: Path, name: str) -> None:
     cache_dir.mkdir(parents=True, exist_ok=True)
     arrays = [case.image, case.target, *case.centres, case.offset]
-    for path, array in zip(_cache_paths(case.case_id, cache_dir), arrays):
+    for path, array in zip(_cache_paths(name, cache_dir), arrays):
         tmp = path.with_name(f".{path.name}.{os.getpid()}.npy")
         np.save(tmp, array)
         os.replace(tmp, path)
@@ -1008,14 +1022,15 @@ def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
 def train_ensemble(cfg: TrainConfig, cases: Path | Sequence[CaseHandle], out_dir: Path,
                    only_fold: int | Sequence[int] | None = None, data_description: dict[str, Any] | None = None,
                    progress: bool = True, cache_dir: Path | None = None, time_limit: float | None = None,
-                   prepare_workers: int = 0) -> dict[str, Any]:
+                   prepare_workers: int = 0, recoding: TruthRecoding | None = None) -> dict[str, Any]:
     """Train every fold (or only the fold(s) ``only_fold``) and (re)write ``out_dir`` as a weights folder for `predict`.
 
-    ``cases`` is a BraTS training folder or a list of case handles (e.g. `phantom_cases`). With a
-    ``cache_dir`` and ``prepare_workers`` > 1, every case is prepared in that many processes first."""
+    ``cases`` is a BraTS training folder (its truths re-coded by ``recoding`` as they are read) or a list of
+    case handles (e.g. `phantom_cases`). With a ``cache_dir`` and ``prepare_workers`` > 1, every case is
+    prepared in that many processes first."""
     if isinstance(cases, (str, Path)):
         data_description = data_description or {"path": str(cases)}
-        cases = folder_cases(Path(cases))
+        cases = folder_cases(Path(cases), recoding)
     by_id = {c.case_id: c for c in cases}
     splits = split_folds(list(by_id), cfg.folds, cfg.seed)
     if only_fold is None:

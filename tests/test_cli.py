@@ -268,7 +268,20 @@ def test_a_training_label_the_model_has_no_class_for_names_its_case_and_file(tmp
     assert result.returncode == 1, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: case {cavity.name} [{seg}]: labels [4]") and "resection cavity" in last
-    assert "Traceback" not in result.stderr
+    assert "--truth-recode 4:0" in last and "Traceback" not in result.stderr
+    recoded = python_cli("train", "--data", str(tmp_path / "data2023"), "--out", str(tmp_path / "w"),
+                         "--cache", str(tmp_path / "cache"), "--prepare-only", "--truth-recode", "4:0")
+    assert recoded.returncode == 0 and "prepared 1 case(s)" in recoded.stderr, recoded.stderr
+    [target] = (tmp_path / "cache").glob("*.target.npy")  # cached under a name that says how it was read
+    assert target.name == f"{cavity.name}.recoded-4to0.target.npy"
+    again = python_cli("train", "--data", str(tmp_path / "data2023"), "--out", str(tmp_path / "w"),
+                       "--cache", str(tmp_path / "cache"), "--prepare-only")
+    assert again.returncode == 1 and "labels [4]" in again.stderr  # the re-coded arrays never stand in
+    for flags, message in [(["--data", str(tmp_path / "data2023"), "--truth-recode", "4"], "FROM:TO pairs"),
+                           (["--data", str(tmp_path / "data2023"), "--truth-recode", "4:0,4:1"], "a label twice"),
+                           (["--phantoms", "2", "--truth-recode", "4:0"], "phantoms carry the model's own labels")]:
+        refused = python_cli("train", *flags, "--out", str(tmp_path / "w"))
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
     small_cases(tmp_path / "data2018", 1, seed=26, layout=Layout.BRATS2018)
     result = python_cli("train", "--data", str(tmp_path / "data2018"), "--out", str(tmp_path / "w"),
                         "--cache", str(tmp_path / "cache"), "--prepare-only")

@@ -13,6 +13,7 @@ from app.conventions import (
     LabelConvention,
     Layout,
     Modality,
+    TruthRecoding,
     from_file_labels,
     ground_truth_convention,
     to_file_labels,
@@ -505,3 +506,14 @@ def test_one_line_gives_the_toolkits_reason_not_the_source_location(tmp_path):
     assert one_line(unwritable.value).startswith("nifti library failed to write image")  # ITK's class@address gone
     assert one_line(ValueError("first line\n  second")) == "first line"
     assert one_line(RuntimeError("  ")) == "RuntimeError"
+
+
+def test_truth_recoding_applies_every_pair_at_once_and_refuses_what_it_cannot_read():
+    labels = np.array([0, 1, 2, 3, 4], np.uint8)
+    exchange = TruthRecoding.parse("1:3,3:1,4:0")
+    assert exchange.apply(labels).tolist() == [0, 3, 2, 1, 0] and labels.tolist() == [0, 1, 2, 3, 4]
+    assert str(exchange) == "1:3,3:1,4:0" and TruthRecoding.parse(str(exchange)) == exchange
+    for text, message in [("4", "FROM:TO pairs"), ("4:x", "FROM:TO pairs"), ("4:0,4:1", "a label twice"),
+                          ("300:0", "0-255"), ("", "FROM:TO pairs")]:
+        with pytest.raises(ValueError, match=message):
+            TruthRecoding.parse(text)

@@ -264,6 +264,12 @@ def test_evaluate_holds_a_2023_named_truth_to_labels_0_to_3(tmp_path):
     assert float(by_case[old.name]["dice_ET"]) == 1.0 and float(by_case[kept.name]["dice_ET"]) == 1.0
     strict = python_cli("evaluate", "--pred", str(pred), "--gt", str(gt), "--labels", "2023")
     assert strict.returncode == 1 and f"case {old.name} " in strict.stderr and "labels [4]" in strict.stderr
+    recoded = python_cli("evaluate", "--pred", str(pred), "--gt", str(gt / "new"), "--csv", str(tmp_path / "r.csv"),
+                         "--truth-recode", "4:0")  # the cavity read as background: scored, the file unchanged
+    assert recoded.returncode == 0, recoded.stderr
+    by_case = {r["case"]: r for r in csv.DictReader(open(tmp_path / "r.csv"))}
+    assert float(by_case[cavity.name]["dice_ET"]) == 1.0 and float(by_case[cavity.name]["dice_WT"]) < 1.0
+    assert 4 in sitk.GetArrayFromImage(sitk.ReadImage(str(seg)))
 
 
 @pytest.mark.parametrize("layout", [Layout.BRATS2023, Layout.BRATS2018])

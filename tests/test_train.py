@@ -205,10 +205,11 @@ def test_train_cli_trains_on_larger_patches_and_refuses_sizes_the_network_cannot
             "--batch", "2", "--validate-every", "4", "--quiet", "--device", "cpu", "--fold", "0"]
     refused = python_cli(*args, "--patch-size", "20,32,32")
     assert refused.returncode == 2 and "--patch-size 20,32,32" in refused.stderr, refused.stderr
-    result = python_cli(*args, "--patch-size", "24,48,48")
+    result = python_cli(*args, "--patch-size", "24,48,48", "--truth-recode", "4:0")
     assert result.returncode == 0, result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["training"]["config"]["patch_size"] == [24, 48, 48]
+    assert manifest["training"]["data"]["truth_recode"] == "4:0"  # the data's reading, recorded with it
 
 
 def test_training_flags_reject_out_of_range_sampling_numbers(tmp_path):
