@@ -311,15 +311,16 @@ class CaseRunner:
         write_image_atomic(label_image(file_labels, loaded.reference), destination, loaded.space)
         if self.options.save_probabilities is not None:
             _save_probabilities(self.options.save_probabilities, loaded, seg.box, seg.probabilities, grid)
+        warnings = [*loaded.warnings, *grid.notes(), *seg.warnings]
         if self.options.qc_dir is not None:
             from .qc import save_case_picture
 
             # Drawn on the corrected image where it lies on the case's grid, else on the image as read.
             shown = replace(loaded, image=predicted.image) if grid.native else loaded
-            save_case_picture(shown, file_labels, convention, self.options.qc_dir)
-        notes = grid.notes()
+            confidence = [] if seg.confidence is None else [f"confidence {seg.confidence:.2f}"]
+            save_case_picture(shown, file_labels, convention, self.options.qc_dir, confidence + warnings)
         return CaseResult(case.case_id, CaseStatus.OK, output=str(destination), voxels=_voxel_counts(file_labels),
-                          warnings=[*loaded.warnings, *notes, *seg.warnings], confidence=seg.confidence,
+                          warnings=warnings, confidence=seg.confidence,
                           expected_dice=seg.expected_dice, drawn_core_share=round(seg.drawn_core_share, 4),
                           far_edema_share=round(seg.far_edema_share, 4))
 

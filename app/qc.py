@@ -1,9 +1,12 @@
 """QC pictures: axial, coronal and sagittal slices through the tumour's centre, FLAIR and T1c underneath,
-labels in the colours of the paper's Fig. 7 (edema green, NCR/NET blue, ET red), legend and case ID."""
+labels in the colours of the paper's Fig. 7 (edema green, NCR/NET blue, ET red), legend and case ID, and a
+prediction's confidence and warnings above them (a folder of pictures is read without the report)."""
 
 from __future__ import annotations
 
 import os
+import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,9 @@ COLOURS = {EDEMA: (0, 200, 0), NECROSIS: (40, 90, 255), ENHANCING: (255, 30, 30)
 LEGEND = ((EDEMA, "edema (ED)"), (NECROSIS, "NCR/NET"), (ENHANCING, "enhancing (ET)"))
 OPACITY = 0.45
 PANEL = 220  # pixels of the longest side of each view
+NOTE_COLOUR = (255, 170, 0)  # a prediction's confidence and warnings
+_LINE = 14  # pixels per line of text (PIL's default font is 11 pixels high)
+_CHAR = 6  # pixels per character of that font, for wrapping the notes
 
 
 def _window(image: np.ndarray) -> np.ndarray:
@@ -55,15 +61,17 @@ def _panel(grey: np.ndarray, labels: np.ndarray, pixel: tuple[float, float]) -> 
 
 
 def render(case_id: str, images: dict[str, np.ndarray], rows: list[tuple[str, str, np.ndarray]],
-           spacing_zyx: tuple[float, float, float]) -> Image.Image:
-    """One picture: a row per (title, image name, internal label map), three views each."""
+           spacing_zyx: tuple[float, float, float], notes: Sequence[str] = ()) -> Image.Image:
+    """One picture: a row per (title, image name, internal label map), three views each, under the case ID,
+    the legend and ``notes`` (each wrapped to the picture's width)."""
     centre = _centre(rows[0][2], images[rows[0][1]] > 0)
     font = ImageFont.load_default()
     panels = [[_panel(_window(g), lab, px) for (g, px), (lab, _) in zip(_views(images[name], centre, spacing_zyx),
                                                                          _views(labels, centre, spacing_zyx))]
               for _, name, labels in rows]
     width = sum(p.width for p in panels[0]) + 120
-    header = 36
+    lines = [line for note in notes for line in textwrap.wrap(note, width // _CHAR - 2)]
+    header = 36 + _LINE * len(lines)
     height = header + sum(max(p.height for p in row) for row in panels)
     canvas = Image.new("RGB", (width, height), (0, 0, 0))
     draw = ImageDraw.Draw(canvas)
@@ -73,6 +81,8 @@ def render(case_id: str, images: dict[str, np.ndarray], rows: list[tuple[str, st
         draw.rectangle((x, 20, x + 10, 30), fill=COLOURS[label])
         draw.text((x + 14, 19), text, fill=(255, 255, 255), font=font)
         x += 24 + 7 * len(text)
+    for i, line in enumerate(lines):
+        draw.text((6, 36 + _LINE * i), line, fill=NOTE_COLOUR, font=font)
     y = header
     for (title, name, _), row in zip(rows, panels):
         draw.text((6, y + 4), f"{title}", fill=(255, 255, 0), font=font)
@@ -103,12 +113,14 @@ def _spacing_zyx(reference: sitk.Image) -> tuple[float, float, float]:
     return tuple(reversed(reference.GetSpacing()))  # type: ignore[return-value]
 
 
-def save_case_picture(loaded: LoadedCase, file_labels: np.ndarray, convention: LabelConvention, folder: Path) -> Path:
-    """QC picture of a prediction (``predict --qc``), its labels written in ``convention``."""
+def save_case_picture(loaded: LoadedCase, file_labels: np.ndarray, convention: LabelConvention, folder: Path,
+                      notes: Sequence[str] = ()) -> Path:
+    """QC picture of a prediction (``predict --qc``), its labels written in ``convention``, with ``notes``
+    (its confidence and warnings) above the views."""
     labels = from_file_labels(file_labels, convention)
     images = _modalities(loaded)
     rows = [("prediction", "FLAIR", labels), ("prediction", "T1c", labels)]
-    picture = render(loaded.files.case_id, images, rows, _spacing_zyx(loaded.reference))
+    picture = render(loaded.files.case_id, images, rows, _spacing_zyx(loaded.reference), notes)
     return _save(picture, Path(folder), loaded.files.case_id)
 
 

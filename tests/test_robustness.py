@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from PIL import Image
 
 from app.conventions import Layout
 from app.phantoms import generate
+from app.qc import NOTE_COLOUR
 
 from .helpers import ROOT, random_weights, run_cli, small_cases
 
@@ -349,7 +351,7 @@ def test_a_modality_filled_with_a_copy_of_another_warns_and_works(cohort, weight
     copied, clean = sorted(cohort.iterdir())
     shutil.copy(next(copied.glob("*-t1n.nii.gz")), next(copied.glob("*-t1c.nii.gz")))
     report = tmp_path / "report.json"
-    result, out = _predict(cohort, weights, "--report", str(report))
+    result, out = _predict(cohort, weights, "--report", str(report), "--qc", str(tmp_path / "qc"))
     assert result.returncode == 0, result.stderr
     [warned] = [line for line in result.stderr.splitlines() if "hold the same image" in line]
     assert warned.startswith(f"{copied.name}: ok") and "t1 and t1c hold the same image (correlation 1.0000" in warned
@@ -357,6 +359,14 @@ def test_a_modality_filled_with_a_copy_of_another_warns_and_works(cohort, weight
     cases = {c["case_id"]: c for c in json.loads(report.read_text())["cases"]}
     assert any("t1 and t1c hold the same image" in w for w in cases[copied.name]["warnings"])
     assert not any("same image" in w for w in cases[clean.name]["warnings"])
+    # The QC picture carries the confidence and the warnings above its views, in NOTE_COLOUR (antialiased: its
+    # hue at any brightness, which no grey image and no label overlay has): the copy warning's lines reach
+    # below the confidence's.
+    picture = np.asarray(Image.open(tmp_path / "qc" / f"{copied.name}.png").convert("RGB")).astype(int)
+    red, green, blue = picture[..., 0], picture[..., 1], picture[..., 2]
+    note = (blue == 0) & (red > 80) & (abs(green * NOTE_COLOUR[0] - red * NOTE_COLOUR[1]) <= 3 * NOTE_COLOUR[0])
+    rows = np.flatnonzero(note.any(-1))
+    assert rows.size and rows.min() >= 36 and rows.max() > 36 + 2 * 14
 
 
 def test_spaces_non_ascii_and_symlinked_case_folders(tmp_path, weights):
