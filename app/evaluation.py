@@ -13,7 +13,6 @@ from typing import TextIO
 import numpy as np
 import SimpleITK as sitk
 
-from .confidence import LOW_CONFIDENCE_WARNING
 from .conventions import (
     AUTO_LABELS,
     AUTO_LESION_RULE,
@@ -186,6 +185,8 @@ class PredictedCase:
 def read_predict_report(path: Path) -> dict[str, PredictedCase]:
     """The cases of a JSON file that `predict --report` wrote, by ID; ValueError naming the file when it
     cannot be read or is not such a report."""
+    from .confidence import LOW_CONFIDENCE_WARNING  # here: confidence imports torch, which scoring never needs
+
     try:
         cases = json.loads(Path(path).read_text())["cases"]
         report = {}

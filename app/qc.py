@@ -21,8 +21,8 @@ LEGEND = ((EDEMA, "edema (ED)"), (NECROSIS, "NCR/NET"), (ENHANCING, "enhancing (
 OPACITY = 0.45
 PANEL = 220  # pixels of the longest side of each view
 NOTE_COLOUR = (255, 170, 0)  # a prediction's confidence and warnings
-_LINE = 14  # pixels per line of text (PIL's default font is 11 pixels high)
-_CHAR = 6  # pixels per character of that font, for wrapping the notes
+_LINE = 14  # pixels per line of text (PIL's default font is about 10 pixels high)
+_CHAR = 6  # pixels per character, a little over that font's (about 5), for wrapping the notes
 
 
 def _window(image: np.ndarray) -> np.ndarray:
