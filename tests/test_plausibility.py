@@ -34,8 +34,8 @@ def test_nonzero_border_share_tells_a_stripped_brain_from_a_noisy_head():
 @pytest.mark.parametrize("ranges", [DEFAULT_RANGES, WIDE_RANGES], ids=["training", "wide"])
 def test_a_modality_filled_with_a_copy_of_another_is_found_and_distinct_ones_are_not(ranges):
     """T1 copied into T1c's place, rescaled and rounded as a converter stores it, is one image; four distinct
-    contrasts never are, nor is a constant channel (no correlation at all). (Brains of a tenth of the BraTS
-    size: too small for the FLAIR/T2 check, which is not made.)"""
+    contrasts never are, nor is a constant channel (no correlation at all). (These brains hold under 400 ml:
+    the FLAIR/T2 check is not made on them.)"""
     for index in range(3):
         image = _phantom_image(index, ranges)
         assert copied_modalities(image) == []
