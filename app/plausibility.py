@@ -28,7 +28,9 @@ COPIED_MODALITY_CORRELATION = 0.999
 # BraTS-sized phantoms of ours and 0.27 to 0.95 over 20 of the second generator (EXPERIMENTS round 61), so
 # the same cases named the other way round give -0.15 to -0.95. Below this the two are taken for swapped, with
 # a margin for a FLAIR that suppresses CSF poorly and a large dark necrosis. (At 0.4 of the BraTS size, blur
-# and thick slices wipe out thin CSF, and one of our phantoms gave -0.10: the check is for brains of real size.)
+# and thick slices wipe out thin CSF, and one of our phantoms gave -0.10: the check is for brains of real size.
+# A strongly blurred image, whose darkened brain edge fills the darkest 5% on T1, gives about 0: no warning,
+# whichever way it is named.)
 SWAPPED_CSF_CONTRAST = -0.2
 # A brain smaller than this (a test volume, a crop) is not checked for it: adult brains hold 1,000-1,500 ml.
 MIN_CSF_CHECK_BRAIN_ML = 400.0
