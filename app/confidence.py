@@ -22,6 +22,7 @@ import cc3d
 import numpy as np
 from scipy import ndimage
 
+from .case_warnings import CaseWarning, WarningCode
 from .conventions import EDEMA, ENHANCING, NECROSIS, core_mask
 from .fusion import TaskProbabilities, fusion_region
 from .postprocess import CONNECTIVITY, holds_sure_component
@@ -29,14 +30,15 @@ from .preprocess import bounding_box
 
 # Below this mean expected Dice a case is flagged for review (calibrated: see the module docstring).
 LOW_CONFIDENCE = 0.69
-LOW_CONFIDENCE_WARNING = "low confidence: review this segmentation"
+LOW_CONFIDENCE_WARNING = CaseWarning(WarningCode.LOW_CONFIDENCE, "low confidence: review this segmentation")
 # Post-processing draws cores the network did not (step 2's dark edema, step 4's enclosed centre), and the
 # network gave those voxels little core probability, so TC's expected Dice is near 0 whether the drawn core is
 # right or wrong: on 19 tumours without enhancement the warning fired on all 9 good ones as on 8 of the 10
 # poor (README, Confidence). A flagged case whose final core is mostly drawn says so, so that the reader knows
 # what to look at.
 DRAWN_CORE_SHARE = 0.5
-DRAWN_CORE_WARNING = "tumour core mostly drawn by post-processing, which the confidence cannot judge: review the core"
+DRAWN_CORE_WARNING = CaseWarning(WarningCode.DRAWN_CORE, "tumour core mostly drawn by post-processing, which the "
+                                 "confidence cannot judge: review the core")
 # The ensemble can be wrong and sure: where grey matter is bright on FLAIR and T2 it calls the cortex edema with
 # every fold agreeing (issue 13's independent phantoms; the signal-equation phantoms of
 # benchmarks/signal_phantoms.py), and the expected Dice stays high. Such edema lies far from the tumour's core,
@@ -47,6 +49,8 @@ FAR_EDEMA_MM = 25.0
 FAR_EDEMA_SHARE = 0.5
 FAR_EDEMA_WARNING = ("most of the edema lies over {mm:.0f} mm from the core ({share:.0%}), as where grey matter is "
                      "taken for edema: review the whole tumour")
+
+
 # Probabilities under this floor are ignored: thousands of voxels at p = 0.01 far from any tumour would
 # otherwise weigh as much as a real doubt at the border.
 _FLOOR = 0.1
@@ -133,7 +137,8 @@ def far_edema_share(labels: np.ndarray, spacing: tuple[float, float, float] = (1
     return float((distance[edema[box]] > FAR_EDEMA_MM).mean())
 
 
-def confidence_warnings(confidence: float | None, drawn_share: float = 0.0, far_share: float = 0.0) -> list[str]:
+def confidence_warnings(confidence: float | None, drawn_share: float = 0.0,
+                        far_share: float = 0.0) -> list[CaseWarning]:
     """The warnings a case earns: `LOW_CONFIDENCE_WARNING` when its confidence is under `LOW_CONFIDENCE` or
     over `FAR_EDEMA_SHARE` of its edema lies far from the core (`far_edema_share`), followed by the reason
     that second test gives (`FAR_EDEMA_WARNING`) and by `DRAWN_CORE_WARNING` when the confidence is low and
@@ -143,5 +148,6 @@ def confidence_warnings(confidence: float | None, drawn_share: float = 0.0, far_
     if not (doubted or far):
         return []
     return ([LOW_CONFIDENCE_WARNING]
-            + ([FAR_EDEMA_WARNING.format(mm=FAR_EDEMA_MM, share=far_share)] if far else [])
+            + ([CaseWarning(WarningCode.FAR_EDEMA, FAR_EDEMA_WARNING.format(mm=FAR_EDEMA_MM, share=far_share))]
+               if far else [])
             + ([DRAWN_CORE_WARNING] if doubted and drawn_share > DRAWN_CORE_SHARE else []))

@@ -13,6 +13,7 @@ from typing import TextIO
 import numpy as np
 import SimpleITK as sitk
 
+from .case_warnings import WarningCode
 from .conventions import (
     AUTO_LABELS,
     AUTO_LESION_RULE,
@@ -176,17 +177,20 @@ def _prediction(case_id: str, path: Path, truth_image: sitk.Image, labels: str,
 @dataclass(frozen=True)
 class PredictedCase:
     """What `predict --report` recorded of a case: its confidence (None where none was computed: a failed or
-    skipped case) and whether it earned the low-confidence warning."""
+    skipped case) and its warnings' codes (`WarningCode` values, in the report's order)."""
 
     confidence: float | None
-    warned: bool
+    warning_codes: tuple[str, ...] = ()
+
+    @property
+    def warned(self) -> bool:
+        """Whether the case earned the low-confidence warning."""
+        return WarningCode.LOW_CONFIDENCE.value in self.warning_codes
 
 
 def read_predict_report(path: Path) -> dict[str, PredictedCase]:
     """The cases of a JSON file that `predict --report` wrote, by ID; ValueError naming the file when it
     cannot be read or is not such a report."""
-    from .confidence import LOW_CONFIDENCE_WARNING  # here: confidence imports torch, which scoring never needs
-
     try:
         cases = json.loads(Path(path).read_text())["cases"]
         report = {}
@@ -194,7 +198,7 @@ def read_predict_report(path: Path) -> dict[str, PredictedCase]:
             confidence = case.get("confidence")
             if not (confidence is None or isinstance(confidence, (int, float))):
                 raise TypeError("confidence is not a number")
-            report[str(case["case_id"])] = PredictedCase(confidence, LOW_CONFIDENCE_WARNING in case.get("warnings", []))
+            report[str(case["case_id"])] = PredictedCase(confidence, _reported_codes(case))
         return report
     except OSError as err:
         raise ValueError(f"--predict-report {path}: {one_line(err)}") from None
@@ -203,6 +207,18 @@ def read_predict_report(path: Path) -> dict[str, PredictedCase]:
     except (KeyError, TypeError, AttributeError):
         raise ValueError(f"--predict-report {path} is not a report that predict --report writes (a list of cases "
                          "with case_id, confidence and warnings)") from None
+
+
+def _reported_codes(case: dict) -> tuple[str, ...]:
+    """A report record's warning codes. Reports written before the codes existed carry only the messages,
+    of which the low-confidence warning's is recognised."""
+    if "warning_codes" in case:
+        if not all(isinstance(code, str) for code in case["warning_codes"]):
+            raise TypeError("warning_codes holds something other than strings")
+        return tuple(case["warning_codes"])
+    from .confidence import LOW_CONFIDENCE_WARNING  # here: confidence imports torch, which scoring never needs
+
+    return (WarningCode.LOW_CONFIDENCE.value,) if LOW_CONFIDENCE_WARNING.message in case.get("warnings", []) else ()
 
 
 def join_confidence(rows: list[dict], report: dict[str, PredictedCase]) -> None:
@@ -242,7 +258,7 @@ class ConfidenceCheck:
 def check_confidence(rows: list[dict], poor: float = POOR_DICE) -> ConfidenceCheck:
     """`ConfidenceCheck` of rows that `join_confidence` gave a confidence."""
     known = [row for row in rows if not math.isnan(row["confidence"])]
-    dice = np.array([np.mean([row[f"dice_{region}"] for region in REGIONS]) for row in known])
+    dice = np.array([_mean_dice(row) for row in known])
     confidence = np.array([row["confidence"] for row in known])
     warned = np.array([row["warned"] == 1 for row in known], bool)
     bad = dice < poor
@@ -251,6 +267,51 @@ def check_confidence(rows: list[dict], poor: float = POOR_DICE) -> ConfidenceChe
         pearson = float(np.corrcoef(confidence, dice)[0, 1])
     return ConfidenceCheck(len(known), len(rows) - len(known), poor, int(bad.sum()), int((bad & warned).sum()),
                            int((~bad & warned).sum()), pearson)
+
+
+@dataclass(frozen=True)
+class WarningTally:
+    """The scored cases that carry one warning ``code`` (None: the cases without any), how many of them are
+    poor, and their mean Dice over WT, TC and ET."""
+
+    code: str | None
+    cases: int
+    poor: int
+    mean_dice: float
+
+
+def tally_warnings(rows: list[dict], report: dict[str, PredictedCase], poor: float = POOR_DICE) -> list[WarningTally]:
+    """One `WarningTally` per warning code that scored cases with a confidence in ``report`` carry (in
+    `WarningCode`'s order, codes it does not know after them), then one for those with no warning: does each
+    warning fall on the cases that went wrong, and which poor cases did none of them flag?"""
+    known = [(row, report[row["case"]]) for row in rows
+             if row["case"] in report and report[row["case"]].confidence is not None]
+    order = [code.value for code in WarningCode]
+    seen = {code for _, case in known for code in case.warning_codes}
+    ranked = sorted(seen, key=lambda code: (order.index(code) if code in order else len(order), code))
+    groups: list[tuple[str | None, list[dict]]] = [
+        (code, [row for row, case in known if code in case.warning_codes]) for code in ranked]
+    groups.append((None, [row for row, case in known if not case.warning_codes]))
+    tallies = []
+    for code, group in groups:
+        dice = [_mean_dice(row) for row in group]
+        tallies.append(WarningTally(code, len(group), sum(d < poor for d in dice),
+                                    float(np.mean(dice)) if dice else math.nan))
+    return tallies
+
+
+def print_warning_tallies(tallies: list[WarningTally], poor: float, stream: TextIO = sys.stdout) -> None:
+    """`tally_warnings`'s answer as a table."""
+    print(f"warnings from the predict report (poor: mean Dice under {poor:g}):", file=stream)
+    print("| warning | cases | poor | mean Dice |", file=stream)
+    print("|---|---|---|---|", file=stream)
+    for tally in tallies:
+        dice = "-" if math.isnan(tally.mean_dice) else f"{tally.mean_dice:.4f}"
+        print(f"| {tally.code or '(none)'} | {tally.cases} | {tally.poor} | {dice} |", file=stream)
+
+
+def _mean_dice(row: dict) -> float:
+    return float(np.mean([row[f"dice_{region}"] for region in REGIONS]))
 
 
 def mean_row(rows: list[dict]) -> dict:
@@ -327,6 +388,7 @@ def evaluate_folder(pred_dir: Path, gt_dir: Path, csv_path: Path | None, labels:
         print(lesion_rules_line(result.lesion_rules))
         if report is not None:
             print(check_confidence(result.rows, poor).line())
+            print_warning_tallies(tally_warnings(result.rows, report, poor), poor)
         if csv_path is not None:
             write_csv(result.rows, csv_path)
     if result.missing:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .case_warnings import CaseWarning, WarningCode
 from .ensemble import MIRRORS, DeviceOutOfMemory, Progress, TiledEnsemble
 from .fusion import TaskProbabilities, dilate, fuse, fuse_tensors, fusion_region, omnet_probabilities, to_host
 from .options import Device, Fusion, Mirroring, Precision, Tiling, parse_option, parse_scales
@@ -137,7 +138,7 @@ class CasePrediction:
     probabilities: TaskProbabilities | None  # fold-averaged, numpy, over ``box``
     region: np.ndarray | None  # where task 2 decided (the dilated coarse tumour), over ``box``
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[CaseWarning] = field(default_factory=list)
 
     def tumour_probability(self) -> np.ndarray:
         """Task 1's fold-averaged tumour probability over the whole volume (0 outside the brain crop), for
@@ -148,7 +149,8 @@ class CasePrediction:
         return full
 
 
-CPU_FALLBACK_WARNING = "out of GPU memory even for one tile: this case ran on the CPU"
+CPU_FALLBACK_WARNING = CaseWarning(WarningCode.CPU_FALLBACK, "out of GPU memory even for one tile: this case ran on "
+                                   "the CPU")
 # The tumour scout (`EnsemblePredictor.scout_tumour`): this many folds (a fifth of the shipped ensemble's
 # network time), their task-1 tumour grown by this many voxels (edema's fringe is dim but still not brain).
 SCOUT_FOLDS = 2

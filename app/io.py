@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .case_warnings import CaseWarning, WarningCode
 from .conventions import (
     AUTO_LABELS,
     LABEL_CHOICES,
@@ -103,7 +104,7 @@ class LoadedCase:
     files: CaseFiles
     image: np.ndarray  # (4, D, H, W) float32
     reference: sitk.Image  # geometry carrier (pixel data of the FLAIR image)
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[CaseWarning] = field(default_factory=list)
     space: NiftiSpace | None = None  # the FLAIR header's qform and sform, which its label map carries
 
 
@@ -542,7 +543,7 @@ def sitk_write(image: sitk.Image, path: Path, compress: bool = True) -> None:
         sitk.WriteImage(image, str(path), compress)
 
 
-def read_image(path: Path, case_id: str, warnings: list[str] | None = None) -> sitk.Image:
+def read_image(path: Path, case_id: str, warnings: list[CaseWarning] | None = None) -> sitk.Image:
     """Read one modality, checking integrity first; errors name the case and file.
 
     NaN/Inf voxels are read as 0 (background); a note is appended to ``warnings`` when given.
@@ -562,7 +563,8 @@ def read_image(path: Path, case_id: str, warnings: list[str] | None = None) -> s
             + (": split a file of several modalities into one 3D file per modality, BraTS-named" if several else ""),
         )
     if nonfinite and warnings is not None:
-        warnings.append(f"{path.name}: {nonfinite} NaN/Inf voxels treated as background")
+        warnings.append(CaseWarning(WarningCode.NONFINITE_VOXELS,
+                                    f"{path.name}: {nonfinite} NaN/Inf voxels treated as background"))
     return image
 
 
@@ -600,7 +602,7 @@ def load_case(case: CaseFiles) -> LoadedCase:
     NaN/Inf voxels become 0 (background) with a warning, and images that may not be what their names say get
     `plausibility.content_warnings`'s; an all-zero modality or disagreeing geometry is an error for this case.
     """
-    warnings: list[str] = []
+    warnings: list[CaseWarning] = []
     reference: sitk.Image | None = None
     channels = []
     paths = list(case.modalities.values())
@@ -608,7 +610,7 @@ def load_case(case: CaseFiles) -> LoadedCase:
     # (see _SITK_FILE_LOCK). Results and the first error come back in modality order, as a sequential loop
     # would give them.
     with ThreadPoolExecutor(max_workers=len(paths)) as pool:
-        notes: list[list[str]] = [[] for _ in paths]
+        notes: list[list[CaseWarning]] = [[] for _ in paths]
         images = pool.map(read_image, paths, [case.case_id] * len(paths), notes)
         for (modality, path), image, note in zip(case.modalities.items(), images, notes):
             warnings.extend(note)

@@ -22,6 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from .case_warnings import CaseWarning, codes, messages
 from .confidence import (
     case_confidence,
     confidence_warnings,
@@ -96,7 +97,7 @@ class CaseResult:
     seconds: float = 0.0
     output: str | None = None
     voxels: dict[str, int] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[CaseWarning] = field(default_factory=list)
     error: str | None = None
     confidence: float | None = None  # mean expected Dice from the ensemble's probabilities (app/confidence.py)
     expected_dice: dict[str, float] = field(default_factory=dict)
@@ -196,7 +197,7 @@ class Segmentation:
     drawn_core_share: float = 0.0
     far_edema_share: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[CaseWarning] = field(default_factory=list)
 
 
 def segment_image(predictor: EnsemblePredictor, image: np.ndarray, post: PostprocessConfig,
@@ -318,7 +319,7 @@ class CaseRunner:
             # Drawn on the corrected image where it lies on the case's grid, else on the image as read.
             shown = replace(loaded, image=predicted.image) if grid.native else loaded
             confidence = [] if seg.confidence is None else [f"confidence {seg.confidence:.2f}"]
-            save_case_picture(shown, file_labels, convention, self.options.qc_dir, confidence + warnings)
+            save_case_picture(shown, file_labels, convention, self.options.qc_dir, confidence + messages(warnings))
         return CaseResult(case.case_id, CaseStatus.OK, output=str(destination), voxels=_voxel_counts(file_labels),
                           warnings=warnings, confidence=seg.confidence,
                           expected_dice=seg.expected_dice, drawn_core_share=round(seg.drawn_core_share, 4),
@@ -458,7 +459,7 @@ def _print_result(result: CaseResult, stream: TextIO, bars: bool = False) -> Non
         if result.confidence is not None:
             line += f", confidence {result.confidence:.2f}"
         if result.warnings:
-            line += f"; warnings: {'; '.join(result.warnings)}"
+            line += f"; warnings: {'; '.join(messages(result.warnings))}"
     if bars:
         from tqdm import tqdm
 
@@ -476,9 +477,21 @@ def write_report(results: list[CaseResult], path: Path, unread: list[Path] | Non
         "succeeded": sum(r.status is CaseStatus.OK for r in results),
         "skipped": sum(r.status is CaseStatus.SKIPPED for r in results),
         "failed": sum(r.status is CaseStatus.FAILED for r in results),
-        "cases": [asdict(r) for r in results],
+        "cases": [_report_record(r) for r in results],
         "unread_files": [str(p) for p in unread or []],
     }
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def _report_record(result: CaseResult) -> dict:
+    """A case's record in the report: its fields, the warnings' messages under ``warnings`` and their codes,
+    in the same order, under ``warning_codes`` (what a pipeline matches on; the messages may be reworded)."""
+    record = {}
+    for key, value in asdict(result).items():
+        record[key] = value
+        if key == "warnings":
+            record[key] = messages(result.warnings)
+            record["warning_codes"] = codes(result.warnings)
+    return record

@@ -12,6 +12,7 @@ from itertools import combinations
 
 import numpy as np
 
+from .case_warnings import CaseWarning, WarningCode
 from .conventions import Modality
 
 # BraTS images are skull-stripped: zero outside the brain, so the volume's border is background. A case
@@ -98,26 +99,30 @@ def _csf_contrast(voxels: np.ndarray, modalities: Sequence[Modality]) -> float |
     return float(np.median(rank["t2"]) - np.median(rank["flair"]))
 
 
-def content_warnings(image: np.ndarray, modalities: Sequence[Modality], voxel_ml: float) -> list[str]:
+def content_warnings(image: np.ndarray, modalities: Sequence[Modality], voxel_ml: float) -> list[CaseWarning]:
     """The warnings a case's images earn: an unstripped border, a modality that is a copy of another, FLAIR
     and T2 that look swapped (in a brain of at least `MIN_CSF_CHECK_BRAIN_ML`; ``voxel_ml``: one voxel's
     volume)."""
     warnings = []
     border = nonzero_border_share(image)
     if border > MAX_NONZERO_BORDER_SHARE:
-        warnings.append(f"{border:.0%} of the volume's border is nonzero: is the case skull-stripped? every "
-                        "nonzero voxel is read as brain")
+        warnings.append(CaseWarning(WarningCode.UNSTRIPPED_BORDER,
+                                    f"{border:.0%} of the volume's border is nonzero: is the case skull-stripped? "
+                                    "every nonzero voxel is read as brain"))
     brain = (image != 0).any(0)
     voxels = _brain_sample(image, brain)  # sampled once for both checks below
     names = [m.value for m in modalities]
     for a, b, r in _copies(voxels):
-        warnings.append(f"{names[a]} and {names[b]} hold the same image (correlation {r:.4f} inside the brain): "
-                        "a missing modality filled with a copy? the contrast between them is lost, and the labels "
-                        "read from it (ET from t1c against t1, edema from flair against t2) are unreliable")
+        warnings.append(CaseWarning(
+            WarningCode.COPIED_MODALITY,
+            f"{names[a]} and {names[b]} hold the same image (correlation {r:.4f} inside the brain): a missing "
+            "modality filled with a copy? the contrast between them is lost, and the labels read from it (ET from "
+            "t1c against t1, edema from flair against t2) are unreliable"))
     brain_ml = float(np.count_nonzero(brain)) * voxel_ml
     contrast = _csf_contrast(voxels, modalities) if brain_ml >= MIN_CSF_CHECK_BRAIN_ML else None
     if contrast is not None and contrast < SWAPPED_CSF_CONTRAST:
-        warnings.append(f"flair and t2 look swapped: CSF (darkest on t1) is brighter on the flair than on the t2 "
-                        f"image (rank difference {-contrast:.2f}), as on a T2 and never on a FLAIR; check which file "
-                        "is which")
+        warnings.append(CaseWarning(
+            WarningCode.SWAPPED_FLAIR_T2,
+            f"flair and t2 look swapped: CSF (darkest on t1) is brighter on the flair than on the t2 image (rank "
+            f"difference {-contrast:.2f}), as on a T2 and never on a FLAIR; check which file is which"))
     return warnings

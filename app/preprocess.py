@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 from scipy import ndimage
 
+from .case_warnings import CaseWarning, WarningCode
 from .conventions import BRATS_DIRECTION
 from .errors import one_line
 
@@ -244,8 +245,10 @@ class WorkingGrid:
         """Whether the networks read the case's own array."""
         return self.reorientation is None and self.regrid is None
 
-    def notes(self) -> list[str]:
-        return [step.describe() for step in (self.reorientation, self.regrid) if step is not None]
+    def notes(self) -> list[CaseWarning]:
+        """What the case's labels went through on the way: informational, they come back on its grid."""
+        steps = ((WarningCode.REORIENTED, self.reorientation), (WarningCode.RESAMPLED, self.regrid))
+        return [CaseWarning(code, step.describe()) for code, step in steps if step is not None]
 
     def working_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """The working array's shape (D, H, W) for the case's."""
@@ -316,7 +319,7 @@ class BiasCorrected:
     left as they were (N4 failed on them)."""
 
     image: np.ndarray
-    warnings: list[str]
+    warnings: list[CaseWarning]
 
 
 def n4_shrink_factor(shape: tuple[int, ...]) -> int:
@@ -371,14 +374,16 @@ def correct_bias(image: np.ndarray, names: list[str] | None = None, exclude: np.
     warnings = []
     for c in range(image.shape[0]):
         if c not in fields:
-            warnings.append(f"bias correction skipped for {names[c]}: fewer than {N4_MIN_FIT_VOXELS} positive "
-                            "brain voxels outside the tumour")
+            warnings.append(CaseWarning(WarningCode.BIAS_CORRECTION_SKIPPED,
+                                        f"bias correction skipped for {names[c]}: fewer than {N4_MIN_FIT_VOXELS} "
+                                        "positive brain voxels outside the tumour"))
             continue
         try:
             field = fields[c].result()
         except RuntimeError as err:
-            warnings.append(f"bias correction failed for {names[c]} ({one_line(err)[:120]}); "
-                            "used as it is")
+            warnings.append(CaseWarning(WarningCode.BIAS_CORRECTION_FAILED,
+                                        f"bias correction failed for {names[c]} ({one_line(err)[:120]}); "
+                                        "used as it is"))
             continue
         channel = out[c][box]
         out[c][box] = np.where(positive[c], channel / field, channel)

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from app.case_warnings import WarningCode
 from app.conventions import MODALITY_ORDER, Modality
 from app.inference import SCOUT_DILATION, EnsemblePredictor, scout_mask
 from app.options import BiasCorrection
@@ -103,7 +104,9 @@ def test_a_modality_too_sparse_to_fit_is_left_alone_with_a_warning_naming_it(pha
     image[t1] = 0
     image[t1, 40:45, 40:45, 30:32] = 100.0
     corrected = correct_bias(image, [m.value for m in MODALITY_ORDER])
-    assert len(corrected.warnings) == 1 and "t1" in corrected.warnings[0]
+    [warning] = corrected.warnings
+    assert warning.code is WarningCode.BIAS_CORRECTION_SKIPPED
+    assert warning.message.startswith("bias correction skipped for t1:")
     np.testing.assert_array_equal(corrected.image[t1], image[t1])
 
 

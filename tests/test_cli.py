@@ -374,6 +374,14 @@ def test_evaluate_joins_the_confidence_predict_reported_and_says_how_it_tracked_
     [line] = [line for line in result.stdout.splitlines() if line.startswith("confidence from the predict report")]
     assert f"on 2 case(s): the low-confidence warning caught {warned:.0f} of 2 poor case(s) (mean Dice under 1)" in line
     assert line.endswith("; 1 scored case(s) have no confidence in the report")
+    # The warnings' table: every case of the trimmed report is in the row of each code it carries, and the
+    # (none) row holds those without any; poor is every case at --poor 1.
+    table = result.stdout.split("warnings from the predict report (poor: mean Dice under 1):\n")[1].splitlines()
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in table[2:] if row.startswith("| ")]
+    tallies = {code: int(cases) for code, cases, *_ in cells}
+    carried = [predicted[c.name]["warning_codes"] for c in cases[:2]]
+    assert tallies.pop("(none)") == sum(not codes for codes in carried)
+    assert tallies == {code: sum(code in codes for codes in carried) for codes in carried for code in codes}
     (tmp_path / "bad.json").write_text('{"succeeded": 1}')
     for bad, message in [(tmp_path / "bad.json", "is not a report that predict --report writes"),
                          (tmp_path / "e.csv", "is not JSON"), (tmp_path / "absent.json", "No such file")]:

@@ -4,6 +4,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from app.case_warnings import CaseWarning, WarningCode
 from app.confidence import (
     DRAWN_CORE_WARNING,
     EMPTY_REGION_VOXELS,
@@ -29,6 +30,10 @@ from app.postprocess import PostprocessConfig
 from .helpers import random_weights, run_cli, small_cases
 
 SHAPE = (12, 16, 16)
+
+
+def _far(share: float) -> CaseWarning:
+    return CaseWarning(WarningCode.FAR_EDEMA, FAR_EDEMA_WARNING.format(mm=FAR_EDEMA_MM, share=share))
 
 
 def _probabilities(labels: np.ndarray, certainty: float) -> TaskProbabilities:
@@ -141,7 +146,7 @@ def test_far_edema_flags_a_confident_case_and_says_why():
     far = FAR_EDEMA_SHARE + 0.1
     assert confidence_warnings(0.95, 0.0, FAR_EDEMA_SHARE) == []
     assert confidence_warnings(0.95, 0.9, far) == [LOW_CONFIDENCE_WARNING,
-                                                   FAR_EDEMA_WARNING.format(mm=FAR_EDEMA_MM, share=far)]
+                                                   _far(far)]
     assert confidence_warnings(None, 0.0, far)[0] == LOW_CONFIDENCE_WARNING
     assert confidence_warnings(LOW_CONFIDENCE - 0.01, 0.8, far)[-1] == DRAWN_CORE_WARNING
 
@@ -192,7 +197,7 @@ def test_low_confidence_warns_in_the_case_line_and_report(tmp_path):
     far = CaseRunner(_FarEdemaPredictor(0.99), options).run(loaded)
     assert far.confidence > LOW_CONFIDENCE and far.far_edema_share > FAR_EDEMA_SHARE
     assert far.warnings[-2:] == [LOW_CONFIDENCE_WARNING,
-                                 FAR_EDEMA_WARNING.format(mm=FAR_EDEMA_MM, share=far.far_edema_share)]
+                                 _far(far.far_edema_share)]
 
 
 def test_predict_prints_and_reports_a_confidence_per_case(tmp_path):
@@ -215,7 +220,7 @@ def test_segment_image_measures_far_edema_in_the_spacing_given(tmp_path):
     far = segment_image(_FarEdemaPredictor(0.99), image, PostprocessConfig.off(), bias_correction=BiasCorrection.NONE)
     assert far.far_edema_share == far_edema_share(far.labels) > FAR_EDEMA_SHARE
     assert far.warnings[-2:] == [LOW_CONFIDENCE_WARNING,
-                                 FAR_EDEMA_WARNING.format(mm=FAR_EDEMA_MM, share=far.far_edema_share)]
+                                 _far(far.far_edema_share)]
     # Rows 0.3 mm apart: the band's far end is 16 mm from the core.
     near = segment_image(_FarEdemaPredictor(0.99), image, PostprocessConfig.off(), bias_correction=BiasCorrection.NONE,
                          spacing=(1.0, 0.3, 1.0))

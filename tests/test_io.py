@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from app.case_warnings import WarningCode
 from app.conventions import (
     LabelConvention,
     Layout,
@@ -351,7 +352,8 @@ def test_load_case_zeroes_nan_with_warning_and_rejects_zero_modality(tmp_path):
     _write(flair, array)
     [case] = find_cases(tmp_path).cases
     loaded = load_case(case)
-    assert loaded.image[0, 0, 0, 0] == 0 and "NaN/Inf" in loaded.warnings[0]
+    warning = loaded.warnings[0]  # then unstripped_border: random voxels fill the whole volume
+    assert loaded.image[0, 0, 0, 0] == 0 and warning.code is WarningCode.NONFINITE_VOXELS and "NaN/Inf" in str(warning)
     _write(flair, np.zeros((6, 7, 8), np.float32))
     with pytest.raises(CaseError, match="all zero"):
         load_case(case)
@@ -366,7 +368,7 @@ def test_load_case_warns_of_flair_and_t2_files_whose_names_are_exchanged(tmp_pat
     flair, t2 = next(folder.glob("*-t2f.nii.gz")), next(folder.glob("*-t2w.nii.gz"))
     flair.rename(tmp_path / "flair"), t2.rename(flair), (tmp_path / "flair").rename(t2)
     [warning] = load_case(case).warnings
-    assert warning.startswith("flair and t2 look swapped")
+    assert warning.code is WarningCode.SWAPPED_FLAIR_T2 and warning.message.startswith("flair and t2 look swapped")
 
 
 def test_geometry_difference_names_each_property_with_both_values():

@@ -1,4 +1,6 @@
 import csv
+import io
+import json
 import shutil
 
 import cc3d
@@ -8,7 +10,14 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from app.conventions import LESION_RULES, Layout, LesionRule
-from app.evaluation import check_confidence, evaluate_cases
+from app.evaluation import (
+    PredictedCase,
+    check_confidence,
+    evaluate_cases,
+    print_warning_tallies,
+    read_predict_report,
+    tally_warnings,
+)
 from app.metrics import EMPTY_HD95, LESION_PENALTY_HD95, case_scores, dice, hd95, lesion_challenge, lesion_scores
 from app.phantoms import generate, make_phantom
 
@@ -313,3 +322,40 @@ def test_the_confidence_check_counts_poor_cases_caught_and_others_flagged():
     assert check.pearson == pytest.approx(np.corrcoef([0.4, 0.8, 0.6, 0.9], [0.5, 0.6, 0.9, 0.95])[0, 1])
     assert "caught 1 of 2 poor case(s) (mean Dice under 0.7) and flagged 1 of 2 other(s)" in check.line()
     assert check_confidence(rows[:1]).pearson is None
+
+
+def test_warnings_are_tallied_against_the_poor_cases_code_by_code():
+    """Each warning code the scored cases carry gets a row (the enum's order, a code from a later version
+    after them), then the cases without any warning; a case with no confidence or absent from the report is
+    in none of them."""
+    rows = [{"case": name, "dice_WT": dice, "dice_TC": dice, "dice_ET": dice}
+            for name, dice in [("a", 0.2), ("b", 0.5), ("c", 0.9), ("d", 0.95), ("e", 0.1), ("f", 0.0)]]
+    report = {"a": PredictedCase(0.4, ("low_confidence", "far_edema")), "b": PredictedCase(0.9, ("copied_modality",)),
+              "c": PredictedCase(0.8, ("low_confidence", "new_in_a_later_version")), "d": PredictedCase(0.9, ()),
+              "e": PredictedCase(0.7, ()), "f": PredictedCase(None, ())}
+    tallies = tally_warnings(rows, report, poor=0.7)
+    assert [(t.code, t.cases, t.poor) for t in tallies] == [
+        ("copied_modality", 1, 1), ("low_confidence", 2, 1), ("far_edema", 1, 1), ("new_in_a_later_version", 1, 0),
+        (None, 2, 1)]
+    assert tallies[1].mean_dice == pytest.approx(0.55) and tallies[-1].mean_dice == pytest.approx(0.525)
+    stream = io.StringIO()
+    print_warning_tallies(tallies, 0.7, stream)
+    assert "| low_confidence | 2 | 1 | 0.5500 |" in stream.getvalue()
+    assert "| (none) | 2 | 1 | 0.5250 |" in stream.getvalue()
+    [nothing] = tally_warnings(rows, {}, 0.7)
+    assert (nothing.code, nothing.cases, nothing.poor) == (None, 0, 0) and np.isnan(nothing.mean_dice)
+
+
+def test_a_predict_report_from_before_the_warning_codes_still_says_which_cases_were_flagged(tmp_path):
+    """Reports written before ``warning_codes`` existed carry only the messages: the low-confidence warning
+    is recognised by its message, and codes that are not strings make the file unusable."""
+    old = {"cases": [{"case_id": "a", "confidence": 0.5, "warnings": ["low confidence: review this segmentation"]},
+                     {"case_id": "b", "confidence": 0.9, "warnings": []}]}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    report = read_predict_report(tmp_path / "old.json")
+    assert report["a"] == PredictedCase(0.5, ("low_confidence",)) and report["a"].warned
+    assert report["b"] == PredictedCase(0.9, ()) and not report["b"].warned
+    old["cases"][1]["warning_codes"] = [3]
+    (tmp_path / "bad.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="is not a report that predict --report writes"):
+        read_predict_report(tmp_path / "bad.json")

@@ -7,6 +7,7 @@ stages' overlap is observed by making a case's finishing wait for the next case'
 from __future__ import annotations
 
 import io
+import json
 import threading
 
 import numpy as np
@@ -75,8 +76,9 @@ def test_a_case_that_does_not_fit_one_tile_runs_on_the_cpu_with_a_warning(tmp_pa
     results = run_predict(starved, options, stream)
     assert [r.status for r in results] == [CaseStatus.OK, CaseStatus.OK]
     assert all(CPU_FALLBACK_WARNING in r.warnings for r in results)
-    assert stream.getvalue().count(CPU_FALLBACK_WARNING) == 2
-    assert CPU_FALLBACK_WARNING in (tmp_path / "report.json").read_text()
+    assert stream.getvalue().count(CPU_FALLBACK_WARNING.message) == 2
+    for case in json.loads((tmp_path / "report.json").read_text())["cases"]:
+        assert CPU_FALLBACK_WARNING.message in case["warnings"] and "cpu_fallback" in case["warning_codes"]
     _assert_same_label_maps(tmp_path / "out", tmp_path / "plain")
 
 

@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from app.case_warnings import WarningCode
 from app.conventions import MODALITY_ORDER, Modality
 from app.phantoms import DEFAULT_RANGES, WIDE_RANGES, make_phantom
 from app.plausibility import content_warnings, copied_modalities, csf_contrast, nonzero_border_share
@@ -45,7 +46,8 @@ def test_a_modality_filled_with_a_copy_of_another_is_found_and_distinct_ones_are
     [(a, b, correlation)] = copied_modalities(image)
     assert (a, b) == (min(t1, t1c), max(t1, t1c)) and correlation > 0.999
     [warning] = content_warnings(image, MODALITY_ORDER, 0.001)
-    assert warning.startswith("t1 and t1c hold the same image (correlation ")
+    assert warning.code is WarningCode.COPIED_MODALITY
+    assert warning.message.startswith("t1 and t1c hold the same image (correlation ")
     image[t1c] = 7.0
     assert copied_modalities(image) == []
     with pytest.raises(ValueError, match="expected"):
@@ -66,7 +68,8 @@ def test_flair_and_t2_named_the_other_way_round_are_told_apart(generator):
     assert content_warnings(image, MODALITY_ORDER, 0.001) == []
     swapped = [Modality.T2, Modality.T1, Modality.T1C, Modality.FLAIR]  # the files, as the case names them
     [warning] = content_warnings(image, swapped, 0.001)
-    assert warning.startswith("flair and t2 look swapped: CSF (darkest on t1) is brighter on the flair")
+    assert warning.code is WarningCode.SWAPPED_FLAIR_T2
+    assert warning.message.startswith("flair and t2 look swapped: CSF (darkest on t1) is brighter on the flair")
     assert content_warnings(image, swapped, 0.0002) == []  # under 400 ml: too small a brain to judge
     with pytest.raises(ValueError, match="3 modality names for 4 channels"):
         csf_contrast(image, MODALITY_ORDER[:3])

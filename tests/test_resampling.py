@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from app.case_warnings import WarningCode
 from app.conventions import BRATS_DIRECTION, Layout, Modality
 from app.inference import CasePrediction
 from app.io import CaseFiles, LoadedCase
@@ -62,7 +63,8 @@ def test_a_case_stored_another_way_is_read_as_brats_stores_it_and_turned_back_ex
     assert np.array_equal(grid.to_working(array[None]), reference.to_working(sitk.GetArrayFromImage(brats)[None]))
     labels = (np.arange(np.prod(array.shape)) % 4).reshape(array.shape).astype(np.uint8)
     assert np.array_equal(grid.reorientation.to_native(grid.reorientation.to_working(labels)), labels)
-    assert grid.notes()[0].startswith("stored in another orientation")
+    assert grid.notes()[0].code is WarningCode.REORIENTED
+    assert grid.notes()[0].message.startswith("stored in another orientation")
 
 
 def test_labels_come_back_exactly_when_the_working_grid_repeats_each_voxel():
@@ -139,7 +141,7 @@ def test_a_case_off_1mm_is_segmented_on_1mm_and_its_labels_written_on_its_own_gr
     assert 2 * (truth & (labels == 2)).sum() / (truth.sum() + (labels == 2).sum()) > 0.97
     probabilities = sitk.ReadImage(str(tmp_path / "probabilities" / "CASE_probabilities.nii.gz"))
     assert probabilities.GetSize() == written.GetSize() and probabilities.GetNumberOfComponentsPerPixel() == 7
-    note = [w for w in result.warnings if "resampled back" in w]
+    note = [w.message for w in result.warnings if w.code is WarningCode.RESAMPLED]
     grid = {Resampling.AUTO: "0.50x0.80x1.00", Resampling.ALL: "1.00x1.00x1.00"}.get(resampling)
     assert note == ([] if grid is None else
                     [f"voxels of 0.50x0.80x2.00 mm: segmented on a grid of {grid} mm and resampled back"])

@@ -347,7 +347,8 @@ def test_unstripped_case_warns_and_works(cohort, weights):
 
 def test_a_modality_filled_with_a_copy_of_another_warns_and_works(cohort, weights, tmp_path):
     """T1 copied into T1c's place (a missing T1c filled in) is segmented with a warning naming the two, in the
-    case's line and the report; the case beside it gets none."""
+    case's line and the report (its code in ``warning_codes``, in the messages' order); the case beside it gets
+    none."""
     copied, clean = sorted(cohort.iterdir())
     shutil.copy(next(copied.glob("*-t1n.nii.gz")), next(copied.glob("*-t1c.nii.gz")))
     report = tmp_path / "report.json"
@@ -357,8 +358,11 @@ def test_a_modality_filled_with_a_copy_of_another_warns_and_works(cohort, weight
     assert warned.startswith(f"{copied.name}: ok") and "t1 and t1c hold the same image (correlation 1.0000" in warned
     assert len(list(out.iterdir())) == 2
     cases = {c["case_id"]: c for c in json.loads(report.read_text())["cases"]}
-    assert any("t1 and t1c hold the same image" in w for w in cases[copied.name]["warnings"])
-    assert not any("same image" in w for w in cases[clean.name]["warnings"])
+    record = cases[copied.name]
+    assert len(record["warning_codes"]) == len(record["warnings"])
+    [(message, code)] = [(m, c) for m, c in zip(record["warnings"], record["warning_codes"]) if "same image" in m]
+    assert message.startswith("t1 and t1c hold the same image") and code == "copied_modality"
+    assert "copied_modality" not in cases[clean.name]["warning_codes"]
     # The QC picture carries the confidence and the warnings above its views, in NOTE_COLOUR (antialiased: its
     # hue at any brightness, which no grey image and no label overlay has): the copy warning's lines reach
     # below the confidence's.

@@ -1,0 +1,20 @@
+import pytest
+
+from app.case_warnings import CaseWarning, WarningCode, codes, messages
+
+
+def test_a_warning_is_a_known_code_and_one_line_and_reads_as_its_message():
+    warning = CaseWarning(WarningCode.COPIED_MODALITY, "t1 and t1c hold the same image")
+    assert str(warning) == "t1 and t1c hold the same image" and f"{warning}" == warning.message
+    later = CaseWarning(WarningCode.LOW_CONFIDENCE, "low confidence: review this segmentation")
+    assert messages([warning, later]) == [warning.message, later.message]
+    assert codes([warning, later]) == ["copied_modality", "low_confidence"]
+    for code, message in [("copied_modality", "x"), (WarningCode.FAR_EDEMA, ""), (WarningCode.FAR_EDEMA, "a\nb")]:
+        with pytest.raises(ValueError, match="warning"):
+            CaseWarning(code, message)
+
+
+def test_the_codes_are_distinct_lower_case_names():
+    values = [code.value for code in WarningCode]
+    assert len(set(values)) == len(values)
+    assert all(value == value.lower() and value.replace("_", "").isalnum() for value in values)
