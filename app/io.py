@@ -32,7 +32,7 @@ from .conventions import (
     Modality,
 )
 from .errors import one_line
-from .plausibility import content_warnings
+from .plausibility import ImageChecks, check_images
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -106,6 +106,7 @@ class LoadedCase:
     reference: sitk.Image  # geometry carrier (pixel data of the FLAIR image)
     warnings: list[CaseWarning] = field(default_factory=list)
     space: NiftiSpace | None = None  # the FLAIR header's qform and sform, which its label map carries
+    checks: ImageChecks | None = None  # what the plausibility checks measured (their warnings are in ``warnings``)
 
 
 # --------------------------------------------------------------------------------------------- discovery
@@ -600,7 +601,8 @@ def load_case(case: CaseFiles) -> LoadedCase:
     """Read and validate a case's four modalities into one float32 array (4, D, H, W).
 
     NaN/Inf voxels become 0 (background) with a warning, and images that may not be what their names say get
-    `plausibility.content_warnings`'s; an all-zero modality or disagreeing geometry is an error for this case.
+    the warnings of `plausibility.check_images`, whose measurements the case keeps; an all-zero modality or
+    disagreeing geometry is an error for this case.
     """
     warnings: list[CaseWarning] = []
     reference: sitk.Image | None = None
@@ -619,12 +621,13 @@ def load_case(case: CaseFiles) -> LoadedCase:
                 reference = image
     assert reference is not None
     image = np.stack(channels)
-    warnings.extend(content_warnings(image, list(case.modalities), float(np.prod(reference.GetSpacing())) / 1000))
+    checks = check_images(image, list(case.modalities), float(np.prod(reference.GetSpacing())) / 1000)
+    warnings.extend(checks.warnings())
     try:
         space = read_nifti_space(case.reference)
     except (ValueError, OSError, EOFError) as err:  # read a moment ago: only a file replaced meanwhile
         raise CaseError(case.case_id, case.reference, f"unreadable NIfTI header: {one_line(err)}") from None
-    return LoadedCase(case, image, reference, warnings, space)
+    return LoadedCase(case, image, reference, warnings, space, checks)
 
 
 def _checked_array(case: CaseFiles, modality: Modality, path: Path, image: sitk.Image,

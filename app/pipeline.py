@@ -103,6 +103,7 @@ class CaseResult:
     expected_dice: dict[str, float] = field(default_factory=dict)
     drawn_core_share: float | None = None  # share of the core post-processing drew (app/confidence.py)
     far_edema_share: float | None = None  # share of the edema far from the core (app/confidence.py)
+    image_checks: dict | None = None  # what the images' plausibility checks measured (app/plausibility.py)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -323,7 +324,8 @@ class CaseRunner:
         return CaseResult(case.case_id, CaseStatus.OK, output=str(destination), voxels=_voxel_counts(file_labels),
                           warnings=warnings, confidence=seg.confidence,
                           expected_dice=seg.expected_dice, drawn_core_share=round(seg.drawn_core_share, 4),
-                          far_edema_share=round(seg.far_edema_share, 4))
+                          far_edema_share=round(seg.far_edema_share, 4),
+                          image_checks=None if loaded.checks is None else loaded.checks.as_report())
 
 
 def run_predict(predictor: EnsemblePredictor, options: PredictOptions, stream: TextIO = sys.stderr) -> list[CaseResult]:

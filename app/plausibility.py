@@ -3,11 +3,14 @@ contrasts, FLAIR and T2 in their own places. Each failed check is a warning (the
 the images are readable, and only their user can say whether they are wrong.
 
 The copy and swap checks read the (C, D, H, W) image as `io.load_case` stacks it, on every second voxel along
-each axis, which answers them as well as every voxel does: about 0.1 s for a BraTS case on one CPU core."""
+each axis, which answers them as well as every voxel does: about 0.1 s for a BraTS case on one CPU core. What
+they measured (`ImageChecks`) goes into the report beside the warnings, so that a site sees how near its cases
+come to each threshold."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import combinations
 
 import numpy as np
@@ -63,17 +66,19 @@ def nonzero_border_share(image: np.ndarray) -> float:
 def copied_modalities(image: np.ndarray) -> list[tuple[int, int, float]]:
     """The channel pairs (a, b, correlation) of a (C, D, H, W) case whose voxels inside the brain are one
     image, however rescaled: Pearson correlation at least `COPIED_MODALITY_CORRELATION`."""
-    return _copies(_brain_sample(image))
+    return [(a, b, r) for (a, b), r in _correlations(_brain_sample(image)).items()
+            if r is not None and r >= COPIED_MODALITY_CORRELATION]
 
 
-def _copies(voxels: np.ndarray) -> list[tuple[int, int, float]]:
-    """`copied_modalities` of a brain sample (`_brain_sample`)."""
+def _correlations(voxels: np.ndarray) -> dict[tuple[int, int], float | None]:
+    """Pearson's r of every channel pair (a < b) of a brain sample (`_brain_sample`); None where a channel is
+    constant (no correlation, never a copy) or the sample holds under two voxels."""
+    pairs = list(combinations(range(len(voxels)), 2))
     if voxels.shape[1] < 2:
-        return []
-    with np.errstate(invalid="ignore", divide="ignore"):  # a constant channel has no correlation: NaN, never a copy
+        return dict.fromkeys(pairs)
+    with np.errstate(invalid="ignore", divide="ignore"):
         correlation = np.corrcoef(voxels)
-    return [(a, b, float(correlation[a, b])) for a, b in combinations(range(len(voxels)), 2)
-            if correlation[a, b] >= COPIED_MODALITY_CORRELATION]
+    return {(a, b): None if np.isnan(correlation[a, b]) else float(correlation[a, b]) for a, b in pairs}
 
 
 def csf_contrast(image: np.ndarray, modalities: Sequence[Modality]) -> float | None:
@@ -99,30 +104,68 @@ def _csf_contrast(voxels: np.ndarray, modalities: Sequence[Modality]) -> float |
     return float(np.median(rank["t2"]) - np.median(rank["flair"]))
 
 
-def content_warnings(image: np.ndarray, modalities: Sequence[Modality], voxel_ml: float) -> list[CaseWarning]:
-    """The warnings a case's images earn: an unstripped border, a modality that is a copy of another, FLAIR
-    and T2 that look swapped (in a brain of at least `MIN_CSF_CHECK_BRAIN_ML`; ``voxel_ml``: one voxel's
-    volume)."""
-    warnings = []
-    border = nonzero_border_share(image)
-    if border > MAX_NONZERO_BORDER_SHARE:
-        warnings.append(CaseWarning(WarningCode.UNSTRIPPED_BORDER,
-                                    f"{border:.0%} of the volume's border is nonzero: is the case skull-stripped? "
-                                    "every nonzero voxel is read as brain"))
+@dataclass(frozen=True)
+class ImageChecks:
+    """What the checks measured on a case's images, which `predict --report` records (``image_checks``) so
+    that a user sees how near each case came to a warning: the share of the volume's border that is nonzero,
+    the brain's volume in ml, Pearson's r of every pair of modalities inside the brain (None where a channel
+    is constant) and the CSF contrast (None where the brain is under `MIN_CSF_CHECK_BRAIN_ML`)."""
+
+    modalities: tuple[str, ...]
+    border_share: float
+    brain_ml: float
+    correlations: dict[tuple[int, int], float | None]
+    csf_contrast: float | None
+
+    def warnings(self) -> list[CaseWarning]:
+        """The warnings these measurements earn: an unstripped border, a modality that is a copy of another,
+        FLAIR and T2 that look swapped."""
+        warnings = []
+        if self.border_share > MAX_NONZERO_BORDER_SHARE:
+            warnings.append(CaseWarning(WarningCode.UNSTRIPPED_BORDER,
+                                        f"{self.border_share:.0%} of the volume's border is nonzero: is the case "
+                                        "skull-stripped? every nonzero voxel is read as brain"))
+        names = self.modalities
+        for (a, b), r in self.correlations.items():
+            if r is not None and r >= COPIED_MODALITY_CORRELATION:
+                warnings.append(CaseWarning(
+                    WarningCode.COPIED_MODALITY,
+                    f"{names[a]} and {names[b]} hold the same image (correlation {r:.4f} inside the brain): a "
+                    "missing modality filled with a copy? the contrast between them is lost, and the labels read "
+                    "from it (ET from t1c against t1, edema from flair against t2) are unreliable"))
+        if self.csf_contrast is not None and self.csf_contrast < SWAPPED_CSF_CONTRAST:
+            warnings.append(CaseWarning(
+                WarningCode.SWAPPED_FLAIR_T2,
+                f"flair and t2 look swapped: CSF (darkest on t1) is brighter on the flair than on the t2 image "
+                f"(rank difference {-self.csf_contrast:.2f}), as on a T2 and never on a FLAIR; check which file "
+                "is which"))
+        return warnings
+
+    def as_report(self) -> dict:
+        """The measurements as the report's JSON holds them (pairs named ``flair/t1``, 4 decimals)."""
+        return {"border_share": round(self.border_share, 4), "brain_ml": round(self.brain_ml, 1),
+                "correlations": {f"{self.modalities[a]}/{self.modalities[b]}": _rounded(r)
+                                 for (a, b), r in self.correlations.items()},
+                "csf_contrast": _rounded(self.csf_contrast)}
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def check_images(image: np.ndarray, modalities: Sequence[Modality], voxel_ml: float) -> ImageChecks:
+    """`ImageChecks` of a (C, D, H, W) case whose channels hold ``modalities`` (``voxel_ml``: one voxel's
+    volume, which decides whether the brain is large enough for the CSF contrast)."""
+    if len(modalities) != len(image):
+        raise ValueError(f"{len(modalities)} modality names for {len(image)} channels")
     brain = (image != 0).any(0)
-    voxels = _brain_sample(image, brain)  # sampled once for both checks below
-    names = [m.value for m in modalities]
-    for a, b, r in _copies(voxels):
-        warnings.append(CaseWarning(
-            WarningCode.COPIED_MODALITY,
-            f"{names[a]} and {names[b]} hold the same image (correlation {r:.4f} inside the brain): a missing "
-            "modality filled with a copy? the contrast between them is lost, and the labels read from it (ET from "
-            "t1c against t1, edema from flair against t2) are unreliable"))
+    voxels = _brain_sample(image, brain)  # sampled once for both measures below
     brain_ml = float(np.count_nonzero(brain)) * voxel_ml
-    contrast = _csf_contrast(voxels, modalities) if brain_ml >= MIN_CSF_CHECK_BRAIN_ML else None
-    if contrast is not None and contrast < SWAPPED_CSF_CONTRAST:
-        warnings.append(CaseWarning(
-            WarningCode.SWAPPED_FLAIR_T2,
-            f"flair and t2 look swapped: CSF (darkest on t1) is brighter on the flair than on the t2 image (rank "
-            f"difference {-contrast:.2f}), as on a T2 and never on a FLAIR; check which file is which"))
-    return warnings
+    return ImageChecks(tuple(m.value for m in modalities), nonzero_border_share(image), brain_ml,
+                       _correlations(voxels),
+                       _csf_contrast(voxels, modalities) if brain_ml >= MIN_CSF_CHECK_BRAIN_ML else None)
+
+
+def content_warnings(image: np.ndarray, modalities: Sequence[Modality], voxel_ml: float) -> list[CaseWarning]:
+    """The warnings a case's images earn (`ImageChecks.warnings`)."""
+    return check_images(image, modalities, voxel_ml).warnings()

@@ -1,3 +1,4 @@
+import json
 import sys
 from pathlib import Path
 
@@ -7,7 +8,7 @@ import pytest
 from app.case_warnings import WarningCode
 from app.conventions import MODALITY_ORDER, Modality
 from app.phantoms import DEFAULT_RANGES, WIDE_RANGES, make_phantom
-from app.plausibility import content_warnings, copied_modalities, csf_contrast, nonzero_border_share
+from app.plausibility import check_images, content_warnings, copied_modalities, csf_contrast, nonzero_border_share
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import signal_phantoms  # noqa: E402
@@ -73,3 +74,27 @@ def test_flair_and_t2_named_the_other_way_round_are_told_apart(generator):
     assert content_warnings(image, swapped, 0.0002) == []  # under 400 ml: too small a brain to judge
     with pytest.raises(ValueError, match="3 modality names for 4 channels"):
         csf_contrast(image, MODALITY_ORDER[:3])
+
+
+def test_the_measurements_behind_the_warnings_are_kept_for_the_report():
+    """`check_images` keeps what it measured: every pair's correlation (None for a constant channel, which the
+    report's JSON writes as null), the border share, the brain's volume and, in a brain of 400 ml or more
+    only, the CSF contrast; its warnings are `content_warnings`'s."""
+    image = _phantom_image(0, DEFAULT_RANGES)
+    t1, t1c = MODALITY_ORDER.index(Modality.T1), MODALITY_ORDER.index(Modality.T1C)
+    image[t1c] = image[t1] * 3
+    image[MODALITY_ORDER.index(Modality.T2)] = 5.0 * (image[t1] != 0)
+    small = check_images(image, MODALITY_ORDER, 0.001)
+    brain_ml = np.count_nonzero((image != 0).any(0)) * 0.001
+    assert small.brain_ml == pytest.approx(brain_ml) and brain_ml < 400 and small.csf_contrast is None
+    assert small.warnings() == content_warnings(image, MODALITY_ORDER, 0.001)
+    assert [w.code for w in small.warnings()] == [WarningCode.COPIED_MODALITY]
+    report = json.loads(json.dumps(small.as_report(), allow_nan=False))
+    assert set(report) == {"border_share", "brain_ml", "correlations", "csf_contrast"}
+    assert report["border_share"] == 0.0 and report["csf_contrast"] is None
+    assert set(report["correlations"]) == {"flair/t1", "flair/t1c", "flair/t2", "t1/t1c", "t1/t2", "t1c/t2"}
+    assert report["correlations"]["t1/t1c"] == 1.0 and report["correlations"]["t1/t2"] is None
+    assert -1 < report["correlations"]["flair/t1"] < 0.999
+    assert check_images(image, MODALITY_ORDER, 0.01).csf_contrast is not None  # the same brain at 10x the volume
+    with pytest.raises(ValueError, match="3 modality names for 4 channels"):
+        check_images(image, MODALITY_ORDER[:3], 0.001)

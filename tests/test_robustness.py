@@ -347,8 +347,8 @@ def test_unstripped_case_warns_and_works(cohort, weights):
 
 def test_a_modality_filled_with_a_copy_of_another_warns_and_works(cohort, weights, tmp_path):
     """T1 copied into T1c's place (a missing T1c filled in) is segmented with a warning naming the two, in the
-    case's line and the report (its code in ``warning_codes``, in the messages' order); the case beside it gets
-    none."""
+    case's line and the report (its code in ``warning_codes``, in the messages' order, and the correlation in
+    ``image_checks``); the case beside it gets none."""
     copied, clean = sorted(cohort.iterdir())
     shutil.copy(next(copied.glob("*-t1n.nii.gz")), next(copied.glob("*-t1c.nii.gz")))
     report = tmp_path / "report.json"
@@ -363,6 +363,9 @@ def test_a_modality_filled_with_a_copy_of_another_warns_and_works(cohort, weight
     [(message, code)] = [(m, c) for m, c in zip(record["warnings"], record["warning_codes"]) if "same image" in m]
     assert message.startswith("t1 and t1c hold the same image") and code == "copied_modality"
     assert "copied_modality" not in cases[clean.name]["warning_codes"]
+    # What the checks measured is kept beside the warnings: the copy at r = 1, the clean case's pairs below it.
+    assert record["image_checks"]["correlations"]["t1/t1c"] == pytest.approx(1.0)
+    assert max(cases[clean.name]["image_checks"]["correlations"].values()) < 0.999
     # The QC picture carries the confidence and the warnings above its views, in NOTE_COLOUR (antialiased: its
     # hue at any brightness, which no grey image and no label overlay has): the copy warning's lines reach
     # below the confidence's.
