@@ -32,7 +32,7 @@ from .conventions import (
     Modality,
 )
 from .errors import one_line
-from .plausibility import ImageChecks, check_images
+from .plausibility import ImageChecks, check_images, stored_background
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -600,7 +600,8 @@ def same_geometry(a: sitk.Image, b: sitk.Image, tolerance: float = GEOMETRY_TOLE
 def load_case(case: CaseFiles) -> LoadedCase:
     """Read and validate a case's four modalities into one float32 array (4, D, H, W).
 
-    NaN/Inf voxels become 0 (background) with a warning, and images that may not be what their names say get
+    NaN/Inf voxels become 0 (background) with a warning, as does a background stored as another value than 0
+    (`plausibility.stored_background`), and images that may not be what their names say get
     the warnings of `plausibility.check_images`, whose measurements the case keeps; an all-zero modality or
     disagreeing geometry is an error for this case.
     """
@@ -621,6 +622,7 @@ def load_case(case: CaseFiles) -> LoadedCase:
                 reference = image
     assert reference is not None
     image = np.stack(channels)
+    warnings.extend(_zero_stored_background(image, paths))
     checks = check_images(image, list(case.modalities), float(np.prod(reference.GetSpacing())) / 1000)
     warnings.extend(checks.warnings())
     try:
@@ -628,6 +630,23 @@ def load_case(case: CaseFiles) -> LoadedCase:
     except (ValueError, OSError, EOFError) as err:  # read a moment ago: only a file replaced meanwhile
         raise CaseError(case.case_id, case.reference, f"unreadable NIfTI header: {one_line(err)}") from None
     return LoadedCase(case, image, reference, warnings, space, checks)
+
+
+def _zero_stored_background(image: np.ndarray, paths: list[Path]) -> list[CaseWarning]:
+    """Set each modality's background to 0, in place, where its file (of ``paths``, in channel order) stores
+    it as another value (an image normalised over the whole volume): otherwise every voxel would be read as
+    brain. One warning names the files and their values."""
+    stored = []
+    for channel, path in zip(image, paths):
+        value = stored_background(channel)
+        if value is not None:
+            channel[channel == value] = 0
+            stored.append(f"{path.name} ({value:.4g})")
+    if not stored:
+        return []
+    return [CaseWarning(WarningCode.STORED_BACKGROUND,
+                        f"background stored as a nonzero value, read as background (normalised over the whole "
+                        f"volume?): {', '.join(stored)}")]
 
 
 def _checked_array(case: CaseFiles, modality: Modality, path: Path, image: sitk.Image,

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from app.case_warnings import CaseWarning, WarningCode, codes, messages
@@ -18,3 +20,11 @@ def test_the_codes_are_distinct_lower_case_names():
     values = [code.value for code in WarningCode]
     assert len(set(values)) == len(values)
     assert all(value == value.lower() and value.replace("_", "").isalnum() for value in values)
+
+
+def test_the_readme_explains_every_code():
+    """The README's table of codes is what a pipeline's author reads: every code has its row there."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| `")]
+    for code in WarningCode:
+        assert any(f"`{code.value}`" in row.split("|")[1] for row in rows), code

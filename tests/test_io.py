@@ -36,6 +36,7 @@ from app.io import (
     write_image_atomic,
 )
 from app.phantoms import generate
+from app.plausibility import stored_background
 
 
 def _write(path: Path, array=None, spacing=(1.0, 1.0, 1.0)):
@@ -519,3 +520,27 @@ def test_truth_recoding_applies_every_pair_at_once_and_refuses_what_it_cannot_re
                           ("300:0", "0-255"), ("", "FROM:TO pairs")]:
         with pytest.raises(ValueError, match=message):
             TruthRecoding.parse(text)
+
+
+def test_a_background_stored_as_another_value_than_0_is_read_as_background(tmp_path):
+    """Images z-scored over the whole volume store their background as one negative value: it is read as 0,
+    so the brain is what it was before (one warning names each file and its value), where every voxel would
+    otherwise be brain; a background of 0, and an unstripped head's varied border, are left as they are."""
+    [folder] = [Path(p) for p in generate(tmp_path / "in", 1, seed=63, size=(64, 64, 48))]
+    [case] = find_cases(tmp_path / "in").cases
+    raw = load_case(case)
+    assert raw.warnings == []
+    for path in case.modalities.values():
+        image = sitk.ReadImage(str(path))
+        array = sitk.GetArrayFromImage(image).astype(np.float32)
+        scored = sitk.GetImageFromArray((array - array.mean()) / array.std())
+        scored.CopyInformation(image)
+        sitk.WriteImage(scored, str(path))
+    loaded = load_case(case)
+    [warning] = loaded.warnings
+    assert warning.code is WarningCode.STORED_BACKGROUND and warning.message.startswith("background stored as")
+    assert all(f"{path.name} (-0." in warning.message for path in case.modalities.values())
+    np.testing.assert_array_equal(loaded.image != 0, raw.image != 0)
+    assert stored_background(raw.image[0]) is None and stored_background(np.full((4, 5, 6), 3.0)) is None
+    head = raw.image[0] + np.random.default_rng(0).uniform(1, 2, raw.image.shape[1:])  # a noise floor everywhere
+    assert stored_background(head) is None
