@@ -56,3 +56,11 @@ def messages(warnings: list[CaseWarning]) -> list[str]:
 def codes(warnings: list[CaseWarning]) -> list[str]:
     """The warnings' codes as the report writes them, in order."""
     return [w.code.value for w in warnings]
+
+
+def cases_per_code(warnings_per_case: list[list[CaseWarning]]) -> dict[str, int]:
+    """How many cases carry each code (a case counted once per code), in `WarningCode`'s order; codes no
+    case carries are left out."""
+    carried = [{w.code for w in warnings} for warnings in warnings_per_case]
+    counts = {code.value: sum(code in codes for codes in carried) for code in WarningCode}
+    return {code: n for code, n in counts.items() if n}

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .case_warnings import cases_per_code
 from .conventions import AUTO_LABELS, AUTO_LESION_RULE, LABEL_CHOICES, LESION_RULES, Layout, TruthRecoding
 from .options import (
     ENHANCEMENT_CHECK_VOXELS,
@@ -558,6 +559,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     failed = [r for r in results if r.status is CaseStatus.FAILED]
     done = len(results) - len(failed)
     print(f"{done} of {len(results)} case(s) written to {args.output}", file=sys.stderr)
+    warned = cases_per_code([r.warnings for r in results])
+    if warned:
+        print("cases with warnings: " + ", ".join(f"{code} {n}" for code, n in warned.items()), file=sys.stderr)
     if failed:
         print(f"{len(failed)} case(s) failed:", file=sys.stderr)
         for r in failed:

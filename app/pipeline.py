@@ -22,7 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .case_warnings import CaseWarning, codes, messages
+from .case_warnings import CaseWarning, cases_per_code, codes, messages
 from .confidence import (
     case_confidence,
     confidence_warnings,
@@ -472,13 +472,14 @@ def _print_result(result: CaseResult, stream: TextIO, bars: bool = False) -> Non
 
 
 def write_report(results: list[CaseResult], path: Path, unread: list[Path] | None = None) -> None:
-    """The run's summary as JSON: counts, one record per case and the ``unread`` NIfTI files (outside every
-    case, named as no BraTS layout)."""
+    """The run's summary as JSON: counts (of the cases carrying each warning code too), one record per case
+    and the ``unread`` NIfTI files (outside every case, named as no BraTS layout)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     summary = {
         "succeeded": sum(r.status is CaseStatus.OK for r in results),
         "skipped": sum(r.status is CaseStatus.SKIPPED for r in results),
         "failed": sum(r.status is CaseStatus.FAILED for r in results),
+        "warning_counts": cases_per_code([r.warnings for r in results]),
         "cases": [_report_record(r) for r in results],
         "unread_files": [str(p) for p in unread or []],
     }

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from app.case_warnings import CaseWarning, WarningCode, codes, messages
+from app.case_warnings import CaseWarning, WarningCode, cases_per_code, codes, messages
 
 
 def test_a_warning_is_a_known_code_and_one_line_and_reads_as_its_message():
@@ -28,3 +28,11 @@ def test_the_readme_explains_every_code():
     rows = [line for line in readme.splitlines() if line.startswith("| `")]
     for code in WarningCode:
         assert any(f"`{code.value}`" in row.split("|")[1] for row in rows), code
+
+
+def test_cases_are_counted_once_per_code_in_the_enum_order():
+    low = CaseWarning(WarningCode.LOW_CONFIDENCE, "low confidence: review this segmentation")
+    copy = CaseWarning(WarningCode.COPIED_MODALITY, "t1 and t1c hold the same image")
+    assert cases_per_code([[low, copy, copy], [low], []]) == {"copied_modality": 1, "low_confidence": 2}
+    assert list(cases_per_code([[low, copy]])) == ["copied_modality", "low_confidence"]
+    assert cases_per_code([[], []]) == {}

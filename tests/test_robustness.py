@@ -358,6 +358,8 @@ def test_a_modality_filled_with_a_copy_of_another_warns_and_works(cohort, weight
     assert warned.startswith(f"{copied.name}: ok") and "t1 and t1c hold the same image (correlation 1.0000" in warned
     assert len(list(out.iterdir())) == 2
     cases = {c["case_id"]: c for c in json.loads(report.read_text())["cases"]}
+    assert json.loads(report.read_text())["warning_counts"]["copied_modality"] == 1
+    assert "cases with warnings: " in result.stderr and "copied_modality 1" in result.stderr.splitlines()[-1]
     record = cases[copied.name]
     assert len(record["warning_codes"]) == len(record["warnings"])
     [(message, code)] = [(m, c) for m, c in zip(record["warnings"], record["warning_codes"]) if "same image" in m]
