@@ -15,6 +15,7 @@ class WarningCode(str, Enum):
     NONFINITE_VOXELS = "nonfinite_voxels"  # NaN/Inf voxels read as background
     STORED_BACKGROUND = "stored_background"  # a background stored as a nonzero value, read as background
     UNSTRIPPED_BORDER = "unstripped_border"  # the volume's border mostly nonzero: not skull-stripped?
+    PARTIAL_COVERAGE = "partial_coverage"  # a modality zero over part of the brain the others cover
     COPIED_MODALITY = "copied_modality"  # two modalities hold the same image
     SWAPPED_FLAIR_T2 = "swapped_flair_t2"  # FLAIR and T2 look named the other way round
     # The grid the networks read (app/preprocess.py): informational, the labels come back on the case's grid

@@ -29,6 +29,12 @@ CROP_MARGIN = 4
 # Training crops closer: its prepared arrays are padded by half a patch of zeros afterwards, which is the
 # context an edge patch needs, so a wider margin would only store more background in every cached case.
 TRAINING_CROP_MARGIN = 2
+# A modality skull-stripped on its own, or acquired over fewer slices, is zero over part of the brain the others
+# cover. Z-scored with the rest, those zeros read as tissue darker than any, and rims of 1-3 voxels cost a case
+# its enhancing tumour (EXPERIMENTS round 62). A modality zero over more than this share of the brain is
+# z-scored over its nonzero voxels and read as average (z = 0) where it is zero. Below it (a few dark voxels
+# stored as 0; our phantoms reach 0.02%) nothing changes.
+MAX_UNCOVERED_SHARE = 0.01
 
 
 @dataclass
@@ -48,7 +54,8 @@ def brain_mask(image: Volume) -> Volume:
 
 
 def normalise(image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    """Z-score each modality inside the brain; outside-brain voxels stay 0."""
+    """Z-score each modality inside the brain; outside-brain voxels stay 0. A modality that does not cover
+    the brain (`uncovered`) reads as average (z = 0) where it is zero."""
     if image.ndim != 4:
         raise ValueError(f"expected (C, D, H, W) image, got shape {image.shape}")
     mask = brain_mask(image) if mask is None else mask
@@ -58,13 +65,29 @@ def normalise(image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     for c in range(image.shape[0]):
         values = image[c][mask]
         mean, std = zscore_parameters(values)
-        out[c][mask] = ((values.astype(np.float64) - mean) / std).astype(np.float32)
+        z = ((values.astype(np.float64) - mean) / std).astype(np.float32)
+        zero = uncovered(values)
+        if zero is not None:
+            z[zero] = 0
+        out[c][mask] = z
     return out
 
 
+def uncovered(values: np.ndarray) -> np.ndarray | None:
+    """Where a modality's brain ``values`` are zero, when that is over `MAX_UNCOVERED_SHARE` of them (the
+    modality does not cover the brain the others do); None otherwise."""
+    zero = values == 0
+    return zero if np.count_nonzero(zero) > MAX_UNCOVERED_SHARE * values.size else None
+
+
 def zscore_parameters(values: np.ndarray) -> tuple[float, float]:
-    """Mean and standard deviation (1 where it is 0) of a modality's brain ``values``, in float64: what
-    `normalise` z-scores by, and post-processing's enhancement check with it."""
+    """Mean and standard deviation (1 where it is 0) of a modality's brain ``values``, in float64, over the
+    nonzero ones where it does not cover the brain (`uncovered`): what `normalise` z-scores by, and
+    post-processing's enhancement check with it."""
+    zero = uncovered(values)
+    values = values if zero is None else values[~zero]
+    if values.size == 0:
+        return 0.0, 1.0
     std = float(values.std(dtype=np.float64))
     return float(values.mean(dtype=np.float64)), std if std > 0 else 1.0
 
@@ -402,13 +425,14 @@ def correct_bias(image: np.ndarray, names: list[str] | None = None, exclude: np.
 
 
 def _lift_if_normalised(channel: np.ndarray, brain: np.ndarray) -> None:
-    """Lift one modality's brain voxels, in place, so that its lowest is `N4_LIFT_FLOOR` of its range, when
-    over `NORMALISED_NEGATIVE_SHARE` of them are negative (an image normalised before it reached us)."""
-    values = channel[brain]
+    """Lift one modality's nonzero brain voxels, in place, so that its lowest is `N4_LIFT_FLOOR` of its range,
+    when over `NORMALISED_NEGATIVE_SHARE` of them are negative (an image normalised before it reached us)."""
+    own = brain & (channel != 0)  # where it is zero the modality does not cover the brain: it stays 0
+    values = channel[own]
     if values.size == 0 or np.count_nonzero(values < 0) <= NORMALISED_NEGATIVE_SHARE * values.size:
         return
     low, high = float(values.min()), float(values.max())
-    channel[brain] = values - low + (N4_LIFT_FLOOR * (high - low) or 1.0)  # 1.0: a constant negative channel
+    channel[own] = values - low + (N4_LIFT_FLOOR * (high - low) or 1.0)  # 1.0: a constant negative channel
 
 
 def enclosed_in_a_slice(mask: np.ndarray) -> np.ndarray:
