@@ -17,7 +17,7 @@ import numpy as np
 
 from .case_warnings import CaseWarning, WarningCode
 from .conventions import Modality
-from .preprocess import MAX_UNCOVERED_SHARE
+from .preprocess import uncovered
 
 # BraTS images are skull-stripped: zero outside the brain, so the volume's border is background. A case
 # whose border is mostly nonzero in some modality (an unstripped head, or a scanner's noise floor) is read
@@ -129,14 +129,15 @@ def _csf_contrast(voxels: np.ndarray, modalities: Sequence[Modality]) -> float |
 class ImageChecks:
     """What the checks measured on a case's images, which `predict --report` records (``image_checks``) so
     that a user sees how near each case came to a warning: the share of the volume's border that is nonzero,
-    the brain's volume in ml, each modality's share of the brain (where it is nonzero), Pearson's r of every
-    pair of modalities inside the brain (None where a channel is constant) and the CSF contrast (None where
-    the brain is under `MIN_CSF_CHECK_BRAIN_ML`)."""
+    the brain's volume in ml, each modality's share of the brain that it leaves uncovered (its gap,
+    `preprocess.uncovered`: 0 unless over 1%), Pearson's r of every pair of modalities inside the brain (None
+    where a channel is constant) and the CSF contrast (None where the brain is under
+    `MIN_CSF_CHECK_BRAIN_ML`)."""
 
     modalities: tuple[str, ...]
     border_share: float
     brain_ml: float
-    coverage: tuple[float, ...]  # per modality, the share of the brain where it is nonzero
+    uncovered: tuple[float, ...]  # per modality, the share of the brain in its gap (`preprocess.uncovered`)
     correlations: dict[tuple[int, int], float | None]
     csf_contrast: float | None
 
@@ -149,14 +150,13 @@ class ImageChecks:
                                         f"{self.border_share:.0%} of the volume's border is nonzero: is the case "
                                         "skull-stripped? every nonzero voxel is read as brain"))
         names = self.modalities
-        partial = [f"{name} {share:.0%}" for name, share in zip(names, self.coverage)
-                   if 1 - share > MAX_UNCOVERED_SHARE]
+        partial = [f"{name} {share:.0%}" for name, share in zip(names, self.uncovered) if share > 0]
         if partial:
             warnings.append(CaseWarning(
                 WarningCode.PARTIAL_COVERAGE,
-                f"not every modality covers the brain the others do ({', '.join(partial)} of it; skull-stripped "
-                "one by one? acquired over fewer slices?): where one is zero it is read as average, and the labels "
-                "there are less reliable"))
+                f"not every modality covers the brain the others do (zero, up to the brain's edge, over "
+                f"{', '.join(partial)} of it; skull-stripped one by one? acquired over fewer slices?): read as "
+                "average there, where the labels are less reliable"))
         for (a, b), r in self.correlations.items():
             if r is not None and r >= COPIED_MODALITY_CORRELATION:
                 warnings.append(CaseWarning(
@@ -175,7 +175,7 @@ class ImageChecks:
     def as_report(self) -> dict:
         """The measurements as the report's JSON holds them (pairs named ``flair/t1``, 4 decimals)."""
         return {"border_share": round(self.border_share, 4), "brain_ml": round(self.brain_ml, 1),
-                "coverage": {name: round(share, 4) for name, share in zip(self.modalities, self.coverage)},
+                "uncovered": {name: round(share, 4) for name, share in zip(self.modalities, self.uncovered)},
                 "correlations": {f"{self.modalities[a]}/{self.modalities[b]}": _rounded(r)
                                  for (a, b), r in self.correlations.items()},
                 "csf_contrast": _rounded(self.csf_contrast)}
@@ -193,8 +193,9 @@ def check_images(image: np.ndarray, modalities: Sequence[Modality], voxel_ml: fl
     brain = (image != 0).any(0)
     voxels = _brain_sample(image, brain)  # sampled once for both measures below
     brain_ml = float(np.count_nonzero(brain)) * voxel_ml
-    coverage = tuple(float(np.count_nonzero(channel)) / max(channel.size, 1) for channel in voxels)
-    return ImageChecks(tuple(m.value for m in modalities), nonzero_border_share(image), brain_ml, coverage,
+    gaps = [uncovered(channel, brain) for channel in image]
+    shares = tuple(0.0 if gap is None else np.count_nonzero(gap) / np.count_nonzero(brain) for gap in gaps)
+    return ImageChecks(tuple(m.value for m in modalities), nonzero_border_share(image), brain_ml, shares,
                        _correlations(voxels),
                        _csf_contrast(voxels, modalities) if brain_ml >= MIN_CSF_CHECK_BRAIN_ML else None)
 

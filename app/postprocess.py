@@ -65,7 +65,7 @@ from .options import (
     KeepLargest,
     parse_option,
 )
-from .preprocess import bounding_box, enclosed_in_a_slice, zscore_parameters
+from .preprocess import bounding_box, enclosed_in_a_slice, zscore
 
 # 26-connectivity: components touching at a corner are one tumour.
 CONNECTIVITY = 26
@@ -295,14 +295,8 @@ def enhancement(enhancing: np.ndarray, t1c: np.ndarray, t1: np.ndarray) -> float
     around = ndimage.binary_dilation(inside, iterations=ENHANCEMENT_SHELL) & ~inside & brain[box]
     if not around.any():
         return float("inf")  # nothing to compare with: leave the ET as it is
-    difference = _zscore(t1c, brain, box) - _zscore(t1, brain, box)
+    difference = zscore(t1c, brain)[box] - zscore(t1, brain)[box]  # each z-scored as the networks read it
     return float(np.median(difference[inside]) - np.median(difference[around]))
-
-
-def _zscore(image: np.ndarray, brain: np.ndarray, box: tuple[slice, ...]) -> np.ndarray:
-    """``image`` over ``box``, z-scored by its statistics over the whole ``brain`` (as `normalise` would)."""
-    mean, std = zscore_parameters(image[brain])
-    return (image[box] - mean) / std
 
 
 def _largest_component(mask: np.ndarray) -> int:

@@ -31,9 +31,10 @@ CROP_MARGIN = 4
 TRAINING_CROP_MARGIN = 2
 # A modality skull-stripped on its own, or acquired over fewer slices, is zero over part of the brain the others
 # cover. Z-scored with the rest, those zeros read as tissue darker than any, and rims of 1-3 voxels cost a case
-# its enhancing tumour (EXPERIMENTS round 62). A modality zero over more than this share of the brain is
-# z-scored over its nonzero voxels and read as average (z = 0) where it is zero. Below it (a few dark voxels
-# stored as 0; our phantoms reach 0.02%) nothing changes.
+# its enhancing tumour (EXPERIMENTS round 62). Such a gap is zero in one piece with the background outside the
+# brain; zeros the modality's own tissue encloses (a ventricle's CSF stored as 0 on a FLAIR) are its values. Where
+# a modality's gap holds more than this share of the brain, it is z-scored over the rest and read as average
+# (z = 0) in the gap. Below it nothing changes (our phantoms hold 0.02% of zeros inside the brain at most).
 MAX_UNCOVERED_SHARE = 0.01
 
 
@@ -54,8 +55,7 @@ def brain_mask(image: Volume) -> Volume:
 
 
 def normalise(image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    """Z-score each modality inside the brain; outside-brain voxels stay 0. A modality that does not cover
-    the brain (`uncovered`) reads as average (z = 0) where it is zero."""
+    """Z-score each modality inside the brain (`zscore`); outside-brain voxels stay 0."""
     if image.ndim != 4:
         raise ValueError(f"expected (C, D, H, W) image, got shape {image.shape}")
     mask = brain_mask(image) if mask is None else mask
@@ -63,29 +63,40 @@ def normalise(image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     if not mask.any():
         return out
     for c in range(image.shape[0]):
-        values = image[c][mask]
-        mean, std = zscore_parameters(values)
-        z = ((values.astype(np.float64) - mean) / std).astype(np.float32)
-        zero = uncovered(values)
-        if zero is not None:
-            z[zero] = 0
-        out[c][mask] = z
+        out[c] = zscore(image[c], mask)
     return out
 
 
-def uncovered(values: np.ndarray) -> np.ndarray | None:
-    """Where a modality's brain ``values`` are zero, when that is over `MAX_UNCOVERED_SHARE` of them (the
-    modality does not cover the brain the others do); None otherwise."""
-    zero = values == 0
-    return zero if np.count_nonzero(zero) > MAX_UNCOVERED_SHARE * values.size else None
+def zscore(channel: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """One (D, H, W) modality z-scored inside ``brain`` (0 outside), by its statistics over the brain less its
+    `uncovered` gap, where it reads 0 (average): what `normalise` gives each modality, and post-processing's
+    enhancement check reads."""
+    gap = uncovered(channel, brain)
+    scored = brain if gap is None else brain & ~gap
+    mean, std = zscore_parameters(channel[scored])
+    out = np.zeros(channel.shape, np.float32)
+    out[scored] = ((channel[scored].astype(np.float64) - mean) / std).astype(np.float32)
+    return out
+
+
+def uncovered(channel: np.ndarray, brain: np.ndarray) -> np.ndarray | None:
+    """The gap of a (D, H, W) modality: its zeros inside ``brain`` that are one piece (6-connected) with its
+    zeros outside the brain or on the volume's faces, when they hold over `MAX_UNCOVERED_SHARE` of the brain
+    (a rim or slab it does not cover); None otherwise, and always when few of its brain voxels are zero."""
+    limit = MAX_UNCOVERED_SHARE * np.count_nonzero(brain)
+    zero = channel == 0
+    if np.count_nonzero(zero & brain) <= limit:
+        return None
+    pieces, _ = ndimage.label(zero)
+    faces = [pieces[i] for i in (0, -1)] + [pieces[:, i] for i in (0, -1)] + [pieces[..., i] for i in (0, -1)]
+    outside = np.union1d(np.unique(pieces[zero & ~brain]), np.unique(np.concatenate([f.ravel() for f in faces])))
+    gap = brain & np.isin(pieces, outside[outside > 0])
+    return gap if np.count_nonzero(gap) > limit else None
 
 
 def zscore_parameters(values: np.ndarray) -> tuple[float, float]:
-    """Mean and standard deviation (1 where it is 0) of a modality's brain ``values``, in float64, over the
-    nonzero ones where it does not cover the brain (`uncovered`): what `normalise` z-scores by, and
-    post-processing's enhancement check with it."""
-    zero = uncovered(values)
-    values = values if zero is None else values[~zero]
+    """Mean and standard deviation (1 where it is 0) of a modality's brain ``values``, in float64 (0 and 1
+    for none)."""
     if values.size == 0:
         return 0.0, 1.0
     std = float(values.std(dtype=np.float64))

@@ -7,7 +7,7 @@ from app.case_warnings import WarningCode
 from app.conventions import MODALITY_ORDER
 from app.plausibility import check_images
 from app.postprocess import enhancement
-from app.preprocess import MAX_UNCOVERED_SHARE, brain_mask, normalise, zscore_parameters
+from app.preprocess import MAX_UNCOVERED_SHARE, brain_mask, normalise, uncovered, zscore_parameters
 
 
 def _case(seed: int = 0) -> np.ndarray:
@@ -61,12 +61,25 @@ def test_the_enhancement_check_reads_a_stripped_modality_as_normalise_does():
     assert abs(enhancement(et, rimmed, t1) - enhancement(et, t1c, t1)) < 0.15 * enhancement(et, t1c, t1)
 
 
-def test_the_image_checks_measure_each_modality_s_share_of_the_brain_and_warn_below_99_percent():
+def test_zeros_the_modality_s_own_tissue_encloses_are_its_values_not_a_gap():
+    """A FLAIR whose ventricle (5% of the brain) is stored as 0 reads as before: those zeros are enclosed by
+    its own tissue, not one piece with the background, so they count as its darkest values."""
+    image = _case(4)
+    brain = brain_mask(image)
+    image[0, 7:13, 9:15, 10:18] = 0
+    assert 0.03 < np.count_nonzero(brain & (image[0] == 0)) / brain.sum() < 0.1
+    assert uncovered(image[0], brain) is None
+    values = image[0][brain].astype(np.float64)
+    np.testing.assert_allclose(normalise(image)[0][brain], (values - values.mean()) / values.std(), atol=1e-5)
+    assert check_images(image, MODALITY_ORDER, 0.001).warnings() == []
+
+
+def test_the_image_checks_measure_each_modality_s_gap_and_warn_over_1_percent():
     image = _case(3)
-    assert check_images(image, MODALITY_ORDER, 0.001).coverage == (1.0, 1.0, 1.0, 1.0)
-    image[3, 2:18, 3:21, 4:7] = 0  # T2 missing three of the brain's 20 columns
+    assert check_images(image, MODALITY_ORDER, 0.001).uncovered == (0.0, 0.0, 0.0, 0.0)
+    image[3, 2:18, 3:21, 4:7] = 0  # T2 missing three of the brain's 20 columns, at its edge
     checks = check_images(image, MODALITY_ORDER, 0.001)
-    assert checks.coverage[3] < 0.9 and checks.coverage[:3] == (1.0, 1.0, 1.0)
+    assert checks.uncovered[3] == 0.15 and checks.uncovered[:3] == (0.0, 0.0, 0.0)
     [warning] = checks.warnings()
-    assert warning.code is WarningCode.PARTIAL_COVERAGE and f"t2 {checks.coverage[3]:.0%} of it" in warning.message
-    assert checks.as_report()["coverage"]["t2"] == round(checks.coverage[3], 4)
+    assert warning.code is WarningCode.PARTIAL_COVERAGE and "over t2 15% of it" in warning.message
+    assert checks.as_report()["uncovered"] == {"flair": 0.0, "t1": 0.0, "t1c": 0.0, "t2": 0.15}

@@ -90,7 +90,7 @@ def test_the_measurements_behind_the_warnings_are_kept_for_the_report():
     assert small.warnings() == content_warnings(image, MODALITY_ORDER, 0.001)
     assert [w.code for w in small.warnings()] == [WarningCode.COPIED_MODALITY]
     report = json.loads(json.dumps(small.as_report(), allow_nan=False))
-    assert set(report) == {"border_share", "brain_ml", "correlations", "csf_contrast"}
+    assert set(report) == {"border_share", "brain_ml", "uncovered", "correlations", "csf_contrast"}
     assert report["border_share"] == 0.0 and report["csf_contrast"] is None
     assert set(report["correlations"]) == {"flair/t1", "flair/t1c", "flair/t2", "t1/t1c", "t1/t2", "t1c/t2"}
     assert report["correlations"]["t1/t1c"] == 1.0 and report["correlations"]["t1/t2"] is None
