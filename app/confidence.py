@@ -49,8 +49,6 @@ FAR_EDEMA_MM = 25.0
 FAR_EDEMA_SHARE = 0.5
 FAR_EDEMA_WARNING = ("most of the edema lies over {mm:.0f} mm from the core ({share:.0%}), as where grey matter is "
                      "taken for edema: review the whole tumour")
-
-
 # Probabilities under this floor are ignored: thousands of voxels at p = 0.01 far from any tumour would
 # otherwise weigh as much as a real doubt at the border.
 _FLOOR = 0.1
