@@ -32,7 +32,7 @@ from .conventions import (
     Modality,
 )
 from .errors import one_line
-from .plausibility import ImageChecks, check_images, stored_background
+from .plausibility import HOT_VOXEL_FACTOR, ImageChecks, check_images, hot_voxel_ceiling, stored_background
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -601,7 +601,8 @@ def load_case(case: CaseFiles) -> LoadedCase:
     """Read and validate a case's four modalities into one float32 array (4, D, H, W).
 
     NaN/Inf voxels become 0 (background) with a warning, as does a background stored as another value than 0
-    (`plausibility.stored_background`), and images that may not be what their names say get
+    (`plausibility.stored_background`); voxels far brighter than any tissue are clipped, with a warning
+    (`plausibility.hot_voxel_ceiling`); and images that may not be what their names say get
     the warnings of `plausibility.check_images`, whose measurements the case keeps; an all-zero modality or
     disagreeing geometry is an error for this case.
     """
@@ -623,6 +624,7 @@ def load_case(case: CaseFiles) -> LoadedCase:
     assert reference is not None
     image = np.stack(channels)
     warnings.extend(_zero_stored_background(image, paths))
+    warnings.extend(_clip_hot_voxels(image, paths))
     checks = check_images(image, list(case.modalities), float(np.prod(reference.GetSpacing())) / 1000)
     warnings.extend(checks.warnings())
     try:
@@ -647,6 +649,23 @@ def _zero_stored_background(image: np.ndarray, paths: list[Path]) -> list[CaseWa
     return [CaseWarning(WarningCode.STORED_BACKGROUND,
                         f"background stored as a nonzero value, read as background (normalised over the whole "
                         f"volume?): {', '.join(stored)}")]
+
+
+def _clip_hot_voxels(image: np.ndarray, paths: list[Path]) -> list[CaseWarning]:
+    """Clip, in place, each modality's voxels above its `plausibility.hot_voxel_ceiling` to it (of ``paths``,
+    in channel order): a few spikes would otherwise stretch its z-scores. One warning names the files."""
+    clipped = []
+    for channel, path in zip(image, paths):
+        ceiling = hot_voxel_ceiling(channel)
+        if ceiling is not None:
+            hot = channel > ceiling
+            clipped.append(f"{path.name} ({np.count_nonzero(hot)} above {ceiling:.4g})")
+            channel[hot] = ceiling
+    if not clipped:
+        return []
+    return [CaseWarning(WarningCode.HOT_VOXELS,
+                        f"voxels far brighter than any tissue (over {HOT_VOXEL_FACTOR:g}x the 99.9th percentile) "
+                        f"clipped to that: {', '.join(clipped)}")]
 
 
 def _checked_array(case: CaseFiles, modality: Modality, path: Path, image: sitk.Image,

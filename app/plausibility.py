@@ -28,6 +28,11 @@ MAX_NONZERO_BORDER_SHARE = 0.5
 # WT Dice 0.14 and 0.18 on two phantoms (EXPERIMENTS round 62). When at least this share of a modality's
 # border holds one nonzero value, `io.load_case` reads that value as background.
 CONSTANT_BACKGROUND_SHARE = 0.9
+# A few voxels far brighter than any tissue (a reconstruction spike, an overflow in a conversion) stretch a
+# modality's z-scores until its tissues read alike: 20 voxels at 1000x a T1c's maximum took a case's TC from
+# 0.97 to 0.18 and its ET to 0 (EXPERIMENTS round 62). `io.load_case` clips voxels above this multiple of the
+# modality's 99.9th percentile inside the brain to it; tissue reaches 1.54x over 40 images of both generators.
+HOT_VOXEL_FACTOR = 3.0
 # A missing modality is sometimes filled with a copy of another (T1 for a T1c never acquired): what tells the
 # two apart is then lost, and the labels read from it are guessed. Distinct MR contrasts correlate far below
 # this inside the brain (at most 0.91 over 24 phantoms of both generators, EXPERIMENTS round 61); a copy,
@@ -82,6 +87,18 @@ def stored_background(channel: np.ndarray) -> float | None:
     if value == 0 or counts.max() < CONSTANT_BACKGROUND_SHARE * border.size or (channel == value).all():
         return None
     return float(value)
+
+
+def hot_voxel_ceiling(channel: np.ndarray) -> float | None:
+    """`HOT_VOXEL_FACTOR` times a (D, H, W) modality's 99.9th percentile over its nonzero voxels (read on every
+    second voxel along each axis: a tenth of the time, the same percentile within a few percent), when some
+    voxel lies above it; None otherwise."""
+    sample = channel[::2, ::2, ::2]
+    values = sample[sample != 0]
+    if values.size == 0:
+        return None
+    ceiling = HOT_VOXEL_FACTOR * float(np.percentile(values, 99.9))
+    return ceiling if ceiling > 0 and float(channel.max()) > ceiling else None
 
 
 def copied_modalities(image: np.ndarray) -> list[tuple[int, int, float]]:

@@ -36,7 +36,7 @@ from app.io import (
     write_image_atomic,
 )
 from app.phantoms import generate
-from app.plausibility import stored_background
+from app.plausibility import hot_voxel_ceiling, stored_background
 
 
 def _write(path: Path, array=None, spacing=(1.0, 1.0, 1.0)):
@@ -544,3 +544,29 @@ def test_a_background_stored_as_another_value_than_0_is_read_as_background(tmp_p
     assert stored_background(raw.image[0]) is None and stored_background(np.full((4, 5, 6), 3.0)) is None
     head = raw.image[0] + np.random.default_rng(0).uniform(1, 2, raw.image.shape[1:])  # a noise floor everywhere
     assert stored_background(head) is None
+
+
+def test_a_few_voxels_far_brighter_than_any_tissue_are_clipped_with_a_warning(tmp_path):
+    """Twenty spikes at 1000x a T1c's maximum are clipped to 3x its 99.9th percentile, above every tissue
+    voxel (one warning names the file and how many); every other voxel, and the case as generated, are read as
+    they are."""
+    [folder] = [Path(p) for p in generate(tmp_path / "in", 1, seed=64, size=(64, 64, 48))]
+    [case] = find_cases(tmp_path / "in").cases
+    raw = load_case(case)
+    assert raw.warnings == [] and hot_voxel_ceiling(raw.image[2]) is None
+    t1c = case.modalities[Modality.T1C]
+    image = sitk.ReadImage(str(t1c))
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    spikes = tuple(np.argwhere(array != 0)[::997][:20].T)
+    array[spikes] = array.max() * 1000
+    spiked = sitk.GetImageFromArray(array)
+    spiked.CopyInformation(image)
+    sitk.WriteImage(spiked, str(t1c))
+    loaded = load_case(case)
+    [warning] = loaded.warnings
+    assert warning.code is WarningCode.HOT_VOXELS and f"{t1c.name} (20 above " in warning.message
+    [ceiling] = np.unique(loaded.image[2][spikes])
+    assert raw.image[2].max() < ceiling < 3 * raw.image[2].max()
+    others = np.ones(array.shape, bool)
+    others[spikes] = False
+    np.testing.assert_array_equal(loaded.image[2][others], raw.image[2][others])
