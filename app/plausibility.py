@@ -17,7 +17,7 @@ import numpy as np
 
 from .case_warnings import CaseWarning, WarningCode
 from .conventions import Modality
-from .preprocess import uncovered
+from .preprocess import uncovered, volume_faces
 
 # BraTS images are skull-stripped: zero outside the brain, so the volume's border is background. A case
 # whose border is mostly nonzero in some modality (an unstripped head, or a scanner's noise floor) is read
@@ -69,7 +69,7 @@ def nonzero_border_share(image: np.ndarray) -> float:
     head with a noisy background."""
     if image.ndim != 4:
         raise ValueError(f"expected (C, D, H, W) image, got shape {image.shape}")
-    faces = [image[:, i] for i in (0, -1)] + [image[:, :, i] for i in (0, -1)] + [image[..., i] for i in (0, -1)]
+    faces = volume_faces(image)
     nonzero = sum(int((face != 0).any(0).sum()) for face in faces)
     return nonzero / sum(face[0].size for face in faces)
 
@@ -80,8 +80,7 @@ def stored_background(channel: np.ndarray) -> float | None:
     background of 0, a border of varied values (an unstripped head) or a constant image."""
     if channel.ndim != 3:
         raise ValueError(f"expected (D, H, W) modality, got shape {channel.shape}")
-    faces = [channel[i] for i in (0, -1)] + [channel[:, i] for i in (0, -1)] + [channel[..., i] for i in (0, -1)]
-    border = np.concatenate([face.ravel() for face in faces])
+    border = np.concatenate([face.ravel() for face in volume_faces(channel)])
     values, counts = np.unique(border, return_counts=True)
     value = values[counts.argmax()]
     if value == 0 or counts.max() < CONSTANT_BACKGROUND_SHARE * border.size or (channel == value).all():

@@ -88,10 +88,17 @@ def uncovered(channel: np.ndarray, brain: np.ndarray) -> np.ndarray | None:
     if np.count_nonzero(zero & brain) <= limit:
         return None
     pieces, _ = ndimage.label(zero)
-    faces = [pieces[i] for i in (0, -1)] + [pieces[:, i] for i in (0, -1)] + [pieces[..., i] for i in (0, -1)]
-    outside = np.union1d(np.unique(pieces[zero & ~brain]), np.unique(np.concatenate([f.ravel() for f in faces])))
+    faces = np.concatenate([face.ravel() for face in volume_faces(pieces)])
+    outside = np.union1d(np.unique(pieces[zero & ~brain]), np.unique(faces))
     gap = brain & np.isin(pieces, outside[outside > 0])
     return gap if np.count_nonzero(gap) > limit else None
+
+
+def volume_faces(array: np.ndarray) -> list[np.ndarray]:
+    """The six faces of an array's last three axes (D, H, W), leading axes kept: edges and corners appear
+    once per face they lie on."""
+    return ([array[..., i, :, :] for i in (0, -1)] + [array[..., :, i, :] for i in (0, -1)]
+            + [array[..., i] for i in (0, -1)])
 
 
 def zscore_parameters(values: np.ndarray) -> tuple[float, float]:
