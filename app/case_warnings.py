@@ -14,6 +14,7 @@ class WarningCode(str, Enum):
     # The images as read (app/io.py, app/plausibility.py)
     NONFINITE_VOXELS = "nonfinite_voxels"  # NaN/Inf voxels read as background
     STORED_BACKGROUND = "stored_background"  # a background stored as a nonzero value, read as background
+    NOISE_FLOOR = "noise_floor"  # a noise floor outside the brain, read as background
     HOT_VOXELS = "hot_voxels"  # voxels far brighter than any tissue, clipped
     UNSTRIPPED_BORDER = "unstripped_border"  # the volume's border mostly nonzero: not skull-stripped?
     PARTIAL_COVERAGE = "partial_coverage"  # a modality zero over part of the brain the others cover

@@ -32,7 +32,7 @@ from .conventions import (
     Modality,
 )
 from .errors import one_line
-from .plausibility import HOT_VOXEL_FACTOR, ImageChecks, check_images, hot_voxel_ceiling, stored_background
+from .plausibility import HOT_VOXEL_FACTOR, ImageChecks, check_images, hot_voxel_ceiling, noise_floor, stored_background
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -601,10 +601,10 @@ def load_case(case: CaseFiles) -> LoadedCase:
     """Read and validate a case's four modalities into one float32 array (4, D, H, W).
 
     NaN/Inf voxels become 0 (background) with a warning, as does a background stored as another value than 0
-    (`plausibility.stored_background`); voxels far brighter than any tissue are clipped, with a warning
-    (`plausibility.hot_voxel_ceiling`); and images that may not be what their names say get
-    the warnings of `plausibility.check_images`, whose measurements the case keeps; an all-zero modality or
-    disagreeing geometry is an error for this case.
+    (`plausibility.stored_background`) or over a noise floor (`plausibility.noise_floor`); voxels far brighter
+    than any tissue are clipped, with a warning (`plausibility.hot_voxel_ceiling`); and images that may not be
+    what their names say get the warnings of `plausibility.check_images`, whose measurements the case keeps;
+    an all-zero modality or disagreeing geometry is an error for this case.
     """
     warnings: list[CaseWarning] = []
     reference: sitk.Image | None = None
@@ -624,6 +624,7 @@ def load_case(case: CaseFiles) -> LoadedCase:
     assert reference is not None
     image = np.stack(channels)
     warnings.extend(_zero_stored_background(image, paths))
+    warnings.extend(_zero_noise_floor(image, paths))
     warnings.extend(_clip_hot_voxels(image, paths))
     checks = check_images(image, list(case.modalities), float(np.prod(reference.GetSpacing())) / 1000)
     warnings.extend(checks.warnings())
@@ -649,6 +650,20 @@ def _zero_stored_background(image: np.ndarray, paths: list[Path]) -> list[CaseWa
     return [CaseWarning(WarningCode.STORED_BACKGROUND,
                         f"background stored as a nonzero value, read as background (normalised over the whole "
                         f"volume?): {', '.join(stored)}")]
+
+
+def _zero_noise_floor(image: np.ndarray, paths: list[Path]) -> list[CaseWarning]:
+    """Set a case's noise floor around the brain (`plausibility.noise_floor`) to 0 in every modality, in
+    place: otherwise every voxel would be read as brain. One warning names the files and the floor's top."""
+    floor = noise_floor(image)
+    if floor is None:
+        return []
+    image[:, floor.background] = 0
+    named = ", ".join(f"{path.name} up to {ceiling:.4g}" for path, ceiling in zip(paths, floor.ceilings)
+                      if ceiling != 0)
+    return [CaseWarning(WarningCode.NOISE_FLOOR,
+                        f"a noise floor around the brain ({named}) read as background, as a skull-stripped case "
+                        "stores it (0); check that the case is skull-stripped")]
 
 
 def _clip_hot_voxels(image: np.ndarray, paths: list[Path]) -> list[CaseWarning]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from itertools import combinations
 
 import numpy as np
+from scipy import ndimage
 
 from .case_warnings import CaseWarning, WarningCode
 from .conventions import Modality
@@ -21,8 +22,24 @@ from .preprocess import uncovered, volume_faces
 
 # BraTS images are skull-stripped: zero outside the brain, so the volume's border is background. A case
 # whose border is mostly nonzero in some modality (an unstripped head, or a scanner's noise floor) is read
-# as if every nonzero voxel were brain, and gets a warning saying so.
+# as if every nonzero voxel were brain, and gets a warning saying so, unless its border is a noise floor
+# (`noise_floor`, below).
 MAX_NONZERO_BORDER_SHARE = 0.5
+# A brain stored over its scanner's noise floor (magnitude images are never 0 outside the head, and a stripping
+# tool may mask with it) has a border of small varied values, and every voxel was then read as brain: WT 0.90
+# -> 0.12 on six phantoms with a floor at 2% of the brain's median (EXPERIMENTS round 63). Where the border is
+# mostly nonzero, the voxels within the border's range in every modality (its 0.1st to 99.9th percentile,
+# which leaves out the outliers of a long-tailed noise) that are one piece with the volume's faces are read as
+# background, and so are the specks above that range they enclose (pieces under this share of the rest) ...
+NOISE_FLOOR_PERCENTILE = 99.9
+NOISE_SPECK_SHARE = 1e-3
+# ... when the floor is a floor: in each modality whose border is nonzero, the range's top lies under this
+# share of the median of the brain it leaves (0.19 for a Rician floor at 5% of it; a floor at 13% reaches
+# 0.5). A head whose tissue fills the border gives a range as wide as its tissue's, and stays as it is.
+MAX_NOISE_FLOOR_SHARE = 0.5
+# A skull-stripped adult brain holds 1,000-1,900 ml; more nonzero voxels than this (an unstripped head stored
+# over a background of 0, or whose noise floor was read as background) earn the unstripped warning too.
+MAX_BRAIN_ML = 2500.0
 # Images normalised over the whole volume (z-scored with their background, as some pipelines do) store the
 # background as one nonzero value (about -0.4 on BraTS-sized phantoms), and every voxel is then read as brain:
 # WT Dice 0.14 and 0.18 on two phantoms (EXPERIMENTS round 62). When at least this share of a modality's
@@ -86,6 +103,54 @@ def stored_background(channel: np.ndarray) -> float | None:
     if value == 0 or counts.max() < CONSTANT_BACKGROUND_SHARE * border.size or (channel == value).all():
         return None
     return float(value)
+
+
+@dataclass(frozen=True)
+class NoiseFloor:
+    """A noise floor around the brain (`noise_floor`): ``background``, the (D, H, W) voxels read as background,
+    and ``ceilings``, each modality's highest value read as the floor (0 where its border is 0)."""
+
+    background: np.ndarray
+    ceilings: tuple[float, ...]
+
+
+def noise_floor(image: np.ndarray) -> NoiseFloor | None:
+    """The noise floor a (C, D, H, W) case stores its background as: where over `MAX_NONZERO_BORDER_SHARE` of
+    its border is nonzero, the voxels within the border's range in every modality that are one piece with the
+    volume's faces, with the specks they enclose; None where the border is mostly 0, or where what that leaves
+    is not a brain over a floor (`MAX_NOISE_FLOOR_SHARE`)."""
+    if nonzero_border_share(image) <= MAX_NONZERO_BORDER_SHARE:
+        return None
+    within = np.ones(image.shape[1:], bool)
+    ceilings = []
+    for channel in image:
+        border = np.concatenate([face.ravel() for face in volume_faces(channel)])
+        low, high = np.percentile(border, [100 - NOISE_FLOOR_PERCENTILE, NOISE_FLOOR_PERCENTILE])
+        within &= (channel >= low) & (channel <= high)
+        ceilings.append(float(high))
+    background = _touching_faces(within)
+    brain_pieces, count = ndimage.label(~background)
+    sizes = np.bincount(brain_pieces.ravel(), minlength=count + 1)
+    specks = sizes < NOISE_SPECK_SHARE * sizes[1:].sum()
+    specks[0] = True  # label 0 is the background itself
+    background = specks[brain_pieces]
+    brain = ~background
+    if not brain.any():
+        return None
+    for channel, ceiling in zip(image, ceilings):
+        if ceiling != 0 and ceiling >= MAX_NOISE_FLOOR_SHARE * float(np.median(channel[brain])):
+            return None
+    return NoiseFloor(background, tuple(ceilings))
+
+
+def _touching_faces(mask: np.ndarray) -> np.ndarray:
+    """The voxels of a (D, H, W) mask in pieces (6-connected) that reach a face of the volume."""
+    pieces, count = ndimage.label(mask)
+    touching = np.zeros(count + 1, bool)
+    for face in volume_faces(pieces):
+        touching[np.unique(face)] = True
+    touching[0] = False
+    return touching[pieces]
 
 
 def hot_voxel_ceiling(channel: np.ndarray) -> float | None:
@@ -165,6 +230,10 @@ class ImageChecks:
             warnings.append(CaseWarning(WarningCode.UNSTRIPPED_BORDER,
                                         f"{self.border_share:.0%} of the volume's border is nonzero: is the case "
                                         "skull-stripped? every nonzero voxel is read as brain"))
+        elif self.brain_ml > MAX_BRAIN_ML:
+            warnings.append(CaseWarning(WarningCode.UNSTRIPPED_BORDER,
+                                        f"{self.brain_ml:.0f} ml of nonzero voxels, more than a brain holds: is "
+                                        "the case skull-stripped? every nonzero voxel is read as brain"))
         names = self.modalities
         partial = [f"{name} {share:.0%}" for name, share in zip(names, self.uncovered) if share > 0]
         if partial:

@@ -546,6 +546,46 @@ def test_a_background_stored_as_another_value_than_0_is_read_as_background(tmp_p
     assert stored_background(head) is None
 
 
+def _write_like(path: Path, array: np.ndarray) -> None:
+    """Overwrite a NIfTI file with ``array`` (float32), keeping its geometry."""
+    image = sitk.ReadImage(str(path))
+    written = sitk.GetImageFromArray(array.astype(np.float32))
+    written.CopyInformation(image)
+    sitk.WriteImage(written, str(path))
+
+
+def test_a_noise_floor_around_the_brain_is_read_as_background(tmp_path):
+    """A brain stored over a Rician noise floor (every modality, at 5% of its brain's median) is read as the
+    skull-stripped brain it is: none of it lost, a few specks at its surface more, its voxels as they were, and
+    one warning naming each file and the floor's top. A border whose values span a tissue's (a head filling
+    the volume) is left as it is, with the unstripped warning."""
+    generate(tmp_path / "in", 1, seed=65, size=(64, 64, 48))
+    [case] = find_cases(tmp_path / "in").cases
+    raw = load_case(case)
+    assert raw.warnings == []
+    brain = (raw.image != 0).any(0)
+    rng = np.random.default_rng(0)
+    for path, channel in zip(case.modalities.values(), raw.image):
+        sigma = 0.05 * np.median(channel[brain])
+        floor = np.hypot(rng.normal(0, sigma, brain.shape), rng.normal(0, sigma, brain.shape))
+        _write_like(path, np.where(brain, channel, floor))
+    loaded = load_case(case)
+    [warning] = loaded.warnings
+    assert warning.code is WarningCode.NOISE_FLOOR and warning.message.startswith("a noise floor around the brain")
+    assert all(f"{path.name} up to " in warning.message for path in case.modalities.values())
+    found = (loaded.image != 0).any(0)
+    assert not (brain & ~found).any() and 0 <= np.count_nonzero(found & ~brain) < 0.01 * np.count_nonzero(brain)
+    np.testing.assert_array_equal(loaded.image[:, brain], raw.image[:, brain])
+
+    t1 = raw.image[list(case.modalities).index(Modality.T1)]
+    low, high = np.percentile(t1[brain], [5, 95])
+    _write_like(case.modalities[Modality.T1], np.where(brain, t1, rng.uniform(low, high, brain.shape)))
+    head = load_case(case)
+    assert [w.code for w in head.warnings] == [WarningCode.UNSTRIPPED_BORDER]
+    assert "is the case skull-stripped?" in head.warnings[0].message
+    assert (head.image != 0).any(0).all()
+
+
 def test_a_few_voxels_far_brighter_than_any_tissue_are_clipped_with_a_warning(tmp_path):
     """Twenty spikes at 1000x a T1c's maximum are clipped to 3x its 99.9th percentile, above every tissue
     voxel (one warning names the file and how many); every other voxel, and the case as generated, are read as

@@ -33,6 +33,17 @@ def test_nonzero_border_share_tells_a_stripped_brain_from_a_noisy_head():
         nonzero_border_share(image[0])
 
 
+def test_more_nonzero_voxels_than_a_brain_holds_earn_the_unstripped_warning():
+    """A head stored over a background of 0 has a border of 0 but more nonzero voxels than a brain (2,500 ml):
+    the unstripped warning; the same voxels read as a small brain's earn none."""
+    image = _phantom_image(0, DEFAULT_RANGES)
+    voxels = np.count_nonzero((image != 0).any(0))
+    assert content_warnings(image, MODALITY_ORDER, 0.001) == []
+    warnings = content_warnings(image, MODALITY_ORDER, 3000 / voxels)
+    [warning] = [w for w in warnings if w.code is WarningCode.UNSTRIPPED_BORDER]
+    assert warning.message.startswith("3000 ml of nonzero voxels, more than a brain holds: is the case skull-stripped?")
+
+
 @pytest.mark.parametrize("ranges", [DEFAULT_RANGES, WIDE_RANGES], ids=["training", "wide"])
 def test_a_modality_filled_with_a_copy_of_another_is_found_and_distinct_ones_are_not(ranges):
     """T1 copied into T1c's place, rescaled and rounded as a converter stores it, is one image; four distinct

@@ -329,19 +329,32 @@ def test_nan_and_inf_voxels_warn_and_work(cohort, weights):
     assert len(list(out.iterdir())) == 2
 
 
-def test_unstripped_case_warns_and_works(cohort, weights):
-    """A noisy background in one modality (as an unstripped head has) is segmented with a warning that
-    names it; the skull-stripped case beside it gets none."""
-    noisy, clean = sorted(cohort.iterdir())
-    path = next(noisy.glob("*-t1n.nii.gz"))
-    array = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.float32)
-    background = array == 0
-    array[background] = np.random.default_rng(0).uniform(1, 20, int(background.sum()))
-    _rewrite(path, array)
-    result, out = _predict(cohort, weights)
+def test_a_noise_floor_and_an_unstripped_border_warn_and_work(cohort, weights, tmp_path):
+    """A noise floor around one modality's brain (small values: 1-20 where its tissue reads hundreds) is read
+    as background, so the report's brain is the skull-stripped one, with a warning naming it; a border of
+    tissue-like values (as an unstripped head has) is segmented as it is, with the unstripped warning."""
+    floored, head = sorted(cohort.iterdir())
+    brain_ml = {}
+    for case, fill in ((floored, lambda rng, n, _: rng.uniform(1, 20, n)),
+                       (head, lambda rng, n, tissue: rng.uniform(*np.percentile(tissue, [5, 95]), n))):
+        path = next(case.glob("*-t1n.nii.gz"))
+        image = sitk.ReadImage(str(path))
+        array = sitk.GetArrayFromImage(image).astype(np.float32)
+        background = array == 0
+        brain_ml[case.name] = np.count_nonzero(~background) * np.prod(image.GetSpacing()) / 1000
+        array[background] = fill(np.random.default_rng(0), int(background.sum()), array[~background])
+        _rewrite(path, array)
+    report = tmp_path / "report.json"
+    result, out = _predict(cohort, weights, "--report", str(report))
     assert result.returncode == 0, result.stderr
+    [warned] = [line for line in result.stderr.splitlines() if "noise floor" in line]
+    assert warned.startswith(f"{floored.name}: ok") and "a noise floor around the brain (" in warned
     [warned] = [line for line in result.stderr.splitlines() if "is the case skull-stripped?" in line]
-    assert warned.startswith(f"{noisy.name}: ok") and "100% of the volume's border is nonzero" in warned
+    assert warned.startswith(f"{head.name}: ok") and "100% of the volume's border is nonzero" in warned
+    cases = {c["case_id"]: c for c in json.loads(report.read_text())["cases"]}
+    assert cases[floored.name]["warning_codes"][0] == "noise_floor"
+    assert cases[floored.name]["image_checks"]["brain_ml"] == pytest.approx(brain_ml[floored.name], rel=0.01)
+    assert cases[head.name]["image_checks"]["brain_ml"] > 1.5 * brain_ml[head.name]
     assert len(list(out.iterdir())) == 2
 
 
