@@ -20,6 +20,7 @@ class WarningCode(str, Enum):
     PARTIAL_COVERAGE = "partial_coverage"  # a modality zero over part of the brain the others cover
     COPIED_MODALITY = "copied_modality"  # two modalities hold the same image
     SWAPPED_FLAIR_T2 = "swapped_flair_t2"  # FLAIR and T2 look named the other way round
+    SWAPPED_T1_T1C = "swapped_t1_t1c"  # T1 and T1c look named the other way round
     # The grid the networks read (app/preprocess.py): informational, the labels come back on the case's grid
     REORIENTED = "reoriented"
     RESAMPLED = "resampled"

@@ -372,6 +372,22 @@ def test_load_case_warns_of_flair_and_t2_files_whose_names_are_exchanged(tmp_pat
     assert warning.code is WarningCode.SWAPPED_FLAIR_T2 and warning.message.startswith("flair and t2 look swapped")
 
 
+def test_load_case_warns_of_t1_and_t1c_files_whose_names_are_exchanged(tmp_path):
+    """A BraTS-sized case whose tumour enhances earns no warning, and its enhancement shows as a long upper
+    tail of z(t1c) - z(t1); with its t1n and t1c files' names exchanged the tail is the lower one, and it earns
+    the swap warning."""
+    [folder] = [Path(p) for p in generate(tmp_path / "in", 1, seed=63, start=2)]
+    [case] = find_cases(tmp_path / "in").cases
+    named_right = load_case(case)
+    assert named_right.warnings == [] and named_right.checks.enhancement_asymmetry > 2
+    t1, t1c = next(folder.glob("*-t1n.nii.gz")), next(folder.glob("*-t1c.nii.gz"))
+    t1.rename(tmp_path / "t1"), t1c.rename(t1), (tmp_path / "t1").rename(t1c)
+    swapped = load_case(case)
+    [warning] = swapped.warnings
+    assert warning.code is WarningCode.SWAPPED_T1_T1C and warning.message.startswith("t1 and t1c look swapped")
+    assert swapped.checks.enhancement_asymmetry == pytest.approx(-named_right.checks.enhancement_asymmetry)
+
+
 def test_geometry_difference_names_each_property_with_both_values():
     a = sitk.Image(8, 7, 6, sitk.sitkInt16)
     b = sitk.Image(8, 7, 6, sitk.sitkInt16)

@@ -8,7 +8,14 @@ import pytest
 from app.case_warnings import WarningCode
 from app.conventions import MODALITY_ORDER, Modality
 from app.phantoms import DEFAULT_RANGES, WIDE_RANGES, make_phantom
-from app.plausibility import check_images, content_warnings, copied_modalities, csf_contrast, nonzero_border_share
+from app.plausibility import (
+    check_images,
+    content_warnings,
+    copied_modalities,
+    csf_contrast,
+    enhancement_asymmetry,
+    nonzero_border_share,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import signal_phantoms  # noqa: E402
@@ -87,6 +94,24 @@ def test_flair_and_t2_named_the_other_way_round_are_told_apart(generator):
         csf_contrast(image, MODALITY_ORDER[:3])
 
 
+def test_enhancement_asymmetry_reads_which_file_holds_the_enhancement():
+    """Where T1c is T1 plus noise the tails of z(t1c) - z(t1) balance; a blob far brighter on T1c (an
+    enhancing rim) lengthens the upper one, and the same files named the other way round give the negative.
+    Too few voxels both cover: None."""
+    rng = np.random.default_rng(0)
+    image = rng.normal(100, 10, (4, 40, 40, 40)).astype(np.float32)
+    t1, t1c = MODALITY_ORDER.index(Modality.T1), MODALITY_ORDER.index(Modality.T1C)
+    image[t1c] = 2 * image[t1] + rng.normal(0, 5, image.shape[1:])
+    assert abs(enhancement_asymmetry(image, MODALITY_ORDER)) < 0.5
+    image[t1c, 10:16, 10:16, 10:16] *= 2  # 0.3% of the voxels
+    asymmetry = enhancement_asymmetry(image, MODALITY_ORDER)
+    assert asymmetry > 2
+    swapped = [Modality.FLAIR, Modality.T1C, Modality.T1, Modality.T2]
+    assert enhancement_asymmetry(image, swapped) == pytest.approx(-asymmetry)
+    image[t1, 2:] = 0
+    assert enhancement_asymmetry(image, MODALITY_ORDER) is None
+
+
 def test_the_measurements_behind_the_warnings_are_kept_for_the_report():
     """`check_images` keeps what it measured: every pair's correlation (None for a constant channel, which the
     report's JSON writes as null), the border share, the brain's volume and, in a brain of 400 ml or more
@@ -101,8 +126,9 @@ def test_the_measurements_behind_the_warnings_are_kept_for_the_report():
     assert small.warnings() == content_warnings(image, MODALITY_ORDER, 0.001)
     assert [w.code for w in small.warnings()] == [WarningCode.COPIED_MODALITY]
     report = json.loads(json.dumps(small.as_report(), allow_nan=False))
-    assert set(report) == {"border_share", "brain_ml", "uncovered", "correlations", "csf_contrast"}
-    assert report["border_share"] == 0.0 and report["csf_contrast"] is None
+    assert set(report) == {"border_share", "brain_ml", "uncovered", "correlations", "csf_contrast",
+                           "enhancement_asymmetry"}
+    assert report["border_share"] == 0.0 and report["csf_contrast"] is None and report["enhancement_asymmetry"] is None
     assert set(report["correlations"]) == {"flair/t1", "flair/t1c", "flair/t2", "t1/t1c", "t1/t2", "t1c/t2"}
     assert report["correlations"]["t1/t1c"] == 1.0 and report["correlations"]["t1/t2"] is None
     assert -1 < report["correlations"]["flair/t1"] < 0.999
