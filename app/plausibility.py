@@ -71,7 +71,7 @@ DARKEST_T1_SHARE = 0.05
 # T1c is T1 after gadolinium: an enhancing tumour (and vessels, on real images) brightens on it, and nothing is
 # far brighter on T1 than on T1c. Over the brain both cover, z(t1c) - z(t1) then has a longer upper tail than
 # lower (`enhancement_asymmetry`: its 99.9th and 0.1st percentiles summed): -1.27 to 4.50 over 36 BraTS-sized
-# phantoms of both generators, 0.02 to 4.04 over 16 more (EXPERIMENTS round 63); the lowest are tumours that
+# phantoms of both generators, 0.00 to 4.04 over 16 more (EXPERIMENTS round 63); the lowest are tumours that
 # do not enhance, under our widest contrasts. Named the other way round, the same cases give the negative.
 # Below this the two are taken for swapped: a swap costs the enhancing tumour (six cases: ET 0 on each of the
 # four that have one, TC 0.75 -> 0.17). Brains under `MIN_CSF_CHECK_BRAIN_ML` are not checked, as for CSF.
