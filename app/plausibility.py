@@ -18,7 +18,7 @@ from scipy import ndimage
 
 from .case_warnings import CaseWarning, WarningCode
 from .conventions import Modality
-from .preprocess import uncovered, volume_faces
+from .preprocess import connected_to, face_mask, uncovered, volume_faces
 
 # BraTS images are skull-stripped: zero outside the brain, so the volume's border is background. A case
 # whose border is mostly nonzero in some modality (an unstripped head, or a scanner's noise floor) is read
@@ -136,7 +136,7 @@ def noise_floor(image: np.ndarray) -> NoiseFloor | None:
         low, high = np.percentile(border, [100 - NOISE_FLOOR_PERCENTILE, NOISE_FLOOR_PERCENTILE])
         within &= (channel >= low) & (channel <= high)
         ceilings.append(float(high))
-    background = _touching_faces(within)
+    background = connected_to(within, face_mask(within.shape))
     brain_pieces, count = ndimage.label(~background)
     sizes = np.bincount(brain_pieces.ravel(), minlength=count + 1)
     specks = sizes < NOISE_SPECK_SHARE * sizes[1:].sum()
@@ -149,16 +149,6 @@ def noise_floor(image: np.ndarray) -> NoiseFloor | None:
         if ceiling != 0 and ceiling >= MAX_NOISE_FLOOR_SHARE * float(np.median(channel[brain])):
             return None
     return NoiseFloor(background, tuple(ceilings))
-
-
-def _touching_faces(mask: np.ndarray) -> np.ndarray:
-    """The voxels of a (D, H, W) mask in pieces (6-connected) that reach a face of the volume."""
-    pieces, count = ndimage.label(mask)
-    touching = np.zeros(count + 1, bool)
-    for face in volume_faces(pieces):
-        touching[np.unique(face)] = True
-    touching[0] = False
-    return touching[pieces]
 
 
 def hot_voxel_ceiling(channel: np.ndarray) -> float | None:
@@ -250,7 +240,7 @@ class ImageChecks:
     uncovered: tuple[float, ...]  # per modality, the share of the brain in its gap (`preprocess.uncovered`)
     correlations: dict[tuple[int, int], float | None]
     csf_contrast: float | None
-    enhancement_asymmetry: float | None = None
+    enhancement_asymmetry: float | None
 
     def warnings(self) -> list[CaseWarning]:
         """The warnings these measurements earn: an unstripped border, a modality that does not cover the

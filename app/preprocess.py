@@ -87,11 +87,25 @@ def uncovered(channel: np.ndarray, brain: np.ndarray) -> np.ndarray | None:
     zero = channel == 0
     if np.count_nonzero(zero & brain) <= limit:
         return None
-    pieces, _ = ndimage.label(zero)
-    faces = np.concatenate([face.ravel() for face in volume_faces(pieces)])
-    outside = np.union1d(np.unique(pieces[zero & ~brain]), np.unique(faces))
-    gap = brain & np.isin(pieces, outside[outside > 0])
+    gap = brain & connected_to(zero, ~brain | face_mask(zero.shape))
     return gap if np.count_nonzero(gap) > limit else None
+
+
+def connected_to(mask: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """The voxels of a (D, H, W) ``mask`` in pieces (6-connected) that hold a voxel of ``seeds``."""
+    pieces, count = ndimage.label(mask)
+    reached = np.zeros(count + 1, bool)
+    reached[pieces[seeds]] = True
+    reached[0] = False  # voxels outside the mask
+    return reached[pieces]
+
+
+def face_mask(shape: tuple[int, ...]) -> np.ndarray:
+    """The voxels on the six faces of a (D, H, W) volume."""
+    faces = np.zeros(shape, bool)
+    for face in volume_faces(faces):
+        face[...] = True
+    return faces
 
 
 def volume_faces(array: np.ndarray) -> list[np.ndarray]:
