@@ -64,8 +64,9 @@ COPIED_MODALITY_CORRELATION = 0.999
 # A strongly blurred image, whose darkened brain edge fills the darkest 5% on T1, gives about 0: no warning,
 # whichever way it is named.)
 SWAPPED_CSF_CONTRAST = -0.2
-# A brain smaller than this (a test volume, a crop) is not checked for it: adult brains hold 1,000-1,500 ml.
-MIN_CSF_CHECK_BRAIN_ML = 400.0
+# A brain smaller than this (a test volume, a crop) is not checked for it, nor for T1 and T1c (below): adult
+# brains hold 1,000-1,500 ml.
+MIN_CHECKED_BRAIN_ML = 400.0
 # The share of brain voxels darkest on T1 that `csf_contrast` reads as CSF (with dark necrosis, if any).
 DARKEST_T1_SHARE = 0.05
 # T1c is T1 after gadolinium: an enhancing tumour (and vessels, on real images) brightens on it, and nothing is
@@ -74,7 +75,7 @@ DARKEST_T1_SHARE = 0.05
 # phantoms of both generators, 0.00 to 4.04 over 16 more (EXPERIMENTS round 63); the lowest are tumours that
 # do not enhance, under our widest contrasts. Named the other way round, the same cases give the negative.
 # Below this the two are taken for swapped: a swap costs the enhancing tumour (six cases: ET 0 on each of the
-# four that have one, TC 0.75 -> 0.17). Brains under `MIN_CSF_CHECK_BRAIN_ML` are not checked, as for CSF.
+# four that have one, TC 0.75 -> 0.17). Brains under `MIN_CHECKED_BRAIN_ML` are not checked.
 SWAPPED_ENHANCEMENT_ASYMMETRY = -2.0
 
 
@@ -232,7 +233,7 @@ class ImageChecks:
     the brain's volume in ml, each modality's share of the brain that it leaves uncovered (its gap,
     `preprocess.uncovered`: 0 unless over 1%), Pearson's r of every pair of modalities inside the brain (None
     where a channel is constant), the CSF contrast and the enhancement asymmetry (each None where the brain is
-    under `MIN_CSF_CHECK_BRAIN_ML`)."""
+    under `MIN_CHECKED_BRAIN_ML`)."""
 
     modalities: tuple[str, ...]
     border_share: float
@@ -307,7 +308,7 @@ def check_images(image: np.ndarray, modalities: Sequence[Modality], voxel_ml: fl
     brain_ml = float(np.count_nonzero(brain)) * voxel_ml
     gaps = [uncovered(channel, brain) for channel in image]
     shares = tuple(0.0 if gap is None else np.count_nonzero(gap) / np.count_nonzero(brain) for gap in gaps)
-    large = brain_ml >= MIN_CSF_CHECK_BRAIN_ML
+    large = brain_ml >= MIN_CHECKED_BRAIN_ML
     return ImageChecks(tuple(m.value for m in modalities), nonzero_border_share(image), brain_ml, shares,
                        _correlations(voxels), _csf_contrast(voxels, modalities) if large else None,
                        _enhancement_asymmetry(voxels, modalities) if large else None)
