@@ -132,6 +132,13 @@ def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
     return tuple(slice(max(int(c[0]) - margin, 0), min(int(c[-1]) + 1 + margin, n)) for c, n in zip(coords, mask.shape))
 
 
+def clipped_margin(mask: np.ndarray, margin: int) -> tuple[tuple[int, int], ...]:
+    """The voxels, before and after per axis, that the volume's faces take off ``bounding_box(mask,
+    margin)``'s margin: 0 where the mask lies ``margin`` or more voxels inside the volume."""
+    tight = bounding_box(mask)
+    return tuple((max(margin - s.start, 0), max(margin - (n - s.stop), 0)) for s, n in zip(tight, mask.shape))
+
+
 def crop_to_brain(image: np.ndarray, margin: int = CROP_MARGIN) -> BrainCrop | None:
     """The normalised crop of a raw (C, D, H, W) case around its brain; None when the brain is empty."""
     if image.ndim != 4:
@@ -391,21 +398,25 @@ def n4_shrink_factor(shape: tuple[int, ...]) -> int:
     return max(1, min(N4_MAX_SHRINK, min(shape) // N4_MIN_SHRUNK_SIDE))
 
 
-def n4_bias_field(channel: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def n4_bias_field(channel: np.ndarray, mask: np.ndarray,
+                  pad: tuple[tuple[int, int], ...] = ((0, 0),) * 3) -> np.ndarray:
     """The multiplicative bias field N4 estimates for one (D, H, W) modality over ``mask`` (positive
-    voxels only: N4 works on log intensities), at full resolution."""
+    voxels only: N4 works on log intensities), at full resolution. ``pad`` (voxels before and after, per
+    axis) surrounds the channel with zeros outside the mask for the fit, and is cut off the field."""
     import SimpleITK as sitk  # imported here: training, which shares this module, runs where it is absent
 
     # Process-wide: N4's inner filters take SimpleITK's default, not the filter's own thread count.
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-    image = sitk.GetImageFromArray(channel.astype(np.float32))
-    shrink = [n4_shrink_factor(channel.shape)] * 3
+    padded = np.pad(channel.astype(np.float32), pad)
+    image = sitk.GetImageFromArray(padded)
+    shrink = [n4_shrink_factor(padded.shape)] * 3
     small = sitk.Shrink(image, shrink)
-    small_mask = sitk.Shrink(sitk.GetImageFromArray(mask.astype(np.uint8)), shrink)
+    small_mask = sitk.Shrink(sitk.GetImageFromArray(np.pad(mask, pad).astype(np.uint8)), shrink)
     n4 = sitk.N4BiasFieldCorrectionImageFilter()
     n4.SetMaximumNumberOfIterations(list(N4_ITERATIONS))
     n4.Execute(small, small_mask)
-    return np.exp(sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(image))).astype(np.float32)
+    field = np.exp(sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(image))).astype(np.float32)
+    return field[tuple(slice(before, before + n) for (before, _), n in zip(pad, channel.shape))]
 
 
 def correct_bias(image: np.ndarray, names: list[str] | None = None, exclude: np.ndarray | None = None,
@@ -429,14 +440,18 @@ def correct_bias(image: np.ndarray, names: list[str] | None = None, exclude: np.
     brain = brain_mask(image)
     if not brain.any():
         return BiasCorrected(out, [])
-    box = bounding_box(brain, TRAINING_CROP_MARGIN)
+    # N4's shrunk grid, and with it the field, starts at the box's corner. Where a face of the volume clips the
+    # box's margin (a case stored cut to its brain; a brain that reaches the lowest slice) the fit pads the box
+    # with zeros outside its mask instead, so a brain gets the same field whatever background is stored around
+    # it (cut to its brain, one case's ET went 0.86 -> 0.64 before; EXPERIMENTS round 64).
+    box, pad = bounding_box(brain, TRAINING_CROP_MARGIN), clipped_margin(brain, TRAINING_CROP_MARGIN)
     for c in range(image.shape[0]):
         _lift_if_normalised(out[c][box], brain[box])
     kept = brain[box] if exclude is None else brain[box] & ~exclude[box]
     positive = [brain[box] & (out[c][box] > 0) for c in range(image.shape[0])]
     fitted = [c for c in range(image.shape[0]) if (positive[c] & kept).sum() >= N4_MIN_FIT_VOXELS]
     with ThreadPoolExecutor(max(1, min(workers, N4_MAX_WORKERS, len(fitted)))) as pool:
-        fields = {c: pool.submit(n4_bias_field, out[c][box], positive[c] & kept) for c in fitted}
+        fields = {c: pool.submit(n4_bias_field, out[c][box], positive[c] & kept, pad) for c in fitted}
     warnings = []
     for c in range(image.shape[0]):
         if c not in fields:
