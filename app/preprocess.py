@@ -443,7 +443,7 @@ def correct_bias(image: np.ndarray, names: list[str] | None = None, exclude: np.
     # N4's shrunk grid, and with it the field, starts at the box's corner. Where a face of the volume clips the
     # box's margin (a case stored cut to its brain; a brain that reaches the lowest slice) the fit pads the box
     # with zeros outside its mask instead, so a brain gets the same field whatever background is stored around
-    # it (cut to its brain, one case's ET went 0.86 -> 0.64 before; EXPERIMENTS round 64).
+    # it (cut to its brain, one case's ET went 0.86 -> 0.64 before; EXPERIMENTS rounds 63-64).
     box, pad = bounding_box(brain, TRAINING_CROP_MARGIN), clipped_margin(brain, TRAINING_CROP_MARGIN)
     for c in range(image.shape[0]):
         _lift_if_normalised(out[c][box], brain[box])

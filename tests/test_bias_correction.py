@@ -152,8 +152,8 @@ def test_invalid_inputs_are_value_errors(phantom_image):
 def test_a_brain_gets_the_same_field_whatever_background_is_stored_around_it(phantom_image):
     """N4's shrunk grid starts at the corner of the brain's box grown by its margin: a case cut to its
     brain's bounding box (as some preprocessed datasets store it) is padded back to that margin for the fit,
-    so it is corrected exactly as the same brain with background around it, voxel for voxel; so is a brain
-    that reaches a face of the volume and one moved away from it."""
+    so it is corrected exactly as the same brain with background around it, voxel for voxel; so is the brain
+    with the background below it cut off, reaching the volume's first face."""
     box = bounding_box(brain_mask(phantom_image))
     assert all(s.start >= 2 and s.stop <= n - 2 for s, n in zip(box, phantom_image.shape[1:]))
     whole = correct_bias(phantom_image).image
