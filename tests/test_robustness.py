@@ -1,10 +1,12 @@
 """The bad-input and fault matrix, each row through the real CLI in a subprocess."""
 
+import gzip
 import hashlib
 import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -17,6 +19,7 @@ import SimpleITK as sitk
 from PIL import Image
 
 from app.conventions import Layout
+from app.io import read_nifti_space
 from app.phantoms import generate
 from app.qc import NOTE_COLOUR
 
@@ -153,6 +156,25 @@ def test_2d_and_4d_images(cohort, weights, shape, hint):
     result, out = _predict(cohort, weights)
     _assert_fails_alone(result, out, "BAD", "expected a 3D scalar image", "BAD-t2f.nii.gz")
     assert hint in result.stderr
+
+
+def test_a_4d_file_holding_one_volume_is_read_as_the_3d_image_it_is(cohort, weights):
+    """FSL and other tools store a single volume as 4D with one time point (dim[4] = 1): ITK reads it as 3D,
+    so the case is segmented; its label map (whose geometry and header come from the FLAIR, the file made 4D
+    here) is 3D, on the case's grid, with the FLAIR's qform and sform."""
+    bad = _bad_case(cohort)
+    path = bad / "BAD-t2f.nii.gz"
+    image = sitk.ReadImage(str(path))
+    sitk.WriteImage(sitk.JoinSeries([image]), str(path), True)
+    assert read_nifti_space(path) == read_nifti_space(bad / "BAD-t2w.nii.gz")
+    with gzip.open(path) as stored:
+        assert struct.unpack("<8h", stored.read(56)[40:56])[:5] == (4, *image.GetSize(), 1)
+    result, out = _predict(cohort, weights)
+    assert result.returncode == 0, result.stderr
+    labels = sitk.ReadImage(str(out / "BAD.nii.gz"))
+    assert labels.GetDimension() == 3 and labels.GetSize() == image.GetSize()
+    assert labels.GetOrigin() == image.GetOrigin() and labels.GetDirection() == image.GetDirection()
+    assert read_nifti_space(out / "BAD.nii.gz") == read_nifti_space(bad / "BAD-t2w.nii.gz")
 
 
 def test_all_zero_modality(cohort, weights):
