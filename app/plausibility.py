@@ -77,6 +77,9 @@ DARKEST_T1_SHARE = 0.05
 # Below this the two are taken for swapped: a swap costs the enhancing tumour (six cases: ET 0 on each of the
 # four that have one, TC 0.75 -> 0.17). Brains under `MIN_CHECKED_BRAIN_ML` are not checked.
 SWAPPED_ENHANCEMENT_ASYMMETRY = -2.0
+# Percentiles 0.1 and 99.9 rest on a single voxel each below this many (both T1 and T1c nonzero): no tails to
+# compare, so no asymmetry. (Brains over `MIN_CHECKED_BRAIN_ML` give tens of thousands in the sample.)
+MIN_ASYMMETRY_VOXELS = 1000
 
 
 def _brain_sample(image: np.ndarray, brain: np.ndarray | None = None) -> np.ndarray:
@@ -219,7 +222,7 @@ def _enhancement_asymmetry(voxels: np.ndarray, modalities: Sequence[Modality]) -
     t1, t1c = (voxels[list(modalities).index(m)] for m in (Modality.T1, Modality.T1C))
     both = (t1 != 0) & (t1c != 0)
     t1, t1c = t1[both], t1c[both]
-    if t1.size < 1000 or t1.std() == 0 or t1c.std() == 0:
+    if t1.size < MIN_ASYMMETRY_VOXELS or t1.std() == 0 or t1c.std() == 0:
         return None
     difference = (t1c - t1c.mean()) / t1c.std() - (t1 - t1.mean()) / t1.std()
     high, low = np.percentile(difference, [99.9, 0.1])
