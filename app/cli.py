@@ -408,6 +408,12 @@ def _add_train_flags(tr: argparse.ArgumentParser) -> None:
                          "network; its dropout then draws Inductor's own random numbers); costs tens of seconds of "
                          "compiling per process and needs a C++ compiler on a CPU, Triton "
                          "on a GPU, checked before any case is prepared; not for the cascade (docs/SPEED.md)")
+    tr.add_argument("--bias-correction", default=BiasCorrection.NONE.value, choices=choices(BiasCorrection),
+                    help="none (default: the shipped folds trained so): the cases as they are; n4: N4-correct every "
+                         "training case as it is prepared, as predict's default corrects a case before the "
+                         "ensemble sees it (fitted outside the true tumour grown as predict's scout is), so the "
+                         "networks learn what they will be shown; cached apart from uncorrected arrays; adds N4's "
+                         "seconds per case to preparing (EXPERIMENTS round 66); recorded in the manifest")
     tr.add_argument("--prepare-workers", type=non_negative_int, default=0,
                     help="with --cache: prepare (and generate) every case in this many processes before training")
     tr.add_argument("--prepare-only", action="store_true",
@@ -609,6 +615,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import (
         TrainConfig,
         TrainingSetupError,
+        bias_corrected,
         folder_cases,
         phantom_cases,
         prepare_all,
@@ -632,7 +639,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         rare_case_weight=args.rare_case_weight, task1_tumour_fraction=args.task1_tumour_fraction,
         hard_case_power=args.hard_case_power, average_from=args.average_from,
         patch_size=args.patch_size,  # type: ignore[arg-type]
-        compile=args.compile,
+        compile=args.compile, bias_correction=args.bias_correction,
     )
     if args.phantoms is not None and args.truth_recode is not None:
         print("error: --truth-recode re-codes the ground truths of --data; phantoms carry the model's own labels",
@@ -656,6 +663,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         try:
             handles = folder_cases(cases, args.truth_recode) if isinstance(cases, Path) else cases
+            if cfg.bias_correction == BiasCorrection.N4.value:
+                handles = bias_corrected(handles)
             prepare_all(handles, args.cache, max(1, args.prepare_workers))
         except (TrainingSetupError, CaseError) as err:
             return _training_stopped(err)

@@ -41,13 +41,13 @@ from .conventions import (
 )
 from .errors import one_line
 from .fusion import dilate, to_host
-from .inference import EnsemblePredictor, ieee_fp32, native_bf16, resolve_device
+from .inference import EnsemblePredictor, ieee_fp32, native_bf16, resolve_device, scout_mask
 from .io import CaseError, CaseFiles, cases_with_ground_truth, load_case, load_segmentation, unread_files_note
 from .metrics import region_dice
 from .model import CORE_CLASSES, TUMOUR_CLASSES, build_model
-from .options import AugmentLevel, Device, Precision, Variant, parse_option
+from .options import AugmentLevel, BiasCorrection, Device, Precision, Variant, parse_option
 from .phantoms import DEFAULT_MIX, PhantomMix, make_phantom
-from .preprocess import TRAINING_CROP_MARGIN, Reorientation, crop_to_brain
+from .preprocess import TRAINING_CROP_MARGIN, Reorientation, brain_mask, correct_bias, crop_to_brain
 from .tiling import DIVISOR, FAST_TILE, poolable
 from .weights import WeightsError, read_manifest, save_state, select_folds, sha256_of, write_json_atomic, write_manifest
 
@@ -111,6 +111,10 @@ class TrainConfig:
     # compiling takes tens of seconds per process and needs a C++ compiler on a CPU, Triton on a GPU
     # (`check_compile`).
     compile: bool = False
+    # app.options.BiasCorrection: n4 corrects every training case first, as `predict` corrects a case before
+    # the ensemble sees it (fitted outside the true tumour grown as the scout's is: `bias_corrected`). none
+    # by default: the shipped folds were trained on uncorrected cases (EXPERIMENTS round 66).
+    bias_correction: str = BiasCorrection.NONE.value
 
     @property
     def total_steps(self) -> int:
@@ -197,6 +201,24 @@ def folder_cases(data_dir: Path, recoding: TruthRecoding | None = None) -> list[
     if unread:  # nor may a case under names we do not know
         log.warning("%s: %s", data_dir, unread_files_note(unread, data_dir))
     return [as_handle(c, recoding) for c in cases]
+
+
+def _load_bias_corrected(load: Callable[[], tuple[np.ndarray, np.ndarray]], case_id: str
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    raw, labels = load()
+    # The true tumour stands in for prediction's scout, grown and filled the same way (`scout_mask`).
+    exclude = scout_mask(labels > 0, brain_mask(raw))
+    corrected = correct_bias(raw, list(MODALITY_ORDER), exclude=exclude, workers=torch.get_num_threads())
+    for warning in corrected.warnings:
+        log.warning("case %s: %s", case_id, warning)
+    return corrected.image, labels
+
+
+def bias_corrected(handles: Sequence[CaseHandle]) -> list[CaseHandle]:
+    """The same cases, each N4-corrected as it is loaded, as prediction corrects a case (`correct_bias`), fitted
+    outside its true tumour; cached under their own names, so uncorrected arrays in a shared cache stay apart."""
+    return [CaseHandle(h.case_id, partial(_load_bias_corrected, h.load, h.case_id), f"{h.cache_name}.n4")
+            for h in handles]
 
 
 def phantom_cases(n: int, seed: int, size: tuple[int, int, int], mix: PhantomMix = DEFAULT_MIX) -> list[CaseHandle]:
@@ -1031,6 +1053,8 @@ def train_ensemble(cfg: TrainConfig, cases: Path | Sequence[CaseHandle], out_dir
     if isinstance(cases, (str, Path)):
         data_description = data_description or {"path": str(cases)}
         cases = folder_cases(Path(cases), recoding)
+    if parse_option(BiasCorrection, cfg.bias_correction, "bias_correction") is BiasCorrection.N4:
+        cases = bias_corrected(cases)
     by_id = {c.case_id: c for c in cases}
     splits = split_folds(list(by_id), cfg.folds, cfg.seed)
     if only_fold is None:

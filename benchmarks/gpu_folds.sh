@@ -31,6 +31,10 @@ RARE_WEIGHT="${RARE_WEIGHT:-2}"
 # Percentage of cases drawn with a cortex as bright as edema on FLAIR (train's --phantom-bright-cortex): the
 # cue our generator otherwise never contradicts, and what the shipped folds' last fine-tune drew (round 43).
 BRIGHT_CORTEX="${BRIGHT_CORTEX:-50}"
+# train's --bias-correction: n4 trains on N4-corrected phantoms, as predict corrects a case (round 66: +0.014
+# mean Dice over the same CPU fine-tune without it); it needs SimpleITK's wheel carried in .whl/ (29 MB) and
+# adds about 9 s of preparing per case and worker.
+BIAS_CORRECTION="${BIAS_CORRECTION:-none}"
 WORKERS="${WORKERS:-16}"; WORK="${WORK:-/tmp/omnet_pilot}"; mkdir -p "$WORK"
 source "$(dirname "$0")/gpu_env.sh"
 # COMPILE=1: train's --compile (1.2-1.4x faster width-16 steps on a CPU, unmeasured on a GPU; docs/SPEED.md).
@@ -46,12 +50,12 @@ if [ "${COMPILE:-0}" = 1 ]; then
 fi
 
 common=(--phantoms "$N_TRAIN" --phantom-seed "$SEED" --phantom-size "$SIZE" --phantom-ranges mixed
-        --phantom-bright-cortex "$BRIGHT_CORTEX"
+        --phantom-bright-cortex "$BRIGHT_CORTEX" --bias-correction "$BIAS_CORRECTION"
         --folds 10 --lr "$LR" --momentum 0.9 --lr-halve-every "$HALVE"
         --average-from "$AVERAGE_FROM" --validate-every 100000 --val-cases 4 --rare-case-weight "$RARE_WEIGHT"
         --task1-tumour-fraction 0.3 --augment-acquisition 0.25
         --device "$DEVICE" --cache "$WORK/cache" --threads 2 --quiet
-        --data-note "phantoms generated in memory: app.phantoms generator 2, mixed ranges, bright cortex in $BRIGHT_CORTEX% of cases, seed $SEED, $N_TRAIN cases, size $SIZE")
+        --data-note "phantoms generated in memory: app.phantoms generator 2, mixed ranges, bright cortex in $BRIGHT_CORTEX% of cases, bias correction $BIAS_CORRECTION, seed $SEED, $N_TRAIN cases, size $SIZE")
 log "preparing $N_TRAIN phantoms (seed $SEED, size $SIZE) with $WORKERS workers"
 python3 -m app train "${common[@]}" --stage-steps "$STAGES" --out "$WORK/prep" --width 8 --prepare-workers "$WORKERS" --prepare-only 2>&1 | tail -n 2
 # About 25 s of each arm go to loading the cases onto the GPU and to the last validation and save.

@@ -591,6 +591,47 @@ def test_bright_cortex_phantoms_train_from_their_own_cases_and_are_recorded(tmp_
     assert bad.returncode == 2 and "--phantom-bright-cortex" in bad.stderr
 
 
+def test_bias_corrected_training_cases_lose_a_laid_field_and_keep_their_labels(monkeypatch):
+    """`train --bias-correction n4` corrects each case as it is loaded, as predict does: a smooth field laid on
+    a phantom is mostly removed in every modality, the labels are the case's own, the fit leaves out the
+    true tumour grown as predict's scout grows its own, and the arrays are cached under their own name (a
+    cache shared with an uncorrected run never hands one the other's case)."""
+    import pickle
+
+    from app.phantoms import _smooth_field
+    from app.preprocess import brain_mask
+    from app.train import CaseHandle, bias_corrected, phantom_cases
+
+    [plain] = phantom_cases(1, 45, (64, 64, 48))
+    raw, labels = plain.load()
+    brain = brain_mask(raw)
+    field = np.exp(0.4 * _smooth_field(np.random.default_rng(0), raw.shape[1:], 3))
+    biased = np.where(brain, raw * field, 0).astype(np.float32)
+    [corrected] = bias_corrected([CaseHandle(plain.case_id, lambda: (biased, labels))])
+    excluded = []
+    fit = app.train.correct_bias
+    monkeypatch.setattr(app.train, "correct_bias", lambda *a, exclude, **k: excluded.append(exclude) or fit(
+        *a, exclude=exclude, **k))
+    image, same_labels = corrected.load()
+    assert np.array_equal(same_labels, labels) and corrected.cache_name == f"{plain.case_id}.n4"
+    [exclude] = excluded
+    assert exclude[labels > 0].all() and exclude.sum() > 2 * (labels > 0).sum()
+    inside = brain & (raw > 0).all(0)
+    before, after = (np.std(np.log(a[:, inside]) - np.log(raw[:, inside]), axis=1) for a in (biased, image))
+    assert (after < 0.75 * before).all() and after.mean() < 0.6 * before.mean(), (before, after)
+    [handle] = bias_corrected(phantom_cases(1, 45, (64, 64, 48)))
+    assert pickle.loads(pickle.dumps(handle)).cache_name == handle.cache_name  # prepare workers get it whole
+
+
+def test_train_cli_records_bias_correction_and_caches_corrected_cases_apart(tmp_path):
+    manifest, _ = _train_fold_0_on_two_phantoms(tmp_path, "--bias-correction", "n4")
+    assert manifest["training"]["config"]["bias_correction"] == "n4"
+    names = sorted(p.name for p in (tmp_path / "cache").glob("*.image.npy"))
+    assert names == ["BraTS-PHA-04500-000.n4.image.npy", "BraTS-PHA-04501-000.n4.image.npy"], names
+    plain, _ = _train_fold_0_on_two_phantoms(tmp_path / "plain")
+    assert plain["training"]["config"]["bias_correction"] == "none"
+
+
 def test_bright_core_phantoms_train_under_their_own_ids_and_are_recorded(tmp_path):
     from app.train import phantom_cases
 
