@@ -615,11 +615,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import (
         TrainConfig,
         TrainingSetupError,
-        bias_corrected,
-        folder_cases,
         phantom_cases,
         prepare_all,
         train_ensemble,
+        training_handles,
         write_ensemble_manifest,
     )
     from .weights import WeightsError
@@ -662,9 +661,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             print("error: --prepare-only needs --cache", file=sys.stderr)
             return EXIT_USAGE
         try:
-            handles = folder_cases(cases, args.truth_recode) if isinstance(cases, Path) else cases
-            if cfg.bias_correction == BiasCorrection.N4.value:
-                handles = bias_corrected(handles)
+            handles = training_handles(cases, args.truth_recode, cfg.bias_correction)
             prepare_all(handles, args.cache, max(1, args.prepare_workers))
         except (TrainingSetupError, CaseError) as err:
             return _training_stopped(err)

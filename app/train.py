@@ -221,6 +221,16 @@ def bias_corrected(handles: Sequence[CaseHandle]) -> list[CaseHandle]:
             for h in handles]
 
 
+def training_handles(cases: Path | Sequence[CaseHandle], recoding: TruthRecoding | None = None,
+                     bias_correction: BiasCorrection | str = BiasCorrection.NONE) -> list[CaseHandle]:
+    """The handles a run trains on: a BraTS training folder's cases (`folder_cases`, truths re-coded by
+    ``recoding``) or the given handles, each N4-corrected as it loads when ``bias_correction`` says ``n4``."""
+    handles = folder_cases(Path(cases), recoding) if isinstance(cases, (str, Path)) else list(cases)
+    if parse_option(BiasCorrection, bias_correction, "bias_correction") is BiasCorrection.N4:
+        handles = bias_corrected(handles)
+    return handles
+
+
 def phantom_cases(n: int, seed: int, size: tuple[int, int, int], mix: PhantomMix = DEFAULT_MIX) -> list[CaseHandle]:
     """``n`` generated phantoms of series ``seed``, drawn as ``mix`` says, made in memory when first needed
     (no NIfTI files)."""
@@ -1052,9 +1062,7 @@ def train_ensemble(cfg: TrainConfig, cases: Path | Sequence[CaseHandle], out_dir
     prepared in that many processes first."""
     if isinstance(cases, (str, Path)):
         data_description = data_description or {"path": str(cases)}
-        cases = folder_cases(Path(cases), recoding)
-    if parse_option(BiasCorrection, cfg.bias_correction, "bias_correction") is BiasCorrection.N4:
-        cases = bias_corrected(cases)
+    cases = training_handles(cases, recoding, cfg.bias_correction)
     by_id = {c.case_id: c for c in cases}
     splits = split_folds(list(by_id), cfg.folds, cfg.seed)
     if only_fold is None:

@@ -14,6 +14,7 @@ import app.train
 from app.augment import AugmentConfig
 from app.io import find_cases
 from app.model import build_model
+from app.options import BiasCorrection
 from app.phantoms import PhantomMix, generate
 from app.train import (
     PATCH,
@@ -621,6 +622,24 @@ def test_bias_corrected_training_cases_lose_a_laid_field_and_keep_their_labels(m
     assert (after < 0.75 * before).all() and after.mean() < 0.6 * before.mean(), (before, after)
     [handle] = bias_corrected(phantom_cases(1, 45, (64, 64, 48)))
     assert pickle.loads(pickle.dumps(handle)).cache_name == handle.cache_name  # prepare workers get it whole
+
+
+def test_training_handles_read_a_folder_or_handles_and_correct_them_when_asked(cases):
+    """One door for `train` and `train --prepare-only`: a BraTS folder is read as `folder_cases` reads it (the
+    truths re-coded), handles pass through, and n4 wraps each under its own cache name."""
+    from app.conventions import TruthRecoding
+    from app.train import folder_cases, training_handles
+
+    data = cases[0].reference.parent.parent
+    recoding = TruthRecoding.parse("4:0")
+    plain = folder_cases(data, recoding)
+    assert [h.cache_name for h in training_handles(data, recoding)] == [h.cache_name for h in plain]
+    corrected = training_handles(str(data), recoding, "n4")
+    assert [h.cache_name for h in corrected] == [f"{h.cache_name}.n4" for h in plain]
+    assert all(".recoded-" in h.cache_name for h in corrected)
+    assert [h.cache_name for h in training_handles(plain[:1], None, BiasCorrection.N4)] == [corrected[0].cache_name]
+    with pytest.raises(ValueError, match="bias_correction"):
+        training_handles(plain, None, "n3")
 
 
 def test_train_cli_records_bias_correction_and_caches_corrected_cases_apart(tmp_path):
