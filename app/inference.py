@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -57,17 +58,35 @@ def resolve_precision(precision: str, device: torch.device) -> Precision:
     return chosen
 
 
+class _SharedSetting:
+    """A process-wide setting that threads may each hold for a while: set on the first entry, restored
+    when the last thread leaves (predict's readers run the tumour scout while the device's thread runs the
+    ensemble)."""
+
+    def __init__(self) -> None:
+        self.lock, self.users, self.before = threading.Lock(), 0, None
+
+
+_IEEE = _SharedSetting()
+
+
 @contextlib.contextmanager
 def ieee_fp32() -> Iterator[None]:
     """IEEE fp32 convolutions while inside: cuDNN otherwise runs fp32 convolutions as TF32 (a 10-bit
     mantissa) on Ampere and later GPUs, and `--precision fp32` is the reference arithmetic. A no-op on CPUs."""
     conv = torch.backends.cudnn.conv
-    before = conv.fp32_precision
-    conv.fp32_precision = "ieee"
+    with _IEEE.lock:
+        if _IEEE.users == 0:
+            _IEEE.before = conv.fp32_precision
+            conv.fp32_precision = "ieee"
+        _IEEE.users += 1
     try:
         yield
     finally:
-        conv.fp32_precision = before
+        with _IEEE.lock:
+            _IEEE.users -= 1
+            if _IEEE.users == 0:
+                conv.fp32_precision = _IEEE.before
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -196,6 +215,7 @@ class EnsemblePredictor:
         self.models: list[nn.Module] = []
         self._source_models: list[nn.Module] = []
         self._fallback: EnsemblePredictor | None = None
+        self._fallback_lock = threading.Lock()
 
     def load_models(self, models: Sequence[nn.Module]) -> EnsemblePredictor:
         if not models:
@@ -264,12 +284,13 @@ class EnsemblePredictor:
 
     def _cpu_fallback(self) -> EnsemblePredictor:
         """The same ensemble and knobs on the CPU, built once, for a case the device cannot hold."""
-        if self._fallback is None:
-            self._fallback = EnsemblePredictor(
-                "cpu", self.tiling.value, self.planner.max_tile, self.planner.margin, self._precision_option,
-                self.crop_margin, self.planner.shift_folds, self.tta.value, self.fusion.value, self.scales,
-            ).load_models(self._source_models)
-        return self._fallback
+        with self._fallback_lock:  # a reader's scout and the device's ensemble may both need it
+            if self._fallback is None:
+                self._fallback = EnsemblePredictor(
+                    "cpu", self.tiling.value, self.planner.max_tile, self.planner.margin, self._precision_option,
+                    self.crop_margin, self.planner.shift_folds, self.tta.value, self.fusion.value, self.scales,
+                ).load_models(self._source_models)
+            return self._fallback
 
     @torch.inference_mode()
     def _predict_case(self, image: np.ndarray, progress: Progress | None) -> CasePrediction:

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -82,6 +83,13 @@ class PredictOptions:
     qc_dir: Path | None = None
     progress: bool = True  # a progress bar per case (terminals)
     announce: bool = False  # a "started" line per case (logs, where no bar is drawn)
+    # Cases read and bias-corrected (scout and N4) by worker threads while the device runs the ensemble on an
+    # earlier case; 0: each case's correction runs just before its ensemble pass, on the device's thread.
+    prepare_ahead: int = 0
+
+    def __post_init__(self) -> None:
+        if self.prepare_ahead < 0:
+            raise ValueError(f"prepare_ahead must be 0 or more, got {self.prepare_ahead}")
 
 
 class CaseStatus(str, Enum):
@@ -218,24 +226,34 @@ def predict_corrected(predictor: EnsemblePredictor, image: np.ndarray, bias_corr
     """The device's half of a case: bias correction (which needs the tumour scout), then the ensemble on
     the corrected image. Returns that image (post-processing reads its T1c) and the prediction, whose
     timings and warnings include the correction's."""
-    clock = time.perf_counter()
     prepared = prepare_image(predictor, image, bias_correction, names)
-    seconds = time.perf_counter() - clock
-    prediction = predictor.predict_case(prepared.image, progress)
-    prediction.timings = {"bias_correction": seconds, **prediction.timings}
-    prediction.warnings[:0] = prepared.warnings
-    return prepared.image, prediction
+    return prepared.image, predict_prepared(predictor, prepared, progress)
 
 
 def prepare_image(predictor: EnsemblePredictor, image: np.ndarray, bias_correction: BiasCorrection,
                   names: list[str] | None = None) -> BiasCorrected:
     """The raw case the network and the post-processing both read: N4-corrected when asked (the K-means
     step compares T1c intensities, which a bias field skews as it skews the network's input), the field
-    fitted outside the tumour a scout of the ensemble finds on the uncorrected case."""
+    fitted outside the tumour a scout of the ensemble finds on the uncorrected case. Its ``seconds`` are
+    the scout's and N4's."""
+    clock = time.perf_counter()
     if bias_correction is BiasCorrection.N4:
         # As many modalities at a time as the threads torch was given (--threads), so the quota holds.
-        return correct_bias(image, names, exclude=predictor.scout_tumour(image), workers=torch.get_num_threads())
-    return BiasCorrected(image, [])
+        prepared = correct_bias(image, names, exclude=predictor.scout_tumour(image), workers=torch.get_num_threads())
+    else:
+        prepared = BiasCorrected(image, [])
+    prepared.seconds = time.perf_counter() - clock
+    return prepared
+
+
+def predict_prepared(predictor: EnsemblePredictor, prepared: BiasCorrected,
+                     progress: Callable[[int, int], None] | None = None) -> CasePrediction:
+    """The ensemble on a case `prepare_image` made ready; the prediction's timings and warnings include the
+    correction's."""
+    prediction = predictor.predict_case(prepared.image, progress)
+    prediction.timings = {"bias_correction": prepared.seconds, **prediction.timings}
+    prediction.warnings[:0] = prepared.warnings
+    return prediction
 
 
 def complete_segmentation(prediction: CasePrediction, image: np.ndarray, post: PostprocessConfig,
@@ -264,6 +282,16 @@ def complete_segmentation(prediction: CasePrediction, image: np.ndarray, post: P
 
 
 @dataclass
+class Prepared:
+    """`CaseRunner.prepare`'s part of a case: the case as read, the way between its grid and the working grid,
+    and the (bias-corrected) image on the working grid that the ensemble and post-processing read."""
+
+    loaded: LoadedCase
+    grid: WorkingGrid
+    corrected: BiasCorrected
+
+
+@dataclass
 class Predicted:
     """`CaseRunner.predict`'s half of a case: the prediction, the (bias-corrected) image it was made on, and
     the way between that image's grid and the case's."""
@@ -274,24 +302,29 @@ class Predicted:
 
 
 class CaseRunner:
-    """Segments one loaded case and writes its outputs, in two halves that consecutive cases overlap:
-    `predict` (the device's work) and `finish` (the CPU's: post-processing, encoding, writing). No
-    knowledge of the CLI."""
+    """Segments one loaded case and writes its outputs in three parts that consecutive cases overlap:
+    `prepare` (the working grid and bias correction: the scout on the device, N4 on the CPU), `predict` (the
+    ensemble, on the device) and `finish` (the CPU's: post-processing, encoding, writing). No knowledge of
+    the CLI."""
 
     def __init__(self, predictor: EnsemblePredictor, options: PredictOptions):
         self.predictor, self.options = predictor, options
 
     def run(self, loaded: LoadedCase, progress: Callable[[int, int], None] | None = None) -> CaseResult:
-        return self.finish(loaded, self.predict(loaded, progress))
+        return self.finish(loaded, self.predict(self.prepare(loaded), progress))
 
-    def predict(self, loaded: LoadedCase, progress: Callable[[int, int], None] | None = None) -> Predicted:
-        """`predict_corrected` on the case as BraTS stores a brain, on about 1 mm along the axes where its
+    def prepare(self, loaded: LoadedCase) -> Prepared:
+        """`prepare_image` on the case as BraTS stores a brain, on about 1 mm along the axes where its
         voxels are coarser (with `Resampling.ALL` also finer): `WorkingGrid`."""
         grid = self.working_grid(loaded)
-        corrected, prediction = predict_corrected(self.predictor, grid.to_working(loaded.image),
-                                                  self.options.bias_correction,
-                                                  [m.value for m in loaded.files.modalities], progress)
-        return Predicted(prediction, corrected, grid)
+        corrected = prepare_image(self.predictor, grid.to_working(loaded.image), self.options.bias_correction,
+                                  [m.value for m in loaded.files.modalities])
+        return Prepared(loaded, grid, corrected)
+
+    def predict(self, prepared: Prepared, progress: Callable[[int, int], None] | None = None) -> Predicted:
+        """The ensemble on a prepared case."""
+        prediction = predict_prepared(self.predictor, prepared.corrected, progress)
+        return Predicted(prediction, prepared.corrected.image, prepared.grid)
 
     def working_grid(self, loaded: LoadedCase) -> WorkingGrid:
         """The working grid the case needs under the options' `Resampling`; a `CaseError` for a spacing no
@@ -332,8 +365,9 @@ def run_predict(predictor: EnsemblePredictor, options: PredictOptions, stream: T
     """Process every case (of this shard); returns one result per case, failures included.
 
     Three stages overlap: a reader thread decodes case i+1 while the device predicts case i and a finisher
-    thread post-processes and writes case i-1. Each queue holds one case, so memory stays flat however
-    many cases there are, and results are printed in case order.
+    thread post-processes and writes case i-1. Each queue holds one case (with ``prepare_ahead`` N, N
+    readers each read and bias-correct one), so memory stays flat however many cases there are, and results
+    are printed in case order.
 
     Raises `UsageError` when there is nothing to process or the output cannot be written.
     """
@@ -378,10 +412,16 @@ def _run_pipelined(runner: CaseRunner, todo: list[CaseFiles], options: PredictOp
                    stream: TextIO) -> list[CaseResult]:
     results: list[CaseResult] = []
     finishing: Future | None = None
-    with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as finisher:
-        pending: Future | None = reader.submit(load_case, todo[0]) if todo else None
+    ahead = max(1, options.prepare_ahead)
+    # With prepare_ahead the readers also correct their cases (on a GPU, N4's CPU time then overlaps the
+    # ensemble's device time); the device's thread prepares what arrives unprepared.
+    read = partial(_read_and_prepare, runner) if options.prepare_ahead else load_case
+    with ThreadPoolExecutor(max_workers=ahead) as reader, ThreadPoolExecutor(max_workers=1) as finisher:
+        pending: deque[Future] = deque(reader.submit(read, case) for case in todo[:ahead])
         for i, case in enumerate(todo):
-            current, pending = pending, (reader.submit(load_case, todo[i + 1]) if i + 1 < len(todo) else None)
+            current = pending.popleft()
+            if i + ahead < len(todo):
+                pending.append(reader.submit(read, todo[i + ahead]))
             start = time.perf_counter()
             predicted = _guarded(case, partial(_predict_one, runner, case, current, options, stream))
             if finishing is not None:  # the previous case leaves the queue (and prints) before this one joins
@@ -395,6 +435,10 @@ def _run_pipelined(runner: CaseRunner, todo: list[CaseFiles], options: PredictOp
         if finishing is not None:
             results.append(finishing.result())
     return results
+
+
+def _read_and_prepare(runner: CaseRunner, case: CaseFiles) -> Prepared:
+    return runner.prepare(load_case(case))
 
 
 def _finish_one(runner: CaseRunner, case: CaseFiles, loaded: LoadedCase, predicted: Predicted, start: float,
@@ -411,9 +455,10 @@ def _predict_one(runner: CaseRunner, case: CaseFiles, future: Future, options: P
                  stream: TextIO) -> tuple[LoadedCase, Predicted]:
     if options.announce:
         print(f"{case.case_id}: started", file=stream, flush=True)
-    loaded = future.result()
+    read = future.result()
     if not options.progress:
-        return loaded, runner.predict(loaded)
+        prepared = read if isinstance(read, Prepared) else runner.prepare(read)
+        return prepared.loaded, runner.predict(prepared)
     from tqdm import tqdm
 
     with tqdm(total=1, desc=case.case_id, unit="tile", leave=False, file=stream, mininterval=1.0) as bar:
@@ -422,7 +467,8 @@ def _predict_one(runner: CaseRunner, case: CaseFiles, future: Future, options: P
             bar.n = done
             bar.refresh()
 
-        return loaded, runner.predict(loaded, progress)
+        prepared = read if isinstance(read, Prepared) else runner.prepare(read)  # under the bar: N4 takes seconds
+        return prepared.loaded, runner.predict(prepared, progress)
 
 
 def _guarded(case: CaseFiles, work: Callable[[], Any]) -> Any:

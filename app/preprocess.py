@@ -387,10 +387,11 @@ N4_LIFT_FLOOR = 0.01
 @dataclass
 class BiasCorrected:
     """``image`` with each modality divided by its estimated bias field; ``warnings`` name the modalities
-    left as they were (N4 failed on them)."""
+    left as they were (N4 failed on them); ``seconds``: what preparing it took, where its caller measures."""
 
     image: np.ndarray
     warnings: list[CaseWarning]
+    seconds: float = 0.0
 
 
 def n4_shrink_factor(shape: tuple[int, ...]) -> int:

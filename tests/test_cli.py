@@ -143,10 +143,10 @@ def test_mlcube_form_and_parameters_file(tmp_path, weights):
 def test_shards_split_the_cohort_without_overlap(tmp_path, weights):
     small_cases(tmp_path / "in", 3)
     outputs = []
-    for shard in ("0/2", "1/2"):
+    for shard, ahead in (("0/2", "2"), ("1/2", "0")):  # a shard of many cases is where --prepare-ahead pays
         out = tmp_path / f"out{shard[0]}"
         result = run_cli("--input", str(tmp_path / "in"), "--output", str(out), "--weights", str(weights),
-                         "--shard", shard, "--folds", "0")
+                         "--shard", shard, "--folds", "0", "--prepare-ahead", ahead)
         assert result.returncode == 0, result.stderr
         outputs.append({p.name for p in out.iterdir()})
     assert len(outputs[0]) == 2 and len(outputs[1]) == 1 and not outputs[0] & outputs[1]
@@ -184,6 +184,7 @@ def test_usage_errors_exit_2(tmp_path, weights):
         (["--input", str(empty), "--tile", "16,32"], "argument --tile: needs 3 comma-separated integers"),
         (["--input", str(empty), "--min-et-voxels", "-1"], "argument --min-et-voxels: needs an integer >= 0"),
         (["--input", str(empty), "--threads", "-3"], "argument --threads: needs an integer >= 0"),
+        (["--input", str(empty), "--prepare-ahead", "-1"], "argument --prepare-ahead: needs an integer >= 0"),
         (["--input", str(empty), "--scales", "1,3"], "argument --scales: needs comma-separated numbers: scales must"),
         (["--input", str(empty), "--scales", "1,x"], "argument --scales: needs comma-separated numbers"),
     ]:

@@ -9,13 +9,14 @@ from __future__ import annotations
 import io
 import json
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
 
-from app.inference import CPU_FALLBACK_WARNING, EnsemblePredictor
+from app.inference import CPU_FALLBACK_WARNING, EnsemblePredictor, ieee_fp32
 from app.io import find_cases, load_case
 from app.pipeline import CaseRunner, CaseStatus, PredictOptions, run_predict
 from app.postprocess import PostprocessConfig
@@ -89,12 +90,12 @@ def test_finishing_a_case_overlaps_predicting_the_next_and_at_most_two_are_in_fl
     lock, in_flight, peak, overlapped = threading.Lock(), [0], [0], []
     predict, finish = CaseRunner.predict, CaseRunner.finish
 
-    def observed_predict(self, loaded, progress=None):
+    def observed_predict(self, prepared, progress=None):
         with lock:
             in_flight[0] += 1
             peak[0] = max(peak[0], in_flight[0])
-        started[loaded.files.case_id].set()
-        return predict(self, loaded, progress)
+        started[prepared.loaded.files.case_id].set()
+        return predict(self, prepared, progress)
 
     def waiting_finish(self, loaded, prediction):
         index = ids.index(loaded.files.case_id)
@@ -148,3 +149,105 @@ def test_the_pipelined_run_writes_what_one_case_at_a_time_writes(tmp_path, model
     for case in find_cases(tmp_path / "in").cases:
         runner.run(load_case(case))
     _assert_same_label_maps(tmp_path / "out", tmp_path / "single")
+
+
+def _report_without_times_and_folders(path):
+    cases = json.loads(path.read_text())["cases"]
+    for case in cases:
+        case.pop("seconds")
+        case["output"] = Path(case["output"]).name
+    return cases
+
+
+@pytest.mark.parametrize("ahead", [1, 3])
+def test_cases_prepared_ahead_get_the_labels_and_report_of_one_at_a_time(tmp_path, models, ahead):
+    small_cases(tmp_path / "in", 3)
+    for name, n in (("serial", 0), ("ahead", ahead)):
+        predictor = EnsemblePredictor(**OPTIONS).load_models(models)
+        # Random weights' scout would leave N4 too little brain to fit; with none, N4 fits every modality.
+        predictor.scout_tumour = lambda image: np.zeros(image.shape[1:], bool)
+        options = PredictOptions(tmp_path / "in", tmp_path / name, progress=False, prepare_ahead=n,
+                                 report=tmp_path / f"{name}.json")
+        results = run_predict(predictor, options, io.StringIO())
+        assert [r.status for r in results] == [CaseStatus.OK] * 3
+        assert not any("bias correction" in w.message for r in results for w in r.warnings), "N4 should fit all"
+    _assert_same_label_maps(tmp_path / "ahead", tmp_path / "serial")
+    assert (_report_without_times_and_folders(tmp_path / "ahead.json")
+            == _report_without_times_and_folders(tmp_path / "serial.json"))
+
+
+def test_preparing_ahead_overlaps_the_next_cases_correction_with_the_ensemble(tmp_path, models, monkeypatch):
+    small_cases(tmp_path / "in", 3)
+    ids = [c.case_id for c in find_cases(tmp_path / "in").cases]
+    prepared = {case_id: threading.Event() for case_id in ids}
+    threads, overlapped = {}, []
+    prepare, predict = CaseRunner.prepare, CaseRunner.predict
+
+    def observed_prepare(self, loaded):
+        threads[loaded.files.case_id] = threading.current_thread()
+        result = prepare(self, loaded)
+        prepared[loaded.files.case_id].set()
+        return result
+
+    def waiting_predict(self, case, progress=None):
+        index = ids.index(case.loaded.files.case_id)
+        threads.setdefault("device", threading.current_thread())
+        if index + 1 < len(ids):  # corrected one at a time before its ensemble pass, this would wait in vain
+            overlapped.append(prepared[ids[index + 1]].wait(timeout=30))
+        return predict(self, case, progress)
+
+    monkeypatch.setattr(CaseRunner, "prepare", observed_prepare)
+    monkeypatch.setattr(CaseRunner, "predict", waiting_predict)
+    results = run_predict(EnsemblePredictor(**OPTIONS).load_models(models),
+                          PredictOptions(tmp_path / "in", tmp_path / "out", progress=False, prepare_ahead=1),
+                          io.StringIO())
+    assert [r.status for r in results] == [CaseStatus.OK] * 3
+    assert overlapped == [True, True]
+    assert all(threads[case_id] is not threads["device"] for case_id in ids)
+
+
+def test_a_failure_while_preparing_ahead_fails_that_case_only(tmp_path, models, monkeypatch):
+    small_cases(tmp_path / "in", 3)
+    ids = [c.case_id for c in find_cases(tmp_path / "in").cases]
+    prepare = CaseRunner.prepare
+
+    def failing_prepare(self, loaded):
+        if loaded.files.case_id == ids[1]:
+            raise RuntimeError("ITK ERROR: N4BiasFieldCorrectionImageFilter: inputs do not occupy the same space")
+        return prepare(self, loaded)
+
+    monkeypatch.setattr(CaseRunner, "prepare", failing_prepare)
+    stream = io.StringIO()
+    results = run_predict(EnsemblePredictor(**OPTIONS).load_models(models),
+                          PredictOptions(tmp_path / "in", tmp_path / "out", progress=False, prepare_ahead=2), stream)
+    assert [r.status for r in results] == [CaseStatus.OK, CaseStatus.FAILED, CaseStatus.OK]
+    assert ids[1] in results[1].error and "N4BiasFieldCorrectionImageFilter" in results[1].error
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{ids[0]}.nii.gz", f"{ids[2]}.nii.gz"]
+    assert f"FAILED {results[1].error}" in stream.getvalue()
+
+
+def test_a_negative_prepare_ahead_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="prepare_ahead"):
+        PredictOptions(tmp_path, tmp_path / "out", prepare_ahead=-1)
+
+
+def test_ieee_fp32_holds_until_the_last_thread_inside_leaves(monkeypatch):
+    """A reader's scout and the device's ensemble may both run in fp32 at once: the first to leave must not
+    hand the other TF32 convolutions."""
+    conv = torch.backends.cudnn.conv
+    monkeypatch.setattr(conv, "fp32_precision", "tf32")
+    inside, release = threading.Event(), threading.Event()
+
+    def scout():
+        with ieee_fp32():
+            inside.set()
+            release.wait(timeout=30)
+
+    reader = threading.Thread(target=scout)
+    with ieee_fp32():  # the device's thread enters first and leaves first
+        reader.start()
+        assert inside.wait(timeout=30)
+    assert conv.fp32_precision == "ieee", "the reader is still inside"
+    release.set()
+    reader.join()
+    assert conv.fp32_precision == "tf32"

@@ -152,4 +152,4 @@ def test_a_spacing_no_brain_has_fails_the_case_by_name(tmp_path):
     loaded.reference.SetSpacing((1.0, 1.0, 40.0))
     options = PredictOptions(tmp_path, tmp_path / "out", bias_correction=BiasCorrection.NONE)
     with pytest.raises(Exception, match="case CASE .*is not a brain's"):
-        CaseRunner(_BrightIsTumour(), options).predict(loaded)
+        CaseRunner(_BrightIsTumour(), options).prepare(loaded)
