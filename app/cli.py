@@ -264,8 +264,8 @@ def _add_predict_flags(p: argparse.ArgumentParser, mlcube: bool = False) -> None
                    help="cases read and bias-corrected (the tumour scout, then N4 on the CPU) by this many worker "
                         "threads while the device runs the ensemble on an earlier case; 0 (default): each case "
                         "is corrected just before its ensemble pass. For a GPU, where N4 is most of a case's "
-                        "time; on a CPU the two share the cores. Each case held ahead costs about 0.3 GB at "
-                        "BraTS's size")
+                        "time; on a CPU the two share the cores (on 2 cores, 1 neither gained nor cost, 2 cost "
+                        "8%%). Each case held ahead costs about 0.3 GB at BraTS's size")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar, nor the 'started' line printed per case when stderr is not a terminal "
                         "(summary lines still printed)")
