@@ -457,8 +457,7 @@ def _predict_one(runner: CaseRunner, case: CaseFiles, future: Future, options: P
         print(f"{case.case_id}: started", file=stream, flush=True)
     read = future.result()
     if not options.progress:
-        prepared = read if isinstance(read, Prepared) else runner.prepare(read)
-        return prepared.loaded, runner.predict(prepared)
+        return _predict_read(runner, read)
     from tqdm import tqdm
 
     with tqdm(total=1, desc=case.case_id, unit="tile", leave=False, file=stream, mininterval=1.0) as bar:
@@ -467,8 +466,14 @@ def _predict_one(runner: CaseRunner, case: CaseFiles, future: Future, options: P
             bar.n = done
             bar.refresh()
 
-        prepared = read if isinstance(read, Prepared) else runner.prepare(read)  # under the bar: N4 takes seconds
-        return prepared.loaded, runner.predict(prepared, progress)
+        return _predict_read(runner, read, progress)  # under the bar: a correction left to this thread takes seconds
+
+
+def _predict_read(runner: CaseRunner, read: LoadedCase | Prepared,
+                  progress: Callable[[int, int], None] | None = None) -> tuple[LoadedCase, Predicted]:
+    """The device's part of a case a reader handed over, preparing it first where the reader did not."""
+    prepared = read if isinstance(read, Prepared) else runner.prepare(read)
+    return prepared.loaded, runner.predict(prepared, progress)
 
 
 def _guarded(case: CaseFiles, work: Callable[[], Any]) -> Any:
